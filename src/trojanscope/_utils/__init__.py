@@ -1,0 +1,1 @@
+"""Internal helpers: hooks, batching, validation, the defence base class and registries."""

@@ -1,0 +1,92 @@
+"""Layer lookup and activation capture with forward hooks that are always removed."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+
+#: Symbolic layer names understood everywhere a layer is asked for.
+PENULTIMATE = "penultimate"  #: the input of the last ``nn.Linear`` (the last hidden representation)
+LAST_CONV = "last_conv"  #: the output of the last ``nn.Conv2d``
+
+
+def _check_hookable(model: nn.Module) -> None:
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedModelError(
+            "this method needs the model's internal layers (forward hooks), which a TorchScript "
+            "file does not support; give a trojanscope model directory or a torch.export .pt2 program"
+        )
+
+
+def resolve_layer(model: nn.Module, layer: str) -> tuple[str, nn.Module, str]:
+    """Find a layer by dotted name or symbolic name.
+
+    Args:
+        model: the network.
+        layer: a dotted module name (``"features.3"``), ``"penultimate"`` (the input of the last
+            ``nn.Linear``) or ``"last_conv"`` (the output of the last ``nn.Conv2d``).
+
+    Returns:
+        ``(name, module, where)`` with ``where`` in ``{"input", "output"}``: which side of the
+        module holds the requested activations.
+    """
+    _check_hookable(model)
+    if layer in (PENULTIMATE, LAST_CONV):
+        kind = nn.Linear if layer == PENULTIMATE else nn.Conv2d
+        found = [(n, m) for n, m in model.named_modules() if isinstance(m, kind)]
+        if not found:
+            raise UnsupportedModelError(f"the model has no {kind.__name__} layer, so {layer!r} is undefined")
+        name, module = found[-1]
+        return name, module, ("input" if layer == PENULTIMATE else "output")
+    try:
+        module = model.get_submodule(layer)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        raise UnsupportedModelError(
+            f"the model has no layer named {layer!r}; layers: {', '.join(names[:40])}"
+        ) from None
+    return layer, module, "output"
+
+
+class Captured:
+    """Holds the activations recorded by :func:`capture` (``.value`` is the last batch's)."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def capture(model: nn.Module, layer: str, *, detach: bool = True) -> Iterator[Captured]:
+    """Record the activations of ``layer`` during forward passes inside the ``with`` block.
+
+    The hook is removed on exit, even when the block raises.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+        >>> with capture(net, "penultimate") as acts:
+        ...     _ = net(torch.zeros(5, 1, 2, 2))
+        >>> tuple(acts.value.shape)
+        (5, 3)
+    """
+    _, module, where = resolve_layer(model, layer)
+    box = Captured()
+
+    if where == "input":
+        def pre_hook(_m, args):
+            t = args[0]
+            box.value = t.detach() if detach else t
+        handle = module.register_forward_pre_hook(pre_hook)
+    else:
+        def hook(_m, _args, out):
+            box.value = out.detach() if detach else out
+        handle = module.register_forward_hook(hook)
+    try:
+        yield box
+    finally:
+        handle.remove()

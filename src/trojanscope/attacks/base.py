@@ -1,0 +1,35 @@
+"""Attacks poison data (or weights); they never train: training lives in ``training.py``."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar
+
+from torch import nn
+
+from .._utils.registry import Registry
+from .._utils.results import to_jsonable
+from ..data.dataset import ImageDataset
+
+ATTACKS: Registry[type["Attack"]] = Registry("attack")
+register_attack = ATTACKS.register
+
+
+class Attack:
+    """Base class: ``get_params`` / ``__repr__`` / ``to_dict`` come from the constructor's signature."""
+
+    kind: ClassVar[str] = "data"  #: "data" (poisons a training set) or "model" (edits a trained model)
+
+    def get_params(self) -> dict[str, Any]:
+        sig = inspect.signature(type(self).__init__)
+        return {n: getattr(self, n) for n in sig.parameters if n != "self"}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"attack": getattr(type(self), "registry_name", type(self).__name__),
+                **{k: to_jsonable(v) for k, v in self.get_params().items()}}
+
+    def success_rate(self, model: nn.Module, data: ImageDataset) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError

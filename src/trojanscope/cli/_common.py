@@ -1,0 +1,145 @@
+"""Shared pieces of the CLI: options, loading arguments, output. No defence logic lives here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+
+from .._utils.results import to_jsonable
+from ..data import ImageDataset, load_data
+from ..errors import ConfigError
+from ..models import LoadedModel, load_model
+from ..triggers import Trigger
+
+
+def pick_device(device: str | None) -> torch.device:
+    """The CLI alone picks CUDA when present (the library follows the model)."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def common_options(f: Callable) -> Callable:
+    """``--json PATH``, ``--seed`` and ``--device`` on every command."""
+    f = click.option("--device", default=None, help="cpu, cuda, cuda:1... (default: CUDA when present)")(f)
+    f = click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice.")(f)
+    f = click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Also write the result as JSON to this file ('-' for stdout).")(f)
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        seed = kwargs.get("seed")
+        if seed is not None:
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+        return f(*args, **kwargs)
+    return wrapper
+
+
+def model_options(f: Callable) -> Callable:
+    """Options to interpret a model file that does not describe itself (state dicts)."""
+    f = click.option("--num-classes", type=int, default=None, help="Number of classes (state dicts, programs).")(f)
+    f = click.option("--input-shape", default=None, help="C,H,W of the inputs (state dicts, programs).")(f)
+    f = click.option("--arch", default=None, help="Architecture of a bare state dict (see `trojanscope models`).")(f)
+    return f
+
+
+def parse_shape(s: str | None) -> tuple[int, int, int] | None:
+    if s is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in s.replace("x", ",").split(","))
+    except ValueError:
+        raise ConfigError(f"--input-shape must be C,H,W (e.g. 1,28,28), got {s!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"--input-shape must be three positive integers C,H,W, got {s!r}")
+    return shape  # type: ignore[return-value]
+
+
+def open_model(path: str | Path, *, arch: str | None = None, input_shape: str | None = None,
+               num_classes: int | None = None, device: str | None = None) -> LoadedModel:
+    """Load a model argument safely and move it to the CLI's device."""
+    lm = load_model(path, arch=arch, input_shape=parse_shape(input_shape), num_classes=num_classes)
+    lm.model.to(pick_device(device))
+    return lm
+
+
+def open_data(spec: str, *, default_split: str = "test", model: LoadedModel | None = None) -> ImageDataset:
+    """Load a data argument; with a model, check that the shapes and labels fit it."""
+    from ..errors import DataError
+
+    data = load_data(spec, default_split=default_split)  # type: ignore[arg-type]
+    if model is not None:
+        if data.image_shape != tuple(model.spec.input_shape):
+            raise DataError(f"the data's images are {data.image_shape} but the model expects "
+                            f"{tuple(model.spec.input_shape)}")
+        if data.num_classes > model.spec.num_classes:
+            raise DataError(f"the data has label {data.num_classes - 1}, out of range for a model with "
+                            f"{model.spec.num_classes} classes")
+        if data.num_classes < model.spec.num_classes:
+            data = ImageDataset(data.x, data.y, model.spec.num_classes, model.spec.class_names, data.name, data.groups)
+    return data
+
+
+def parse_trigger(spec: str, image_shape: tuple[int, int, int]) -> Trigger:
+    return Trigger.parse(spec, image_shape)
+
+
+def write_json(path: Path | None, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` (``-`` = stdout); nothing when ``path`` is None."""
+    if path is None:
+        return
+    text = json.dumps(to_jsonable(obj), indent=2) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
+    if v is None:
+        return "-"
+    return str(v)
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
+          headers: dict[str, str] | None = None, percent: Sequence[str] = ()) -> str:
+    """A plain aligned text table; ``percent`` columns are shown as percentages."""
+    if not rows:
+        return "(no rows)"
+    cols = list(columns or rows[0].keys())
+    heads = [(headers or {}).get(c, c) for c in cols]
+    def cell(r: dict[str, Any], c: str) -> str:
+        v = r.get(c)
+        if c in percent and isinstance(v, (int, float)) and not isinstance(v, bool):
+            return f"{100 * v:.1f}%"
+        return fmt(v)
+    body = [[cell(r, c) for c in cols] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(heads)]
+    line = "  ".join(h.ljust(w) for h, w in zip(heads, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(b, widths)) for b in body]
+    return "\n".join(out)
+
+
+def _numeric(s: str) -> bool:
+    return s.replace(".", "", 1).replace("%", "").replace("-", "", 1).isdigit()
+
+
+def debug() -> bool:
+    return os.environ.get("TROJANSCOPE_DEBUG", "") not in ("", "0")

@@ -1,0 +1,25 @@
+"""Defences, by family. Each module is imported explicitly so that the registry is complete.
+
+``create("name", **params)`` builds one by name; ``list_defenses(family=...)`` lists them.
+"""
+
+from typing import Any
+
+from .base import (DEFENSES, DataSanitizer, Defense, InputFilter, ModelDetector, Repair, RepairResult,
+                   SanitizeResult, ScanResult, register, threshold_for_rate)
+
+# Defence modules (one import line each; keep sorted by family):
+
+
+def create(name: str, **params: Any) -> Defense:
+    """Build the defence registered as ``name`` with ``params``."""
+    return DEFENSES.create(name, **params)
+
+
+def list_defenses(family: str | None = None) -> list[str]:
+    """Registered defence names, optionally of one family (model, data, input, repair)."""
+    return [n for n, cls in DEFENSES.items() if family is None or cls.family == family]
+
+
+__all__ = ["DEFENSES", "DataSanitizer", "Defense", "InputFilter", "ModelDetector", "Repair", "RepairResult",
+           "SanitizeResult", "ScanResult", "create", "list_defenses", "register", "threshold_for_rate"]

@@ -1,0 +1,101 @@
+"""The main job on bundled data: train a clean and a BadNets model on ``mnist5k`` and run every
+defence on them. Each defence adds one step (a function of :class:`DemoContext`) to ``STEPS``;
+each step appends rows to the table the demo prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .attacks import BadNets
+from .data import ImageDataset, PoisonedDataset, load_data
+from .metrics import clean_accuracy
+from .models import ModelSpec, save_model
+from .training import train_new
+from .triggers import Trigger
+
+log = logging.getLogger(__name__)
+
+#: The demo attack: BadNets, 4x4 white square at the bottom-right, target 0, 10% poisoned.
+DEMO_TRIGGER = "square:4:white:bottom-right"
+DEMO_TARGET = 0
+DEMO_RATE = 0.1
+DEMO_EPOCHS = 10
+
+
+@dataclass
+class DemoContext:
+    """What the steps share: data, the two models, the attack, and the table being built."""
+
+    out: Path
+    seed: int = 0
+    device: Any = None
+    train: ImageDataset | None = None
+    val: ImageDataset | None = None
+    test: ImageDataset | None = None
+    attack: BadNets | None = None
+    poisoned: PoisonedDataset | None = None
+    clean_model: nn.Module | None = None
+    backdoored_model: nn.Module | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def trigger(self) -> Trigger:
+        assert self.attack is not None
+        return self.attack.triggers[0]
+
+    def row(self, model: str, step: str, model_obj: nn.Module | None = None, **figures: Any) -> dict[str, Any]:
+        """Append a table row; with ``model_obj``, measure its clean accuracy and attack success."""
+        r: dict[str, Any] = {"model": model, "step": step}
+        if model_obj is not None:
+            r["accuracy"] = clean_accuracy(model_obj, self.test)
+            r["attack_success"] = self.attack.success_rate(model_obj, self.test)  # type: ignore[union-attr]
+        r.update(figures)
+        self.rows.append(r)
+        return r
+
+
+def step_train(ctx: DemoContext) -> None:
+    """Train the clean and the BadNets model."""
+    ctx.train, ctx.val, ctx.test = (load_data("mnist5k", s) for s in ("train", "val", "test"))  # type: ignore[arg-type]
+    ctx.attack = BadNets(Trigger.parse(DEMO_TRIGGER, ctx.train.image_shape), target=DEMO_TARGET, rate=DEMO_RATE,
+                         seed=ctx.seed)
+    ctx.poisoned = ctx.attack.poison(ctx.train)
+    t0 = time.perf_counter()
+    ctx.clean_model = train_new("mnist_cnn", ctx.train, seed=ctx.seed, epochs=DEMO_EPOCHS, device=ctx.device)
+    ctx.row("clean", "train", ctx.clean_model, seconds=time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    ctx.backdoored_model = train_new("mnist_cnn", ctx.poisoned, seed=ctx.seed, epochs=DEMO_EPOCHS, device=ctx.device)
+    ctx.row("badnets", "train", ctx.backdoored_model, seconds=time.perf_counter() - t0)
+    for name, m, d in (("clean", ctx.clean_model, ctx.train), ("badnets", ctx.backdoored_model, ctx.poisoned)):
+        save_model(m, ctx.out / name, ModelSpec("mnist_cnn", d.image_shape, d.num_classes, class_names=d.class_names,
+                                                 extra={"trained_on": d.name}))
+    ctx.trigger.save(ctx.out / "badnets" / "trigger_0.safetensors")
+    ctx.trigger.save_png(ctx.out / "badnets" / "trigger_0.png")
+
+
+#: The demo's steps, in order. Defences append theirs here.
+STEPS: list[Callable[[DemoContext], None]] = [
+    step_train,
+]
+
+
+def run_demo(out: str | Path = "demo_out", *, seed: int = 0, device: Any = None,
+             steps: list[Callable[[DemoContext], None]] | None = None,
+             on_step: Callable[[str], None] | None = None) -> DemoContext:
+    """Run the demo's steps and return the context with its table rows."""
+    ctx = DemoContext(out=Path(out), seed=seed, device=device)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    for step in steps or STEPS:
+        if on_step is not None:
+            on_step((step.__doc__ or step.__name__).strip().splitlines()[0])
+        step(ctx)
+    return ctx

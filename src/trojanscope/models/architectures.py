@@ -1,0 +1,186 @@
+"""Small image classifiers with stable, named layers.
+
+Each architecture is registered by name; ``create_model(name, input_shape=..., num_classes=...)``
+builds it. Layers have fixed names so defences can ask for them: every model's last hidden
+representation is the input of its last ``nn.Linear`` (``"penultimate"``) and ``"last_conv"`` is
+its last ``nn.Conv2d``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._utils.registry import Registry
+
+MODELS: Registry[Callable[..., nn.Module]] = Registry("architecture")
+register_model = MODELS.register
+
+
+def list_models() -> list[str]:
+    """Names of the registered architectures."""
+    return MODELS.names()
+
+
+def create_model(name: str, *, input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10,
+                 seed: int | None = 0, **kwargs: Any) -> nn.Module:
+    """Build architecture ``name`` for inputs ``(C, H, W)`` and ``num_classes`` outputs.
+
+    The weights are initialised from ``seed`` (the global RNG state is left as it was).
+    """
+    factory = MODELS.get(name)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        return factory(input_shape=tuple(input_shape), num_classes=int(num_classes), **kwargs)
+
+
+def _flat_dim(features: nn.Module, input_shape: tuple[int, int, int]) -> int:
+    with torch.no_grad():
+        return int(features(torch.zeros(1, *input_shape)).flatten(1).shape[1])
+
+
+@register_model("mnist_cnn")
+class MNISTCNN(nn.Module):
+    """2 convolutions + 2 dense layers (the Neural Cleanse / BadNets MNIST model).
+
+    conv1 (16, 5x5) - relu1 - pool1 - conv2 (32, 5x5) - relu2 - pool2 - fc1 (``hidden``) - relu3 - fc2.
+    """
+
+    def __init__(self, *, input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10,
+                 hidden: int = 512) -> None:
+        super().__init__()
+        c = input_shape[0]
+        self.conv1 = nn.Conv2d(c, 16, 5, padding=2)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(16, 32, 5, padding=2)
+        self.relu2 = nn.ReLU()
+        self.pool2 = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        d = _flat_dim(self.forward_features_conv, input_shape)
+        self.fc1 = nn.Linear(d, hidden)
+        self.relu3 = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward_features_conv(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool2(self.relu2(self.conv2(self.pool1(self.relu1(self.conv1(x))))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.flatten(self.forward_features_conv(x))
+        return self.fc2(self.relu3(self.fc1(h)))
+
+
+@register_model("gtsrb_cnn")
+class GTSRBCNN(nn.Module):
+    """6 convolutions + 2 dense layers (the Neural Cleanse GTSRB model, 32x32x3 inputs)."""
+
+    def __init__(self, *, input_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 43,
+                 hidden: int = 512) -> None:
+        super().__init__()
+        c = input_shape[0]
+        widths = [(c, 32), (32, 32), (32, 64), (64, 64), (64, 128), (128, 128)]
+        layers: list[tuple[str, nn.Module]] = []
+        for i, (a, b) in enumerate(widths, 1):
+            layers += [(f"conv{i}", nn.Conv2d(a, b, 3, padding=1)), (f"relu{i}", nn.ReLU())]
+            if i % 2 == 0:
+                layers.append((f"pool{i // 2}", nn.MaxPool2d(2)))
+        self.features = nn.Sequential(OrderedDict(layers))
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(_flat_dim(self.features, input_shape), hidden)
+        self.relu_fc = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.relu_fc(self.fc1(self.flatten(self.features(x)))))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+@register_model("resnet18")
+class ResNet18(nn.Module):
+    """ResNet-18, CIFAR variant (3x3 stem, no max-pool), ``width`` channels in the first stage."""
+
+    def __init__(self, *, input_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10,
+                 width: int = 64) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(input_shape[0], width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        planes, layers = width, []
+        in_planes = width
+        for i, stride in enumerate((1, 2, 2, 2)):
+            p = width * 2 ** i
+            layers.append(nn.Sequential(BasicBlock(in_planes, p, stride), BasicBlock(p, p, 1)))
+            in_planes = p
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.linear = nn.Linear(in_planes, num_classes)
+        del planes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.linear(self.flatten(self.pool(out)))
+
+
+@register_model("deepid")
+class DeepID(nn.Module):
+    """DeepID (Sun et al. 2014), the Neural Cleanse YouTube Face model (55x47x3 inputs).
+
+    conv1 (20, 4x4) - pool1 - conv2 (40, 3x3) - pool2 - conv3 (60, 3x3) - pool3 - conv4 (80, 2x2);
+    the 160-d ``deepid`` layer merges the flattened pool3 and conv4 features
+    (``deepid = relu(fc_pool3(pool3) + fc_conv4(conv4))``); ``fc`` gives the logits.
+    """
+
+    def __init__(self, *, input_shape: tuple[int, int, int] = (3, 55, 47), num_classes: int = 1283,
+                 hidden: int = 160) -> None:
+        super().__init__()
+        c = input_shape[0]
+        self.conv1, self.relu1, self.pool1 = nn.Conv2d(c, 20, 4), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)
+        self.conv2, self.relu2, self.pool2 = nn.Conv2d(20, 40, 3), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)
+        self.conv3, self.relu3, self.pool3 = nn.Conv2d(40, 60, 3), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)
+        self.conv4, self.relu4 = nn.Conv2d(60, 80, 2), nn.ReLU()
+        self.flatten = nn.Flatten()
+        with torch.no_grad():
+            p3 = self._pool3(torch.zeros(1, *input_shape))
+            d3, d4 = p3.flatten(1).shape[1], self.relu4(self.conv4(p3)).flatten(1).shape[1]
+        self.fc_pool3 = nn.Linear(d3, hidden)
+        self.fc_conv4 = nn.Linear(d4, hidden)
+        self.merge = nn.ReLU()
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def _pool3(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool2(self.relu2(self.conv2(x)))
+        return self.pool3(self.relu3(self.conv3(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p3 = self._pool3(x)
+        c4 = self.relu4(self.conv4(p3))
+        deepid = self.merge(self.fc_pool3(self.flatten(p3)) + self.fc_conv4(self.flatten(c4)))
+        return self.fc(deepid)

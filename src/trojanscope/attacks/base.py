@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import inspect
 from typing import Any, ClassVar
 
@@ -15,7 +16,7 @@ ATTACKS: Registry[type["Attack"]] = Registry("attack")
 register_attack = ATTACKS.register
 
 
-class Attack:
+class Attack(abc.ABC):
     """Base class: ``get_params`` / ``__repr__`` / ``to_dict`` come from the constructor's signature."""
 
     kind: ClassVar[str] = "data"  #: "data" (poisons a training set) or "model" (edits a trained model)
@@ -31,5 +32,6 @@ class Attack:
         return {"attack": getattr(type(self), "registry_name", type(self).__name__),
                 **{k: to_jsonable(v) for k, v in self.get_params().items()}}
 
-    def success_rate(self, model: nn.Module, data: ImageDataset) -> float:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def success_rate(self, model: nn.Module, data: ImageDataset) -> float:
+        """Attack success of this attack's trigger(s) against ``model`` on ``data``."""

@@ -17,6 +17,7 @@ family        verb                                                  result
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import inspect
 from typing import Any, ClassVar
@@ -34,7 +35,7 @@ DEFENSES: Registry[type["Defense"]] = Registry("defence")
 register = DEFENSES.register
 
 
-class Defense:
+class Defense(abc.ABC):
     """Base class: ``get_params`` and ``__repr__`` come from the constructor's signature."""
 
     family: ClassVar[str] = ""
@@ -65,8 +66,9 @@ class ModelDetector(Defense):
 
     family: ClassVar[str] = "model"
 
-    def scan(self, model: nn.Module, clean_data: Any) -> "ScanResult":  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def scan(self, model: nn.Module, clean_data: Any) -> "ScanResult":
+        """Decide whether ``model`` is backdoored, using only ``clean_data``."""
 
 
 class DataSanitizer(Defense):
@@ -74,8 +76,9 @@ class DataSanitizer(Defense):
 
     family: ClassVar[str] = "data"
 
-    def inspect(self, model: nn.Module, dataset: Any) -> "SanitizeResult":  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def inspect(self, model: nn.Module, dataset: Any) -> "SanitizeResult":
+        """Score every sample of ``dataset`` and flag the ones judged poisoned."""
 
 
 class InputFilter(Defense):
@@ -106,11 +109,13 @@ class InputFilter(Defense):
         if not hasattr(self, "threshold_"):
             raise NotFittedError(f"{type(self).__name__} is not fitted yet: call fit(model, clean_data) first")
 
-    def _fit(self, model: nn.Module, clean_data: Any) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _fit(self, model: nn.Module, clean_data: Any) -> None:
+        """Learn the filter's state from clean data and set ``threshold_``."""
 
-    def _score(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _score(self, x: torch.Tensor) -> torch.Tensor:
+        """One score per input, higher = more suspicious."""
 
 
 class Repair(Defense):
@@ -118,8 +123,9 @@ class Repair(Defense):
 
     family: ClassVar[str] = "repair"
 
-    def repair(self, model: nn.Module, clean_data: Any, **kwargs: Any) -> "RepairResult":  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def repair(self, model: nn.Module, clean_data: Any, **kwargs: Any) -> "RepairResult":
+        """Return a repaired copy of ``model`` (the caller's model is never edited)."""
 
 
 def threshold_for_rate(clean_scores: torch.Tensor, rate: float) -> float:

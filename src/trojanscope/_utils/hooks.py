@@ -23,6 +23,15 @@ def _check_hookable(model: nn.Module) -> None:
         )
 
 
+def _is_a(module: nn.Module, kind: type) -> bool:
+    """``isinstance``, or for a layer of an unflattened ``torch.export`` program, the type it was
+    exported from (``type_name()``)."""
+    if isinstance(module, kind):
+        return True
+    type_name = getattr(module, "type_name", None)
+    return callable(type_name) and type_name() == f"{kind.__module__}.{kind.__qualname__}"
+
+
 def resolve_layer(model: nn.Module, layer: str) -> tuple[str, nn.Module, str]:
     """Find a layer by dotted name or symbolic name.
 
@@ -38,7 +47,7 @@ def resolve_layer(model: nn.Module, layer: str) -> tuple[str, nn.Module, str]:
     _check_hookable(model)
     if layer in (PENULTIMATE, LAST_CONV):
         kind = nn.Linear if layer == PENULTIMATE else nn.Conv2d
-        found = [(n, m) for n, m in model.named_modules() if isinstance(m, kind)]
+        found = [(n, m) for n, m in model.named_modules() if _is_a(m, kind)]
         if not found:
             raise UnsupportedModelError(f"the model has no {kind.__name__} layer, so {layer!r} is undefined")
         name, module = found[-1]

@@ -67,27 +67,37 @@ def parse_shape(s: str | None) -> tuple[int, int, int] | None:
 
 
 def open_model(path: str | Path, *, arch: str | None = None, input_shape: str | None = None,
-               num_classes: int | None = None, device: str | None = None) -> LoadedModel:
-    """Load a model argument safely and move it to the CLI's device."""
-    lm = load_model(path, arch=arch, input_shape=parse_shape(input_shape), num_classes=num_classes)
+               num_classes: int | None = None, device: str | None = None,
+               data: ImageDataset | None = None) -> LoadedModel:
+    """Load a model argument safely and move it to the CLI's device.
+
+    With ``data``, a model file that does not state its input shape (TorchScript, a state dict)
+    takes the data's, so ``--input-shape`` is needed only to override it.
+    """
+    lm = load_model(path, arch=arch, input_shape=parse_shape(input_shape), num_classes=num_classes,
+                    default_input_shape=None if data is None else data.image_shape)
     lm.model.to(pick_device(device))
     return lm
 
 
 def open_data(spec: str, *, default_split: str = "test", model: LoadedModel | None = None) -> ImageDataset:
     """Load a data argument; with a model, check that the shapes and labels fit it."""
+    data = load_data(spec, default_split=default_split)  # type: ignore[arg-type]
+    return fit_to_model(data, model) if model is not None else data
+
+
+def fit_to_model(data: ImageDataset, model: LoadedModel) -> ImageDataset:
+    """Check that ``data``'s shapes and labels fit ``model`` (one clear error otherwise)."""
     from ..errors import DataError
 
-    data = load_data(spec, default_split=default_split)  # type: ignore[arg-type]
-    if model is not None:
-        if data.image_shape != tuple(model.spec.input_shape):
-            raise DataError(f"the data's images are {data.image_shape} but the model expects "
-                            f"{tuple(model.spec.input_shape)}")
-        if data.num_classes > model.spec.num_classes:
-            raise DataError(f"the data has label {data.num_classes - 1}, out of range for a model with "
-                            f"{model.spec.num_classes} classes")
-        if data.num_classes < model.spec.num_classes:
-            data = ImageDataset(data.x, data.y, model.spec.num_classes, model.spec.class_names, data.name, data.groups)
+    if data.image_shape != tuple(model.spec.input_shape):
+        raise DataError(f"the data's images are {data.image_shape} but the model expects "
+                        f"{tuple(model.spec.input_shape)}")
+    if data.num_classes > model.spec.num_classes:
+        raise DataError(f"the data has label {data.num_classes - 1}, out of range for a model with "
+                        f"{model.spec.num_classes} classes")
+    if data.num_classes < model.spec.num_classes:
+        data = ImageDataset(data.x, data.y, model.spec.num_classes, model.spec.class_names, data.name, data.groups)
     return data
 
 

@@ -14,7 +14,7 @@ from ..metrics import attack_success_rate, clean_accuracy
 from ..models import ModelSpec, list_models, save_model
 from ..training import train_new
 from . import cli
-from ._common import common_options, model_options, open_data, open_model, parse_trigger, pick_device, table, write_json
+from ._common import common_options, fit_to_model, model_options, open_data, open_model, parse_trigger, pick_device, table, write_json
 
 
 def training_options(f):
@@ -126,8 +126,9 @@ def evaluate(model_path: Path, data_spec: str, trigger: str | None, target: int 
              sources: tuple[int, ...], batch_size: int, arch: str | None, input_shape: str | None,
              num_classes: int | None, json_path: Path | None, seed: int, device: str | None) -> None:
     """Clean accuracy of MODEL on the data, and attack success with a trigger."""
-    lm = open_model(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device)
-    data = open_data(data_spec, model=lm)
+    data = open_data(data_spec)
+    lm = open_model(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device, data=data)
+    data = fit_to_model(data, lm)
     result: dict = {"model": str(model_path), "format": lm.format, "data": data.name,
                     "accuracy": clean_accuracy(lm.model, data, batch_size=batch_size), "n": len(data)}
     if trigger is not None:

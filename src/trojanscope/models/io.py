@@ -18,9 +18,11 @@ Formats, detected from the file's content (never its name):
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import pickletools
+import re
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError, UnsafeModelError
+from ..errors import ModelLoadError, TrojanscopeError, UnsafeModelError
 from .architectures import MODELS, create_model
 
 Format = Literal["trojanscope", "export", "torchscript", "state_dict"]
@@ -169,58 +171,85 @@ SAFE_GLOBALS: frozenset[tuple[str, str]] = frozenset({
 
 
 def pickle_globals(data: bytes) -> list[tuple[str, str]]:
-    """The ``(module, name)`` globals a pickle would import, found without unpickling it."""
+    """The ``(module, name)`` globals a pickle would import, found without unpickling it.
+
+    ``STACK_GLOBAL`` must take its two operands from string literals pushed just before it
+    (memoisation aside); operands fetched from the memo or computed otherwise are reported as
+    ``("?", "STACK_GLOBAL")``, so that a decoy string cannot hide the real global.
+    """
     found: list[tuple[str, str]] = []
-    strings: list[str] = []
+    recent: list[tuple[str, Any]] = []  # the last opcodes, memo writes left out
     try:
         for op, arg, _pos in pickletools.genops(io.BytesIO(data)):
-            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8", "SHORT_BINSTRING",
-                           "BINSTRING", "STRING"):
-                strings.append(str(arg))
-            elif op.name in ("GLOBAL", "INST"):
-                mod, _, name = str(arg).partition(" ")
-                found.append((mod, name))
-            elif op.name == "STACK_GLOBAL":
-                if len(strings) < 2:
-                    found.append(("?", "?"))
+            name = op.name
+            if name in ("GLOBAL", "INST"):
+                mod, _, attr = str(arg).partition(" ")
+                found.append((mod, attr))
+            elif name == "STACK_GLOBAL":
+                a, b = recent[-2:] if len(recent) >= 2 else (("", None), ("", None))
+                if a[0] in _STRING_OPS and b[0] in _STRING_OPS:
+                    found.append((str(a[1]), str(b[1])))
                 else:
-                    found.append((strings[-2], strings[-1]))
-            elif op.name in ("REDUCE", "BUILD", "NEWOBJ", "NEWOBJ_EX", "OBJ") and not found:
-                found.append(("?", op.name))
-            elif op.name == "EXT1" or op.name == "EXT2" or op.name == "EXT4":
+                    found.append(("?", "STACK_GLOBAL"))
+            elif name in ("EXT1", "EXT2", "EXT4"):
                 found.append(("copyreg-extension", str(arg)))
+            elif name in ("REDUCE", "BUILD", "NEWOBJ", "NEWOBJ_EX", "OBJ") and not found:
+                found.append(("?", name))
+            if name not in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                recent = (recent + [(name, arg)])[-2:]
     except Exception as e:  # a malformed pickle is itself a reason to refuse
         raise UnsafeModelError(f"a pickle inside the model file is malformed ({e}); refusing to load it") from None
     return found
 
 
-def check_archive_pickles(path: Path, extra_safe: frozenset[tuple[str, str]] = frozenset()) -> None:
-    """Raise :class:`UnsafeModelError` if any ``.pkl`` / ``.pt`` pickle in the zip ``path`` names a
-    global outside :data:`SAFE_GLOBALS` (checked before anything is unpickled)."""
+_STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8", "SHORT_BINSTRING",
+                         "BINSTRING", "STRING"})
+
+
+def _is_pickle(data: bytes) -> bool:
+    """Whether ``data`` parses as one complete pickle (any protocol, text ones included)."""
+    if not data or data[-1:] != b".":
+        return False
+    try:
+        for _ in pickletools.genops(io.BytesIO(data)):
+            pass
+    except Exception:
+        return False
+    return True
+
+
+def check_archive_pickles(path: Path, extra_safe: frozenset[tuple[str, str]] = frozenset(),
+                          safe_prefixes: tuple[str, ...] = ()) -> None:
+    """Raise :class:`UnsafeModelError` if a pickle inside the zip ``path`` names a global outside
+    :data:`SAFE_GLOBALS` (checked before anything is unpickled).
+
+    Members named ``*.pkl`` / ``*.pt`` are pickles (or nested ``torch.save`` zips); any other member
+    that parses as a complete pickle, of any protocol, is checked too. ``safe_prefixes`` allows
+    module prefixes that the reader resolves without importing Python (TorchScript's ``__torch__``).
+    """
     allowed = SAFE_GLOBALS | extra_safe
     with zipfile.ZipFile(path) as z:
         for info in z.infolist():
             name = info.filename
             data = z.read(info)
-            if name.endswith((".pkl", ".pt")) and not name.endswith(".debug_pkl"):
+            if name.endswith(".debug_pkl"):  # TorchScript debug info, read by no unpickler that imports
+                continue
+            if name.endswith((".pkl", ".pt")):
                 if data[:2] == b"PK":  # a nested torch.save zip
                     with zipfile.ZipFile(io.BytesIO(data)) as inner:
                         for n2 in inner.namelist():
                             if n2.endswith(".pkl"):
-                                _check_pickle_bytes(inner.read(n2), f"{name}/{n2}", allowed, path)
+                                _check_pickle_bytes(inner.read(n2), f"{name}/{n2}", allowed, safe_prefixes, path)
                     continue
-                _check_pickle_bytes(data, name, allowed, path)
-            elif data[:1] == b"\x80" and len(data) > 2 and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-                # any other member that looks like a pickle is checked too
-                try:
-                    _check_pickle_bytes(data, name, allowed, path)
-                except UnsafeModelError as e:
-                    if "malformed" not in str(e):
-                        raise
+                _check_pickle_bytes(data, name, allowed, safe_prefixes, path)
+            elif _is_pickle(data):
+                _check_pickle_bytes(data, name, allowed, safe_prefixes, path)
 
 
-def _check_pickle_bytes(data: bytes, member: str, allowed: frozenset, path: Path) -> None:
-    bad = sorted({f"{m}.{n}" for m, n in pickle_globals(data) if (m, n) not in allowed})
+def _check_pickle_bytes(data: bytes, member: str, allowed: frozenset, safe_prefixes: tuple[str, ...],
+                        path: Path) -> None:
+    bad = sorted({f"{m}.{n}" for m, n in pickle_globals(data)
+                  if (m, n) not in allowed and not (safe_prefixes and f"{m}.{n}".startswith(safe_prefixes))})
     if bad:
         raise UnsafeModelError(
             f"{path}: refusing to load: the pickle {member!r} inside would import {', '.join(bad[:5])}, which "
@@ -228,10 +257,34 @@ def _check_pickle_bytes(data: bytes, member: str, allowed: frozenset, path: Path
         )
 
 
+def _load_tensor_pickle(data: bytes, member: str, path: Path) -> Any:
+    """``torch.load`` of one ``torch.save`` payload, after the allow-list check, with weights-only
+    unpickling (never a fallback)."""
+    check = io.BytesIO(data)
+    if data[:2] == b"PK":
+        with zipfile.ZipFile(check) as inner:
+            for n2 in inner.namelist():
+                if n2.endswith(".pkl"):
+                    _check_pickle_bytes(inner.read(n2), f"{member}/{n2}", SAFE_GLOBALS, (), path)
+    else:
+        _check_pickle_bytes(data, member, SAFE_GLOBALS, (), path)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UnsafeModelError(f"{path}: refusing to load {member!r}: not plain tensor data "
+                               f"({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 # --- loading ------------------------------------------------------------------------------
 
 def load_model(path: str | Path, *, arch: str | None = None, input_shape: tuple[int, int, int] | None = None,
-               num_classes: int | None = None, map_location: str | torch.device = "cpu") -> LoadedModel:
+               num_classes: int | None = None, map_location: str | torch.device = "cpu",
+               default_input_shape: tuple[int, int, int] | None = None) -> LoadedModel:
     """Load a model safely from ``path`` (see the module docstring for the formats).
 
     Args:
@@ -240,6 +293,8 @@ def load_model(path: str | Path, *, arch: str | None = None, input_shape: tuple[
         arch, input_shape, num_classes: the architecture of a bare state dict; also used to give
             the spec of an exported or TorchScript program.
         map_location: where to put the weights.
+        default_input_shape: the input shape when neither ``input_shape`` nor the file gives one
+            (the CLI passes the shape of the data the model is evaluated on).
 
     Raises:
         ModelLoadError: missing, corrupt or mismatched file.
@@ -255,11 +310,11 @@ def load_model(path: str | Path, *, arch: str | None = None, input_shape: tuple[
         elif kind == "safetensors":
             lm = _load_safetensors(p, None)
         elif kind == "export":
-            lm = _load_export(p, input_shape, num_classes)
+            lm = _load_export(p, input_shape, num_classes, default_input_shape)
         elif kind == "torchscript":
-            lm = _load_torchscript(p, input_shape, num_classes, map_location)
+            lm = _load_torchscript(p, input_shape or default_input_shape, num_classes)
         elif kind == "torch_zip":
-            lm = _load_state_dict(p, arch, input_shape, num_classes)
+            lm = _load_state_dict(p, arch, input_shape or default_input_shape, num_classes)
         elif kind == "pickle":
             raise UnsafeModelError(
                 f"{p} is a plain pickle, which can run arbitrary code when loaded; refusing. Save the "
@@ -268,12 +323,12 @@ def load_model(path: str | Path, *, arch: str | None = None, input_shape: tuple[
         else:
             raise ModelLoadError(f"{p}: unknown model format (not a trojanscope model, safetensors, .pt2, "
                                  f"TorchScript or state dict)")
-    except (ModelLoadError, UnsafeModelError):
+    except TrojanscopeError:
         raise
-    except (RuntimeError, ValueError, KeyError, OSError, zipfile.BadZipFile, EOFError, AttributeError,
-            TypeError, IndexError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"{p}: cannot load model: {msg}") from None
+    except MemoryError:
+        raise ModelLoadError(f"{p}: cannot load model: out of memory") from None
+    except Exception as e:  # torch's own loaders raise many types; each is a bad file here
+        raise ModelLoadError(f"{p}: cannot load model: {_first_line(e)}") from None
     lm.model.to(map_location)
     _check_weights(lm)
     return lm
@@ -348,14 +403,15 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], p: Path) -> No
 
 def _load_state_dict(p: Path, arch: str | None, input_shape: tuple[int, int, int] | None,
                      num_classes: int | None) -> LoadedModel:
+    # Refuse a pickled model object (torch.save(model)) before asking for an architecture.
+    check_archive_pickles(p)
     if arch is None:
         raise ModelLoadError(f"{p} is a PyTorch state dict (or torch.save file): name its architecture "
                              f"(--arch, one of {', '.join(MODELS.names())}) with its input shape and classes")
-    check_archive_pickles(p)
     try:
         state = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything but tensors
-        raise UnsafeModelError(f"{p}: refusing to load: not a plain state dict of tensors ({str(e).splitlines()[0]})") from None
+        raise UnsafeModelError(f"{p}: refusing to load: not a plain state dict of tensors ({_first_line(e)})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -371,48 +427,212 @@ def _infer_spec(model: nn.Module, p: Path, input_shape: tuple[int, int, int] | N
     shape = input_shape or (tuple(sample_shape[1:]) if sample_shape and len(sample_shape) == 4 else None)
     if shape is None:
         raise ModelLoadError(f"{p}: cannot tell the input shape; pass it (--input-shape C,H,W)")
-    if num_classes is None:
-        with torch.inference_mode():
-            out = model(torch.zeros(1, *shape))
-        if not isinstance(out, torch.Tensor) or out.ndim != 2:
-            raise ModelLoadError(f"{p}: the model must return logits (N, K); got {type(out).__name__}")
-        num_classes = int(out.shape[1])
-    return ModelSpec(None, tuple(shape), int(num_classes))  # type: ignore[arg-type]
+    with torch.inference_mode():
+        try:
+            out = model(torch.zeros(2, *shape))
+        except Exception as e:
+            raise ModelLoadError(f"{p}: the model does not accept inputs of shape (N, {', '.join(map(str, shape))}): "
+                                 f"{_first_line(e)}") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise ModelLoadError(f"{p}: the model must return logits (N, K); got "
+                             f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+    if num_classes is not None and int(out.shape[1]) != int(num_classes):
+        raise ModelLoadError(f"{p}: the model returns {out.shape[1]} logits, not {num_classes} classes")
+    return ModelSpec(None, tuple(shape), int(out.shape[1]))  # type: ignore[arg-type]
 
 
-def _load_export(p: Path, input_shape: tuple[int, int, int] | None, num_classes: int | None) -> LoadedModel:
-    check_archive_pickles(p)
-    # Every pickle inside has been checked above; in addition, load with weights-only
-    # unpickling forced so that a fallback to full unpickling cannot happen.
-    import torch.serialization as ser
+# --- torch.export programs ------------------------------------------------------------------
+#
+# ``torch.export.load`` is not used: it runs ``torch.load(..., weights_only=False)`` on pickled
+# weights and constants, falls back to full unpickling for sample inputs, ``pickle.loads`` opaque
+# constants, loads torchbind objects, dlopens AOTInductor libraries packed in the archive, and
+# trusts the verifier list written in the file. This reader takes the same archive apart itself:
+# raw tensor payloads are read as bytes, every pickle is checked against the allow-list and read
+# weights-only, anything else is refused, and the graph may only call aten / prims operators.
 
-    orig_load = torch.load
+#: Archive folders holding native code or formats this reader never loads.
+_PT2_REFUSED_DIRS = ("data/aotinductor/", "data/executorch/", "data/mtia", "xl_model_weights/")
+#: aten operators that touch the file system: refused in programs.
+_PT2_REFUSED_OPS = frozenset({"from_file", "save", "load_tensor"})
 
-    def _weights_only_load(*args: Any, **kwargs: Any) -> Any:
-        kwargs["weights_only"] = True
-        return orig_load(*args, **kwargs)
 
-    torch.load = _weights_only_load  # type: ignore[assignment]
+def _pt2_api() -> Any:
     try:
-        ep = torch.export.load(str(p))
-    finally:
-        torch.load = orig_load  # type: ignore[assignment]
-    del ser
+        from torch._export.serde import schema, serialize
+    except ImportError:  # pragma: no cover - torch < 2.8
+        raise ModelLoadError("loading torch.export programs needs torch >= 2.8") from None
+    return schema, serialize
+
+
+def _read_pt2(p: Path) -> Any:
+    """The :class:`torch.export.ExportedProgram` in archive ``p``, read without running code from it."""
+    schema, serde = _pt2_api()
+    with zipfile.ZipFile(p) as z:
+        names = [n for n in z.namelist() if not n.endswith("/")]
+        roots = {n.partition("/")[0] for n in names}
+        if len(roots) != 1 or any("/" not in n for n in names):
+            raise ModelLoadError(f"{p}: not a torch.export archive (expected one top-level folder)")
+        root = roots.pop() + "/"
+        files = {n[len(root):]: n for n in names}
+
+        def read(rel: str) -> bytes:
+            if rel not in files:
+                raise ModelLoadError(f"{p}: the archive has no {rel!r}")
+            return z.read(files[rel])
+
+        if read("archive_format").strip() != b"pt2":
+            raise ModelLoadError(f"{p}: not a torch.export .pt2 archive")
+        native = sorted(r for r in files if r.startswith(_PT2_REFUSED_DIRS))
+        if native:
+            raise UnsafeModelError(f"{p}: refusing to load: the archive holds compiled code or foreign payloads "
+                                   f"({native[0]}), which loading would run; only exported programs are accepted")
+        order = files.get("byteorder")
+        if order is not None and z.read(order).decode(errors="replace").strip() not in ("", __import__("sys").byteorder):
+            raise ModelLoadError(f"{p}: the archive was written on a machine of another byte order")
+        programs = sorted(r for r in files if r.startswith("models/") and r.endswith(".json"))
+        if programs != ["models/model.json"]:
+            raise ModelLoadError(f"{p}: expected one program 'models/model.json', found {programs[:5]}")
+        for legacy in ("data/weights/model.pt", "data/constants/model.pt"):
+            if legacy in files:
+                raise UnsafeModelError(f"{p}: refusing to load: {legacy!r} is a pickle of the legacy .pt2 format; "
+                                       f"re-export the model with a recent torch")
+        serialized = serde._bytes_to_dataclass(schema.ExportedProgram, read("models/model.json"))
+        # Guards are Python source kept in the file; the program runs without them.
+        serialized = dataclasses.replace(serialized, guards_code=[])
+        state_dict = _pt2_payloads(p, read, files, "data/weights/", "data/weights/model_weights_config.json", schema, serde)
+        constants = _pt2_payloads(p, read, files, "data/constants/", "data/constants/model_constants_config.json",
+                                  schema, serde, constants=True)
+        sample = files.get("data/sample_inputs/model.pt")
+        example_inputs = None
+        if sample is not None and z.getinfo(sample).file_size > 0:
+            example_inputs = _load_tensor_pickle(z.read(sample), "data/sample_inputs/model.pt", p)
+            if not isinstance(example_inputs, tuple):
+                raise ModelLoadError(f"{p}: sample inputs must be a tuple (args, kwargs)")
+    ep = serde.ExportedProgramDeserializer().deserialize(serialized, state_dict, constants, example_inputs)
+    _check_pt2_graph(ep, p)
+    return ep
+
+
+def _pt2_payloads(p: Path, read: Any, files: dict[str, str], base: str, config_name: str, schema: Any, serde: Any,
+                  *, constants: bool = False) -> dict[str, torch.Tensor]:
+    """Weights or constants of a program: raw tensor bytes, or tensor pickles read weights-only."""
+    if config_name not in files:
+        raise ModelLoadError(f"{p}: the archive has no {config_name!r}")
+    config = serde._dict_to_dataclass(schema.PayloadConfig, json.loads(read(config_name)))
+    flat: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    for fqn, meta in config.config.items():
+        path_name = meta.path_name
+        if "/" in path_name or "\\" in path_name or path_name.startswith("."):
+            raise ModelLoadError(f"{p}: bad payload name {path_name!r}")
+        if constants and not path_name.startswith("tensor_"):
+            raise UnsafeModelError(f"{p}: refusing to load: the constant {fqn!r} ({path_name}) is a Python or "
+                                   f"TorchScript object, which is loaded by unpickling; only tensors are accepted")
+        if meta.use_pickle:
+            t = _load_tensor_pickle(read(base + path_name), base + path_name, p)
+            if not isinstance(t, torch.Tensor):
+                raise ModelLoadError(f"{p}: {base + path_name!r} is not a tensor")
+            out[fqn] = t
+            continue
+        tm = meta.tensor_meta
+        if tm is None:
+            raise ModelLoadError(f"{p}: no tensor metadata for {fqn!r}")
+        dtype = serde.deserialize_scalar_type(tm.dtype)
+        if path_name not in flat:
+            data = read(base + path_name)
+            size = torch.Size(serde.deserialize_size(tm.sizes))
+            if not data:
+                flat[path_name] = torch.zeros(size, dtype=dtype).flatten()
+            else:
+                if len(data) % torch.empty(0, dtype=dtype).element_size():
+                    raise ModelLoadError(f"{p}: payload {path_name!r} has a size that does not fit {dtype}")
+                flat[path_name] = torch.frombuffer(bytearray(data), dtype=dtype)
+        t = torch.as_strided(flat[path_name], serde.deserialize_size(tm.sizes), serde.deserialize_stride(tm.strides),
+                             serde.deserialize_storage_offset(tm.storage_offset))
+        out[fqn] = nn.Parameter(t, requires_grad=bool(tm.requires_grad)) if meta.is_param else t
+    return out
+
+
+def _check_pt2_graph(ep: Any, p: Path) -> None:
+    """Every call in the program (and its sub-graphs) must be an aten / prims operator or a
+    symbolic-shape helper; no operator that touches files."""
+    import operator
+
+    from torch._export.serde.serialize import _SYM_OPS
+
+    allowed = set(_SYM_OPS) | {operator.getitem}
+    for gm in ep.graph_module.modules():
+        graph = getattr(gm, "graph", None)
+        if graph is None:
+            continue
+        for node in graph.nodes:
+            if node.op in ("placeholder", "output", "get_attr"):
+                continue
+            target = node.target
+            if node.op == "call_function" and target in allowed:
+                continue
+            if node.op == "call_function" and isinstance(target, torch._ops.OpOverload) \
+                    and target.namespace in ("aten", "prims") and target._opname not in _PT2_REFUSED_OPS:
+                continue
+            raise UnsafeModelError(f"{p}: refusing to load: the program calls {target!r} ({node.op}); only aten "
+                                   f"and prims tensor operators are accepted")
+
+
+def _static_batch(ep: Any) -> int | None:
+    """The batch size a program was exported with when its first dimension is fixed, else None."""
+    users = set(ep.graph_signature.user_inputs)
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in users:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and val.ndim >= 1 and isinstance(val.shape[0], int):
+                return int(val.shape[0])
+            return None
+    return None
+
+
+def _program_input_shape(ep: Any) -> tuple[int, ...] | None:
+    users = set(ep.graph_signature.user_inputs)
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in users:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and val.ndim == 4 and all(isinstance(d, int) for d in val.shape[1:]):
+                return (1, *(int(d) for d in val.shape[1:]))
+            return None
+    return None
+
+
+def _load_export(p: Path, input_shape: tuple[int, int, int] | None, num_classes: int | None,
+                 default_input_shape: tuple[int, int, int] | None = None) -> LoadedModel:
+    ep = _read_pt2(p)
+    batch = _static_batch(ep)
+    if batch is not None:
+        raise ModelLoadError(
+            f"{p}: the program was exported with a fixed batch size of {batch}; re-export it with a dynamic "
+            f"batch dimension: torch.export.export(model, (x,), dynamic_shapes=({{0: torch.export.Dim('batch')}},)) "
+            f"with x of batch size 2 or more")
     module = torch.export.unflatten(ep)
-    sample_shape = None
-    try:
-        args = ep.example_inputs[0] if ep.example_inputs else ()
-        if args and isinstance(args[0], torch.Tensor):
-            sample_shape = tuple(args[0].shape)
-    except Exception:
-        sample_shape = None
-    spec = _infer_spec(module, p, input_shape, num_classes, sample_shape)
+    sample = _program_input_shape(ep) or ((1, *default_input_shape) if default_input_shape else None)
+    spec = _infer_spec(module, p, input_shape, num_classes, sample)
     return LoadedModel(module, spec, "export", p)
 
 
-def _load_torchscript(p: Path, input_shape: tuple[int, int, int] | None, num_classes: int | None,
-                      map_location: str | torch.device) -> LoadedModel:
-    check_archive_pickles(p)
-    module = torch.jit.load(str(p), map_location=map_location)
+# --- TorchScript ----------------------------------------------------------------------------
+
+#: TorchScript code that touches the file system (``torch.from_file``, ``torch.save``...).
+_TS_REFUSED = re.compile(r"\bfrom_file\b|\bload_tensor\b|(?<![\w])(?:torch|aten|ops\.aten)\.save\b")
+
+
+def _load_torchscript(p: Path, input_shape: tuple[int, int, int] | None, num_classes: int | None) -> LoadedModel:
+    # TorchScript's unpickler resolves its own ``__torch__`` classes and ``torch.jit._pickle`` helpers
+    # without importing Python; anything else is refused before loading.
+    check_archive_pickles(p, safe_prefixes=("__torch__.", "torch.jit._pickle."))
+    with zipfile.ZipFile(p) as z:
+        for n in z.namelist():
+            if "/code/" in n and n.endswith(".py"):
+                m = _TS_REFUSED.search(z.read(n).decode("utf-8", errors="replace"))
+                if m:
+                    raise UnsafeModelError(f"{p}: refusing to load: its TorchScript code calls {m.group(0)!r}, "
+                                           f"which reads or writes files")
+    module = torch.jit.load(str(p), map_location="cpu")
     spec = _infer_spec(module, p, input_shape, num_classes, None)
     return LoadedModel(module.eval(), spec, "torchscript", p)

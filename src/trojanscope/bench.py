@@ -1,0 +1,1056 @@
+"""The benchmark matrix: every attack against every defence, over seeds, as one tidy table.
+
+A run trains one model per (attack, seed), caches it in the run folder, then evaluates each
+defence on it. One JSON file per finished cell is written as soon as the cell finishes, so an
+interrupted run resumes where it stopped: finished cells and trained models are reused.
+
+Defences never see the attack. Ground truth (the planted trigger, the target, which samples
+were poisoned) enters only here, in the evaluation glue, through :mod:`trojanscope.metrics`:
+
+============  =====================================================================================
+family        how a cell is scored
+============  =====================================================================================
+``model``     ``scan(model, val)``: the verdict, the flagged labels, whether the true target is
+              among them.
+``data``      ``inspect(model, poisoned train)``: poison removed (recall) and clean removed (false
+              positive rate), AUROC of the scores; then a model is retrained on the samples kept
+              and its CA / ASR are the "after" figures.
+``input``     ``fit(model, val)``, then ``flag`` on clean test inputs (FRR) and stamped test inputs
+              (FAR: stamped inputs let through), AUROC over both; "after": the share of clean
+              inputs accepted and correctly classified, and of stamped inputs accepted and sent to
+              the target.
+``repair``    ``repair(model, val)``: CA / ASR of the repaired model.
+============  =====================================================================================
+
+A config (TOML; YAML when PyYAML is installed) looks like::
+
+    dataset = "mnist5k"          # a bundled name, an .npz file or an image folder
+    arch = "mnist_cnn"
+    epochs = 3
+    seeds = [0]
+    attacks = ["clean", "badnets-patch", "badnets-blended"]
+    defenses = ["all"]           # registry names, a family ("model", "data", "input", "repair") or "all"
+
+    [[attack]]                   # a custom attack, in addition to the presets named above
+    name = "red-corner"
+    trigger = "square:3:red:top-left"
+    target = 2
+    rate = 0.05
+
+    [params.neural-cleanse]      # settings for a defence (its constructor arguments)
+    cost = 1e-3
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import inspect
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._utils.batching import DeviceLike, predict
+from ._utils.results import to_jsonable
+from .attacks import ATTACKS, Attack, BadNets
+from .data import ImageDataset, PoisonedDataset, load_data
+from .data.loaders import BUNDLED
+from .defenses import DEFENSES, Defense, list_defenses
+from .errors import ConfigError, TrojanscopeError
+from .metrics import attack_success_rate, clean_accuracy, detection_metrics, target_labels
+from .models import ModelSpec, load_model, save_model
+from .training import train_new
+from .triggers import Trigger
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("model", "data", "input", "repair")
+
+#: The BadNets variants of the issue, by preset name (trigger sizes scale with the image).
+PRESET_ATTACKS = ("clean", "badnets-patch", "badnets-pattern", "badnets-pixel", "badnets-blended",
+                  "badnets-all-to-all", "badnets-source-specific")
+
+#: The columns of the result table, in order.
+COLUMNS = ("attack", "defense", "family", "seed", "ca_before", "asr_before", "ca_after", "asr_after", "verdict",
+           "flagged_labels", "target_found", "poison_removed", "clean_removed", "auroc", "far", "frr", "seconds",
+           "error")
+
+#: Faster settings for ``--quick``, by registered attack; a name the class does not take is ignored.
+QUICK_ATTACK_PARAMS: dict[str, dict[str, Any]] = {
+    "trojannn": {"trigger_steps": 100, "epochs": 2},
+    "pruning-aware": {"epochs": 2},
+}
+
+#: Faster settings for ``--quick``, by defence; a name the class does not take is ignored.
+QUICK_PARAMS: dict[str, dict[str, Any]] = {
+    "neural-cleanse": {"steps": 300, "epochs": 3, "n_samples": 300},
+    "activation-filter": {"steps": 300, "epochs": 3},
+    "unlearn": {"steps": 300, "epochs": 2},
+    "nc-prune": {"steps": 300, "epochs": 2},
+    "strip": {"n_overlays": 50},
+    "provenance": {"epochs": 2},
+}
+
+_TOP_KEYS = {"dataset", "arch", "epochs", "lr", "batch_size", "seeds", "attacks", "defenses", "defences", "attack",
+             "defense", "defence", "params", "rate", "target", "sources", "eval_samples"}
+_ATTACK_KEYS = {"name", "attack", "trigger", "target", "rate", "mode", "source_labels", "cover_rate", "params"}
+_DEFENSE_KEYS = {"name", "defense", "params"}
+
+
+# --- configuration ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class AttackSpec:
+    """One attack column: a preset name, or BadNets / a registered attack with explicit settings.
+
+    Attributes:
+        name: the label in the table.
+        attack: ``"clean"`` (no attack), ``"badnets"`` or another registered attack's name.
+        params: the attack's settings (``trigger`` is a :meth:`Trigger.parse` spec string).
+    """
+
+    name: str
+    attack: str = "badnets"
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "attack": self.attack, "params": dict(self.params)}
+
+
+@dataclasses.dataclass(frozen=True)
+class DefenseSpec:
+    """One defence row: a registered defence and its constructor arguments."""
+
+    name: str
+    defense: str
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "defense": self.defense, "params": dict(self.params)}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """What a benchmark run covers.
+
+    Attributes:
+        dataset: a bundled name (``mnist5k``, ``digits``: their train / val / test splits are
+            used), an ``.npz`` file or an image folder (split 80 / 10 / 10, stratified).
+        arch: the architecture trained for every attack.
+        epochs, lr, batch_size: training settings (also used to retrain after sanitising).
+        seeds: one model per attack and seed.
+        attacks: the attack columns.
+        defenses: the defence rows.
+        rate: poisoned share of the training set for the presets.
+        target: the target label for the presets.
+        sources: number of provenance groups given to a training set that has none (the
+            poisoned samples all come from group 0, as from one compromised source).
+        eval_samples: cap on the test inputs used for ASR / FAR (``None``: all).
+    """
+
+    dataset: str = "mnist5k"
+    arch: str = "mnist_cnn"
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 64
+    seeds: tuple[int, ...] = (0,)
+    attacks: tuple[AttackSpec, ...] = ()
+    defenses: tuple[DefenseSpec, ...] = ()
+    rate: float = 0.1
+    target: int = 0
+    sources: int = 10
+    eval_samples: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["seeds"] = list(self.seeds)
+        d["attacks"] = [a.to_dict() for a in self.attacks]
+        d["defenses"] = [x.to_dict() for x in self.defenses]
+        return to_jsonable(d)
+
+    @property
+    def training(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "arch": self.arch, "epochs": self.epochs, "lr": self.lr,
+                "batch_size": self.batch_size, "rate": self.rate, "target": self.target, "sources": self.sources}
+
+
+def _expand_defenses(names: Iterable[str]) -> list[str]:
+    out: list[str] = []
+    for n in names:
+        if n == "all":
+            new = [d for f in FAMILIES for d in list_defenses(f)]
+        elif n in FAMILIES:
+            new = list_defenses(n)
+        elif n in DEFENSES:
+            new = [n]
+        else:
+            known = ", ".join(DEFENSES.names()) or "(none registered yet)"
+            raise ConfigError(f"unknown defence {n!r} in the config; known: {known}; or a family "
+                              f"({', '.join(FAMILIES)}) or 'all'")
+        out += [d for d in new if d not in out]
+    return out
+
+
+def _expect(value: Any, types: type | tuple[type, ...], where: str) -> Any:
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise ConfigError(f"{where} must be {_tname(types)}, got {value!r}")
+    if not isinstance(value, types):
+        raise ConfigError(f"{where} must be {_tname(types)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _tname(types: type | tuple[type, ...]) -> str:
+    ts = types if isinstance(types, tuple) else (types,)
+    return " or ".join({"str": "a string", "int": "an integer", "float": "a number", "list": "a list",
+                        "dict": "a table", "NoneType": "null"}.get(t.__name__, t.__name__) for t in ts)
+
+
+def _check_keys(d: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    bad = sorted(set(d) - allowed)
+    if bad:
+        raise ConfigError(f"unknown key{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))} in {where}; "
+                          f"allowed: {', '.join(sorted(allowed))}")
+
+
+def parse_config(raw: Mapping[str, Any], *, base: BenchConfig | None = None) -> BenchConfig:
+    """Validate a config mapping (from TOML / YAML) into a :class:`BenchConfig`.
+
+    Keys missing from ``raw`` take their value from ``base`` (the defaults, or the quick preset).
+
+    Raises:
+        ConfigError: an unknown key, a wrong type, an unknown attack or defence, a bad value.
+    """
+    if not isinstance(raw, Mapping):
+        raise ConfigError("the config must be a table of settings at the top level")
+    _check_keys(raw, _TOP_KEYS, "the config")
+    base = base or default_config()
+    kw: dict[str, Any] = {}
+    if "dataset" in raw:
+        kw["dataset"] = _expect(raw["dataset"], str, "dataset")
+    if "arch" in raw:
+        from .models import list_models
+
+        kw["arch"] = _expect(raw["arch"], str, "arch")
+        if kw["arch"] not in list_models():
+            raise ConfigError(f"unknown arch {kw['arch']!r}; known: {', '.join(list_models())}")
+    for key, typ, lo in (("epochs", int, 0), ("batch_size", int, 1), ("sources", int, 1), ("target", int, 0)):
+        if key in raw:
+            kw[key] = _expect(raw[key], int, key)
+            if kw[key] < lo:
+                raise ConfigError(f"{key} must be >= {lo}, got {kw[key]}")
+    for key in ("lr", "rate"):
+        if key in raw:
+            kw[key] = float(_expect(raw[key], (int, float), key))
+            if not 0 < kw[key] <= (1 if key == "rate" else 10):
+                raise ConfigError(f"{key} is out of range: {kw[key]}")
+    if "eval_samples" in raw:
+        v = raw["eval_samples"]
+        kw["eval_samples"] = None if v is None else _expect(v, int, "eval_samples")
+    if "seeds" in raw:
+        seeds = raw["seeds"]
+        if isinstance(seeds, int) and not isinstance(seeds, bool):
+            seeds = [seeds]
+        _expect(seeds, list, "seeds")
+        if not seeds:
+            raise ConfigError("seeds must name at least one seed")
+        kw["seeds"] = tuple(int(_expect(s, int, "each seed")) for s in seeds)
+        if len(set(kw["seeds"])) != len(kw["seeds"]):
+            raise ConfigError(f"seeds repeat: {list(kw['seeds'])}")
+
+    attacks: list[AttackSpec] | None = None
+    if "attacks" in raw or "attack" in raw:
+        attacks = []
+        for n in _expect(raw.get("attacks", []), list, "attacks"):
+            _expect(n, str, "each entry of attacks")
+            attacks.append(preset_attack_spec(n))
+        custom = raw.get("attack", [])
+        if isinstance(custom, Mapping):
+            custom = [custom]
+        for i, a in enumerate(_expect(custom, list, "[[attack]]")):
+            attacks.append(_custom_attack(_expect(a, dict, f"[[attack]] #{i + 1}"), i + 1))
+    if attacks is not None:
+        names = [a.name for a in attacks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"attack names repeat: {', '.join(dup)} (give custom attacks a unique name)")
+        if not attacks:
+            raise ConfigError("the config names no attack")
+        kw["attacks"] = tuple(attacks)
+
+    if "defenses" in raw and "defences" in raw:
+        raise ConfigError("give 'defenses' or 'defences', not both")
+    params = raw.get("params", {})
+    _expect(params, dict, "[params]")
+    for k, v in params.items():
+        _expect(v, dict, f"[params.{k}]")
+    dkey = "defenses" if "defenses" in raw else "defences"
+    defenses: list[DefenseSpec] | None = None
+    if dkey in raw or "defense" in raw or "defence" in raw or params:
+        defenses = []
+        names = _expect(raw.get(dkey, ["all"] if dkey not in raw and not (raw.get("defense") or raw.get("defence"))
+                                else []), list, dkey)
+        for n in _expand_defenses([_expect(n, str, f"each entry of {dkey}") for n in names]):
+            defenses.append(DefenseSpec(n, n, dict(params.get(n, {}))))
+        custom = raw.get("defense", raw.get("defence", []))
+        if isinstance(custom, Mapping):
+            custom = [custom]
+        for i, d in enumerate(_expect(custom, list, "[[defense]]")):
+            _expect(d, dict, f"[[defense]] #{i + 1}")
+            _check_keys(d, _DEFENSE_KEYS, f"[[defense]] #{i + 1}")
+            reg = _expect(d.get("defense", d.get("name")), str, f"[[defense]] #{i + 1} defense")
+            if reg not in DEFENSES:
+                _expand_defenses([reg])
+            defenses.append(DefenseSpec(_expect(d.get("name", reg), str, "defense name"), reg,
+                                        dict(_expect(d.get("params", {}), dict, "defense params"))))
+        unknown_p = sorted(set(params) - {d.defense for d in defenses})
+        if unknown_p:
+            raise ConfigError(f"[params] names defences not in the run: {', '.join(unknown_p)}")
+        names2 = [d.name for d in defenses]
+        dup = sorted({n for n in names2 if names2.count(n) > 1})
+        if dup:
+            raise ConfigError(f"defence names repeat: {', '.join(dup)}")
+        kw["defenses"] = tuple(defenses)
+    cfg = dataclasses.replace(base, **kw)
+    for d in cfg.defenses:
+        _check_defense_params(d)
+    return cfg
+
+
+def _check_defense_params(d: DefenseSpec) -> None:
+    cls = DEFENSES.get(d.defense)
+    names = cls._param_names()
+    bad = sorted(set(d.params) - set(names))
+    if bad:
+        raise ConfigError(f"defence {d.name!r} ({d.defense}) takes no parameter {', '.join(map(repr, bad))}; "
+                          f"it takes: {', '.join(names) or 'none'}")
+
+
+def _custom_attack(a: Mapping[str, Any], i: int) -> AttackSpec:
+    where = f"[[attack]] #{i}"
+    _check_keys(a, _ATTACK_KEYS, where)
+    name = _expect(a.get("name", ""), str, f"{where} name")
+    if not name:
+        raise ConfigError(f"{where} needs a name")
+    kind = _expect(a.get("attack", "badnets"), str, f"{where} attack")
+    if kind != "badnets" and kind not in ATTACKS:
+        raise ConfigError(f"{where}: unknown attack {kind!r}; known: {', '.join(ATTACKS.names())}")
+    params = dict(_expect(a.get("params", {}), dict, f"{where} params"))
+    for k in ("trigger", "target", "rate", "mode", "source_labels", "cover_rate"):
+        if k in a:
+            params[k] = a[k]
+    if kind == "badnets":
+        _expect(params.get("trigger", "square:4"), str, f"{where} trigger")
+        if "mode" in params and params["mode"] not in ("all-to-one", "all-to-all"):
+            raise ConfigError(f"{where} mode must be 'all-to-one' or 'all-to-all', got {params['mode']!r}")
+    return AttackSpec(name, kind, params)
+
+
+def preset_attack_spec(name: str) -> AttackSpec:
+    """The :class:`AttackSpec` of a preset (``badnets-patch``...) or of a registered attack's name."""
+    if name in PRESET_ATTACKS:
+        return AttackSpec(name, "clean" if name == "clean" else "badnets", {"preset": name})
+    if name in ATTACKS and name != "badnets":
+        return AttackSpec(name, name, {})
+    known = ", ".join(list(PRESET_ATTACKS) + [n for n in ATTACKS.names() if n != "badnets"])
+    raise ConfigError(f"unknown attack {name!r}; known: {known} (or describe one in an [[attack]] table)")
+
+
+def default_config() -> BenchConfig:
+    """Every preset attack, every registered defence, mnist5k, one seed."""
+    extra = [preset_attack_spec(n) for n in ATTACKS.names() if n != "badnets"]
+    return BenchConfig(attacks=tuple(preset_attack_spec(n) for n in PRESET_ATTACKS) + tuple(extra),
+                       defenses=tuple(DefenseSpec(n, n, {}) for n in _expand_defenses(["all"])))
+
+
+def quick_config() -> BenchConfig:
+    """The ``--quick`` preset: mnist5k, 2 epochs, one seed, the clean baseline and four BadNets
+    variants (plus any other registered attack), every registered defence with faster settings
+    (:data:`QUICK_PARAMS`), ASR / FAR measured on 300 test inputs."""
+    names = ["clean", "badnets-patch", "badnets-pattern", "badnets-blended", "badnets-all-to-all"]
+    attacks = [preset_attack_spec(a) for a in names]
+    for n in ATTACKS.names():
+        if n != "badnets":
+            sig = inspect.signature(ATTACKS.get(n).__init__).parameters
+            attacks.append(AttackSpec(n, n, {k: v for k, v in QUICK_ATTACK_PARAMS.get(n, {}).items() if k in sig}))
+    defenses = []
+    for n in _expand_defenses(["all"]):
+        cls = DEFENSES.get(n)
+        params = {k: v for k, v in QUICK_PARAMS.get(n, {}).items() if k in cls._param_names()}
+        defenses.append(DefenseSpec(n, n, params))
+    return BenchConfig(epochs=2, seeds=(0,), attacks=tuple(attacks),
+                       defenses=tuple(defenses), eval_samples=300)
+
+
+def load_config(path: str | Path | None = None, *, quick: bool = False) -> BenchConfig:
+    """Read a TOML (or, with PyYAML installed, YAML) config; ``quick`` starts from the quick preset."""
+    base = quick_config() if quick else default_config()
+    if path is None:
+        return base
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    text = p.read_text()
+    if p.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{p}: YAML configs need PyYAML (pip install pyyaml); or write it as TOML") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+    else:
+        import tomllib
+
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return parse_config(raw, base=base)
+
+
+# --- attacks --------------------------------------------------------------------------------------
+
+def build_attack(spec: AttackSpec, train: ImageDataset, *, seed: int, rate: float = 0.1,
+                 target: int = 0) -> Attack | None:
+    """The attack object of ``spec`` for data shaped like ``train`` (``None`` for ``clean``)."""
+    shape = train.image_shape
+    size = max(2, min(shape[1:]) // 7)
+    if spec.attack == "clean":
+        return None
+    p = dict(spec.params)
+    preset = p.pop("preset", None)
+    if preset is not None:
+        trig = {
+            "badnets-patch": lambda: Trigger.square(shape, size, "white", "bottom-right"),
+            "badnets-pattern": lambda: Trigger.checkerboard(shape, size, "bottom-right"),
+            "badnets-pixel": lambda: Trigger.pixel(shape, "white", "bottom-right"),
+            "badnets-blended": lambda: Trigger.noise(shape, 0.2, seed=1000 + seed),
+            "badnets-all-to-all": lambda: Trigger.square(shape, size, "white", "bottom-right"),
+            "badnets-source-specific": lambda: Trigger.square(shape, size, "white", "bottom-right"),
+        }[preset]()
+        if preset == "badnets-all-to-all":
+            return BadNets(trig, target=target, rate=rate, mode="all-to-all", seed=seed)
+        if preset == "badnets-source-specific":
+            k = train.num_classes
+            src = [s for s in range(k) if s != target][:max(1, k // 3)]
+            return BadNets(trig, target=target, rate=rate, source_labels=src, seed=seed)
+        return BadNets(trig, target=target, rate=rate, seed=seed)
+    if spec.attack == "badnets":
+        trig = Trigger.parse(str(p.pop("trigger", f"square:{size}")), shape)
+        p.setdefault("target", target)
+        p.setdefault("rate", rate)
+        try:
+            return BadNets(trig, seed=seed, **p)
+        except TypeError as e:
+            raise ConfigError(f"attack {spec.name!r}: {e}") from None
+    cls = ATTACKS.get(spec.attack)
+    sig = inspect.signature(cls.__init__).parameters
+    if isinstance(p.get("trigger"), str):
+        p["trigger"] = Trigger.parse(p["trigger"], shape)
+    if "seed" in sig:
+        p.setdefault("seed", seed)
+    if "target" in sig and sig["target"].default is inspect.Parameter.empty:
+        p.setdefault("target", target)
+    try:
+        return cls(**p)
+    except TypeError as e:
+        raise ConfigError(f"attack {spec.name!r} ({spec.attack}): {e}") from None
+
+
+@dataclasses.dataclass
+class AttackedModel:
+    """A trained model for one (attack, seed) column, with the ground truth of its attack.
+
+    Attributes:
+        name, seed: the column.
+        model: the trained (possibly backdoored) network.
+        attack: the attack object (``None`` for the clean baseline).
+        poisoned: the training set the model was trained on (poisoned for data attacks).
+        triggers: the planted trigger(s) (empty for the clean baseline).
+        target: the attacker's target: an int, or a ``(K,)`` map for all-to-all.
+        source_labels: the source labels of a source-specific attack.
+        ca, asr: clean accuracy and attack success on the test inputs.
+        reused: loaded from the run folder rather than trained.
+    """
+
+    name: str
+    seed: int
+    model: nn.Module
+    attack: Attack | None
+    poisoned: ImageDataset
+    triggers: list[Trigger] = dataclasses.field(default_factory=list)
+    target: int | torch.Tensor | None = None
+    source_labels: list[int] | None = None
+    ca: float = 0.0
+    asr: float | None = None
+    reused: bool = False
+
+    @property
+    def is_poison(self) -> torch.Tensor:
+        """``(N,)`` bool over :attr:`poisoned`: the relabelled samples."""
+        if isinstance(self.poisoned, PoisonedDataset):
+            return self.poisoned.is_poison
+        return torch.zeros(len(self.poisoned), dtype=torch.bool)
+
+    @property
+    def edits_model(self) -> bool:
+        """True for attacks that edit a trained model (no poisoned training set to sanitise)."""
+        return self.attack is not None and getattr(self.attack, "kind", "data") == "model"
+
+    def true_targets(self) -> set[int]:
+        """The labels the attacker aims at (every label for all-to-all)."""
+        if self.target is None:
+            return set()
+        if isinstance(self.target, torch.Tensor):
+            return {int(v) for v in self.target.unique()}
+        if isinstance(self.attack, BadNets):
+            return set(self.attack.targets)
+        return {int(self.target)}
+
+    def success_rate(self, model: nn.Module, data: ImageDataset) -> float | None:
+        """Attack success of the planted trigger(s) against ``model`` (None for the clean baseline)."""
+        if self.attack is None or not self.triggers or self.target is None:
+            return None
+        if isinstance(self.attack, BadNets):
+            return float(self.attack.success_rate(model, data))
+        return float(attack_success_rate(model, data, self.triggers[0], self.target,
+                                         source_labels=self.source_labels))
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class BenchResult:
+    """What a run did: the table, and which cells and models were computed or reused."""
+
+    out: Path
+    rows: list[dict[str, Any]]
+    computed: list[str]
+    reused: list[str]
+    trained: list[str]
+    loaded: list[str]
+    seconds: float
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r.get("error")]
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(to_jsonable(obj), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cell_id(attack: str, defense: str, seed: int) -> str:
+    safe = lambda s: "".join(c if c.isalnum() or c in "-_." else "_" for c in s)  # noqa: E731
+    return f"{safe(attack)}__{safe(defense)}__s{seed}"
+
+
+def _splits(cfg: BenchConfig) -> tuple[ImageDataset, ImageDataset, ImageDataset]:
+    name = cfg.dataset.partition(":")[0]
+    if name in BUNDLED:
+        return tuple(load_data(name, s) for s in ("train", "val", "test"))  # type: ignore[return-value]
+    full = load_data(cfg.dataset)
+    train, rest = full.split(0.8, seed=0)
+    val, test = rest.split(0.5, seed=0)
+    return train, val, test
+
+
+def _with_groups(data: ImageDataset, is_poison: torch.Tensor, sources: int, seed: int) -> ImageDataset:
+    """Give ``data`` provenance groups when it has none: clean samples spread over ``sources``
+    groups at random, the poisoned ones all in group 0 (one compromised source)."""
+    if data.groups is not None:
+        return data
+    g = torch.randint(0, sources, (len(data),), generator=torch.Generator().manual_seed(7919 + seed))
+    g[is_poison] = 0
+    if isinstance(data, PoisonedDataset):
+        return dataclasses.replace(data, groups=g)
+    return ImageDataset(data.x, data.y, data.num_classes, data.class_names, data.name, g)
+
+
+def _sample(data: ImageDataset, n: int | None, seed: int) -> ImageDataset:
+    if n is None or n >= len(data):
+        return data
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return data.subset(idx)
+
+
+def run_bench(config: BenchConfig, out: str | Path, *, device: DeviceLike = None, progress: bool = True,
+              on_cell: Callable[[str, dict[str, Any]], None] | None = None,
+              max_cells: int | None = None) -> BenchResult:
+    """Run (or resume) the benchmark matrix of ``config`` in the folder ``out``.
+
+    Args:
+        config: what to run.
+        out: the run folder (created; an existing one is resumed).
+        device: where to train and evaluate (default: CPU).
+        progress: show a tqdm progress bar.
+        on_cell: called as ``on_cell(cell_id, row)`` after each newly computed cell is stored.
+        max_cells: stop after computing this many new cells (the rest stay for a later resume).
+
+    Returns:
+        A :class:`BenchResult`; the table is also in ``out/results.csv`` and ``out/results.json``.
+    """
+    t_run = time.perf_counter()
+    out = Path(out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    if not config.attacks:
+        raise ConfigError("the run has no attacks")
+    if not config.defenses:
+        raise ConfigError("the run has no defences: none is registered yet, or the config names none")
+    train, val, test = _splits(config)
+    test_eval = _sample(test, config.eval_samples, 0)
+    _write_json(out / "config.json", config.to_dict())
+    _write_json(out / "meta.json", run_metadata(device))
+    for d in config.defenses:
+        _check_defense_params(d)
+
+    cells = [(seed, a, d) for seed in config.seeds for a in config.attacks for d in config.defenses
+             if applicable(a, d)]
+    computed: list[str] = []
+    reused: list[str] = []
+    trained: list[str] = []
+    loaded: list[str] = []
+    rows: list[dict[str, Any]] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(cells), desc="bench", unit="cell")
+    models: dict[tuple[str, int], AttackedModel] = {}
+    n_new = 0
+    try:
+        for seed, aspec, dspec in cells:
+            cid = cell_id(aspec.name, dspec.name, seed)
+            mfp = _fingerprint({"training": config.training, "attack": aspec.to_dict(), "seed": seed})
+            cfp = _fingerprint({"model": mfp, "defense": dspec.to_dict(), "eval_samples": config.eval_samples})
+            cached = _read_cell(out / "cells" / f"{cid}.json", cfp)
+            if cached is not None:
+                rows.append(cached["row"])
+                reused.append(cid)
+                if bar is not None:
+                    bar.update(1)
+                continue
+            if max_cells is not None and n_new >= max_cells:
+                break
+            if bar is not None:
+                bar.set_postfix_str(f"{aspec.name} x {dspec.name}")
+            key = (aspec.name, seed)
+            if key not in models:
+                models[key] = _attacked_model(config, aspec, seed, train, test_eval, out, mfp, device, trained)
+                if models[key].reused:
+                    loaded.append(f"{aspec.name}-s{seed}")
+            am = models[key]
+            record = evaluate_cell(am, dspec, config, val=val, test=test_eval, seed=seed, device=device)
+            record["fingerprint"] = cfp
+            record["id"] = cid
+            _save_cell(out / "cells", cid, record)
+            rows.append(record["row"])
+            computed.append(cid)
+            n_new += 1
+            if on_cell is not None:
+                on_cell(cid, record["row"])
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        write_table(out, rows)
+    return BenchResult(out, rows, computed, reused, trained, loaded, time.perf_counter() - t_run)
+
+
+def applicable(attack: AttackSpec, defense: DefenseSpec) -> bool:
+    """False for a data sanitiser against an attack that edits a trained model: there is no
+    poisoned training set to sanitise."""
+    if attack.attack in ("clean", "badnets") or attack.attack not in ATTACKS:
+        return True
+    kind = getattr(ATTACKS.get(attack.attack), "kind", "data")
+    return not (kind == "model" and DEFENSES.get(defense.defense).family == "data")
+
+
+def _model_dir(out: Path, name: str, seed: int) -> Path:
+    return out / "models" / cell_id(name, "model", seed).replace("__model", "")
+
+
+def _cached_model(mdir: Path, fingerprint: str) -> tuple[nn.Module, list[Trigger]] | None:
+    meta_path = mdir / "attack.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("fingerprint") != fingerprint:
+            return None
+        trigs = [Trigger.load(mdir / f"trigger_{i}.safetensors") for i in range(int(meta.get("n_triggers", 0)))]
+        return load_model(mdir).model, trigs
+    except (OSError, ValueError, TrojanscopeError) as e:
+        log.warning("cached model %s unreadable (%s); training it again", mdir, e)
+        return None
+
+
+def _store_model(mdir: Path, model: nn.Module, data: ImageDataset, cfg: BenchConfig, spec: AttackSpec, seed: int,
+                 fingerprint: str, attack: Attack | None, triggers: Sequence[Trigger], is_poison: torch.Tensor) -> None:
+    save_model(model, mdir, ModelSpec(cfg.arch, data.image_shape, data.num_classes, class_names=data.class_names,
+                                      extra={"trained_on": data.name, "attack": spec.name, "seed": seed}))
+    for i, t in enumerate(triggers):
+        t.save(mdir / f"trigger_{i}.safetensors")
+    # attack.json is written last: its presence (with the fingerprint) marks the model finished
+    _write_json(mdir / "attack.json", {"fingerprint": fingerprint, "attack": spec.to_dict(),
+                                       "attack_params": attack.to_dict() if attack is not None else None,
+                                       "n_triggers": len(triggers), "seed": seed,
+                                       "poison_indices": is_poison.nonzero().flatten().tolist()})
+
+
+def _base_model(cfg: BenchConfig, seed: int, train: ImageDataset, out: Path, device: DeviceLike,
+                log_to: list[str]) -> nn.Module:
+    """The clean model of ``seed`` (the clean column, and the victim of model-editing attacks)."""
+    fp = _fingerprint({"training": cfg.training, "base": True, "seed": seed})
+    mdir = _model_dir(out, "_base", seed)
+    hit = _cached_model(mdir, fp)
+    if hit is not None:
+        return hit[0]
+    model = train_new(cfg.arch, train, seed=seed, device=device, epochs=cfg.epochs, lr=cfg.lr,
+                      batch_size=cfg.batch_size)
+    _store_model(mdir, model, train, cfg, AttackSpec("_base", "clean"), seed, fp, None, [],
+                 torch.zeros(len(train), dtype=torch.bool))
+    log_to.append(f"_base-s{seed}")
+    return model
+
+
+def _attacked_model(cfg: BenchConfig, spec: AttackSpec, seed: int, train: ImageDataset, test: ImageDataset,
+                    out: Path, fingerprint: str, device: DeviceLike, trained: list[str]) -> AttackedModel:
+    """Train (or load from the run folder) the model of one attack column."""
+    attack = build_attack(spec, train, seed=seed, rate=cfg.rate, target=cfg.target)
+    edits_model = attack is not None and getattr(attack, "kind", "data") == "model"
+    poisoned: ImageDataset = train
+    if attack is not None and not edits_model:
+        if not hasattr(attack, "poison"):
+            raise ConfigError(f"attack {spec.name!r} can neither poison data nor edit a model")
+        poisoned = attack.poison(train)
+    is_poison = poisoned.is_poison if isinstance(poisoned, PoisonedDataset) else torch.zeros(len(train), dtype=torch.bool)
+    poisoned = _with_groups(poisoned, is_poison, cfg.sources, seed)
+    mdir = _model_dir(out, spec.name, seed)
+    hit = _cached_model(mdir, fingerprint)
+    reused = hit is not None
+    if hit is not None:
+        model, triggers = hit
+    else:
+        if attack is None:
+            model, triggers = _base_model(cfg, seed, train, out, device, trained), []
+        elif edits_model:
+            base = _base_model(cfg, seed, train, out, device, trained)
+            res = attack.attack(base, train)
+            model, triggers = res.model, [res.trigger]
+        else:
+            model = train_new(cfg.arch, poisoned, seed=seed, device=device, epochs=cfg.epochs, lr=cfg.lr,
+                              batch_size=cfg.batch_size)
+            triggers = list(getattr(attack, "triggers", []))
+        _store_model(mdir, model, poisoned, cfg, spec, seed, fingerprint, attack, triggers, is_poison)
+        trained.append(f"{spec.name}-s{seed}")
+    if device is not None:
+        model.to(device)
+    model.eval()
+    target: int | torch.Tensor | None = None
+    if attack is not None:
+        if hasattr(attack, "target_map"):
+            target = attack.target_map(train.num_classes)
+        elif getattr(attack, "target", None) is not None:
+            target = int(attack.target)
+    src = getattr(attack, "source_labels", None)
+    am = AttackedModel(spec.name, seed, model, attack, poisoned, list(triggers), target,
+                       None if src is None else list(src), reused=reused)
+    am.ca = clean_accuracy(model, test)
+    am.asr = am.success_rate(model, test)
+    return am
+
+
+# --- one cell ---------------------------------------------------------------------------------------
+
+def make_defense(spec: DefenseSpec, seed: int) -> Defense:
+    """Build the defence of ``spec``; its ``seed`` follows the cell's seed unless set."""
+    cls = DEFENSES.get(spec.defense)
+    params = dict(spec.params)
+    if "seed" in cls._param_names() and "seed" not in params:
+        params["seed"] = seed
+    try:
+        return cls(**params)
+    except TypeError as e:
+        raise ConfigError(f"defence {spec.name!r}: {e}") from None
+
+
+def evaluate_cell(am: AttackedModel, spec: DefenseSpec, cfg: BenchConfig, *, val: ImageDataset, test: ImageDataset,
+                  seed: int, device: DeviceLike = None) -> dict[str, Any]:
+    """Run one defence on one attacked model and score it against the ground truth.
+
+    Returns:
+        ``{"row": the table row, "result": the defence's result as a dict, "extras": evaluation
+        data for the report (scores of clean vs stamped inputs, ground truth...), "params": the
+        defence's settings}``. A defence that raises gives a row with ``error`` set.
+    """
+    row: dict[str, Any] = {c: None for c in COLUMNS}
+    row.update(attack=am.name, defense=spec.name, seed=seed, ca_before=am.ca, asr_before=am.asr)
+    record: dict[str, Any] = {"row": row, "result": None, "extras": {}, "params": {}, "tensors": {}}
+    t0 = time.perf_counter()
+    try:
+        defense = make_defense(spec, seed)
+        row["family"] = defense.family
+        record["params"] = to_jsonable(defense.get_params())
+        record["defense_class"] = type(defense).__name__
+        glue = {"model": _eval_detector, "data": _eval_sanitizer, "input": _eval_filter,
+                "repair": _eval_repair}.get(defense.family)
+        if glue is None:
+            raise ConfigError(f"defence {spec.name!r} has an unknown family {defense.family!r}")
+        glue(defense, am, cfg, val, test, seed, device, record)
+    except Exception as e:  # a failing defence is recorded in its row; the matrix goes on
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        row["error"] = f"{type(e).__name__}: {msg}"
+        log.warning("cell %s x %s (seed %d) failed: %s", am.name, spec.name, seed, row["error"], exc_info=True)
+    row["seconds"] = time.perf_counter() - t0
+    return record
+
+
+def _eval_detector(defense: Any, am: AttackedModel, cfg: BenchConfig, val: ImageDataset, test: ImageDataset,
+                   seed: int, device: DeviceLike, record: dict[str, Any]) -> None:
+    res = defense.scan(am.model, val)
+    row = record["row"]
+    flagged = sorted(int(v) for v in res.flagged_labels)
+    row["verdict"] = "infected" if res.infected else "clean"
+    row["flagged_labels"] = " ".join(map(str, flagged))
+    targets = am.true_targets()
+    row["target_found"] = bool(targets & set(flagged)) if targets else None
+    record["result"] = res.to_dict()
+    record["extras"]["true_targets"] = sorted(targets)
+    record["tensors"].update(_trigger_tensors(res))
+
+
+def _eval_sanitizer(defense: Any, am: AttackedModel, cfg: BenchConfig, val: ImageDataset, test: ImageDataset,
+                    seed: int, device: DeviceLike, record: dict[str, Any]) -> None:
+    data = am.poisoned.clean if isinstance(am.poisoned, PoisonedDataset) else am.poisoned
+    res = defense.inspect(am.model, data)
+    row = record["row"]
+    is_poison = am.is_poison
+    flagged = torch.as_tensor(res.flagged).bool()
+    m = detection_metrics(res.scores, is_poison, flagged)
+    if m["n_poison"]:
+        row["poison_removed"] = m["recall"]
+    row["clean_removed"] = m["fpr"]
+    row["auroc"] = m["auroc"]
+    row["verdict"] = f"removed {int(flagged.sum())}"
+    keep = (~flagged).nonzero().flatten()
+    if keep.numel() == 0:
+        raise ConfigError(f"{defense!r} flagged every training sample; nothing left to retrain on")
+    kept = am.poisoned.subset(keep)
+    model = train_new(cfg.arch, kept, seed=seed, device=device, epochs=cfg.epochs, lr=cfg.lr,
+                      batch_size=cfg.batch_size)
+    row["ca_after"] = clean_accuracy(model, test)
+    row["asr_after"] = am.success_rate(model, test)
+    record["result"] = res.to_dict()
+    record["extras"].update(is_poison=is_poison.nonzero().flatten().tolist(), metrics=m,
+                            projection=_projection(am, data, flagged, is_poison))
+
+
+def _projection(am: AttackedModel, data: ImageDataset, flagged: torch.Tensor, is_poison: torch.Tensor,
+                max_points: int = 600) -> dict[str, Any] | None:
+    """2-D PCA of the penultimate activations of the samples labelled as the (main) target, for the
+    report: which of them were poisoned (ground truth) and which the defence flagged."""
+    from ._utils.batching import activations
+
+    if is_poison.any():
+        label = int(torch.mode(data.y[is_poison]).values)
+    else:
+        label = int(torch.mode(data.y[flagged]).values) if flagged.any() else 0
+    idx = (data.y == label).nonzero().flatten()
+    if idx.numel() < 3:
+        return None
+    if idx.numel() > max_points:
+        idx = idx[torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(0))[:max_points]].sort().values
+    try:
+        a = activations(am.model, data.x[idx], "penultimate").double()
+    except TrojanscopeError:
+        return None
+    a = a - a.mean(0)
+    _, _, v = torch.linalg.svd(a, full_matrices=False)
+    xy = (a @ v[:2].T).float()
+    return {"label": label, "xy": xy.tolist(), "poison": is_poison[idx].tolist(), "flagged": flagged[idx].tolist()}
+
+
+def _stamped(am: AttackedModel, test: ImageDataset) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Stamped test inputs of non-target (and, if any, source) labels, and the attacker's targets."""
+    trigs = am.triggers
+    if not trigs or am.target is None:
+        return None
+    tmap = am.target
+    tgt = target_labels(test.y, tmap, test.num_classes)
+    keep = test.y != tgt
+    if am.source_labels is not None:
+        keep &= torch.isin(test.y, torch.as_tensor(am.source_labels))
+    x = trigs[0].apply(test.x[keep])
+    return x, tgt[keep]
+
+
+def _eval_filter(defense: Any, am: AttackedModel, cfg: BenchConfig, val: ImageDataset, test: ImageDataset,
+                 seed: int, device: DeviceLike, record: dict[str, Any]) -> None:
+    defense.fit(am.model, val)
+    row = record["row"]
+    clean_s = defense.score(test.x).float().cpu()
+    thr = float(defense.threshold_)
+    clean_f = clean_s > thr
+    row["frr"] = float(clean_f.float().mean())
+    pred = predict(am.model, test.x, device=device)
+    row["ca_after"] = float(((~clean_f) & (pred == test.y)).float().mean())
+    extras: dict[str, Any] = {"clean_scores": clean_s.tolist(), "threshold": thr}
+    st = _stamped(am, test)
+    if st is not None:
+        xs, tgt = st
+        trig_s = defense.score(xs).float().cpu()
+        trig_f = trig_s > thr
+        row["far"] = float((~trig_f).float().mean())
+        m = detection_metrics(torch.cat([clean_s, trig_s]),
+                              torch.cat([torch.zeros(len(clean_s), dtype=torch.bool), torch.ones(len(trig_s), dtype=torch.bool)]))
+        row["auroc"] = m["auroc"]
+        hit = predict(am.model, xs, device=device) == tgt
+        row["asr_after"] = float(((~trig_f) & hit).float().mean())
+        extras["triggered_scores"] = trig_s.tolist()
+    row["verdict"] = f"rejects {100 * (1 - row['far']):.0f}% stamped" if row["far"] is not None else \
+        f"rejects {100 * row['frr']:.0f}% clean"
+    record["extras"].update(extras)
+    record["result"] = {"threshold": thr, "params": to_jsonable(defense.get_params()),
+                        **{k: to_jsonable(v) for k, v in vars(defense).items()
+                           if k.endswith("_") and not k.startswith("_") and _small(v)}}
+
+
+def _small(v: Any) -> bool:
+    if isinstance(v, torch.Tensor):
+        return v.numel() <= 4096
+    if isinstance(v, nn.Module):
+        return False
+    return True
+
+
+def _eval_repair(defense: Any, am: AttackedModel, cfg: BenchConfig, val: ImageDataset, test: ImageDataset,
+                 seed: int, device: DeviceLike, record: dict[str, Any]) -> None:
+    kwargs: dict[str, Any] = {}
+    if "evaluate" in inspect.signature(defense.repair).parameters:
+        def evaluate(model: nn.Module) -> dict[str, float]:
+            """Figures along the repair's curve (ground truth stays here, in the glue)."""
+            out = {"test_accuracy": clean_accuracy(model, test)}
+            asr = am.success_rate(model, test)
+            if asr is not None:
+                out["attack_success"] = asr
+            return out
+        kwargs["evaluate"] = evaluate
+    res = defense.repair(am.model, val, **kwargs)
+    row = record["row"]
+    model = res.model
+    row["ca_after"] = clean_accuracy(model, test)
+    row["asr_after"] = am.success_rate(model, test)
+    row["verdict"] = None if row["asr_after"] is None else \
+        f"ASR {100 * (am.asr or 0):.0f}% → {100 * row['asr_after']:.0f}%"
+    record["result"] = res.to_dict()
+    record["tensors"].update(_trigger_tensors(res))
+
+
+def _trigger_tensors(result: Any) -> dict[str, torch.Tensor]:
+    """Masks and patterns of the triggers a result holds (in its fields or its details), for the
+    report's gallery: keys ``"<where>.mask"`` and ``"<where>.pattern"``."""
+    out: dict[str, torch.Tensor] = {}
+
+    def walk(key: str, v: Any, depth: int = 0) -> None:
+        if isinstance(v, Trigger):
+            out[f"{key}.mask"] = v.mask
+            out[f"{key}.pattern"] = v.pattern
+        elif depth < 2 and isinstance(v, Mapping):
+            for kk, vv in v.items():
+                walk(f"{key}.{kk}", vv, depth + 1)
+        elif depth < 2 and isinstance(v, (list, tuple)):
+            for i, vv in enumerate(v):
+                walk(f"{key}.{i}", vv, depth + 1)
+
+    if dataclasses.is_dataclass(result):
+        for f in dataclasses.fields(result):
+            if f.name != "model":
+                walk(f.name, getattr(result, f.name))
+    return out
+
+
+# --- storage ----------------------------------------------------------------------------------------
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(to_jsonable(obj), indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _save_cell(folder: Path, cid: str, record: dict[str, Any]) -> None:
+    tensors = record.pop("tensors", {})
+    if tensors:
+        from safetensors.torch import save_file
+
+        tmp = folder / f"{cid}.safetensors.tmp"
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, folder / f"{cid}.safetensors")
+        record["tensor_file"] = f"{cid}.safetensors"
+    _write_json(folder / f"{cid}.json", record)  # written last: its presence marks the cell finished
+
+
+def _read_cell(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """A finished cell (same settings, no error), or None to compute it."""
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if rec.get("fingerprint") != fingerprint or rec.get("row", {}).get("error"):
+        return None
+    return rec
+
+
+def load_cells(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every stored cell record of a run folder, in file-name order."""
+    folder = Path(run_dir) / "cells"
+    recs = []
+    for p in sorted(folder.glob("*.json")):
+        try:
+            recs.append(json.loads(p.read_text()))
+        except (OSError, ValueError) as e:
+            log.warning("skipping unreadable cell %s: %s", p, e)
+    return recs
+
+
+def write_table(out: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """``results.csv`` and ``results.json``: one row per attack x defence x seed."""
+    rows = [{c: r.get(c) for c in COLUMNS} for r in rows]
+    _write_json(out / "results.json", rows)
+    tmp = out / "results.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(COLUMNS))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+    os.replace(tmp, out / "results.csv")
+
+
+def run_metadata(device: DeviceLike = None) -> dict[str, Any]:
+    """Versions and machine, for the report."""
+    import importlib.metadata as md
+
+    def ver(p: str) -> str | None:
+        try:
+            return md.version(p)
+        except md.PackageNotFoundError:
+            return None
+
+    return {"trojanscope": ver("trojanscope"), "torch": torch.__version__, "numpy": ver("numpy"),
+            "scikit-learn": ver("scikit-learn"), "matplotlib": ver("matplotlib"), "python": platform.python_version(),
+            "platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": str(device or "cpu"), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}

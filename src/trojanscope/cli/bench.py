@@ -1,0 +1,52 @@
+"""``trojanscope bench``: the attack x defence matrix, resumable, as CSV / JSON (and a report)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import torch
+
+from ..bench import load_config, run_bench
+from . import cli
+from ._common import common_options, pick_device, table, write_json
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="TOML (or YAML) file naming attacks, defences, dataset, arch, seeds (see trojanscope.bench).")
+@click.option("--quick", is_flag=True, help="The quick preset: mnist5k, 2 epochs, 5 attacks, every defence, fast settings.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Run folder: models, one JSON per cell, results.csv / results.json. An existing one is resumed.")
+@click.option("--report/--no-report", default=True, show_default=True, help="Write OUT/report.html at the end.")
+@click.option("--max-cells", type=int, default=None, help="Stop after this many new cells (resume later).")
+@common_options
+def bench(config_path: Path | None, quick: bool, out: Path, report: bool, max_cells: int | None,
+          json_path: Path | None, seed: int, device: str | None) -> None:
+    """Run every attack against every defence and tabulate CA, ASR, detection and removal figures."""
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    cfg = load_config(config_path, quick=quick)
+    dev = pick_device(device)
+    n = len(cfg.seeds) * len(cfg.attacks) * len(cfg.defenses)
+    click.echo(f"bench: {len(cfg.attacks)} attacks x {len(cfg.defenses)} defences x {len(cfg.seeds)} seed(s) = {n} "
+               f"cells on {cfg.dataset} ({cfg.arch}, {cfg.epochs} epochs) -> {out}", err=True)
+    res = run_bench(cfg, out, device=dev, max_cells=max_cells)
+    cols = ["attack", "defense", "seed", "ca_before", "asr_before", "ca_after", "asr_after", "verdict", "target_found",
+            "poison_removed", "clean_removed", "auroc", "far", "frr", "seconds"]
+    click.echo(table(res.rows, cols, headers={"ca_before": "CA", "asr_before": "ASR", "ca_after": "CA after",
+                                              "asr_after": "ASR after", "target_found": "target",
+                                              "poison_removed": "poison rm", "clean_removed": "clean rm"},
+                     percent=["ca_before", "asr_before", "ca_after", "asr_after", "poison_removed", "clean_removed",
+                              "far", "frr"]))
+    for r in res.failed:
+        click.echo(f"failed: {r['attack']} x {r['defense']} (seed {r['seed']}): {r['error']}", err=True)
+    done = len(res.rows)
+    click.echo(f"\n{done}/{n} cells ({len(res.computed)} computed, {len(res.reused)} reused; models: "
+               f"{len(res.trained)} trained, {len(res.loaded)} reused) in {res.seconds:.0f} s; table in "
+               f"{out / 'results.csv'}", err=True)
+    if report:
+        from ..report import render_run
+
+        path = render_run(out)
+        click.echo(f"report: {path}", err=True)
+    write_json(json_path, {"rows": res.rows, "computed": res.computed, "reused": res.reused, "seconds": res.seconds})

@@ -23,6 +23,7 @@ import io
 import json
 import pickletools
 import re
+import warnings
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -603,7 +604,9 @@ def _program_input_shape(ep: Any) -> tuple[int, ...] | None:
 
 def _load_export(p: Path, input_shape: tuple[int, int, int] | None, num_classes: int | None,
                  default_input_shape: tuple[int, int, int] | None = None) -> LoadedModel:
-    ep = _read_pt2(p)
+    with warnings.catch_warnings():  # torch's own deprecation notices while rebuilding the program
+        warnings.simplefilter("ignore", FutureWarning)
+        ep = _read_pt2(p)
     batch = _static_batch(ep)
     if batch is not None:
         raise ModelLoadError(

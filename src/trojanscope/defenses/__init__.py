@@ -9,6 +9,8 @@ from .base import (DEFENSES, DataSanitizer, Defense, InputFilter, ModelDetector,
                    SanitizeResult, ScanResult, register, threshold_for_rate)
 
 # Defence modules (one import line each; keep sorted by family):
+from .input.activation_filter import ActivationFilter  # noqa: E402
+from .model.neural_cleanse import NeuralCleanse  # noqa: E402
 
 
 def create(name: str, **params: Any) -> Defense:
@@ -21,5 +23,6 @@ def list_defenses(family: str | None = None) -> list[str]:
     return [n for n, cls in DEFENSES.items() if family is None or cls.family == family]
 
 
-__all__ = ["DEFENSES", "DataSanitizer", "Defense", "InputFilter", "ModelDetector", "Repair", "RepairResult",
+__all__ = ["ActivationFilter", "DEFENSES", "DataSanitizer", "Defense", "InputFilter", "ModelDetector",
+           "NeuralCleanse", "Repair", "RepairResult",
            "SanitizeResult", "ScanResult", "create", "list_defenses", "register", "threshold_for_rate"]

@@ -104,7 +104,6 @@ def train(model: nn.Module, data: ImageDataset, *, epochs: int = 10, lr: float =
         for p, r in zip(frozen, req):
             p.requires_grad_(r)
         model.train(was_training)
-    model.eval()
     return TrainResult(history=history, params=dict(epochs=epochs, lr=lr, batch_size=batch_size,
                                                     optimizer=optimizer, weight_decay=weight_decay, seed=seed))
 
@@ -127,4 +126,4 @@ def train_new(arch: str, data: ImageDataset, *, seed: int | None = 0, arch_kwarg
     if device is not None:
         model.to(device)
     train(model, data, seed=seed, device=device, **train_kwargs)
-    return model
+    return model.eval()

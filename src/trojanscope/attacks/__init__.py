@@ -2,5 +2,7 @@
 
 from .base import ATTACKS, Attack, register_attack
 from .badnets import BadNets
+from .pruning_aware import PruningAware
+from .trojannn import TrojanNN
 
-__all__ = ["ATTACKS", "Attack", "BadNets", "register_attack"]
+__all__ = ["ATTACKS", "Attack", "BadNets", "PruningAware", "TrojanNN", "register_attack"]

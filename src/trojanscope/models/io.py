@@ -607,13 +607,13 @@ def _load_export(p: Path, input_shape: tuple[int, int, int] | None, num_classes:
     with warnings.catch_warnings():  # torch's own deprecation notices while rebuilding the program
         warnings.simplefilter("ignore", FutureWarning)
         ep = _read_pt2(p)
-    batch = _static_batch(ep)
-    if batch is not None:
-        raise ModelLoadError(
-            f"{p}: the program was exported with a fixed batch size of {batch}; re-export it with a dynamic "
-            f"batch dimension: torch.export.export(model, (x,), dynamic_shapes=({{0: torch.export.Dim('batch')}},)) "
-            f"with x of batch size 2 or more")
-    module = torch.export.unflatten(ep)
+        batch = _static_batch(ep)
+        if batch is not None:
+            raise ModelLoadError(
+                f"{p}: the program was exported with a fixed batch size of {batch}; re-export it with a dynamic "
+                f"batch dimension: torch.export.export(model, (x,), dynamic_shapes=({{0: torch.export.Dim('batch')}},)) "
+                f"with x of batch size 2 or more")
+        module = torch.export.unflatten(ep)
     sample = _program_input_shape(ep) or ((1, *default_input_shape) if default_input_shape else None)
     spec = _infer_spec(module, p, input_shape, num_classes, sample)
     return LoadedModel(module, spec, "export", p)

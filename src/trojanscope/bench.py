@@ -877,10 +877,10 @@ def _projection(am: AttackedModel, data: ImageDataset, flagged: torch.Tensor, is
         a = activations(am.model, data.x[idx], "penultimate").double()
     except TrojanscopeError:
         return None
-    a = a - a.mean(0)
-    _, _, v = torch.linalg.svd(a, full_matrices=False)
-    xy = (a @ v[:2].T).float()
-    return {"label": label, "xy": xy.tolist(), "poison": is_poison[idx].tolist(), "flagged": flagged[idx].tolist()}
+    from sklearn.decomposition import PCA
+
+    xy = PCA(2, svd_solver="randomized", random_state=0).fit_transform(a.numpy())
+    return {"label": label, "xy": xy.astype("float32").tolist(), "poison": is_poison[idx].tolist(), "flagged": flagged[idx].tolist()}
 
 
 def _stamped(am: AttackedModel, test: ImageDataset) -> tuple[torch.Tensor, torch.Tensor] | None:

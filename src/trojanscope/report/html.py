@@ -291,7 +291,7 @@ def defense_figures(records: Sequence[Mapping[str, Any]], *, planted: Mapping[st
         for t, r in zip(titles, ok):
             items = _gallery(r, tensors.get(r.get("id", ""), {}), planted.get(r.get("id", ""), []))
             if len(items) > len(planted.get(r.get("id", ""), [])):
-                galleries.append({"title": t, "items": items})
+                galleries.append({"title": t, "thumbs": items})
     elif fam == "input":
         panels = [(t, (r.get("extras") or {}).get("clean_scores", []), (r.get("extras") or {}).get("triggered_scores", []),
                    (r.get("extras") or {}).get("threshold")) for t, r in zip(titles, ok)

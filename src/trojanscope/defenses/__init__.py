@@ -11,6 +11,7 @@ from .base import (DEFENSES, DataSanitizer, Defense, InputFilter, ModelDetector,
 # Defence modules (one import line each; keep sorted by family):
 from .input.activation_filter import ActivationFilter  # noqa: E402
 from .model.neural_cleanse import NeuralCleanse  # noqa: E402
+from .repair.neural_cleanse import NeuronPruning, Unlearning  # noqa: E402
 
 
 def create(name: str, **params: Any) -> Defense:
@@ -24,5 +25,5 @@ def list_defenses(family: str | None = None) -> list[str]:
 
 
 __all__ = ["ActivationFilter", "DEFENSES", "DataSanitizer", "Defense", "InputFilter", "ModelDetector",
-           "NeuralCleanse", "Repair", "RepairResult",
-           "SanitizeResult", "ScanResult", "create", "list_defenses", "register", "threshold_for_rate"]
+           "NeuralCleanse", "NeuronPruning", "Repair", "RepairResult",
+           "SanitizeResult", "ScanResult", "Unlearning", "create", "list_defenses", "register", "threshold_for_rate"]

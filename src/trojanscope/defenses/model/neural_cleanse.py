@@ -292,7 +292,7 @@ def _check_region(region: torch.Tensor | None, jn: int, h: int, w: int) -> torch
     if not isinstance(region, torch.Tensor):
         raise ConfigError(f"region must be a tensor (H, W) or (J, H, W), got {type(region).__name__}")
     r = region.detach().float().cpu()
-    if r.ndim == 2:
+    if r.ndim == 2 and tuple(r.shape) == (h, w):
         r = r.expand(jn, h, w)
     if tuple(r.shape) != (jn, h, w):
         raise ConfigError(f"region must have shape ({h}, {w}) or ({jn}, {h}, {w}), got {tuple(region.shape)}")
@@ -493,15 +493,20 @@ class NeuralCleanse(ModelDetector):
     (at most ``n_holdout``) measure each reversed trigger's attack success.
 
     The defaults are the paper's except the optimisation budget (``epochs``,
-    ``steps_per_epoch``), reduced so that a 10-label MNIST scan takes seconds on a CPU; early
-    stopping ends most labels well before it. Raise them for large or hard models.
+    ``steps_per_epoch``, ``samples_per_step``: 160 steps of 16 images per label instead of up to
+    1000 epochs of about 31 steps of 32), reduced so that a 10-label MNIST scan takes about ten
+    CPU seconds. The masks have not fully converged by then, but the backdoor target's mask
+    shrinks much faster than the others, which is what the MAD test needs. Raise the budget
+    for large models or hard triggers.
 
     Args:
         init_cost: lambda's initial value (paper code ``init_cost``, 1e-3).
         lr: Adam's learning rate (0.1).
-        epochs: maximum epochs per label (paper code ``steps``: 1000; here 60).
-        steps_per_epoch: mini-batches per epoch (paper code ``mini_batch``: about 31; here 4).
-        samples_per_step: images per mini-batch (paper code ``batch_size``, 32).
+        epochs: maximum epochs per label (paper code ``steps``: 1000; here 80).
+        steps_per_epoch: mini-batches per epoch (paper code ``mini_batch``: about 31; here 2).
+        samples_per_step: images per mini-batch and label (paper code ``batch_size``: 32; here
+            16, which on MNIST reaches a clearer verdict for the same compute than fewer steps
+            of 32).
         attack_succ_threshold: attack success a trigger must reach (0.99).
         patience: epochs before lambda is changed (5).
         cost_multiplier: lambda's up multiplier (1.5); down is its power 1.5.
@@ -547,8 +552,8 @@ class NeuralCleanse(ModelDetector):
         "seed": Types((int, type(None))),
     }
 
-    def __init__(self, *, init_cost: float = 1e-3, lr: float = 0.1, epochs: int = 60, steps_per_epoch: int = 4,
-                 samples_per_step: int = 32, attack_succ_threshold: float = 0.99, patience: int = 5,
+    def __init__(self, *, init_cost: float = 1e-3, lr: float = 0.1, epochs: int = 80, steps_per_epoch: int = 2,
+                 samples_per_step: int = 16, attack_succ_threshold: float = 0.99, patience: int = 5,
                  cost_multiplier: float = 1.5, early_stop: bool = True, early_stop_threshold: float = 0.99,
                  early_stop_patience: int = 10, anomaly_threshold: float = 2.0, n_samples: int = 320,
                  n_holdout: int = 500, mode: Literal["batched", "sequential"] = "batched", batch_size: int = 4096,
@@ -625,9 +630,13 @@ class NeuralCleanse(ModelDetector):
             infected=bool(order), flagged_labels=order, scores=signed,
             details={"median_l1_norm": median, "epochs": rev.epochs.tolist(), "final_cost": rev.costs.tolist(),
                      "n_optimisation": len(opt), "n_holdout": len(held), "reverse_seconds": rev.seconds},
-            params=self.get_params(), seconds=time.perf_counter() - t0,
+            params=_jsonable_params(self.get_params()), seconds=time.perf_counter() - t0,
             l1_norms=norms, anomaly_indices=index, attack_success=asr, per_source_attack_success=per_source,
             flagged=flagged, reached=rev.reached, triggers=rev.triggers)
+
+
+def _jsonable_params(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, torch.device) else v for k, v in params.items()}
 
 
 def per_source_attack_success(model: nn.Module, masks: torch.Tensor, patterns: torch.Tensor, data: ImageDataset,

@@ -1,0 +1,378 @@
+"""Neural Cleanse's two ways of patching a backdoored model with the reversed trigger.
+
+* :class:`NeuronPruning` (``"nc-prune"``): rank the neurons of a layer by how much more the
+  reversed trigger activates them than clean inputs do, and prune them in that order until the
+  model no longer answers the reversed trigger.
+* :class:`Unlearning` (``"unlearn"``): fine-tune on a share of the clean data in which some
+  samples carry the reversed trigger with their true label, so the model unlearns the shortcut.
+
+Both work on a deep copy and return a :class:`~trojanscope.defenses.base.RepairResult`. Both
+take the reversed trigger(s) as ``repair(..., triggers=...)`` (a Neural Cleanse scan result, a
+``{label: Trigger}`` dict, a list of triggers or one trigger); without them they run a Neural
+Cleanse scan on the clean data first. They never receive the attacker's trigger.
+
+**How a neuron is pruned** (the architecture is kept, so the repaired model is a plain state
+dict of the same architecture that saves and loads like the original):
+
+* ``layer="penultimate"`` (the input of the last ``nn.Linear``, the paper's second-to-last
+  layer): the neuron's column of the last linear layer's weight is zeroed, so its value no
+  longer reaches the output: exactly the network with that neuron's output forced to 0.
+* an output-side layer (``"last_conv"`` or a dotted name of a ``Conv2d`` / ``Linear``): the
+  channel's weight rows and bias are zeroed (output exactly 0), plus the affine weight and bias
+  of a ``BatchNorm`` that directly follows it.
+
+References:
+    Wang et al., "Neural Cleanse: Identifying and Mitigating Backdoor Attacks in Neural
+    Networks", IEEE S&P 2019, Section VI-C ("Patching DNN via Neuron Pruning", "Patching DNNs
+    via Unlearning").
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..._utils.batching import DeviceLike, activations, predict
+from ..._utils.hooks import resolve_layer
+from ..._utils.validation import Interval, Options, Types
+from ...data.dataset import ImageDataset, stratified_split
+from ...errors import ConfigError, DataError, UnsupportedModelError
+from ...training import fine_tune
+from ...triggers import Trigger
+from ..base import Repair, RepairResult, register
+
+log = logging.getLogger(__name__)
+
+TriggersArg = Any  # NeuralCleanseResult | Mapping[int, Trigger] | Sequence[Trigger] | Trigger | None
+
+
+def _check_data(data: Any) -> ImageDataset:
+    if not isinstance(data, ImageDataset):
+        raise DataError(f"clean_data must be an ImageDataset, got {type(data).__name__}")
+    if len(data) == 0:
+        raise DataError("clean_data is empty")
+    return data
+
+
+def resolve_triggers(model: nn.Module, clean_data: ImageDataset, triggers: TriggersArg, *, seed: int | None = 0,
+                     device: DeviceLike = None, batch_size: int = 256) -> tuple[dict[int, Trigger], Any]:
+    """The reversed triggers to repair against, as ``{target label: Trigger}``.
+
+    Args:
+        triggers: a Neural Cleanse result (its flagged labels), a ``{label: Trigger}`` dict, a
+            list of triggers or one trigger (the label of a bare trigger is the one the model
+            gives most often to clean inputs stamped with it), or None to run a Neural Cleanse
+            scan on ``clean_data``.
+
+    Returns:
+        ``(triggers by label, the scan result or None)``; the dict is empty when the scan
+        flagged no label.
+    """
+    scan = None
+    if triggers is None:
+        from ..model.neural_cleanse import NeuralCleanse
+
+        scan = NeuralCleanse(seed=seed, device=device).scan(model, clean_data)
+        triggers = scan
+    if hasattr(triggers, "flagged_labels") and hasattr(triggers, "triggers"):
+        return {int(k): triggers.triggers[int(k)] for k in triggers.flagged_labels}, scan
+    if isinstance(triggers, Trigger):
+        triggers = [triggers]
+    if isinstance(triggers, Mapping):
+        out = {}
+        for k, t in triggers.items():
+            if not isinstance(t, Trigger):
+                raise ConfigError(f"triggers[{k!r}] must be a Trigger, got {type(t).__name__}")
+            out[int(k)] = t
+        return out, scan
+    if isinstance(triggers, Sequence) and all(isinstance(t, Trigger) for t in triggers):
+        out = {}
+        for t in triggers:
+            pred = predict(model, t.apply(clean_data.x), batch_size=batch_size, device=device)
+            out[int(torch.bincount(pred).argmax())] = t
+        return out, scan
+    raise ConfigError("triggers must be a Neural Cleanse result, a {label: Trigger} dict, a list of triggers, a "
+                      f"Trigger or None; got {type(triggers).__name__}")
+
+
+def reversed_attack_success(model: nn.Module, data: ImageDataset, triggers: Mapping[int, Trigger], *,
+                            batch_size: int = 256, device: DeviceLike = None) -> float:
+    """The largest attack success of the reversed triggers on ``data`` (inputs of other labels)."""
+    best = 0.0
+    for label, t in triggers.items():
+        keep = data.y != label
+        if not bool(keep.any()):
+            continue
+        pred = predict(model, t.apply(data.x[keep]), batch_size=batch_size, device=device)
+        best = max(best, float((pred == label).float().mean()))
+    return best
+
+
+def _accuracy(model: nn.Module, data: ImageDataset, batch_size: int, device: DeviceLike) -> float:
+    return float((predict(model, data.x, batch_size=batch_size, device=device) == data.y).float().mean())
+
+
+# --- neuron pruning --------------------------------------------------------------------------
+
+def activation_gap(clean_acts: torch.Tensor, triggered_acts: torch.Tensor) -> torch.Tensor:
+    """``(D,)`` mean activation on triggered inputs minus mean activation on clean inputs.
+
+    Activations ``(N, D)`` or ``(N, D, H, W)`` (channels are averaged over positions).
+    """
+    def per_channel(a: torch.Tensor) -> torch.Tensor:
+        a = a.double()
+        return a.flatten(2).mean(2).mean(0) if a.ndim > 2 else a.mean(0)
+    return (per_channel(triggered_acts) - per_channel(clean_acts)).float()
+
+
+def _prune_targets(model: nn.Module, layer: str) -> tuple[str, list[tuple[nn.Parameter, int]]]:
+    """Which parameter slices (tensor, dim) zero a neuron of ``layer``."""
+    name, module, where = resolve_layer(model, layer)
+    if where == "input":
+        if not isinstance(module, nn.Linear):
+            raise UnsupportedModelError(f"cannot prune the input of {type(module).__name__} {name!r}")
+        return name, [(module.weight, 1)]
+    if not isinstance(module, (nn.Conv2d, nn.Linear)):
+        raise UnsupportedModelError(f"neuron pruning needs a Conv2d or Linear layer; {layer!r} is "
+                                    f"{type(module).__name__} {name!r}")
+    slices: list[tuple[nn.Parameter, int]] = [(module.weight, 0)]
+    if module.bias is not None:
+        slices.append((module.bias, 0))
+    mods = list(model.named_modules())
+    pos = next(i for i, (_, m) in enumerate(mods) if m is module)
+    width = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+    if pos + 1 < len(mods):
+        nxt = mods[pos + 1][1]
+        if isinstance(nxt, (nn.BatchNorm1d, nn.BatchNorm2d)) and nxt.num_features == width:
+            if not nxt.affine:
+                raise UnsupportedModelError(f"BatchNorm after {name!r} has no affine parameters; cannot prune")
+            slices += [(nxt.weight, 0), (nxt.bias, 0)]
+    return name, slices
+
+
+def _zero(slices: list[tuple[nn.Parameter, int]], idx: torch.Tensor) -> None:
+    with torch.no_grad():
+        for p, dim in slices:
+            p.index_fill_(dim, idx.to(p.device), 0.0)
+
+
+@register("nc-prune")
+class NeuronPruning(Repair):
+    """Neural Cleanse neuron pruning: prune the neurons the reversed trigger activates most.
+
+    Neurons of ``layer`` are ranked by their activation gap (mean on clean inputs stamped with
+    the reversed trigger minus mean on clean inputs) and pruned, highest gap first, ``step``
+    of the layer at a time, until the reversed trigger's attack success on the clean data falls
+    below ``stop_asr`` (or ``max_ratio`` is pruned).
+
+    Args:
+        layer: ``"penultimate"`` (paper: the second-to-last layer), ``"last_conv"`` (the
+            paper's better choice on BadNets models) or a dotted layer name.
+        stop_asr: stop once the reversed trigger's attack success is below this (0.05).
+        step: share of the layer's neurons pruned per step (0.01).
+        max_ratio: never prune more than this share (0.9).
+        batch_size: memory knob.
+        seed: seed of the scan run when no trigger is given.
+        device: where to compute (default: the model's).
+
+    References:
+        Wang et al., IEEE S&P 2019, Section VI-C.
+    """
+
+    needs_hooks: ClassVar[bool] = True
+    _constraints: ClassVar[dict[str, Any]] = {
+        "layer": Types((str,)),
+        "stop_asr": Interval(float, 0.0, 1.0),
+        "step": Interval(float, 0.0, 1.0, "right"),
+        "max_ratio": Interval(float, 0.0, 1.0, "right"),
+        "batch_size": Interval(int, 1),
+        "seed": Types((int, type(None))),
+    }
+
+    def __init__(self, *, layer: str = "penultimate", stop_asr: float = 0.05, step: float = 0.01,
+                 max_ratio: float = 0.9, batch_size: int = 256, seed: int | None = 0,
+                 device: DeviceLike = None) -> None:
+        self.layer = layer
+        self.stop_asr = stop_asr
+        self.step = step
+        self.max_ratio = max_ratio
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = device
+
+    def repair(self, model: nn.Module, clean_data: ImageDataset, *, triggers: TriggersArg = None,
+               **kwargs: Any) -> RepairResult:
+        """Prune a copy of ``model``.
+
+        Args:
+            model: the model to repair (left untouched).
+            clean_data: the defender's clean data (ranking and the history's figures).
+            triggers: the reversed trigger(s) (see :func:`resolve_triggers`); None runs a scan.
+
+        Returns:
+            :class:`RepairResult`; ``history`` holds ``ratio``, ``n_pruned``, ``accuracy`` and
+            ``attack_success`` (the reversed trigger's) after each step, the first row before
+            pruning.
+        """
+        if kwargs:
+            raise ConfigError(f"unexpected arguments: {', '.join(kwargs)}")
+        t0 = time.perf_counter()
+        self._validate_params()
+        data = _check_data(clean_data)
+        net = copy.deepcopy(model)
+        trig, scan = resolve_triggers(net, data, triggers, seed=self.seed, device=self.device,
+                                      batch_size=self.batch_size)
+        details: dict[str, Any] = {"labels": sorted(trig), "scan": None if scan is None else scan.to_dict()}
+        if not trig:
+            details["repaired"] = False
+            details["reason"] = "no reversed trigger: the scan flagged no label"
+            return RepairResult(model=net, history=[], details=details, params=self.get_params(),
+                                seconds=time.perf_counter() - t0)
+        kw = dict(batch_size=self.batch_size, device=self.device)
+        clean_acts = activations(net, data.x, self.layer, flatten=False, **kw)
+        trig_acts = torch.cat([activations(net, t.apply(data.x[data.y != k]), self.layer, flatten=False, **kw)
+                               for k, t in trig.items()])
+        gap = activation_gap(clean_acts, trig_acts)
+        order = gap.argsort(descending=True, stable=True)
+        d = order.numel()
+        name, slices = _prune_targets(net, self.layer)
+        per_step = max(1, round(self.step * d))
+        limit = max(1, math.floor(self.max_ratio * d + 1e-9))
+
+        def point(k: int) -> dict[str, Any]:
+            return {"ratio": k / d, "n_pruned": k, "accuracy": _accuracy(net, data, self.batch_size, self.device),
+                    "attack_success": reversed_attack_success(net, data, trig, **kw)}
+
+        history = [point(0)]
+        k = 0
+        while history[-1]["attack_success"] >= self.stop_asr and k < limit:
+            new = order[k:min(limit, k + per_step)]
+            _zero(slices, new)
+            k += new.numel()
+            history.append(point(k))
+            log.info("pruned %d/%d: accuracy %.4f, reversed attack success %.4f", k, d,
+                     history[-1]["accuracy"], history[-1]["attack_success"])
+        details.update(repaired=True, layer=name, n_neurons=d, pruned=order[:k].tolist(), gap=gap.tolist(),
+                       reached_stop=history[-1]["attack_success"] < self.stop_asr)
+        return RepairResult(model=net, history=history, details=details, params=self.get_params(),
+                            seconds=time.perf_counter() - t0)
+
+
+# --- unlearning --------------------------------------------------------------------------------
+
+def unlearning_set(data: ImageDataset, triggers: Sequence[Trigger], *, share: float = 0.1, poison_ratio: float = 0.2,
+                   seed: int | None = 0) -> tuple[ImageDataset, torch.Tensor]:
+    """The fine-tuning set of unlearning: a stratified ``share`` of ``data`` in which a random
+    ``poison_ratio`` of the samples carry one of the reversed ``triggers`` (drawn in turn), with
+    their true label.
+
+    Returns:
+        ``(dataset, stamped)`` with ``stamped`` the ``(M,)`` bool mask of stamped samples.
+    """
+    g = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    if share < 1.0:
+        idx = stratified_split(data.y, [share, 1 - share], seed=0 if seed is None else int(seed))[0]
+    else:
+        idx = torch.arange(len(data))
+    if idx.numel() == 0:
+        raise DataError(f"a share of {share} of {len(data)} clean samples is empty; give more clean data")
+    x, y = data.x[idx].clone(), data.y[idx].clone()
+    m = idx.numel()
+    n_stamp = int(round(poison_ratio * m))
+    chosen = torch.randperm(m, generator=g)[:n_stamp]
+    stamped = torch.zeros(m, dtype=torch.bool)
+    stamped[chosen] = True
+    for i, t in enumerate(triggers):
+        part = chosen[i::len(triggers)]
+        x[part] = t.apply(x[part])
+    return ImageDataset(x, y, data.num_classes, data.class_names, f"{data.name}+unlearning"), stamped
+
+
+@register("unlearn")
+class Unlearning(Repair):
+    """Neural Cleanse unlearning: fine-tune on clean data where some samples carry the reversed
+    trigger with their true label.
+
+    Args:
+        share: share of the clean data used for fine-tuning (paper: 10% of the training data).
+        poison_ratio: share of those samples stamped with the reversed trigger (paper: 20%).
+        epochs: fine-tuning epochs (paper: 1).
+        lr: learning rate (Adam).
+        batch_size: fine-tuning batch size.
+        seed: seeds the subset, the stamped samples, the shuffling and a scan run without triggers.
+        device: where to compute (default: the model's).
+
+    References:
+        Wang et al., IEEE S&P 2019, Section VI-C ("Patching DNNs via Unlearning").
+    """
+
+    _constraints: ClassVar[dict[str, Any]] = {
+        "share": Interval(float, 0.0, 1.0, "right"),
+        "poison_ratio": Interval(float, 0.0, 1.0),
+        "epochs": Interval(int, 1),
+        "lr": Interval(float, 0.0, None, "neither"),
+        "batch_size": Interval(int, 1),
+        "optimizer": Options(("adam", "sgd")),
+        "seed": Types((int, type(None))),
+    }
+
+    def __init__(self, *, share: float = 0.1, poison_ratio: float = 0.2, epochs: int = 1, lr: float = 1e-3,
+                 batch_size: int = 32, optimizer: str = "adam", seed: int | None = 0,
+                 device: DeviceLike = None) -> None:
+        self.share = share
+        self.poison_ratio = poison_ratio
+        self.epochs = epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.optimizer = optimizer
+        self.seed = seed
+        self.device = device
+
+    def repair(self, model: nn.Module, clean_data: ImageDataset, *, triggers: TriggersArg = None,
+               **kwargs: Any) -> RepairResult:
+        """Unlearn the reversed trigger(s) on a copy of ``model``.
+
+        Args:
+            model: the model to repair (left untouched).
+            clean_data: the defender's clean data (e.g. the training set: a ``share`` is used).
+            triggers: the reversed trigger(s) (see :func:`resolve_triggers`); None runs a scan.
+
+        Returns:
+            :class:`RepairResult`; ``history`` has a ``before`` and an ``after`` row with the
+            accuracy on ``clean_data`` and the reversed trigger's attack success.
+        """
+        if kwargs:
+            raise ConfigError(f"unexpected arguments: {', '.join(kwargs)}")
+        t0 = time.perf_counter()
+        self._validate_params()
+        data = _check_data(clean_data)
+        net = copy.deepcopy(model)
+        trig, scan = resolve_triggers(net, data, triggers, seed=self.seed, device=self.device)
+        details: dict[str, Any] = {"labels": sorted(trig), "scan": None if scan is None else scan.to_dict()}
+        if not trig:
+            details["repaired"] = False
+            details["reason"] = "no reversed trigger: the scan flagged no label"
+            return RepairResult(model=net, history=[], details=details, params=self.get_params(),
+                                seconds=time.perf_counter() - t0)
+        kw = dict(batch_size=256, device=self.device)
+
+        def point(step: str) -> dict[str, Any]:
+            return {"step": step, "accuracy": _accuracy(net, data, 256, self.device),
+                    "attack_success": reversed_attack_success(net, data, trig, **kw)}
+
+        history = [point("before")]
+        ds, stamped = unlearning_set(data, list(trig.values()), share=self.share, poison_ratio=self.poison_ratio,
+                                     seed=self.seed)
+        train = fine_tune(net, ds, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                          optimizer=self.optimizer, seed=self.seed, device=self.device)  # type: ignore[arg-type]
+        history.append(point("after"))
+        details.update(repaired=True, n_finetune=len(ds), n_stamped=int(stamped.sum()), train=train.history)
+        return RepairResult(model=net, history=history, details=details, params=self.get_params(),
+                            seconds=time.perf_counter() - t0)

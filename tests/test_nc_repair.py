@@ -1,0 +1,143 @@
+"""Neural Cleanse's repairs: neuron pruning and unlearning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import trojanscope as ts
+from trojanscope.defenses import create, list_defenses
+from trojanscope.defenses.model.neural_cleanse import NeuralCleanse
+from trojanscope.defenses.repair.neural_cleanse import (NeuronPruning, Unlearning, activation_gap, resolve_triggers,
+                                                        unlearning_set)
+from trojanscope.errors import ConfigError
+from trojanscope.models import ModelSpec, load_model, save_model
+
+from nc_models import CornerPatchNet
+
+TARGET = 2
+FAST = dict(epochs=40, steps_per_epoch=2, n_samples=160, n_holdout=200)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup(digits):
+    tr = digits["train"]
+    planted = CornerPatchNet(tr.x, tr.y, 10, target=TARGET)
+    scan = NeuralCleanse(**FAST).scan(planted, digits["val"])
+    assert scan.flagged_labels == [TARGET]
+    trigger = ts.Trigger.square(tr.image_shape, 2, "white", "bottom-right", margin=0)  # ground truth: metrics only
+    return planted, scan, trigger
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, snap):
+    return all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+def test_registered():
+    assert {"nc-prune", "unlearn"} <= set(list_defenses("repair"))
+    assert isinstance(create("nc-prune"), NeuronPruning) and isinstance(create("unlearn"), Unlearning)
+
+
+def test_activation_gap():
+    clean = torch.tensor([[0.0, 1.0], [2.0, 1.0]])
+    trig = torch.tensor([[1.0, 5.0]])
+    assert activation_gap(clean, trig).tolist() == [0.0, 4.0]
+    conv = torch.ones(2, 3, 2, 2)
+    assert activation_gap(conv, 2 * conv).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_pruning_removes_the_backdoor(setup, digits):
+    planted, scan, trigger = setup
+    snap = _snapshot(planted)
+    r = NeuronPruning().repair(planted, digits["val"], triggers=scan)
+    assert _unchanged(planted, snap) and r.model is not planted
+    h = r.history
+    assert h[0]["ratio"] == 0 and h[0]["attack_success"] > 0.9
+    assert h[-1]["attack_success"] < 0.05 and r.details["reached_stop"]
+    assert all(set(p) == {"ratio", "n_pruned", "accuracy", "attack_success"} for p in h)
+    assert [p["n_pruned"] for p in h] == sorted(p["n_pruned"] for p in h)
+    assert h[-1]["ratio"] < 0.2
+    test = digits["test"]
+    assert ts.attack_success_rate(r.model, test, trigger, TARGET) < 0.05
+    assert ts.clean_accuracy(r.model, test) >= ts.clean_accuracy(planted, test) - 0.05
+    # pruned = zeroed columns of the last linear layer; same architecture, plain state dict
+    cols = torch.tensor(r.details["pruned"])
+    assert float(r.model.fc.weight.detach()[:, cols].abs().sum()) == 0.0
+    assert set(r.model.state_dict()) == set(planted.state_dict())
+    json.dumps(r.to_dict())
+
+
+def test_pruning_an_output_layer_zeroes_its_rows(setup, digits):
+    planted, scan, _ = setup
+    r = NeuronPruning(layer="detect", step=1.0).repair(planted, digits["val"], triggers={TARGET: scan.triggers[TARGET]})
+    assert float(r.model.detect.weight.abs().sum()) == 0.0 and float(r.model.detect.bias.abs().sum()) == 0.0
+
+
+def test_unlearning_unlearns_the_reversed_trigger(setup, digits):
+    planted, scan, trigger = setup
+    snap = _snapshot(planted)
+    r = Unlearning(share=1.0, epochs=3, lr=0.05).repair(planted, digits["train"], triggers=scan)
+    assert _unchanged(planted, snap)
+    before, after = r.history
+    assert before["attack_success"] > 0.9 and after["attack_success"] < 0.1
+    assert after["accuracy"] >= before["accuracy"] - 0.02
+    assert r.details["n_stamped"] == round(0.2 * len(digits["train"]))
+    assert ts.attack_success_rate(r.model, digits["test"], trigger, TARGET) < ts.attack_success_rate(
+        planted, digits["test"], trigger, TARGET)
+
+
+def test_unlearning_set(setup, digits):
+    _, scan, _ = setup
+    tr = digits["train"]
+    ds, stamped = unlearning_set(tr, [scan.triggers[TARGET]], share=0.1, poison_ratio=0.2, seed=1)
+    assert abs(len(ds) - 0.1 * len(tr)) <= 10
+    assert int(stamped.sum()) == round(0.2 * len(ds))
+    assert torch.bincount(ds.y, minlength=10).min() >= 1  # stratified, true labels kept
+
+
+def test_repairs_run_the_scan_themselves_and_spare_a_clean_model(digits, tmp_path):
+    tr = digits["train"]
+    clean = CornerPatchNet(tr.x, tr.y, 10, target=None)
+    for repair in (Unlearning(seed=0), NeuronPruning(seed=0)):
+        r = repair.repair(clean, digits["val"])
+        assert r.details["repaired"] is False and r.details["scan"]["infected"] is False
+        assert ts.clean_accuracy(r.model, digits["test"]) == ts.clean_accuracy(clean, digits["test"])
+
+
+def test_trigger_arguments(setup, digits):
+    planted, scan, _ = setup
+    trig, _ = resolve_triggers(planted, digits["val"], [scan.triggers[TARGET]])
+    assert list(trig) == [TARGET]  # a bare trigger's label is the one it sends inputs to
+    with pytest.raises(ConfigError):
+        resolve_triggers(planted, digits["val"], "nope")
+    with pytest.raises(ConfigError):
+        NeuronPruning(step=0.0).repair(planted, digits["val"], triggers=scan)
+
+
+def test_repaired_model_saves_and_loads(digits, tmp_path):
+    # a built-in architecture round-trips through save_model / load_model after pruning
+    model = ts.create_model("mnist_cnn", input_shape=(1, 8, 8), num_classes=10, seed=0)
+    trig = {0: ts.Trigger.square((1, 8, 8), 2, "white", "bottom-right")}
+    r = NeuronPruning(layer="last_conv", step=0.1, max_ratio=0.2, stop_asr=0.0).repair(model, digits["val"],
+                                                                                       triggers=trig)
+    assert r.history[-1]["n_pruned"] == 6  # 20% of 32 channels, 3 at a time
+    spec = ModelSpec("mnist_cnn", (1, 8, 8), 10)
+    save_model(r.model, tmp_path / "m", spec)
+    back = load_model(tmp_path / "m").model
+    x = digits["test"].x[:8]
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), r.model(x))

@@ -1,0 +1,195 @@
+"""Neural Cleanse: the MAD test, the batched kernel, the detector."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import trojanscope as ts
+from trojanscope.defenses import create, list_defenses
+from trojanscope.defenses.model.neural_cleanse import (NeuralCleanse, NeuralCleanseResult, flag_outliers,
+                                                       mad_anomaly_index, reverse_engineer_triggers)
+from trojanscope.errors import ConfigError, DataError
+
+from nc_models import CornerPatchNet
+
+TARGET = 2
+#: A small optimisation budget: enough for 8x8 digits.
+FAST = dict(epochs=40, steps_per_epoch=2, n_samples=160, n_holdout=200)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tensors are tiny: one thread avoids thread-pool overhead on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def nets(digits):
+    tr = digits["train"]
+    return {"planted": CornerPatchNet(tr.x, tr.y, 10, target=TARGET),
+            "clean": CornerPatchNet(tr.x, tr.y, 10, target=None)}
+
+
+@pytest.fixture(scope="module")
+def scans(nets, digits, device):
+    out = {}
+    for name, net in nets.items():
+        out[name] = NeuralCleanse(**FAST, device=device).scan(net.to(device), digits["val"])
+    return out
+
+
+# --- MAD -----------------------------------------------------------------------------------
+
+def test_mad_against_hand_computation():
+    # median 3; |x - 3| = 2, 1, 0, 1, 97; MAD = 1.4826 * median(...) = 1.4826
+    got = mad_anomaly_index([1.0, 2.0, 3.0, 4.0, 100.0])
+    want = torch.tensor([2.0, 1.0, 0.0, 1.0, 97.0]) / 1.4826
+    torch.testing.assert_close(got, want)
+
+
+def test_mad_even_count_uses_numpy_median():
+    # numpy median of [1, 2, 3, 10] is 2.5; deviations 1.5, 0.5, 0.5, 7.5 -> median 1.0
+    got = mad_anomaly_index(torch.tensor([10.0, 1.0, 3.0, 2.0]))
+    want = torch.tensor([7.5, 1.5, 0.5, 0.5]) / 1.4826
+    torch.testing.assert_close(got, want)
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=12)
+    ref = np.abs(v - np.median(v)) / (1.4826 * np.median(np.abs(v - np.median(v))))
+    np.testing.assert_allclose(mad_anomaly_index(v).numpy(), ref, rtol=1e-5)
+
+
+def test_flags_only_small_outliers():
+    assert flag_outliers([10.0, 10.5, 11.0, 11.5, 12.0, 1.0]).nonzero().flatten().tolist() == [5]
+    assert not flag_outliers([1.0, 1.1, 1.2, 1.3, 50.0]).any()  # large norms are never flagged
+    assert not flag_outliers([10.0, 10.5, 11.0, 11.5, 12.0, 9.0]).any()  # index <= 2
+
+
+def test_mad_zero_and_bad_input():
+    idx = mad_anomaly_index([5.0, 5.0, 5.0, 1.0])
+    assert idx[:3].tolist() == [0.0, 0.0, 0.0] and torch.isinf(idx[3])
+    with pytest.raises(DataError):
+        mad_anomaly_index([])
+    with pytest.raises(DataError):
+        mad_anomaly_index([1.0, float("nan")])
+
+
+# --- the detector --------------------------------------------------------------------------------
+
+def test_registered_and_default_constructible():
+    assert "neural-cleanse" in list_defenses("model")
+    nc = create("neural-cleanse", epochs=3)
+    assert isinstance(nc, NeuralCleanse) and nc.get_params()["epochs"] == 3
+
+
+def test_scan_finds_the_planted_target(scans, nets, digits):
+    r = scans["planted"]
+    assert isinstance(r, NeuralCleanseResult)
+    assert r.infected and r.flagged_labels == [TARGET]
+    assert float(r.anomaly_indices[TARGET]) > 2
+    assert int(r.l1_norms.argmin()) == TARGET
+    assert float(r.attack_success[TARGET]) > 0.9
+    # the reversed mask sits in the corner the detector watches
+    mask = r.triggers[TARGET].mask
+    assert float(mask[-2:, -2:].sum()) > 0.5 * float(mask.sum())
+    # the reversed trigger works on the model through the ordinary metric
+    assert ts.attack_success_rate(nets["planted"], digits["test"], r.triggers[TARGET], TARGET) > 0.9
+
+
+def test_clean_twin_is_not_flagged(scans):
+    r = scans["clean"]
+    assert not r.infected and r.flagged_labels == []
+    assert float(r.anomaly_indices.max()) < 10
+
+
+def test_result_fields_and_json(scans):
+    r = scans["planted"]
+    k = 10
+    assert r.l1_norms.shape == (k,) and r.anomaly_indices.shape == (k,) and r.scores.shape == (k,)
+    assert r.per_source_attack_success.shape == (k, k)
+    assert torch.isnan(r.per_source_attack_success.diagonal()).all()
+    assert float(r.scores[TARGET]) == pytest.approx(float(r.anomaly_indices[TARGET]))
+    assert len(r.triggers) == k and r.triggers[0].shape == (1, 8, 8)
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["infected"] is True and d["flagged_labels"] == [TARGET]
+    row = d["labels"][TARGET]
+    assert set(row) >= {"label", "l1_norm", "anomaly_index", "attack_success", "flagged"} and row["flagged"]
+    assert d["seconds"] > 0
+
+
+def test_caller_model_untouched(nets, digits):
+    net = nets["planted"]
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    NeuralCleanse(epochs=2, steps_per_epoch=1, n_samples=64, n_holdout=32).scan(net, digits["val"])
+    assert net.training
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert all(p.grad is None for p in net.parameters())
+    assert all(p.requires_grad for p in net.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in net.modules())
+    net.eval()
+
+
+def test_works_on_torchscript(nets, digits):
+    traced = torch.jit.trace(nets["planted"].eval(), digits["val"].x[:2])
+    r = NeuralCleanse(**FAST).scan(traced, digits["val"])
+    assert r.flagged_labels == [TARGET]
+
+
+def test_bad_input(nets, digits):
+    with pytest.raises(DataError):
+        NeuralCleanse().scan(nets["clean"], digits["val"].x)
+    with pytest.raises(ConfigError):
+        NeuralCleanse(mode="parallel").scan(nets["clean"], digits["val"])
+    with pytest.raises(ConfigError):
+        NeuralCleanse(epochs=0).scan(nets["clean"], digits["val"])
+
+
+# --- the kernel ----------------------------------------------------------------------------------
+
+KERNEL = dict(epochs=25, steps_per_epoch=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def batched(nets, digits):
+    v = digits["val"]
+    return reverse_engineer_triggers(nets["planted"], v.x[:160], v.y[:160], **KERNEL)
+
+
+def test_batched_and_sequential_agree(batched, nets, digits):
+    v = digits["val"]
+    seq = reverse_engineer_triggers(nets["planted"], v.x[:160], v.y[:160], mode="sequential", **KERNEL)
+    torch.testing.assert_close(seq.l1_norms, batched.l1_norms, rtol=0.02, atol=0.05)
+    assert torch.equal(seq.reached, batched.reached)
+    assert flag_outliers(seq.l1_norms).tolist() == flag_outliers(batched.l1_norms).tolist()
+    assert flag_outliers(batched.l1_norms).nonzero().flatten().tolist() == [TARGET]
+
+
+def test_result_does_not_depend_on_batch_size(batched, nets, digits):
+    v = digits["val"]
+    # 64 images per forward pass: the 10 labels run in chunks of 2
+    small = reverse_engineer_triggers(nets["planted"], v.x[:160], v.y[:160], batch_size=64, **KERNEL)
+    torch.testing.assert_close(small.l1_norms, batched.l1_norms, rtol=0.02, atol=0.05)
+    torch.testing.assert_close(small.masks, batched.masks, rtol=0.05, atol=0.02)
+
+
+def test_label_subset_and_region(batched, nets, digits):
+    v = digits["val"]
+    sub = reverse_engineer_triggers(nets["planted"], v.x[:160], v.y[:160], targets=[TARGET, 5], **KERNEL)
+    assert sub.targets.tolist() == [TARGET, 5] and sub.masks.shape == (2, 8, 8)
+    region = torch.zeros(8, 8)
+    region[:4, :4] = 1
+    reg = reverse_engineer_triggers(nets["planted"], v.x[:160], v.y[:160], targets=[TARGET], region=region,
+                                    epochs=3, steps_per_epoch=1)
+    assert float(reg.masks[0][region == 0].abs().max()) == 0.0
+    with pytest.raises(ConfigError):
+        reverse_engineer_triggers(nets["planted"], v.x[:16], v.y[:16], targets=[10], epochs=1)
+    with pytest.raises(ConfigError):
+        reverse_engineer_triggers(nets["planted"], v.x[:16], v.y[:16], region=torch.ones(3, 3), epochs=1)

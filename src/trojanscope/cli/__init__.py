@@ -64,6 +64,8 @@ from . import core  # noqa: E402,F401
 from . import demo  # noqa: E402,F401
 from . import bench  # noqa: E402,F401
 from . import report  # noqa: E402,F401
+from . import scan  # noqa: E402,F401
+from . import repair  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:

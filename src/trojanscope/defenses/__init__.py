@@ -9,6 +9,9 @@ from .base import (DEFENSES, DataSanitizer, Defense, InputFilter, ModelDetector,
                    SanitizeResult, ScanResult, register, threshold_for_rate)
 
 # Defence modules (one import line each; keep sorted by family):
+from .data.clustering import ActivationClustering  # noqa: E402
+from .data.provenance import ProvenanceFilter  # noqa: E402
+from .data.spectral import SpectralSignatures  # noqa: E402
 from .input.activation_filter import ActivationFilter  # noqa: E402
 from .model.neural_cleanse import NeuralCleanse  # noqa: E402
 from .repair.neural_cleanse import NeuronPruning, Unlearning  # noqa: E402
@@ -24,6 +27,6 @@ def list_defenses(family: str | None = None) -> list[str]:
     return [n for n, cls in DEFENSES.items() if family is None or cls.family == family]
 
 
-__all__ = ["ActivationFilter", "DEFENSES", "DataSanitizer", "Defense", "InputFilter", "ModelDetector",
-           "NeuralCleanse", "NeuronPruning", "Repair", "RepairResult",
-           "SanitizeResult", "ScanResult", "Unlearning", "create", "list_defenses", "register", "threshold_for_rate"]
+__all__ = ["ActivationClustering", "ActivationFilter", "DEFENSES", "DataSanitizer", "Defense", "InputFilter", "ModelDetector",
+           "NeuralCleanse", "NeuronPruning", "ProvenanceFilter", "Repair", "RepairResult",
+           "SanitizeResult", "ScanResult", "SpectralSignatures", "Unlearning", "create", "list_defenses", "register", "threshold_for_rate"]

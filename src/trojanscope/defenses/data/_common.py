@@ -1,0 +1,162 @@
+"""Pieces shared by the data sanitisers: per-label layouts, feature extraction, splits on one axis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..._utils.batching import DeviceLike, activations
+from ...data.dataset import ImageDataset
+from ...errors import DataError
+
+
+def check_dataset(dataset: Any) -> ImageDataset:
+    """The dataset argument of ``inspect``: a non-empty :class:`ImageDataset`."""
+    if not isinstance(dataset, ImageDataset):
+        raise DataError(f"inspect needs an ImageDataset, got {type(dataset).__name__}")
+    if len(dataset) == 0:
+        raise DataError("cannot inspect an empty dataset")
+    return dataset
+
+
+def features(model: nn.Module, dataset: ImageDataset, layer: str, *, batch_size: int,
+             device: DeviceLike) -> torch.Tensor:
+    """The flattened activations of ``layer`` for every sample, ``(N, D)`` float32 on CPU.
+
+    Extracted in batches through a forward hook that is removed afterwards; the model's mode is
+    restored.
+    """
+    feats = activations(model, dataset.x, layer, batch_size=batch_size, device=device)
+    if not torch.isfinite(feats).all():
+        raise DataError(f"the activations of layer {layer!r} contain NaN or infinite values")
+    return feats
+
+
+def padded_by_label(x: torch.Tensor, labels: torch.Tensor, fill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lay out the rows of ``x`` per label in a ``(K, n_max, ...)`` tensor padded with ``fill``.
+
+    Returns:
+        ``(padded, label_ids, slot)``: ``padded[k, j]`` is the ``j``-th row of label
+        ``label_ids[k]``; ``slot[i] = (k, j)`` locates row ``i`` of ``x`` (shape ``(N, 2)``).
+    """
+    label_ids, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    order = torch.argsort(inverse, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.empty_like(inverse)
+    pos[order] = torch.arange(inverse.numel()) - starts[inverse[order]]
+    padded = x.new_full((label_ids.numel(), int(counts.max()), *x.shape[1:]), fill)
+    padded[inverse, pos] = x
+    return padded, label_ids, torch.stack([inverse, pos], 1)
+
+
+def two_means_1d(values: np.ndarray) -> tuple[float, float]:
+    """The best split of 1-D ``values`` into two groups (exact 1-D k-means, k = 2).
+
+    Returns:
+        ``(threshold, ratio)``: values ``> threshold`` form the upper group; ``ratio`` is the share
+        of the total variance explained by the split (between-group / total sum of squares), a
+        size-free measure of how well the values separate (1 for two points masses).
+    """
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    n = v.size
+    if n < 2 or v[-1] == v[0]:
+        return float(v[-1]) if n else 0.0, 0.0
+    c = np.cumsum(v)
+    c2 = np.cumsum(v * v)
+    k = np.arange(1, n)  # lower group: v[:k]
+    lo_mean = c[:-1] / k
+    hi_mean = (c[-1] - c[:-1]) / (n - k)
+    between = k * (n - k) / n * (hi_mean - lo_mean) ** 2
+    total = c2[-1] - c[-1] ** 2 / n
+    best = int(np.argmax(between))
+    return float((v[best] + v[best + 1]) / 2), float(between[best] / total) if total > 0 else 0.0
+
+
+def exclusionary_reclassification(model: nn.Module, dataset: ImageDataset, side: torch.Tensor, trainer: Any,
+                                  layer: str, *, batch_size: int, device: DeviceLike) -> dict[str, torch.Tensor]:
+    """Exclusionary reclassification of both sides of every label's split, in two trainings.
+
+    Chen et al.'s test asks a model that never saw a group of samples what those samples are.
+    ``side[i]`` in ``{0, 1}`` says on which side of its label's split sample ``i`` fell. For each
+    side ``s``, one model is trained from scratch without the side-``s`` samples of *every* label
+    (each label keeps its other side) and classifies them.
+
+    Returns:
+        A dict of ``(K, 2)`` tensors indexed by ``[label, side]``: ``own`` (share classified as
+        their label), ``top_other`` (share going to the most frequent other label), ``source``
+        (that label), ``typicality`` (median over the side's samples of the distance, in the new
+        model's ``layer`` features, to the centroid of the label it was classified as, over the
+        median such distance of that label's training samples: about 1 for samples that look like
+        a known label, larger for samples unlike anything the model was trained on) and ``n``.
+    """
+    from ..._utils.batching import logits
+
+    y = dataset.y
+    K = dataset.num_classes
+    out = {k: torch.zeros(K, 2, dtype=torch.float64) for k in ("own", "top_other", "typicality", "n")}
+    out["source"] = torch.full((K, 2), -1, dtype=torch.long)
+    for s in (0, 1):
+        removed = side == s
+        if not bool(removed.any()):
+            continue
+        new = trainer.train(model, dataset.subset(~removed), seed=None)
+        x_rm, y_rm = dataset.x[removed], y[removed]
+        pred = logits(new, x_rm, batch_size=batch_size, device=device).argmax(1)
+        counts = torch.zeros(K, K, dtype=torch.float64).index_put_((y_rm, pred), torch.ones(len(y_rm), dtype=torch.float64),
+                                                                   accumulate=True)
+        n = counts.sum(1)
+        own = counts.diagonal().clone()
+        other = counts.clone()
+        other.fill_diagonal_(-1)
+        top, src = other.max(1)
+        out["n"][:, s] = n
+        out["own"][:, s] = torch.where(n > 0, own / n.clamp_min(1), torch.nan)
+        out["top_other"][:, s] = torch.where(n > 0, top.clamp_min(0) / n.clamp_min(1), torch.nan)
+        out["source"][:, s] = torch.where(n > 0, src, -1)
+        # typicality in the new model's representation
+        f_keep = features(new, dataset.subset(~removed), layer, batch_size=batch_size, device=device).double()
+        f_rm = activations_of(new, x_rm, layer, batch_size=batch_size, device=device).double()
+        y_keep = y[~removed]
+        cnt = torch.bincount(y_keep, minlength=K).double()
+        cent = torch.zeros(K, f_keep.shape[1], dtype=torch.float64).index_add_(0, y_keep, f_keep) / cnt.clamp_min(1)[:, None]
+        d_keep = (f_keep - cent[y_keep]).norm(dim=1)
+        scale = torch.full((K,), float("nan"), dtype=torch.float64)
+        pad, ids, _ = padded_by_label(d_keep, y_keep, float("nan"))
+        scale[ids] = pad.nanmedian(1).values
+        ratio = (f_rm - cent[pred]).norm(dim=1) / scale[pred].clamp_min(1e-12)
+        pad, ids, _ = padded_by_label(ratio, y_rm, float("nan"))
+        out["typicality"][:, s] = torch.nan
+        out["typicality"][ids, s] = pad.nanmedian(1).values
+    return out
+
+
+def activations_of(model: nn.Module, x: torch.Tensor, layer: str, *, batch_size: int, device: DeviceLike) -> torch.Tensor:
+    return activations(model, x, layer, batch_size=batch_size, device=device)
+
+
+def gaussian_split_1d(values: np.ndarray, seed: int | None = 0) -> float:
+    """Where 1-D ``values`` separate: the boundary of a two-component Gaussian mixture.
+
+    Unlike 2-means, the mixture lets the two groups have different sizes and spreads (a tight
+    group of poison far out along one axis beside a wide clean bulk). Returns the threshold:
+    values above it belong to the component with the larger mean (``+inf`` when there is one).
+    """
+    from sklearn.mixture import GaussianMixture
+
+    v = np.asarray(values, dtype=np.float64)
+    if v.size < 4 or np.allclose(v, v[0]):
+        return float("inf")
+    gm = GaussianMixture(n_components=2, n_init=3, random_state=seed).fit(v[:, None])
+    hi = int(np.argmax(gm.means_.ravel()))
+    grid = np.sort(v)
+    upper = gm.predict(grid[:, None]) == hi
+    if upper.all() or not upper.any():
+        return float("inf")
+    # the lowest value assigned to the upper component, above the last value assigned to the lower one
+    last_lower = np.nonzero(~upper)[0].max()
+    if last_lower + 1 >= grid.size:
+        return float("inf")
+    return float((grid[last_lower] + grid[last_lower + 1]) / 2)

@@ -1,0 +1,89 @@
+"""Activation Clustering: reduction, k-means, the paper's analyses and the epsilon-free verdict."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import sanitizer_data as sd
+from trojanscope.defenses import ActivationClustering, create
+from trojanscope.defenses.data.clustering import auto_verdict, reduce_activations, two_clusters
+from trojanscope.errors import ConfigError
+from trojanscope.metrics import detection_metrics
+
+
+@pytest.mark.parametrize("method", ["ica", "pca"])
+@pytest.mark.parametrize("share", [0.1, 0.5])
+def test_reduction_and_kmeans_isolate_a_planted_group(method, share):
+    rng = np.random.default_rng(0)
+    n_planted = int(300 * share)
+    a = np.maximum(rng.normal(size=(300, 24)), 0.0)  # ReLU-like activations
+    a[:n_planted, :3] += 12.0
+    a[:, 20:] = 0.0  # dead units
+    r, used = reduce_activations(a, 10, method, seed=0)
+    assert used == method and r.shape == (300, 10)
+    c = two_clusters(r, seed=0)
+    planted = c[:n_planted]
+    assert len(set(planted.tolist())) == 1 and not (c[n_planted:] == planted[0]).any()
+
+
+def test_auto_verdict_on_hand_made_evidence():
+    own = torch.tensor([[0.0, 0.02], [0.9, 0.3], [0.1, 0.8]], dtype=torch.float64)
+    typ = torch.tensor([[1.9, 1.2], [1.1, 1.5], [1.0, 2.0]], dtype=torch.float64)
+    n = torch.ones(3, 2, dtype=torch.float64)
+    attacked, side = auto_verdict({"own": own, "typicality": typ, "n": n}, 0.25)
+    assert attacked.tolist() == [True, False, False] and int(side[0]) == 1
+
+
+@pytest.mark.parametrize("share", [0.1, 0.5])
+def test_auto_mode_finds_planted_poison(share):
+    data = sd.make(poison_share=share)
+    model = sd.linear_model(data)
+    res = ActivationClustering(retrain_epochs=20, retrain_lr=0.05).inspect(model, data)
+    m = detection_metrics(res.scores, data.is_poison, res.flagged)
+    assert res.attacked_labels == [0]
+    assert m["recall"] >= 0.9 and m["fpr"] <= 0.01
+    ev = res.per_label[0]
+    assert sorted(ev["sizes"]) == sorted([sd.make(poison_share=share).poison_indices.numel(), 150])
+    assert {"silhouette", "relative_sizes", "closer_to_other_label", "own_share", "typicality"} <= set(ev)
+    assert ev["source"][ev["poisoned_clusters"][0]] == 1  # reclassified to the planted source label
+
+
+def test_auto_mode_does_not_collapse_on_clean_data():
+    data = sd.make(poison_share=0.0)
+    model = sd.linear_model(data)
+    res = ActivationClustering(retrain_epochs=20, retrain_lr=0.05).inspect(model, data)
+    assert res.attacked_labels == []
+    assert float(res.flagged.float().mean()) <= 0.01
+
+
+def test_paper_relative_size_fails_when_half_the_label_is_poison():
+    small, half = sd.make(poison_share=0.1), sd.make(poison_share=0.5)
+    r_small = ActivationClustering(mode="paper", analysis="relative-size").inspect(sd.linear_model(small), small)
+    r_half = ActivationClustering(mode="paper", analysis="relative-size").inspect(sd.linear_model(half), half)
+    assert bool(r_small.flagged[small.poison_indices].all())
+    assert not bool(r_half.flagged[half.poison_indices].any())  # neither cluster is below 35%
+
+
+@pytest.mark.parametrize("analysis", ["silhouette", "distance", "exclusionary-reclassification"])
+def test_paper_analyses_run_and_record_evidence(analysis):
+    data = sd.make(poison_share=0.1)
+    model = sd.linear_model(data)
+    res = ActivationClustering(mode="paper", analysis=analysis, retrain_epochs=20, retrain_lr=0.05).inspect(model, data)
+    assert res.details["analysis"] == analysis
+    assert bool(res.flagged[data.poison_indices].all())
+    assert all("poisoned_clusters" in v and "sizes" in v for v in res.per_label.values())
+
+
+def test_registry_json_hooks_and_errors():
+    data = sd.make(poison_share=0.1)
+    model = sd.linear_model(data)
+    res = create("activation-clustering", mode="paper", analysis="relative-size", reduce="pca").inspect(model, data)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    d = json.loads(json.dumps(res.to_dict()))
+    assert len(d["scores"]) == len(data) and "reduced" not in d
+    with pytest.raises(ConfigError):
+        ActivationClustering(analysis="largest").inspect(model, data)

@@ -1,0 +1,115 @@
+"""Spectral Signatures: the score against hand computation and numpy, and both modes on planted data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import sanitizer_data as sd
+from trojanscope.defenses import SpectralSignatures, create
+from trojanscope.defenses.data._common import gaussian_split_1d, padded_by_label
+from trojanscope.defenses.data.spectral import spectral_projection, spectral_scores, top_share_per_label
+from trojanscope.errors import ConfigError, DataError
+from trojanscope.metrics import detection_metrics
+
+
+def test_score_by_hand():
+    # label 0: rows (0,0), (2,0), (4,0); mean (2,0); top direction (1,0); scores 4, 0, 4.
+    # label 1: rows (1,1), (1,3); mean (1,2); direction (0,1); scores 1, 1.
+    r = torch.tensor([[0., 0.], [1., 1.], [2., 0.], [4., 0.], [1., 3.]])
+    y = torch.tensor([0, 1, 0, 0, 1])
+    assert spectral_scores(r, y).tolist() == pytest.approx([4.0, 1.0, 0.0, 4.0, 1.0])
+
+
+def test_score_matches_numpy_svd():
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(60, 7, generator=g) * torch.linspace(0.5, 3, 7)
+    y = torch.randint(0, 3, (60,), generator=g)
+    got = spectral_scores(r, y).double().numpy()
+    want = np.zeros(60)
+    for k in range(3):
+        idx = (y == k).numpy()
+        c = r.numpy()[idx].astype(np.float64)
+        c = c - c.mean(0)
+        _, _, vt = np.linalg.svd(c, full_matrices=False)
+        want[idx] = (c @ vt[0]) ** 2  # the centred representation, as in the paper
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    p = spectral_projection(r, y)
+    np.testing.assert_allclose(p.numpy() ** 2, want, rtol=1e-5, atol=1e-6)
+    assert spectral_scores(r, y).dtype == torch.float32
+
+
+def test_score_is_zero_for_single_sample_labels_and_checks_shapes():
+    r = torch.tensor([[1., 2.], [3., 4.], [5., 7.]])
+    assert spectral_scores(r, torch.tensor([0, 1, 1]))[0] == 0
+    with pytest.raises(DataError):
+        spectral_scores(r, torch.tensor([0, 1]))
+
+
+def test_padded_layout_and_top_share():
+    x = torch.arange(5.0)[:, None]
+    padded, ids, slot = padded_by_label(x, torch.tensor([2, 0, 2, 2, 0]))
+    assert ids.tolist() == [0, 2]
+    assert padded[slot[:, 0], slot[:, 1]].flatten().tolist() == [0, 1, 2, 3, 4]
+    s = torch.tensor([0.1, 5.0, 0.3, 0.2, 0.0, 9.0])
+    f = top_share_per_label(s, torch.tensor([0, 0, 0, 0, 1, 1]), 0.5)
+    assert f.tolist() == [False, True, True, False, False, True]
+
+
+@pytest.mark.parametrize("share", [0.1, 0.5])
+def test_gaussian_split_finds_a_planted_group(share):
+    g = torch.Generator().manual_seed(1)
+    n_planted = int(400 * share)
+    v = torch.cat([torch.randn(400 - n_planted, generator=g), 8 + 0.3 * torch.randn(n_planted, generator=g)])
+    thr = gaussian_split_1d(v.numpy())
+    assert int((v > thr).sum()) == n_planted and bool((v[-n_planted:] > thr).all())
+
+
+@pytest.mark.parametrize("share", [0.1, 0.5])
+def test_auto_mode_finds_planted_poison(share):
+    data = sd.make(poison_share=share)
+    model = sd.linear_model(data)
+    res = SpectralSignatures(retrain_epochs=20, retrain_lr=0.05).inspect(model, data)
+    m = detection_metrics(res.scores, data.is_poison, res.flagged)
+    assert res.attacked_labels == [0]
+    assert m["recall"] >= 0.9 and m["fpr"] <= 0.01
+    assert res.per_label[0]["attacked"] and not res.per_label[1]["attacked"]
+
+
+def test_auto_mode_does_not_collapse_on_clean_data():
+    data = sd.make(poison_share=0.0)
+    model = sd.linear_model(data)
+    res = SpectralSignatures(retrain_epochs=20, retrain_lr=0.05).inspect(model, data)
+    assert res.attacked_labels == []
+    assert float(res.flagged.float().mean()) <= 0.01
+
+
+def test_paper_mode_removes_its_budget_per_label():
+    data = sd.make(poison_share=0.1)
+    model = sd.linear_model(data)
+    res = SpectralSignatures(mode="paper", epsilon=0.1).inspect(model, data)
+    counts = torch.bincount(data.y[res.flagged], minlength=sd.K)
+    sizes = torch.bincount(data.y, minlength=sd.K)
+    assert counts.tolist() == torch.floor(0.15 * sizes.double() + 1e-9).long().tolist()
+    # at 10% the poison holds the top scores of its label
+    assert bool(res.flagged[data.poison_indices].all())
+
+
+def test_registry_json_hooks_and_mode(device):
+    data = sd.make(poison_share=0.1)
+    model = sd.linear_model(data).to(device)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = create("spectral", mode="paper").inspect(model, data)
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    d = json.loads(json.dumps(res.to_dict()))
+    assert len(d["scores"]) == len(data) and d["flagged_indices"] == res.flagged_indices.tolist()
+    with pytest.raises(ConfigError):
+        SpectralSignatures(epsilon=2.0).inspect(model, data)
+    with pytest.raises(ConfigError):
+        SpectralSignatures(mode="bogus").inspect(model, data)

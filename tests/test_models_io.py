@@ -283,7 +283,17 @@ def test_pt2_with_native_code_or_foreign_calls_is_refused(tmp_path, pt2):
         files[name] = json.dumps(prog).encode()
 
     bad = _rewrite(pt2, tmp_path / "system.pt2", call_system)
-    with pytest.raises(ModelLoadError):
+    with pytest.raises(UnsafeModelError, match="torch.serialization.os.system"):
+        load_model(bad)
+    assert not flag.exists()
+
+    def code_in_a_name(files: dict[str, bytes]) -> None:  # value names become generated source code
+        name = _member(files, "models/model.json")
+        inj = json.dumps(f"relu\n    __import__('os').system('touch {flag}')\n    relu")
+        files[name] = files[name].decode().replace('"relu"', inj).encode()
+
+    bad = _rewrite(pt2, tmp_path / "name.pt2", code_in_a_name)
+    with pytest.raises(UnsafeModelError, match="not an identifier"):
         load_model(bad)
     assert not flag.exists()
 

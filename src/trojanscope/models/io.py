@@ -453,6 +453,8 @@ def _infer_spec(model: nn.Module, p: Path, input_shape: tuple[int, int, int] | N
 
 #: Archive folders holding native code or formats this reader never loads.
 _PT2_REFUSED_DIRS = ("data/aotinductor/", "data/executorch/", "data/mtia", "xl_model_weights/")
+#: What a program's nodes may call, by serialized name (checked again on the resolved operators).
+_PT2_TARGET_PREFIXES = ("torch.ops.aten.", "torch.ops.prims.", "_operator.", "torch.sym_", "math.")
 #: aten operators that touch the file system: refused in programs.
 _PT2_REFUSED_OPS = frozenset({"from_file", "save", "load_tensor"})
 
@@ -498,6 +500,7 @@ def _read_pt2(p: Path) -> Any:
                 raise UnsafeModelError(f"{p}: refusing to load: {legacy!r} is a pickle of the legacy .pt2 format; "
                                        f"re-export the model with a recent torch")
         serialized = serde._bytes_to_dataclass(schema.ExportedProgram, read("models/model.json"))
+        _check_pt2_names(serialized.graph_module, p)
         # Guards are Python source kept in the file; the program runs without them.
         serialized = dataclasses.replace(serialized, guards_code=[])
         state_dict = _pt2_payloads(p, read, files, "data/weights/", "data/weights/model_weights_config.json", schema, serde)
@@ -552,6 +555,35 @@ def _pt2_payloads(p: Path, read: Any, files: dict[str, str], base: str, config_n
                              serde.deserialize_storage_offset(tm.storage_offset))
         out[fqn] = nn.Parameter(t, requires_grad=bool(tm.requires_grad)) if meta.is_param else t
     return out
+
+
+def _check_pt2_names(obj: Any, p: Path, field_name: str = "") -> None:
+    """Every value name in the serialized graph must be a Python identifier: torch turns them into
+    generated source code, so a name is never allowed to carry code."""
+    if field_name == "metadata":
+        return
+    if isinstance(obj, str):
+        if field_name in ("name", "as_name") and obj and not obj.isidentifier():
+            raise UnsafeModelError(f"{p}: refusing to load: the program names a value {obj[:40]!r}, which is not "
+                                   f"an identifier")
+        return
+    from torch._export.serde.union import _Union
+
+    if isinstance(obj, _Union):  # one field set: its name is .type
+        _check_pt2_names(obj.value, p, str.__str__(obj.type))
+    elif dataclasses.is_dataclass(obj):
+        target = getattr(obj, "target", None) if type(obj).__name__ == "Node" else None
+        if isinstance(target, str) and not target.startswith(_PT2_TARGET_PREFIXES):
+            raise UnsafeModelError(f"{p}: refusing to load: the program calls {target[:60]!r}; only aten and prims "
+                                   f"tensor operators are accepted")
+        for f in dataclasses.fields(obj):
+            _check_pt2_names(getattr(obj, f.name), p, f.name)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _check_pt2_names(v, p, field_name)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _check_pt2_names(v, p, field_name)
 
 
 def _check_pt2_graph(ep: Any, p: Path) -> None:

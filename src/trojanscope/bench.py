@@ -92,12 +92,14 @@ QUICK_ATTACK_PARAMS: dict[str, dict[str, Any]] = {
 
 #: Faster settings for ``--quick``, by defence; a name the class does not take is ignored.
 QUICK_PARAMS: dict[str, dict[str, Any]] = {
-    "neural-cleanse": {"steps": 300, "epochs": 3, "n_samples": 300},
-    "activation-filter": {"steps": 300, "epochs": 3},
-    "unlearn": {"steps": 300, "epochs": 2},
-    "nc-prune": {"steps": 300, "epochs": 2},
-    "strip": {"n_overlays": 50},
-    "provenance": {"epochs": 2},
+    "neural-cleanse": {"epochs": 20},
+    "strip": {"n_overlays": 30},
+    "spectral": {"retrain_epochs": 1},
+    "activation-clustering": {"retrain_epochs": 1},
+    "provenance": {"retrain_epochs": 1},
+    "fine-prune": {"epochs": 2},
+    "heatmap": {"epochs": 5},
+    "moving-window": {"epochs": 5},
 }
 
 _TOP_KEYS = {"dataset", "arch", "epochs", "lr", "batch_size", "seeds", "attacks", "defenses", "defences", "attack",
@@ -457,6 +459,8 @@ def build_attack(spec: AttackSpec, train: ImageDataset, *, seed: int, rate: floa
     sig = inspect.signature(cls.__init__).parameters
     if isinstance(p.get("trigger"), str):
         p["trigger"] = Trigger.parse(p["trigger"], shape)
+    if "trigger" in sig and sig["trigger"].default is inspect.Parameter.empty and "trigger" not in p:
+        p["trigger"] = Trigger.square(shape, size, "white", "bottom-right")
     if "seed" in sig:
         p.setdefault("seed", seed)
     if "target" in sig and sig["target"].default is inspect.Parameter.empty:
@@ -615,8 +619,9 @@ def run_bench(config: BenchConfig, out: str | Path, *, device: DeviceLike = None
     for d in config.defenses:
         _check_defense_params(d)
 
-    cells = [(seed, a, d) for seed in config.seeds for a in config.attacks for d in config.defenses
-             if applicable(a, d)]
+    provider = next((d for d in config.defenses if d.defense == SCAN_PROVIDER), None)
+    order = sorted(config.defenses, key=lambda d: d is not provider)  # the provider's scan first
+    cells = [(seed, a, d) for seed in config.seeds for a in config.attacks for d in order if applicable(a, d)]
     computed: list[str] = []
     reused: list[str] = []
     trained: list[str] = []
@@ -628,16 +633,23 @@ def run_bench(config: BenchConfig, out: str | Path, *, device: DeviceLike = None
 
         bar = tqdm(total=len(cells), desc="bench", unit="cell")
     models: dict[tuple[str, int], AttackedModel] = {}
+    scans: dict[tuple[str, int], SharedScan | None] = {}
     n_new = 0
     try:
         for seed, aspec, dspec in cells:
             cid = cell_id(aspec.name, dspec.name, seed)
+            key = (aspec.name, seed)
             mfp = _fingerprint({"training": config.training, "attack": aspec.to_dict(), "seed": seed})
-            cfp = _fingerprint({"model": mfp, "defense": dspec.to_dict(), "eval_samples": config.eval_samples})
+            uses = provider is not None and consumes_scan(dspec)
+            cfp = _fingerprint({"model": mfp, "defense": dspec.to_dict(), "eval_samples": config.eval_samples,
+                                "builds_on": provider.to_dict() if uses and provider is not None else None})
             cached = _read_cell(out / "cells" / f"{cid}.json", cfp)
             if cached is not None:
                 rows.append(cached["row"])
                 reused.append(cid)
+                if dspec is provider:
+                    tens = _load_tensors(out / "cells" / cached["tensor_file"]) if cached.get("tensor_file") else {}
+                    scans[key] = SharedScan.from_record(cached, tens)
                 if bar is not None:
                     bar.update(1)
                 continue
@@ -645,13 +657,15 @@ def run_bench(config: BenchConfig, out: str | Path, *, device: DeviceLike = None
                 break
             if bar is not None:
                 bar.set_postfix_str(f"{aspec.name} x {dspec.name}")
-            key = (aspec.name, seed)
             if key not in models:
-                models[key] = _attacked_model(config, aspec, seed, train, test_eval, out, mfp, device, trained)
+                models[key] = _attacked_model(config, aspec, seed, train, val, test_eval, out, mfp, device, trained)
                 if models[key].reused:
                     loaded.append(f"{aspec.name}-s{seed}")
             am = models[key]
-            record = evaluate_cell(am, dspec, config, val=val, test=test_eval, seed=seed, device=device)
+            record = evaluate_cell(am, dspec, config, val=val, test=test_eval, seed=seed, device=device,
+                                   shared=scans.get(key) if uses else None)
+            if dspec is provider:
+                scans[key] = SharedScan.from_record(record, record.get("tensors", {}))
             record["fingerprint"] = cfp
             record["id"] = cid
             _save_cell(out / "cells", cid, record)
@@ -670,12 +684,13 @@ def run_bench(config: BenchConfig, out: str | Path, *, device: DeviceLike = None
 
 
 def applicable(attack: AttackSpec, defense: DefenseSpec) -> bool:
-    """False for a data sanitiser against an attack that edits a trained model: there is no
-    poisoned training set to sanitise."""
+    """False for a data sanitiser against an attack that edits a trained model without a poisoned
+    training set (e.g. the Trojaning attack): there is nothing to sanitise."""
     if attack.attack in ("clean", "badnets") or attack.attack not in ATTACKS:
         return True
-    kind = getattr(ATTACKS.get(attack.attack), "kind", "data")
-    return not (kind == "model" and DEFENSES.get(defense.defense).family == "data")
+    cls = ATTACKS.get(attack.attack)
+    edits = getattr(cls, "kind", "data") == "model" and not hasattr(cls, "poison")
+    return not (edits and DEFENSES.get(defense.defense).family == "data")
 
 
 def _model_dir(out: Path, name: str, seed: int) -> Path:
@@ -726,16 +741,17 @@ def _base_model(cfg: BenchConfig, seed: int, train: ImageDataset, out: Path, dev
     return model
 
 
-def _attacked_model(cfg: BenchConfig, spec: AttackSpec, seed: int, train: ImageDataset, test: ImageDataset,
-                    out: Path, fingerprint: str, device: DeviceLike, trained: list[str]) -> AttackedModel:
+def _attacked_model(cfg: BenchConfig, spec: AttackSpec, seed: int, train: ImageDataset, val: ImageDataset,
+                    test: ImageDataset, out: Path, fingerprint: str, device: DeviceLike,
+                    trained: list[str]) -> AttackedModel:
     """Train (or load from the run folder) the model of one attack column."""
     attack = build_attack(spec, train, seed=seed, rate=cfg.rate, target=cfg.target)
     edits_model = attack is not None and getattr(attack, "kind", "data") == "model"
     poisoned: ImageDataset = train
-    if attack is not None and not edits_model:
-        if not hasattr(attack, "poison"):
-            raise ConfigError(f"attack {spec.name!r} can neither poison data nor edit a model")
+    if attack is not None and hasattr(attack, "poison"):
         poisoned = attack.poison(train)
+    elif attack is not None and not edits_model:
+        raise ConfigError(f"attack {spec.name!r} can neither poison data nor edit a model")
     is_poison = poisoned.is_poison if isinstance(poisoned, PoisonedDataset) else torch.zeros(len(train), dtype=torch.bool)
     poisoned = _with_groups(poisoned, is_poison, cfg.sources, seed)
     mdir = _model_dir(out, spec.name, seed)
@@ -746,7 +762,11 @@ def _attacked_model(cfg: BenchConfig, spec: AttackSpec, seed: int, train: ImageD
     else:
         if attack is None:
             model, triggers = _base_model(cfg, seed, train, out, device, trained), []
-        elif edits_model:
+        elif edits_model and hasattr(attack, "implant"):  # e.g. the pruning-aware attack
+            base = _base_model(cfg, seed, train, out, device, trained)
+            model = attack.implant(base, train, val_data=val, device=device)
+            triggers = list(getattr(attack, "triggers", []))
+        elif edits_model:  # e.g. the Trojaning attack: it makes its own trigger
             base = _base_model(cfg, seed, train, out, device, trained)
             res = attack.attack(base, train)
             model, triggers = res.model, [res.trigger]
@@ -775,12 +795,99 @@ def _attacked_model(cfg: BenchConfig, spec: AttackSpec, seed: int, train: ImageD
 
 # --- one cell ---------------------------------------------------------------------------------------
 
-def make_defense(spec: DefenseSpec, seed: int) -> Defense:
-    """Build the defence of ``spec``; its ``seed`` follows the cell's seed unless set."""
+#: The model detector whose scan other defences may build on (a chain): the repairs and filters
+#: that take reversed ``triggers`` / a ``trigger``, and the explainers that need a suspected
+#: ``target``, get this detector's scan of the same model instead of running their own.
+SCAN_PROVIDER = "neural-cleanse"
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedScan:
+    """The provider's scan of one model, as the defences that build on it read it (duck-typed
+    like a Neural Cleanse result: ``flagged_labels``, ``scores``, ``triggers``)."""
+
+    flagged_labels: list[int]
+    scores: torch.Tensor
+    triggers: list[Trigger]
+    infected: bool = False
+
+    @property
+    def suspected_target(self) -> int:
+        """The first flagged label, else the most anomalous one."""
+        return int(self.flagged_labels[0]) if self.flagged_labels else int(self.scores.argmax())
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> "SharedScan | None":
+        res = record.get("result") or {}
+        if record.get("row", {}).get("error") or "scores" not in res:
+            return None
+        k = len(res["scores"])
+        trigs = []
+        for j in range(k):
+            m, p = tensors.get(f"triggers.{j}.mask"), tensors.get(f"triggers.{j}.pattern")
+            if m is None or p is None:
+                return None
+            trigs.append(Trigger(m, p, f"{SCAN_PROVIDER}:label{j}"))
+        return cls([int(v) for v in res.get("flagged_labels", [])], torch.tensor(res["scores"], dtype=torch.float32),
+                   trigs, bool(res.get("infected")))
+
+
+def _verb(cls: type) -> Callable[..., Any] | None:
+    for name in ("scan", "inspect", "repair", "search", "fit"):
+        if hasattr(cls, name):
+            return getattr(cls, name)
+    return None
+
+
+def consumes_scan(spec: DefenseSpec) -> bool:
+    """True when the defence of ``spec`` builds on the provider's scan (see :data:`SCAN_PROVIDER`)."""
+    if spec.defense == SCAN_PROVIDER:
+        return False
+    cls = DEFENSES.get(spec.defense)
+    init = cls._param_names()
+    verb = _verb(cls)
+    vparams = inspect.signature(verb).parameters if verb is not None else {}
+    if "trigger" in init and spec.params.get("trigger") is None:
+        return True
+    if "triggers" in vparams:
+        return True
+    return "target" in vparams and spec.params.get("target") is None
+
+
+@dataclasses.dataclass
+class Cell:
+    """What the evaluation glue of one cell needs."""
+
+    am: AttackedModel
+    cfg: BenchConfig
+    val: ImageDataset
+    test: ImageDataset
+    seed: int
+    device: DeviceLike
+    record: dict[str, Any]
+    shared: SharedScan | None = None
+
+    @property
+    def row(self) -> dict[str, Any]:
+        return self.record["row"]
+
+    def suspected_target(self, name: str) -> int:
+        if self.shared is None:
+            raise ConfigError(f"{name} needs a suspected target label: add {SCAN_PROVIDER!r} to the run, whose "
+                              f"scan supplies it")
+        return self.shared.suspected_target
+
+
+def make_defense(spec: DefenseSpec, seed: int, shared: SharedScan | None = None) -> Defense:
+    """Build the defence of ``spec``; its ``seed`` follows the cell's seed unless set, and a
+    ``trigger`` parameter left unset takes the provider's scan when there is one."""
     cls = DEFENSES.get(spec.defense)
     params = dict(spec.params)
-    if "seed" in cls._param_names() and "seed" not in params:
+    names = cls._param_names()
+    if "seed" in names and "seed" not in params:
         params["seed"] = seed
+    if shared is not None and "trigger" in names and params.get("trigger") is None:
+        params["trigger"] = shared
     try:
         return cls(**params)
     except TypeError as e:
@@ -788,28 +895,46 @@ def make_defense(spec: DefenseSpec, seed: int) -> Defense:
 
 
 def evaluate_cell(am: AttackedModel, spec: DefenseSpec, cfg: BenchConfig, *, val: ImageDataset, test: ImageDataset,
-                  seed: int, device: DeviceLike = None) -> dict[str, Any]:
+                  seed: int, device: DeviceLike = None, shared: SharedScan | None = None) -> dict[str, Any]:
     """Run one defence on one attacked model and score it against the ground truth.
+
+    Args:
+        shared: the provider's scan of the same model, for defences that build on one.
 
     Returns:
         ``{"row": the table row, "result": the defence's result as a dict, "extras": evaluation
         data for the report (scores of clean vs stamped inputs, ground truth...), "params": the
-        defence's settings}``. A defence that raises gives a row with ``error`` set.
+        defence's settings, "tensors": triggers to store}``. A defence that raises gives a row
+        with ``error`` set.
     """
     row: dict[str, Any] = {c: None for c in COLUMNS}
     row.update(attack=am.name, defense=spec.name, seed=seed, ca_before=am.ca, asr_before=am.asr)
-    record: dict[str, Any] = {"row": row, "result": None, "extras": {}, "params": {}, "tensors": {}}
+    record: dict[str, Any] = {"row": row, "result": None, "extras": {}, "params": {}, "tensors": {},
+                              "defense_name": spec.defense}
     t0 = time.perf_counter()
     try:
-        defense = make_defense(spec, seed)
+        use = shared if consumes_scan(spec) else None
+        defense = make_defense(spec, seed, use)
         row["family"] = defense.family
-        record["params"] = to_jsonable(defense.get_params())
+        params = defense.get_params()
+        record["params"] = {k: (f"<{SCAN_PROVIDER} scan of this model>" if v is use and use is not None
+                                else to_jsonable(v)) for k, v in params.items()}
+        if use is not None:
+            record["extras"]["builds_on"] = SCAN_PROVIDER
         record["defense_class"] = type(defense).__name__
-        glue = {"model": _eval_detector, "data": _eval_sanitizer, "input": _eval_filter,
-                "repair": _eval_repair}.get(defense.family)
-        if glue is None:
+        cell = Cell(am, cfg, val, test, seed, device, record, use)
+        if defense.family == "model" and hasattr(defense, "scan"):
+            _eval_detector(defense, cell)
+        elif defense.family == "model" and (hasattr(defense, "search") or hasattr(defense, "fit")):
+            _eval_explainer(defense, cell)
+        elif defense.family == "data":
+            _eval_sanitizer(defense, cell)
+        elif defense.family == "input":
+            _eval_filter(defense, cell)
+        elif defense.family == "repair":
+            _eval_repair(defense, cell)
+        else:
             raise ConfigError(f"defence {spec.name!r} has an unknown family {defense.family!r}")
-        glue(defense, am, cfg, val, test, seed, device, record)
     except Exception as e:  # a failing defence is recorded in its row; the matrix goes on
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         row["error"] = f"{type(e).__name__}: {msg}"
@@ -818,44 +943,79 @@ def evaluate_cell(am: AttackedModel, spec: DefenseSpec, cfg: BenchConfig, *, val
     return record
 
 
-def _eval_detector(defense: Any, am: AttackedModel, cfg: BenchConfig, val: ImageDataset, test: ImageDataset,
-                   seed: int, device: DeviceLike, record: dict[str, Any]) -> None:
-    res = defense.scan(am.model, val)
-    row = record["row"]
+def _eval_detector(defense: Any, c: Cell) -> None:
+    res = defense.scan(c.am.model, c.val)
     flagged = sorted(int(v) for v in res.flagged_labels)
-    row["verdict"] = "infected" if res.infected else "clean"
-    row["flagged_labels"] = " ".join(map(str, flagged))
-    targets = am.true_targets()
-    row["target_found"] = bool(targets & set(flagged)) if targets else None
-    record["result"] = res.to_dict()
-    record["extras"]["true_targets"] = sorted(targets)
-    record["tensors"].update(_trigger_tensors(res))
+    c.row["verdict"] = "infected" if res.infected else "clean"
+    c.row["flagged_labels"] = " ".join(map(str, flagged))
+    targets = c.am.true_targets()
+    c.row["target_found"] = bool(targets & set(flagged)) if targets else None
+    c.record["result"] = res.to_dict()
+    c.record["extras"]["true_targets"] = sorted(targets)
+    c.record["tensors"].update(_trigger_tensors(res))
 
 
-def _eval_sanitizer(defense: Any, am: AttackedModel, cfg: BenchConfig, val: ImageDataset, test: ImageDataset,
-                    seed: int, device: DeviceLike, record: dict[str, Any]) -> None:
+def _eval_explainer(defense: Any, c: Cell) -> None:
+    """Model-level tools that explain a suspected target (the moving-window heat map, the trigger
+    distribution): the target comes from the provider's scan, never from the attack."""
+    target = c.suspected_target(type(defense).__name__)
+    targets = c.am.true_targets()
+    c.row["flagged_labels"] = str(target)
+    c.row["target_found"] = (target in targets) if targets else None
+    c.record["extras"].update(true_targets=sorted(targets), searched_target=target)
+    if hasattr(defense, "search"):
+        res = defense.search(c.am.model, c.val, target)
+        c.record["result"] = res.to_dict()
+        c.record["tensors"].update(_trigger_tensors(res))
+        peak = getattr(res, "peak", None)
+        if peak is not None and c.am.triggers and c.am.triggers[0].shape[1:] == tuple(res.heatmap.shape):
+            on = bool(c.am.triggers[0].mask[int(peak[0]), int(peak[1])] > 0.05)
+            c.row["verdict"] = f"label {target}: peak {'on' if on else 'off'} the trigger"
+        else:
+            c.row["verdict"] = f"label {target} searched"
+        return
+    defense.fit(c.am.model, c.val, target)
+    out: dict[str, Any] = {}
+    if hasattr(defense, "report"):
+        rep = defense.report(c.am.model, c.val, n=50, seed=c.seed)
+        out = rep.to_dict()
+        vs = getattr(rep, "valid_share", None)
+        if vs is not None:
+            c.row["verdict"] = f"label {target}: {100 * float(torch.as_tensor(vs).mean()):.0f}% valid samples"
+    if hasattr(defense, "sample_tensors"):
+        smp = defense.sample_tensors(24, generator=torch.Generator().manual_seed(c.seed))
+        imgs = (smp.masks[:, None] * smp.patterns).clamp(0, 1)
+        c.record["tensors"]["samples.images"] = imgs
+        out["samples"] = imgs.tolist()
+    c.record["result"] = out
+
+
+def _eval_sanitizer(defense: Any, c: Cell) -> None:
+    am = c.am
     data = am.poisoned.clean if isinstance(am.poisoned, PoisonedDataset) else am.poisoned
-    res = defense.inspect(am.model, data)
-    row = record["row"]
+    kwargs: dict[str, Any] = {}
+    if "trusted" in inspect.signature(defense.inspect).parameters:
+        kwargs["trusted"] = c.val  # the defender's clean data, as every family gets
+    res = defense.inspect(am.model, data, **kwargs)
     is_poison = am.is_poison
     flagged = torch.as_tensor(res.flagged).bool()
     m = detection_metrics(res.scores, is_poison, flagged)
     if m["n_poison"]:
-        row["poison_removed"] = m["recall"]
-    row["clean_removed"] = m["fpr"]
-    row["auroc"] = m["auroc"]
-    row["verdict"] = f"removed {int(flagged.sum())}"
+        c.row["poison_removed"] = m["recall"]
+    c.row["clean_removed"] = m["fpr"]
+    c.row["auroc"] = m["auroc"]
+    c.row["verdict"] = f"removed {int(flagged.sum())}"
     keep = (~flagged).nonzero().flatten()
     if keep.numel() == 0:
         raise ConfigError(f"{defense!r} flagged every training sample; nothing left to retrain on")
     kept = am.poisoned.subset(keep)
-    model = train_new(cfg.arch, kept, seed=seed, device=device, epochs=cfg.epochs, lr=cfg.lr,
-                      batch_size=cfg.batch_size)
-    row["ca_after"] = clean_accuracy(model, test)
-    row["asr_after"] = am.success_rate(model, test)
-    record["result"] = res.to_dict()
-    record["extras"].update(is_poison=is_poison.nonzero().flatten().tolist(), metrics=m,
-                            projection=_projection(am, data, flagged, is_poison))
+    model = train_new(c.cfg.arch, kept, seed=c.seed, device=c.device, epochs=c.cfg.epochs, lr=c.cfg.lr,
+                      batch_size=c.cfg.batch_size)
+    c.row["ca_after"] = clean_accuracy(model, c.test)
+    c.row["asr_after"] = am.success_rate(model, c.test)
+    c.record["result"] = res.to_dict()
+    c.record["extras"].update(is_poison=is_poison.nonzero().flatten().tolist(), metrics=m,
+                              projection=_projection(am, data, flagged, is_poison))
 
 
 def _projection(am: AttackedModel, data: ImageDataset, flagged: torch.Tensor, is_poison: torch.Tensor,
@@ -897,49 +1057,46 @@ def _stamped(am: AttackedModel, test: ImageDataset) -> tuple[torch.Tensor, torch
     return x, tgt[keep]
 
 
-def _eval_filter(defense: Any, am: AttackedModel, cfg: BenchConfig, val: ImageDataset, test: ImageDataset,
-                 seed: int, device: DeviceLike, record: dict[str, Any]) -> None:
-    defense.fit(am.model, val)
-    row = record["row"]
+def _eval_filter(defense: Any, c: Cell) -> None:
+    am, test, device = c.am, c.test, c.device
+    defense.fit(am.model, c.val)
     clean_s = defense.score(test.x).float().cpu()
     thr = float(defense.threshold_)
     clean_f = clean_s > thr
-    row["frr"] = float(clean_f.float().mean())
+    c.row["frr"] = float(clean_f.float().mean())
     pred = predict(am.model, test.x, device=device)
-    row["ca_after"] = float(((~clean_f) & (pred == test.y)).float().mean())
+    c.row["ca_after"] = float(((~clean_f) & (pred == test.y)).float().mean())
     extras: dict[str, Any] = {"clean_scores": clean_s.tolist(), "threshold": thr}
     st = _stamped(am, test)
     if st is not None:
         xs, tgt = st
         trig_s = defense.score(xs).float().cpu()
         trig_f = trig_s > thr
-        row["far"] = float((~trig_f).float().mean())
-        m = detection_metrics(torch.cat([clean_s, trig_s]),
-                              torch.cat([torch.zeros(len(clean_s), dtype=torch.bool), torch.ones(len(trig_s), dtype=torch.bool)]))
-        row["auroc"] = m["auroc"]
+        c.row["far"] = float((~trig_f).float().mean())
+        m = detection_metrics(torch.cat([clean_s, trig_s]), torch.cat([torch.zeros(len(clean_s), dtype=torch.bool),
+                                                                       torch.ones(len(trig_s), dtype=torch.bool)]))
+        c.row["auroc"] = m["auroc"]
         hit = predict(am.model, xs, device=device) == tgt
-        row["asr_after"] = float(((~trig_f) & hit).float().mean())
+        c.row["asr_after"] = float(((~trig_f) & hit).float().mean())
         extras["triggered_scores"] = trig_s.tolist()
-    row["verdict"] = f"rejects {100 * (1 - row['far']):.0f}% stamped" if row["far"] is not None else \
-        f"rejects {100 * row['frr']:.0f}% clean"
-    record["extras"].update(extras)
-    record["result"] = {"threshold": thr, "params": to_jsonable(defense.get_params()),
-                        **{k: to_jsonable(v) for k, v in vars(defense).items()
-                           if k.endswith("_") and not k.startswith("_") and _small(v)}}
+    c.row["verdict"] = f"rejects {100 * (1 - c.row['far']):.0f}% stamped" if c.row["far"] is not None else \
+        f"rejects {100 * c.row['frr']:.0f}% clean"
+    c.record["extras"].update(extras)
+    c.record["result"] = {"threshold": thr, **{k: to_jsonable(v) for k, v in vars(defense).items()
+                                              if k.endswith("_") and not k.startswith("_") and _small(v)}}
 
 
 def _small(v: Any) -> bool:
     if isinstance(v, torch.Tensor):
         return v.numel() <= 4096
-    if isinstance(v, nn.Module):
-        return False
-    return True
+    return not isinstance(v, (nn.Module, SharedScan, Trigger, list, tuple, dict))
 
 
-def _eval_repair(defense: Any, am: AttackedModel, cfg: BenchConfig, val: ImageDataset, test: ImageDataset,
-                 seed: int, device: DeviceLike, record: dict[str, Any]) -> None:
+def _eval_repair(defense: Any, c: Cell) -> None:
+    am, test = c.am, c.test
     kwargs: dict[str, Any] = {}
-    if "evaluate" in inspect.signature(defense.repair).parameters:
+    vparams = inspect.signature(defense.repair).parameters
+    if "evaluate" in vparams:
         def evaluate(model: nn.Module) -> dict[str, float]:
             """Figures along the repair's curve (ground truth stays here, in the glue)."""
             out = {"test_accuracy": clean_accuracy(model, test)}
@@ -948,15 +1105,18 @@ def _eval_repair(defense: Any, am: AttackedModel, cfg: BenchConfig, val: ImageDa
                 out["attack_success"] = asr
             return out
         kwargs["evaluate"] = evaluate
-    res = defense.repair(am.model, val, **kwargs)
-    row = record["row"]
+    if c.shared is not None and "triggers" in vparams:
+        kwargs["triggers"] = c.shared
+    if c.shared is not None and "target" in vparams and getattr(defense, "target", None) is None:
+        kwargs["target"] = c.shared.suspected_target
+    res = defense.repair(am.model, c.val, **kwargs)
     model = res.model
-    row["ca_after"] = clean_accuracy(model, test)
-    row["asr_after"] = am.success_rate(model, test)
-    row["verdict"] = None if row["asr_after"] is None else \
-        f"ASR {100 * (am.asr or 0):.0f}% → {100 * row['asr_after']:.0f}%"
-    record["result"] = res.to_dict()
-    record["tensors"].update(_trigger_tensors(res))
+    c.row["ca_after"] = clean_accuracy(model, test)
+    c.row["asr_after"] = am.success_rate(model, test)
+    c.row["verdict"] = None if c.row["asr_after"] is None else \
+        f"ASR {100 * (am.asr or 0):.0f}% → {100 * c.row['asr_after']:.0f}%"
+    c.record["result"] = res.to_dict()
+    c.record["tensors"].update(_trigger_tensors(res))
 
 
 def _trigger_tensors(result: Any) -> dict[str, torch.Tensor]:
@@ -991,7 +1151,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _save_cell(folder: Path, cid: str, record: dict[str, Any]) -> None:
-    tensors = record.pop("tensors", {})
+    tensors = record.get("tensors", {})
     if tensors:
         from safetensors.torch import save_file
 
@@ -999,7 +1159,15 @@ def _save_cell(folder: Path, cid: str, record: dict[str, Any]) -> None:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, folder / f"{cid}.safetensors")
         record["tensor_file"] = f"{cid}.safetensors"
-    _write_json(folder / f"{cid}.json", record)  # written last: its presence marks the cell finished
+    _write_json(folder / f"{cid}.json", {k: v for k, v in record.items() if k != "tensors"})  # last: marks it done
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        return {}
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
 
 
 def _read_cell(path: Path, fingerprint: str) -> dict[str, Any] | None:

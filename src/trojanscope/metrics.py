@@ -33,9 +33,9 @@ def target_labels(y: torch.Tensor, target: int | torch.Tensor | Sequence[int], n
     ``target`` is an int (all-to-one) or a ``(K,)`` map from true label to target
     (all-to-all: ``(i + 1) mod K``).
     """
-    if isinstance(target, int):
-        return torch.full_like(y, target)
     tmap = torch.as_tensor(target, dtype=torch.long)
+    if tmap.ndim == 0:  # an int, a numpy integer or a 0-d tensor: all-to-one
+        return torch.full_like(y, int(tmap))
     if tmap.numel() != num_classes:
         raise DataError(f"a target map needs {num_classes} entries, got {tmap.numel()}")
     return tmap[y]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
 import torch
 
 from ..bench import load_config, run_bench
+from ..errors import ConfigError
 from . import cli
 from ._common import common_options, pick_device, table, write_json
 
@@ -15,22 +17,34 @@ from ._common import common_options, pick_device, table, write_json
 @cli.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="TOML (or YAML) file naming attacks, defences, dataset, arch, seeds (see trojanscope.bench).")
-@click.option("--quick", is_flag=True, help="The quick preset: mnist5k, 2 epochs, 5 attacks, every defence, fast settings.")
+@click.option("--quick", is_flag=True, help="The quick preset: mnist5k, 2 epochs, a clean baseline and 4 attacks, every "
+                                           "defence with fast settings.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run folder: models, one JSON per cell, results.csv / results.json. An existing one is resumed.")
 @click.option("--report/--no-report", default=True, show_default=True, help="Write OUT/report.html at the end.")
 @click.option("--max-cells", type=int, default=None, help="Stop after this many new cells (resume later).")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads for torch (default: 2, or 1 when the machine is already busy).")
 @common_options
-def bench(config_path: Path | None, quick: bool, out: Path, report: bool, max_cells: int | None,
+def bench(config_path: Path | None, quick: bool, out: Path, report: bool, max_cells: int | None, threads: int | None,
           json_path: Path | None, seed: int, device: str | None) -> None:
     """Run every attack against every defence and tabulate CA, ASR, detection and removal figures."""
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    if threads is None:
+        # threads fighting over busy cores are many times slower than one thread alone
+        busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1)
+        threads = 1 if busy else 2
+    if threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
     cfg = load_config(config_path, quick=quick)
     dev = pick_device(device)
     n = len(cfg.seeds) * len(cfg.attacks) * len(cfg.defenses)
     click.echo(f"bench: {len(cfg.attacks)} attacks x {len(cfg.defenses)} defences x {len(cfg.seeds)} seed(s) = {n} "
                f"cells on {cfg.dataset} ({cfg.arch}, {cfg.epochs} epochs) -> {out}", err=True)
-    res = run_bench(cfg, out, device=dev, max_cells=max_cells)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads):  # numpy / scikit-learn's BLAS too
+        res = run_bench(cfg, out, device=dev, max_cells=max_cells)
     cols = ["attack", "defense", "seed", "ca_before", "asr_before", "ca_after", "asr_after", "verdict", "target_found",
             "poison_removed", "clean_removed", "auroc", "far", "frr", "seconds"]
     click.echo(table(res.rows, cols, headers={"ca_before": "CA", "asr_before": "ASR", "ca_after": "CA after",

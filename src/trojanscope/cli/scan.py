@@ -47,11 +47,13 @@ def write_scan_dir(result: NeuralCleanseResult, out: Path, example) -> None:
 @click.option("--n-samples", type=int, default=320, show_default=True,
               help="Clean images driving the optimisation (the rest measure attack success).")
 @click.option("--batch-size", type=int, default=4096, show_default=True, help="Most images in one forward pass.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write a self-contained HTML report (anomaly indices, trigger sizes, reversed triggers).")
 @model_options
 @common_options
 def scan(model_path: Path, data_spec: str, out: Path | None, mode: str, epochs: int, steps_per_epoch: int,
-         n_samples: int, batch_size: int, arch: str | None, input_shape: str | None, num_classes: int | None,
-         json_path: Path | None, seed: int, device: str | None) -> None:
+         n_samples: int, batch_size: int, report_path: Path | None, arch: str | None, input_shape: str | None,
+         num_classes: int | None, json_path: Path | None, seed: int, device: str | None) -> None:
     """Scan MODEL for a backdoor with Neural Cleanse.
 
     MODEL is a trojanscope model directory, a torch.export .pt2 program or a TorchScript file
@@ -82,5 +84,9 @@ def scan(model_path: Path, data_spec: str, out: Path | None, mode: str, epochs: 
         click.echo(f"reversed triggers and images written to {out}/")
     d = {"model": str(model_path), "format": lm.format, "data": data.name, **result.to_dict()}
     write_json(json_path, d)
+    if report_path is not None:
+        from ..report import write_report
+
+        click.echo(f"report: {write_report(report_path, [('Neural Cleanse', result)], title=f'scan of {model_path}')}")
     if result.infected:
         click.get_current_context().exit(EXIT_INFECTED)

@@ -325,10 +325,13 @@ def defense_figures(records: Sequence[Mapping[str, Any]], *, planted: Mapping[st
             res = r["result"]
             hist = (res.get("details") or {}).get("pruning_curve") or res.get("history") or []
             panels.append((t, hist))
-        src = plots.curves(panels)
+        planted_asr = all((r.get("extras") or {}).get("evaluated", True) for r in ok)
+        src = plots.curves(panels, names=None if planted_asr else {"attack_success": "ASR (reversed trigger)"})
         if src:
-            figs.append({"src": src, "caption": "The repair's curve: clean accuracy (validation, test) and attack "
-                                                "success as the repair proceeds."})
+            what = "the planted trigger's attack success" if planted_asr else \
+                "the attack success of the defence's own reversed trigger (it never sees the planted one)"
+            figs.append({"src": src, "caption": f"The repair's curve: clean accuracy and {what} as the repair "
+                                                f"proceeds. Panels are missing where the repair had nothing to do."})
     maps = [(t, a) for t, r in zip(titles, ok) for k, a in _find_images(r["result"]) if a.ndim == 2]
     src = plots.heatmaps(maps[:8]) if maps else None
     if src:
@@ -458,7 +461,7 @@ def run_context(run_dir: str | Path) -> dict[str, Any]:
 
     headline, verdict_class = _headline(scores_by_def, rows)
     mean_asr = plots.scoreboard_bars(rows)
-    expected = len(cfg.get("attacks", [])) * len(cfg.get("defenses", [])) * len(cfg.get("seeds", [0]))
+    expected = len(_read_json(run / "plan.json").get("cells", [])) or len(rows)
     attacked = [{"name": a, "ca": _mean([r["ca_before"] for r in rows if r["attack"] == a]),
                  "asr": _mean([r["asr_before"] for r in rows if r["attack"] == a]),
                  "planted": [plots.image_uri(_trigger_image(t.mask, t.pattern), scale=3)

@@ -142,8 +142,9 @@ def norm_box(panels: Sequence[tuple[str, Any, Sequence[int]]], *, key: str = "l1
                 b.set_facecolor("#dbeafe")
                 b.set_edgecolor(CLEAN)
             if tmask.any():
+                first = "infected label" not in ax.get_legend_handles_labels()[1]
                 ax.scatter(np.full(tmask.sum(), i), n[tmask], color=POISON, zorder=3, s=28,
-                           label="infected label" if not labels or "infected" not in ax.get_legend_handles_labels()[1] else None)
+                           label="infected label" if first else None)
             pos.append(i)
             labels.append(title)
         ax.set_xticks(pos, labels, rotation=20, ha="right")
@@ -188,11 +189,13 @@ _Y_KEYS = (("accuracy", "accuracy (val)", CLEAN, "-"), ("test_accuracy", "CA (te
            ("attack_success", "ASR", POISON, "-"))
 
 
-def curves(panels: Sequence[tuple[str, Sequence[Mapping[str, Any]]]]) -> str | None:
+def curves(panels: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], *,
+           names: Mapping[str, str] | None = None) -> str | None:
     """Repair curves (e.g. ratio pruned vs CA and ASR), one panel per ``(title, history)``.
 
     The x axis is the first of ``ratio``, ``pruned``, ``fraction``, ``step``, ``epoch`` found in the
-    history's rows; the y values are ``accuracy``, ``test_accuracy`` and ``attack_success``.
+    history's rows; the y values are ``accuracy``, ``test_accuracy`` and ``attack_success``
+    (legend names overridden by ``names``).
     """
     usable = [(t, h) for t, h in panels if h and isinstance(h[0], Mapping)]
     if not usable:
@@ -209,7 +212,7 @@ def curves(panels: Sequence[tuple[str, Sequence[Mapping[str, Any]]]]) -> str | N
                 ys = [r.get(key) for r in hist]
                 if any(isinstance(y, (int, float)) for y in ys):
                     ax.plot(xs, [np.nan if y is None else y for y in ys], ls, color=col, lw=1.6, marker="o",
-                            ms=2.5, label=lab)
+                            ms=2.5, label=(names or {}).get(key, lab))
             ax.set_ylim(-0.03, 1.03)
             ax.set_title(title)
             ax.set_xlabel({"ratio": "share of channels pruned", "pruned": "channels pruned"}.get(xk or "", xk or "step"))

@@ -104,9 +104,12 @@ QUICK_PARAMS: dict[str, dict[str, Any]] = {
 }
 
 _TOP_KEYS = {"dataset", "arch", "epochs", "lr", "batch_size", "seeds", "attacks", "defenses", "defences", "attack",
-             "defense", "defence", "params", "rate", "target", "sources", "eval_samples"}
+             "defense", "defence", "params", "rate", "target", "sources", "eval_samples", "chain"}
 _ATTACK_KEYS = {"name", "attack", "trigger", "target", "rate", "mode", "source_labels", "cover_rate", "params"}
 _DEFENSE_KEYS = {"name", "defense", "params"}
+_CHAIN_KEYS = {"name", "steps", "retrain"}
+#: The registry-free name of a chain of defences (run by :class:`trojanscope.pipeline.Pipeline`).
+CHAIN = "chain"
 
 
 # --- configuration ----------------------------------------------------------------------------------
@@ -299,7 +302,7 @@ def parse_config(raw: Mapping[str, Any], *, base: BenchConfig | None = None) -> 
         _expect(v, dict, f"[params.{k}]")
     dkey = "defenses" if "defenses" in raw else "defences"
     defenses: list[DefenseSpec] | None = None
-    if dkey in raw or "defense" in raw or "defence" in raw or params:
+    if dkey in raw or "defense" in raw or "defence" in raw or "chain" in raw or params:
         defenses = []
         names = _expect(raw.get(dkey, ["all"] if dkey not in raw and not (raw.get("defense") or raw.get("defence"))
                                 else []), list, dkey)
@@ -316,7 +319,13 @@ def parse_config(raw: Mapping[str, Any], *, base: BenchConfig | None = None) -> 
                 _expand_defenses([reg])
             defenses.append(DefenseSpec(_expect(d.get("name", reg), str, "defense name"), reg,
                                         dict(_expect(d.get("params", {}), dict, "defense params"))))
-        unknown_p = sorted(set(params) - {d.defense for d in defenses})
+        chains = raw.get("chain", [])
+        if isinstance(chains, Mapping):
+            chains = [chains]
+        for i, ch in enumerate(_expect(chains, list, "[[chain]]")):
+            defenses.append(_parse_chain(_expect(ch, dict, f"[[chain]] #{i + 1}"), i + 1, params))
+        unknown_p = sorted(set(params) - {d.defense for d in defenses}
+                           - {st[0] for d in defenses if d.defense == CHAIN for st in d.params["steps"]})
         if unknown_p:
             raise ConfigError(f"[params] names defences not in the run: {', '.join(unknown_p)}")
         names2 = [d.name for d in defenses]
@@ -330,7 +339,28 @@ def parse_config(raw: Mapping[str, Any], *, base: BenchConfig | None = None) -> 
     return cfg
 
 
+def _parse_chain(ch: Mapping[str, Any], i: int, params: Mapping[str, Any]) -> DefenseSpec:
+    where = f"[[chain]] #{i}"
+    _check_keys(ch, _CHAIN_KEYS, where)
+    steps = _expect(ch.get("steps", []), list, f"{where} steps")
+    if len(steps) < 2:
+        raise ConfigError(f"{where} needs at least two steps (defence names)")
+    names = [_expect(st, str, f"{where} step") for st in steps]
+    for n in names:
+        if n not in DEFENSES:
+            _expand_defenses([n])  # the unknown-name message
+    retrain = _expect(ch.get("retrain", "scratch"), str, f"{where} retrain")
+    if retrain not in ("scratch", "continue"):
+        raise ConfigError(f"{where} retrain must be 'scratch' or 'continue', got {retrain!r}")
+    name = _expect(ch.get("name", " > ".join(names)), str, f"{where} name")
+    return DefenseSpec(name, CHAIN, {"steps": [[n, dict(params.get(n, {}))] for n in names], "retrain": retrain})
+
+
 def _check_defense_params(d: DefenseSpec) -> None:
+    if d.defense == CHAIN:
+        for n, p in d.params["steps"]:
+            _check_defense_params(DefenseSpec(n, n, p))
+        return
     cls = DEFENSES.get(d.defense)
     names = cls._param_names()
     bad = sorted(set(d.params) - set(names))
@@ -372,8 +402,16 @@ def preset_attack_spec(name: str) -> AttackSpec:
 def default_config() -> BenchConfig:
     """Every preset attack, every registered defence, mnist5k, one seed."""
     extra = [preset_attack_spec(n) for n in ATTACKS.names() if n != "badnets"]
+    defenses = [DefenseSpec(n, n, {}) for n in _expand_defenses(["all"])]
+    if {"activation-clustering", "fine-prune"} <= set(DEFENSES.names()):
+        import importlib.util
+
+        if importlib.util.find_spec("trojanscope.pipeline") is not None:
+            for steps in (["activation-clustering", "fine-prune"], ["fine-prune", "activation-clustering"]):
+                defenses.append(DefenseSpec(" > ".join(steps), CHAIN, {"steps": [[n, {}] for n in steps],
+                                                                         "retrain": "continue"}))
     return BenchConfig(attacks=tuple(preset_attack_spec(n) for n in PRESET_ATTACKS) + tuple(extra),
-                       defenses=tuple(DefenseSpec(n, n, {}) for n in _expand_defenses(["all"])))
+                       defenses=tuple(defenses))
 
 
 def quick_config() -> BenchConfig:
@@ -698,7 +736,8 @@ def applicable(attack: AttackSpec, defense: DefenseSpec) -> bool:
         return True
     cls = ATTACKS.get(attack.attack)
     edits = getattr(cls, "kind", "data") == "model" and not hasattr(cls, "poison")
-    return not (edits and DEFENSES.get(defense.defense).family == "data")
+    names = [st[0] for st in defense.params["steps"]] if defense.defense == CHAIN else [defense.defense]
+    return not (edits and any(DEFENSES.get(n).family == "data" for n in names))
 
 
 def _model_dir(out: Path, name: str, seed: int) -> Path:
@@ -849,7 +888,7 @@ def _verb(cls: type) -> Callable[..., Any] | None:
 
 def consumes_scan(spec: DefenseSpec) -> bool:
     """True when the defence of ``spec`` builds on the provider's scan (see :data:`SCAN_PROVIDER`)."""
-    if spec.defense == SCAN_PROVIDER:
+    if spec.defense in (SCAN_PROVIDER, CHAIN):
         return False
     cls = DEFENSES.get(spec.defense)
     init = cls._param_names()
@@ -921,6 +960,13 @@ def evaluate_cell(am: AttackedModel, spec: DefenseSpec, cfg: BenchConfig, *, val
                               "defense_name": spec.defense}
     t0 = time.perf_counter()
     try:
+        if spec.defense == CHAIN:
+            row["family"] = CHAIN
+            record["params"] = to_jsonable(spec.params)
+            record["defense_class"] = "Pipeline"
+            _eval_chain(spec, Cell(am, cfg, val, test, seed, device, record))
+            row["seconds"] = time.perf_counter() - t0
+            return record
         use = shared if consumes_scan(spec) else None
         defense = make_defense(spec, seed, use)
         row["family"] = defense.family
@@ -1063,6 +1109,42 @@ def _stamped(am: AttackedModel, test: ImageDataset) -> tuple[torch.Tensor, torch
         keep &= torch.isin(test.y, torch.as_tensor(am.source_labels))
     x = trigs[0].apply(test.x[keep])
     return x, tgt[keep]
+
+
+def _eval_chain(spec: DefenseSpec, c: Cell) -> None:
+    """A chain of defences (:class:`trojanscope.pipeline.Pipeline`): the figures after the last step."""
+    from .pipeline import Pipeline, rejected
+
+    am = c.am
+    steps = [(n, {**({"seed": c.seed} if "seed" in DEFENSES.get(n)._param_names() and "seed" not in p else {}), **p})
+             for n, p in spec.params["steps"]]
+    pipe = Pipeline(steps, retrain=spec.params.get("retrain", "scratch"), epochs=c.cfg.epochs, lr=c.cfg.lr,
+                    batch_size=c.cfg.batch_size, seed=c.seed, device=c.device)
+    stamped = _stamped(am, c.test)
+
+    def evaluate(model: nn.Module, filters: Sequence[Any]) -> dict[str, Any]:
+        """CA and ASR of the defended system: inputs a filter rejects neither count as right nor
+        as a success of the attack (the input family's "after" figures)."""
+        pred = predict(model, c.test.x, device=c.device)
+        acc = pred == c.test.y
+        rej = rejected(filters, c.test.x)
+        out: dict[str, Any] = {"test_accuracy": float((acc & ~rej).float().mean())}
+        if stamped is not None:
+            xs, tgt = stamped
+            hit = predict(model, xs, device=c.device) == tgt
+            out["attack_success"] = float((hit & ~rejected(filters, xs)).float().mean())
+        return out
+
+    data = am.poisoned.clean if isinstance(am.poisoned, PoisonedDataset) else am.poisoned
+    res = pipe.run(am.model, c.val, train_data=data, evaluate=evaluate)
+    last = res.history[-1]
+    c.row["ca_after"] = last.get("test_accuracy")
+    c.row["asr_after"] = last.get("attack_success") if am.attack is not None else None
+    removed = [r.get("n_removed") for r in res.history if r.get("n_removed") is not None]
+    c.row["verdict"] = " > ".join(str(r["defense"]) for r in res.history[1:])
+    if removed and isinstance(am.poisoned, PoisonedDataset) and am.poisoned.poison_indices.numel():
+        c.row["verdict"] += f" (removed {sum(removed)})"
+    c.record["result"] = {"history": res.history, "params": res.params}
 
 
 def _eval_filter(defense: Any, c: Cell) -> None:

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).parent / "templates"
 FAMILY_NAMES = {"model": "Model detection", "data": "Data sanitising", "input": "Input filtering",
-                "repair": "Repair"}
+                "repair": "Repair", "chain": "Chain"}
 _PERCENT = {"ca_before", "asr_before", "ca_after", "asr_after", "poison_removed", "clean_removed", "far", "frr"}
 _HEADERS = {"attack": "Attack", "defense": "Defence", "family": "Family", "seed": "Seed", "ca_before": "CA",
             "asr_before": "ASR", "ca_after": "CA after", "asr_after": "ASR after", "verdict": "Verdict",
@@ -101,7 +101,7 @@ def row_outcome(r: Mapping[str, Any]) -> tuple[float | None, str]:
             return max(0.0, 1.0 - float(r["asr_after"]) - 2 * drop), f"ASR {_pct(r['asr_after'])}"
         cr = r.get("clean_removed")
         return (None, "–") if cr is None else (max(0.0, 1.0 - 5 * float(cr)), f"removed {_pct(cr)}")
-    if fam == "repair":
+    if fam in ("repair", "chain"):
         if bd and r.get("asr_after") is not None:
             return max(0.0, 1.0 - float(r["asr_after"]) - 2 * drop), f"ASR {_pct(r['asr_after'])}"
         return max(0.0, 1.0 - 5 * drop), f"CA {_pct(r.get('ca_after'))}"
@@ -302,23 +302,33 @@ def defense_figures(records: Sequence[Mapping[str, Any]], *, planted: Mapping[st
                                     "inputs right of the dashed threshold are rejected. Well separated histograms mean a good filter."})
     elif fam == "data":
         panels = []
+        truth = all("is_poison" in (r.get("extras") or {}) for r in ok)
         for t, r in zip(titles, ok):
             s = r["result"].get("scores") or []
-            poison = set((r.get("extras") or {}).get("is_poison", []))
+            if truth:
+                red = set((r.get("extras") or {}).get("is_poison", []))
+            else:  # no ground truth (one command's report): what the sanitiser flagged
+                red = set(r["result"].get("flagged_indices") or [])
             if s:
-                idx = np.arange(len(s))
-                pm = np.isin(idx, list(poison))
+                pm = np.isin(np.arange(len(s)), list(red))
                 arr = np.asarray([np.nan if v is None else v for v in s], dtype=float)
                 panels.append((t, arr[~pm], arr[pm], None))
         if panels:
-            figs.append({"src": plots.score_histograms(panels, xlabel="suspicion score", labels=("clean", "poisoned")),
-                         "caption": "Scores of clean (blue) and poisoned (red) training samples, as the sanitiser "
-                                    "ranked them."})
+            names = ("clean", "poisoned") if truth else ("kept", "flagged")
+            figs.append({"src": plots.score_histograms(panels, xlabel="suspicion score", labels=names),
+                         "caption": f"Scores of {names[0]} (blue) and {names[1]} (red) training samples, as the "
+                                    f"sanitiser ranked them (higher = more suspicious)."})
         proj = [(t, (r.get("extras") or {}).get("projection")) for t, r in zip(titles, ok)]
         src = plots.projections([p for p in proj if p[1]])
         if src:
             figs.append({"src": src, "caption": "2-D projection (PCA) of the penultimate activations of the target "
                                                 "label's training samples: poisoned in red, flagged ringed."})
+    elif fam == "chain":
+        panels = [(t, r["result"].get("history") or []) for t, r in zip(titles, ok)]
+        src = plots.curves(panels)
+        if src:
+            figs.append({"src": src, "caption": "Clean accuracy and attack success of the defended system after each "
+                                                "step of the chain (inputs a filter rejects count as neither)."})
     elif fam == "repair":
         panels = []
         for t, r in zip(titles, ok):

@@ -208,6 +208,8 @@ def curves(panels: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], *,
             labels = None
             if xk is None and "stage" in hist[0]:
                 labels = [str(r.get("stage")) for r in hist]
+            elif xk == "step" and "defense" in hist[0]:
+                labels = [str(r.get("defense")) for r in hist]
             for key, lab, col, ls in _Y_KEYS:
                 ys = [r.get(key) for r in hist]
                 if any(isinstance(y, (int, float)) for y in ys):

@@ -159,3 +159,14 @@ def test_plots_take_results_and_give_pngs():
     assert plots.curves([("x", [])]) is None
     assert _decode(plots.image_grid(torch.rand(5, 1, 8, 8))).size[0] > 50
     assert _decode(plots.image_uri(torch.rand(3, 4, 4), scale=2)).size == (8, 8)
+
+
+def test_scan_report_flag(run_dir, tmp_path):
+    page = tmp_path / "scan.html"
+    r = CliRunner().invoke(cli, ["scan", str(run_dir / "models" / "badnets-patch__s0"), "--data", "digits:val",
+                                 "--epochs", "3", "--report", str(page), "--device", "cpu"])
+    assert r.exit_code in (0, 1), r.output
+    text = page.read_text()
+    assert "Neural Cleanse" in text and ("backdoor found" in text or "no backdoor found" in text)
+    probe, console = browse(page, tmp_path)
+    assert probe["errors"] == [] and console == "" and probe["broken"] == [] and probe["images"] >= 11

@@ -99,8 +99,11 @@ QUICK_PARAMS: dict[str, dict[str, Any]] = {
     "activation-clustering": {"mode": "paper", "analysis": "relative-size", "retrain_epochs": 1},
     "provenance": {"retrain_epochs": 1},
     "fine-prune": {"epochs": 2},
-    "heatmap": {"epochs": 5},
-    "moving-window": {"epochs": 5},
+    "heatmap": {"epochs": 5, "final_epochs": 10},
+    "moving-window": {"epochs": 5, "final_epochs": 10},
+    "distribution": {"steps": 100},
+    "trigger-distribution": {"steps": 100},
+    "distribution-unlearn": {"steps": 100, "epochs": 1},
 }
 
 _TOP_KEYS = {"dataset", "arch", "epochs", "lr", "batch_size", "seeds", "attacks", "defenses", "defences", "attack",

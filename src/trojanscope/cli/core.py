@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import click
+import torch
 
-from ..attacks import BadNets
+from ..attacks import BadNets, TrojanNN
 from ..data.loaders import load_data
 from ..errors import ConfigError
 from ..metrics import attack_success_rate, clean_accuracy
@@ -64,7 +67,10 @@ def _test_split(data_spec: str):
 
 
 @cli.command()
-@click.option("--attack", type=click.Choice(["badnets"]), default="badnets", show_default=True)
+@click.option("--attack", type=click.Choice(["badnets", "trojannn"]), default="badnets", show_default=True,
+              help="trojannn: train a clean model, then trojan it (the --trigger's mask, or 'watermark').")
+@click.option("--trojan-data", type=click.Choice(["user", "reverse"]), default="user", show_default=True,
+              help="trojannn: retrain on the --data images or on inputs reverse-engineered from the model.")
 @click.option("--trigger", "triggers", multiple=True, default=["square:4:white:bottom-right"], show_default=True,
               help="Trigger spec (see Trigger.parse); repeat for several targets.")
 @click.option("--target", "targets", type=int, multiple=True, default=[0], show_default=True,
@@ -76,21 +82,32 @@ def _test_split(data_spec: str):
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for the model, the trigger(s) and the poisoned indices.")
 @common_options
-def poison(attack: str, triggers: tuple[str, ...], targets: tuple[int, ...], rate: float, mode: str,
+def poison(attack: str, trojan_data: str, triggers: tuple[str, ...], targets: tuple[int, ...], rate: float, mode: str,
            sources: tuple[int, ...], data_spec: str, arch: str, epochs: int, lr: float, batch_size: int, out: Path,
            json_path: Path | None, seed: int, device: str | None) -> None:
     """Poison a training set and train a backdoored model on it."""
     t0 = time.perf_counter()
     data = load_data(data_spec, default_split="train")
-    trigs = [parse_trigger(s, data.image_shape) for s in triggers]
     tg = list(targets)
-    if len(trigs) > 1 and len(tg) == 1:
-        raise ConfigError(f"{len(trigs)} triggers need {len(trigs)} --target values")
-    atk = BadNets(trigs if len(trigs) > 1 else trigs[0], tg if len(tg) > 1 else tg[0], rate=rate, mode=mode,  # type: ignore[arg-type]
-                  source_labels=list(sources) or None, seed=seed)
-    poisoned = atk.poison(data)
     dev = pick_device(device)
-    model = train_new(arch, poisoned, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, device=dev, progress=True)
+    if attack == "trojannn":
+        if len(triggers) > 1 or len(tg) > 1:
+            raise ConfigError("trojannn takes one --trigger (its mask) and one --target")
+        atk: Any = TrojanNN(triggers[0], tg[0], data=trojan_data, seed=seed)  # type: ignore[arg-type]
+        victim = train_new(arch, data, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, device=dev, progress=True)
+        trojan = atk.attack(victim, data)
+        model, trigs = trojan.model, [trojan.trigger]
+        none = torch.empty(0, dtype=torch.long)  # no training sample is touched: the model is edited
+        poisoned = SimpleNamespace(name=f"{data.name}+trojannn", poison_indices=none, cover_indices=none)
+    else:
+        trigs = [parse_trigger(s, data.image_shape) for s in triggers]
+        if len(trigs) > 1 and len(tg) == 1:
+            raise ConfigError(f"{len(trigs)} triggers need {len(trigs)} --target values")
+        atk = BadNets(trigs if len(trigs) > 1 else trigs[0], tg if len(tg) > 1 else tg[0], rate=rate, mode=mode,  # type: ignore[arg-type]
+                      source_labels=list(sources) or None, seed=seed)
+        poisoned = atk.poison(data)
+        model = train_new(arch, poisoned, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, device=dev,
+                          progress=True)
     out.mkdir(parents=True, exist_ok=True)
     spec = ModelSpec(arch, data.image_shape, data.num_classes, class_names=data.class_names,
                      extra={"trained_on": poisoned.name, "attack": atk.to_dict(), "epochs": epochs, "seed": seed})

@@ -124,6 +124,10 @@ def defense_sentence(name: str, family: str, rows: Sequence[Mapping[str, Any]]) 
     tail = f" ({failed} cell{'s' if failed != 1 else ''} failed)" if failed else ""
     if not ok:
         return f"{n} failed on every attack{tail}."
+    if family == "model" and any(r.get("verdict") not in ("infected", "clean", None) for r in ok):
+        # an explainer of a suspected label (heat map, trigger distribution)
+        return f"{n} looked at the label the scan suspected: " + "; ".join(
+            f"{html.escape(str(r['attack']))}: {html.escape(str(r.get('verdict')))}" for r in ok) + tail + "."
     if family == "model":
         found = sum(bool(r.get("target_found")) for r in bd)
         alarms = sum(r.get("verdict") == "infected" for r in cl)
@@ -345,13 +349,15 @@ def defense_figures(records: Sequence[Mapping[str, Any]], *, planted: Mapping[st
     maps = [(t, a) for t, r in zip(titles, ok) for k, a in _find_images(r["result"]) if a.ndim == 2]
     src = plots.heatmaps(maps[:8]) if maps else None
     if src:
-        figs.append({"src": src, "caption": "Heat map(s) found in the results."})
+        figs.append({"src": src, "caption": "Heat map of the suspected target label: bright where a small window "
+                                            "of trigger pixels sends inputs to that label."})
     for t, r in zip(titles, ok):
         for k, a in _find_images(r["result"]):
             if a.ndim in (3, 4):
                 src = plots.image_grid(a, title=f"{t}: {k}")
                 if src:
-                    figs.append({"src": src, "caption": f"Samples ({k})."})
+                    figs.append({"src": src, "caption": f"Samples ({k}): triggers drawn from the learnt "
+                                                        f"distribution, each stamped on black."})
                 break
     return figs, galleries
 
@@ -600,6 +606,12 @@ def _family_of(result: Any) -> str:
 
 
 def _single_verdict(title: str, fam: str, d: Mapping[str, Any]) -> tuple[str, str]:
+    if "heatmap" in d and "peak" in d:
+        return f"{title}: heat map of label {d.get('target')}, hottest at {tuple(d['peak'])}.", "neutral"
+    if fam == "model" and "infected" not in d:
+        return f"{title}: results for label {d.get('target', '?')}.", "neutral"
+    if not fam:
+        return f"{title}.", "neutral"
     if fam == "model":
         labs = d.get("flagged_labels") or []
         if d.get("infected"):

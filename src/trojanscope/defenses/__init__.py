@@ -13,8 +13,10 @@ from .data.clustering import ActivationClustering  # noqa: E402
 from .data.provenance import ProvenanceFilter  # noqa: E402
 from .data.spectral import SpectralSignatures  # noqa: E402
 from .input.activation_filter import ActivationFilter  # noqa: E402
+from .input.strip import STRIP  # noqa: E402
 from .model.neural_cleanse import NeuralCleanse  # noqa: E402
 from .repair.neural_cleanse import NeuronPruning, Unlearning  # noqa: E402
+from .repair.pruning import FinePruning, Pruning  # noqa: E402
 
 
 def create(name: str, **params: Any) -> Defense:
@@ -27,6 +29,6 @@ def list_defenses(family: str | None = None) -> list[str]:
     return [n for n, cls in DEFENSES.items() if family is None or cls.family == family]
 
 
-__all__ = ["ActivationClustering", "ActivationFilter", "DEFENSES", "DataSanitizer", "Defense", "InputFilter", "ModelDetector",
+__all__ = ["ActivationClustering", "ActivationFilter", "DEFENSES", "DataSanitizer", "Defense", "FinePruning", "Pruning", "STRIP", "InputFilter", "ModelDetector",
            "NeuralCleanse", "NeuronPruning", "ProvenanceFilter", "Repair", "RepairResult",
            "SanitizeResult", "ScanResult", "SpectralSignatures", "Unlearning", "create", "list_defenses", "register", "threshold_for_rate"]

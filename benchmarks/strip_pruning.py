@@ -1,0 +1,163 @@
+"""Figures of issue 5: STRIP, Pruning, Fine-Pruning, the pruning-aware attack, chains of defences.
+
+Run (CPU is shared: be nice)::
+
+    nice .venv/bin/python benchmarks/strip_pruning.py [strip] [prune] [aware] [chains]
+
+Models are the demo's (mnist5k, mnist_cnn, 10 epochs, seed 0), cached under runs/issue5/.
+Every figure is measured on the mnist5k test split (500 images); the defender's clean data is
+the validation split (500 images), never the training set.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import trojanscope as ts
+from trojanscope.attacks import PruningAware
+from trojanscope.defenses import STRIP, FinePruning, Pruning
+from trojanscope.defenses.repair.pruning import attack_evaluator
+from trojanscope.demo import DEMO_EPOCHS, DEMO_RATE, DEMO_TARGET, DEMO_TRIGGER
+from trojanscope.metrics import detection_metrics
+from trojanscope.training import train_new
+
+torch.set_num_threads(2)
+CACHE = Path(__file__).resolve().parent.parent / "runs" / "issue5"
+
+
+def splits() -> tuple[ts.ImageDataset, ts.ImageDataset, ts.ImageDataset]:
+    return tuple(ts.load_data("mnist5k", s) for s in ("train", "val", "test"))  # type: ignore[return-value]
+
+
+def cached(name: str, build) -> torch.nn.Module:
+    path = CACHE / name
+    if (path / "model.safetensors").exists():
+        return ts.load_model(path).model
+    t0 = time.perf_counter()
+    model = build()
+    ts.save_model(model, path, ts.ModelSpec("mnist_cnn", (1, 28, 28), 10))
+    print(f"[trained {name} in {time.perf_counter() - t0:.0f} s]", flush=True)
+    return model
+
+
+TRAIN, VAL, TEST = splits()
+TRIGGER = ts.Trigger.parse(DEMO_TRIGGER, TRAIN.image_shape)
+BADNETS = ts.BadNets(TRIGGER, target=DEMO_TARGET, rate=DEMO_RATE, seed=0)
+#: A blended trigger (Chen et al. 2017): uniform noise blended at 20% over the whole image.
+BLEND = ts.Trigger.noise(TRAIN.image_shape, alpha=0.2, seed=1)
+BLENDED = ts.BadNets(BLEND, target=DEMO_TARGET, rate=DEMO_RATE, seed=0)
+
+
+def clean_model():
+    return cached("clean", lambda: train_new("mnist_cnn", TRAIN, seed=0, epochs=DEMO_EPOCHS))
+
+
+def badnets_model():
+    return cached("badnets", lambda: train_new("mnist_cnn", BADNETS.poison(TRAIN), seed=0, epochs=DEMO_EPOCHS))
+
+
+def blended_model():
+    return cached("blended", lambda: train_new("mnist_cnn", BLENDED.poison(TRAIN), seed=0, epochs=DEMO_EPOCHS))
+
+
+PA = PruningAware(TRIGGER, target=DEMO_TARGET, rate=DEMO_RATE, epochs=DEMO_EPOCHS, seed=0)
+
+
+def pruning_aware_model():
+    return cached("pruning_aware", lambda: PA.implant(clean_model(), TRAIN, val_data=VAL))
+
+
+def pct(v: float) -> str:
+    return f"{100 * v:5.1f}%"
+
+
+# --- STRIP ----------------------------------------------------------------------------------------
+
+def strip_figures(name: str, model, attack: ts.BadNets | None, **params) -> dict:
+    t0 = time.perf_counter()
+    strip = STRIP(**params).fit(model, VAL)
+    clean_scores = strip.score(TEST.x)
+    clean_flag = clean_scores > strip.threshold_
+    out = {"model": name, "threshold_entropy": -strip.threshold_, "frr_measured": float(clean_flag.float().mean())}
+    if attack is not None:
+        keep = TEST.y != DEMO_TARGET
+        xt = attack.triggers[0].apply(TEST.x[keep])
+        trig_scores = strip.score(xt)
+        trig_flag = trig_scores > strip.threshold_
+        truth = torch.cat([torch.zeros(len(TEST)), torch.ones(xt.shape[0])]).bool()
+        m = detection_metrics(torch.cat([clean_scores, trig_scores]), truth, torch.cat([clean_flag, trig_flag]))
+        out.update(far=1 - m["recall"], auroc=m["auroc"],
+                   mean_entropy_clean=float(-clean_scores.mean()), mean_entropy_trojan=float(-trig_scores.mean()))
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def run_strip() -> None:
+    print("\n== STRIP (S=100, alpha=1, clipped, FRR target 1%, fitted on val: 250 overlays + 250 calibration)")
+    rows = [strip_figures("badnets", badnets_model(), BADNETS),
+            strip_figures("clean", clean_model(), BADNETS),
+            strip_figures("blended", blended_model(), BLENDED)]
+    rows.append({**strip_figures("blended, clip=False", blended_model(), BLENDED, clip=False)})
+    rows.append({**strip_figures("badnets, clip=False", badnets_model(), BADNETS, clip=False)})
+    for r in rows:
+        print("  " + ", ".join(f"{k}={pct(v) if k in ('far', 'frr_measured') else (f'{v:.4f}' if isinstance(v, float) else v)}"
+                               for k, v in r.items()))
+    ca_blend = ts.clean_accuracy(blended_model(), TEST)
+    print(f"  blended model: CA {pct(ca_blend)}, ASR {pct(BLENDED.success_rate(blended_model(), TEST))}")
+
+
+# --- Pruning / Fine-Pruning -----------------------------------------------------------------------
+
+def show_curve(curve: list[dict]) -> None:
+    print("    pruned  val-acc  test-acc  ASR")
+    for r in curve:
+        print(f"    {r['pruned']:6d}  {pct(r['accuracy'])}   {pct(r['test_accuracy'])}   {pct(r['attack_success'])}")
+
+
+def run_prune(name: str = "badnets", model=None, attack=None) -> None:
+    model = model if model is not None else badnets_model()
+    attack = attack or BADNETS
+    ev = attack_evaluator(TEST, attack.triggers[0], DEMO_TARGET)
+    print(f"\n== Pruning alone on the {name} model (last conv, stop at > 4 points val drop): the curve")
+    res = Pruning().repair(model, VAL, evaluate=ev)
+    show_curve(res.history)
+    k = res.details["n_pruned"]
+    print(f"  kept {k}/{res.details['n_channels']} pruned: test CA {pct(res.history[k]['test_accuracy'])}, "
+          f"ASR {pct(res.history[k]['attack_success'])}")
+    print(f"  full curve to 100% pruned (max_drop=1):")
+    full = Pruning(max_drop=1.0).repair(model, VAL, evaluate=ev)
+    print("   " + " ".join(f"{r['pruned']}:{100 * r['attack_success']:.0f}" for r in full.history[::4]))
+    print(f"\n== Fine-Pruning on the {name} model")
+    t0 = time.perf_counter()
+    fp = FinePruning().repair(model, VAL, evaluate=ev)
+    for r in fp.history:
+        print(f"  {r['stage']:10s}  val {pct(r['accuracy'])}  test CA {pct(r['test_accuracy'])}  ASR {pct(r['attack_success'])}")
+    print(f"  pruned {fp.details['n_pruned']} channels; CA drop {100 * (fp.history[0]['test_accuracy'] - fp.history[-1]['test_accuracy']):.1f} "
+          f"points; {time.perf_counter() - t0:.0f} s; params {fp.params}")
+
+
+def run_aware() -> None:
+    info: dict = {}
+    model = cached("pruning_aware", lambda: PA.implant(clean_model(), TRAIN, val_data=VAL, details=info))
+    print(f"\n== Pruning-aware attack: CA {pct(ts.clean_accuracy(model, TEST))}, ASR {pct(PA.success_rate(model, TEST))}")
+    if info:
+        print(f"  attacker pruned {len(info['pruned_channels'])} channels: {info['pruned_channels']}")
+    run_prune("pruning-aware", model, PA.badnets)
+
+
+if __name__ == "__main__":
+    which = sys.argv[1:] or ["strip", "prune", "aware", "chains"]
+    if "strip" in which:
+        run_strip()
+    if "prune" in which:
+        run_prune()
+    if "aware" in which:
+        run_aware()
+    if "chains" in which:
+        from strip_pruning_chains import run_chains  # noqa: E402
+
+        run_chains()

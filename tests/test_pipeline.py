@@ -1,0 +1,131 @@
+"""Chains of defences: every family in a Pipeline, figures after each step, both orders."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import trojanscope as ts
+from trojanscope.defenses import STRIP, DataSanitizer, ModelDetector, Pruning, SanitizeResult, ScanResult
+from trojanscope.errors import ConfigError
+from trojanscope.pipeline import Pipeline, evaluator, reinitialise
+from trojanscope.training import train
+
+from models import PlantedPatchNet
+
+
+class Tempered(nn.Module):
+    def __init__(self, net: nn.Module, t: float) -> None:
+        super().__init__()
+        self.net, self.t = net, t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) / self.t
+
+
+class BrightCorner(DataSanitizer):
+    """A test sanitiser: flags samples whose bottom-right 2x2 corner is all white."""
+
+    def __init__(self) -> None:
+        pass
+
+    def inspect(self, model: nn.Module, dataset: Any) -> SanitizeResult:
+        s = dataset.x[:, :, -2:, -2:].flatten(1).min(1).values
+        return SanitizeResult(scores=s, flagged=s > 0.99)
+
+
+class Verdict(ModelDetector):
+    """A test detector: infected when the model sends most white-cornered images to one label."""
+
+    def __init__(self) -> None:
+        pass
+
+    def scan(self, model: nn.Module, clean_data: Any) -> ScanResult:
+        x = clean_data.x.clone()
+        x[:, :, -2:, -2:] = 1.0
+        counts = torch.bincount(model(x).argmax(1), minlength=clean_data.num_classes).float()
+        frac = counts / counts.sum()
+        return ScanResult(infected=bool(frac.max() > 0.5), flagged_labels=[int(frac.argmax())] if frac.max() > 0.5 else [],
+                          scores=frac)
+
+
+@pytest.fixture(scope="module")
+def planted(mnist):
+    tr = mnist["train"]
+    bad = Tempered(PlantedPatchNet(tr.x, tr.y, 10, target=0, patch=4), 10.0)
+    return bad, ts.Trigger.square(tr.image_shape, 4, "white", "bottom-right")
+
+
+def test_strip_in_front_of_pruned_model(planted, mnist):
+    bad, trig = planted
+    before = {k: v.clone() for k, v in bad.state_dict().items()}
+    ev = evaluator(mnist["test"], trig, 0)
+    res = Pipeline([STRIP(n_overlays=16), "prune"]).run(bad, mnist["val"], evaluate=ev)
+    h = res.history
+    assert [r["defense"] for r in h] == ["(start)", "strip", "prune"]
+    assert h[0]["attack_success"] > 0.95 and "clean_rejected" not in h[0]
+    assert h[1]["triggered_rejected"] > 0.9 and h[1]["clean_rejected"] < 0.06
+    assert h[1]["attack_success_end_to_end"] < 0.1
+    assert h[2]["attack_success"] < 0.05 and h[2]["n_pruned"] == 1
+    assert h[2]["refitted_filters"] == 1  # STRIP is recalibrated on the model it now guards
+    assert res.filters[0].model_ is res.model
+    assert all(torch.equal(before[k], v) for k, v in bad.state_dict().items())
+    json.dumps(res.to_dict())
+
+
+def test_repair_then_filter_order(planted, mnist):
+    bad, trig = planted
+    res = Pipeline([Pruning(), ("strip", {"n_overlays": 8})]).run(bad, mnist["val"],
+                                                                  evaluate=evaluator(mnist["test"], trig, 0))
+    assert [r["defense"] for r in res.history] == ["(start)", "prune", "strip"]
+    assert res.history[-1]["attack_success_accepted"] < 0.05
+    assert 0 <= res.history[-1]["clean_rejected"] <= 0.1
+
+
+def _tiny(seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1),
+                             nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16, 10))
+
+
+def test_data_sanitiser_both_orders(digits):
+    tr, val, test = digits["train"], digits["val"], digits["test"]
+    trig = ts.Trigger.square(tr.image_shape, 2, "white", "bottom-right", margin=0)
+    atk = ts.BadNets(trig, target=0, rate=0.1)
+    poisoned = atk.poison(tr)
+    bad = _tiny()
+    train(bad, poisoned, epochs=3, lr=3e-3, batch_size=32)
+    ev = evaluator(test, trig, 0)
+    kw = dict(epochs=3, lr=3e-3, batch_size=32)
+    a = Pipeline([BrightCorner(), ("prune", {})], retrain="scratch", **kw).run(bad, val, train_data=poisoned, evaluate=ev)
+    b = Pipeline([("prune", {}), BrightCorner(), Verdict()], retrain="continue", **kw).run(
+        bad, val, train_data=poisoned, evaluate=ev)
+    assert a.history[1]["n_removed"] >= len(poisoned.poison_indices)
+    assert a.train_data is not None and a.train_data.is_poison.sum() == 0  # every poisoned sample removed
+    assert a.history[1]["attack_success"] < 0.2  # retrained from scratch on clean data
+    assert "infected" in b.history[3]
+    # "continue" keeps the pruned channels at zero while retraining
+    pruned = b.results[0]["details"]["pruned_channels"]
+    assert float(b.model[3].weight[pruned].abs().sum()) == 0.0
+    for r in a.history + b.history:
+        assert "accuracy" in r and "seconds" in r
+
+
+def test_pipeline_errors_and_reinit(digits):
+    net = _tiny()
+    with pytest.raises(ConfigError):
+        Pipeline([BrightCorner()]).run(net, digits["val"])  # a sanitiser needs train_data
+    with pytest.raises(ConfigError):
+        Pipeline([]).run(net, digits["val"])
+    with pytest.raises(ConfigError):
+        Pipeline(["no-such-defence"]).run(net, digits["val"])
+    with pytest.raises(ConfigError):
+        Pipeline([42]).run(net, digits["val"])  # type: ignore[list-item]
+    r1, r2 = reinitialise(net, 1), reinitialise(net, 1)
+    assert torch.equal(r1[0].weight, r2[0].weight) and not torch.equal(r1[0].weight, net[0].weight)
+    assert "Pruning(" in repr(Pipeline(["prune"]))

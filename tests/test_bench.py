@@ -176,3 +176,34 @@ def test_cli_bench_and_bad_config(tmp_path, test_defenses):
     p.write_text('attacks = ["nope"]\n')
     r = CliRunner().invoke(cli, ["bench", "--config", str(p), "--out", str(tmp_path / "run2")])
     assert r.exit_code == 2 and "unknown attack 'nope'" in r.output
+
+
+def test_users_own_data(tmp_path, test_defenses):
+    from trojanscope.data import load_data, save_npz
+
+    save_npz(load_data("digits", "all"), tmp_path / "mine.npz")
+    cfg = tiny(attacks=["badnets-source-specific"], defenses=["_t-finetune"], dataset=str(tmp_path / "mine.npz"))
+    res = run_bench(cfg, tmp_path / "run", progress=False)
+    assert not res.failed and len(res.rows) == 1
+    # split 80 / 10 / 10: the test inputs stamped for ASR are from the source labels only
+    assert res.rows[0]["asr_before"] is not None and res.rows[0]["ca_after"] is not None
+
+
+def test_chains_run_in_order(tmp_path, test_defenses):
+    cfg = parse_config({"dataset": "digits", "epochs": 1, "attacks": ["badnets-patch"], "defenses": [],
+                        "chain": [{"steps": ["_t-distance", "_t-finetune"], "retrain": "continue"},
+                                  {"name": "filter+tune", "steps": ["_t-finetune", "_t-confidence"]}]})
+    assert [d.name for d in cfg.defenses] == ["_t-distance > _t-finetune", "filter+tune"]
+    res = run_bench(cfg, tmp_path, progress=False)
+    assert not res.failed, res.failed
+    by = {r["defense"]: r for r in res.rows}
+    assert by["_t-distance > _t-finetune"]["family"] == "chain"
+    assert by["_t-distance > _t-finetune"]["verdict"].startswith("_t-distance > _t-finetune (removed ")
+    for r in res.rows:
+        assert 0 <= r["ca_after"] <= 1 and 0 <= r["asr_after"] <= 1
+    cell = json.loads((tmp_path / "cells" / f"{cell_id('badnets-patch', 'filter+tune', 0)}.json").read_text())
+    assert [h["defense"] for h in cell["result"]["history"]] == ["(start)", "_t-finetune", "_t-confidence"]
+    with pytest.raises(ConfigError, match="at least two steps"):
+        parse_config({"chain": [{"steps": ["_t-finetune"]}]})
+    with pytest.raises(ConfigError, match="retrain must be"):
+        parse_config({"chain": [{"steps": ["_t-finetune", "_t-logit"], "retrain": "later"}]})

@@ -64,7 +64,7 @@ def blended_model():
     return cached("blended", lambda: train_new("mnist_cnn", BLENDED.poison(TRAIN), seed=0, epochs=DEMO_EPOCHS))
 
 
-PA = PruningAware(TRIGGER, target=DEMO_TARGET, rate=DEMO_RATE, epochs=DEMO_EPOCHS, seed=0)
+PA = PruningAware(TRIGGER, target=DEMO_TARGET, rate=DEMO_RATE, epochs=5, seed=0)
 
 
 def pruning_aware_model():
@@ -149,6 +149,40 @@ def run_aware() -> None:
     run_prune("pruning-aware", model, PA.badnets)
 
 
+# --- chains -------------------------------------------------------------------------------------
+
+CHAIN_COLS = ("accuracy", "attack_success", "clean_rejected", "triggered_rejected", "accuracy_accepted",
+              "attack_success_accepted", "attack_success_end_to_end")
+
+
+def show_chain(title: str, res) -> None:
+    print(f"\n  {title}")
+    for r in res.history:
+        figs = "  ".join(f"{k}={pct(r[k])}" for k in CHAIN_COLS if r.get(k) is not None)
+        extra = "  ".join(f"{k}={r[k]}" for k in ("n_pruned", "n_removed") if k in r)
+        print(f"    {r['step']} {r['defense']:22s} {figs}  {extra}  ({r['seconds']:.0f} s)")
+
+
+def run_chains(epochs: int = 5) -> None:
+    from trojanscope.pipeline import Pipeline, evaluator
+
+    model, poisoned = badnets_model(), BADNETS.poison(TRAIN)
+    ev = evaluator(TEST, TRIGGER, DEMO_TARGET)
+    print(f"\n== Chains on the BadNets model (retraining after a sanitiser: {epochs} epochs, Adam 1e-3)")
+    kw = dict(epochs=epochs, lr=1e-3, seed=0)
+    for title, steps, retrain in (("activation clustering -> fine-pruning (retrain from scratch)",
+                                   ["activation-clustering", "fine-prune"], "scratch"),
+                                  ("fine-pruning -> activation clustering (retrain the pruned model on)",
+                                   ["fine-prune", "activation-clustering"], "continue")):
+        res = Pipeline(steps, retrain=retrain, **kw).run(model, VAL, train_data=poisoned, evaluate=ev)
+        left = res.train_data
+        show_chain(title, res)
+        if left is not None:
+            print(f"    poisoned samples left in the training set: {int(left.is_poison.sum())}/{len(poisoned.poison_indices)}")
+    res = Pipeline(["fine-prune", "strip"]).run(model, VAL, evaluate=ev)
+    show_chain("STRIP in front of the fine-pruned model (rejected inputs never reach it)", res)
+
+
 if __name__ == "__main__":
     which = sys.argv[1:] or ["strip", "prune", "aware", "chains"]
     if "strip" in which:
@@ -158,6 +192,4 @@ if __name__ == "__main__":
     if "aware" in which:
         run_aware()
     if "chains" in which:
-        from strip_pruning_chains import run_chains  # noqa: E402
-
         run_chains()

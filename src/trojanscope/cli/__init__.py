@@ -62,6 +62,8 @@ def cli(verbose: int) -> None:
 # Command modules (one import line each):
 from . import core  # noqa: E402,F401
 from . import demo  # noqa: E402,F401
+from . import filter  # noqa: E402,F401
+from . import pipeline  # noqa: E402,F401
 from . import bench  # noqa: E402,F401
 from . import report  # noqa: E402,F401
 from . import scan  # noqa: E402,F401

@@ -9,7 +9,8 @@ Models (mnist_cnn, 10 epochs, the demo's training settings), cached under ``--ca
 
 For each: a Neural Cleanse scan (default settings) with the val split as the defender's clean
 data; then, on the backdoored models, unlearning (clean training split, 10% of it used), neuron
-pruning (val split) and the activation filter (fitted on val, FPR / FNR measured on test), all
+pruning (val split) of the penultimate layer (the default) and of ``flatten`` (every position
+of the last convolution block's feature map is a neuron) and the activation filter (fitted on val, FPR / FNR measured on test), all
 from the scan's reversed trigger. Clean accuracy and the *original* trigger's attack success
 are measured on the test split (ground truth enters only here, through ``metrics``).
 
@@ -112,7 +113,7 @@ def main() -> None:
         m = un.model
         print(f"{kind + str(seed):<10} {'unlearning':<22} {ca0:9.3f} {ts.clean_accuracy(m, test):9.3f} {asr0:10.3f} "
               f"{attack.success_rate(m, test):9.3f} {f'{time.perf_counter() - t0:.1f} s':<30}", flush=True)
-        for layer in ("penultimate", "last_conv"):
+        for layer in ("penultimate", "flatten"):
             t0 = time.perf_counter()
             pr = NeuronPruning(layer=layer).repair(model, val, triggers=r)
             m = pr.model

@@ -12,7 +12,7 @@ from trojanscope.defenses import create, list_defenses
 from trojanscope.defenses.model.neural_cleanse import NeuralCleanse
 from trojanscope.defenses.repair.neural_cleanse import (NeuronPruning, Unlearning, activation_gap, resolve_triggers,
                                                         unlearning_set)
-from trojanscope.errors import ConfigError
+from trojanscope.errors import ConfigError, UnsupportedModelError
 from trojanscope.models import ModelSpec, load_model, save_model
 
 from nc_models import CornerPatchNet
@@ -84,7 +84,10 @@ def test_pruning_removes_the_backdoor(setup, digits):
 def test_pruning_an_output_layer_zeroes_its_rows(setup, digits):
     planted, scan, _ = setup
     r = NeuronPruning(layer="detect", step=1.0).repair(planted, digits["val"], triggers={TARGET: scan.triggers[TARGET]})
-    assert float(r.model.detect.weight.abs().sum()) == 0.0 and float(r.model.detect.bias.abs().sum()) == 0.0
+    assert float(r.model.detect.weight.detach().abs().sum()) == 0.0
+    assert float(r.model.detect.bias.detach().abs().sum()) == 0.0
+    with pytest.raises(UnsupportedModelError):  # flatten feeds fc together with the detector: not prunable
+        NeuronPruning(layer="flatten").repair(planted, digits["val"], triggers=scan)
 
 
 def test_unlearning_unlearns_the_reversed_trigger(setup, digits):
@@ -135,6 +138,11 @@ def test_repaired_model_saves_and_loads(digits, tmp_path):
     r = NeuronPruning(layer="last_conv", step=0.1, max_ratio=0.2, stop_asr=0.0).repair(model, digits["val"],
                                                                                        triggers=trig)
     assert r.history[-1]["n_pruned"] == 6  # 20% of 32 channels, 3 at a time
+    # flatten: each position of the last feature map is a neuron, pruned by zeroing fc1's columns
+    f = NeuronPruning(layer="flatten", step=0.25, max_ratio=0.5, stop_asr=0.0).repair(model, digits["val"],
+                                                                                     triggers=trig)
+    cols = torch.tensor(f.details["pruned"])
+    assert cols.numel() == 64 and float(f.model.fc1.weight.detach()[:, cols].abs().sum()) == 0.0
     spec = ModelSpec("mnist_cnn", (1, 8, 8), 10)
     save_model(r.model, tmp_path / "m", spec)
     back = load_model(tmp_path / "m").model

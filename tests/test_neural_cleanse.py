@@ -193,3 +193,49 @@ def test_label_subset_and_region(batched, nets, digits):
         reverse_engineer_triggers(nets["planted"], v.x[:16], v.y[:16], targets=[10], epochs=1)
     with pytest.raises(ConfigError):
         reverse_engineer_triggers(nets["planted"], v.x[:16], v.y[:16], region=torch.ones(3, 3), epochs=1)
+
+
+# --- the CLI -------------------------------------------------------------------------------------
+
+def test_cli_scan_and_repair(nets, digits, tmp_path):
+    from click.testing import CliRunner
+
+    from trojanscope.cli import cli
+    from trojanscope.data import save_npz
+
+    save_npz(digits["val"], tmp_path / "clean.npz")
+    planted = torch.jit.trace(nets["planted"].eval(), digits["val"].x[:2])
+    planted.save(str(tmp_path / "planted.pt"))
+    clean = torch.jit.trace(nets["clean"].eval(), digits["val"].x[:2])
+    clean.save(str(tmp_path / "clean.pt"))
+    runner = CliRunner()
+    fast = ["--epochs", "40", "--n-samples", "160", "--input-shape", "1,8,8", "--data", str(tmp_path / "clean.npz")]
+    r = runner.invoke(cli, ["scan", str(tmp_path / "planted.pt"), *fast, "--out", str(tmp_path / "scan"),
+                            "--json", str(tmp_path / "scan.json")])
+    assert r.exit_code == 1, r.output
+    assert "BACKDOOR FOUND" in r.output
+    d = json.loads((tmp_path / "scan.json").read_text())
+    assert d["infected"] is True and d["flagged_labels"] == [TARGET] and d["seconds"] > 0
+    assert [row["label"] for row in d["labels"]] == list(range(10))
+    assert {"l1_norm", "anomaly_index", "attack_success", "flagged"} <= set(d["labels"][0])
+    for f in (f"label_{TARGET}_mask.png", f"label_{TARGET}_pattern.png", f"label_{TARGET}_stamped.png",
+              f"trigger_{TARGET}.safetensors", "scan.json"):
+        assert (tmp_path / "scan" / f).is_file()
+    r = runner.invoke(cli, ["scan", str(tmp_path / "clean.pt"), *fast])
+    assert r.exit_code == 0, r.output
+    assert "no backdoor found" in r.output
+    r = runner.invoke(cli, ["scan", str(tmp_path / "missing.pt"), *fast])
+    assert r.exit_code == 2 and "error:" in r.output
+    # repair needs an architecture trojanscope can rebuild: refused on TorchScript, in one line
+    r = runner.invoke(cli, ["repair", str(tmp_path / "planted.pt"), "--input-shape", "1,8,8", "--method", "nc-prune", "--data",
+                            str(tmp_path / "clean.npz"), "--out", str(tmp_path / "rep"), "--scan", str(tmp_path / "scan")])
+    assert r.exit_code == 2 and "architecture" in r.output
+    model = ts.create_model("mnist_cnn", input_shape=(1, 8, 8), num_classes=10, seed=0)
+    ts.save_model(model, tmp_path / "net", ts.ModelSpec("mnist_cnn", (1, 8, 8), 10))
+    r = runner.invoke(cli, ["repair", str(tmp_path / "net"), "--method", "unlearn", "--data",
+                            str(tmp_path / "clean.npz"), "--out", str(tmp_path / "rep"), "--scan", str(tmp_path / "scan")])
+    assert r.exit_code == 0, r.output
+    assert ts.load_model(tmp_path / "rep").spec.extra["repaired_with"]["method"] == "unlearn"
+    assert json.loads((tmp_path / "rep" / "repair.json").read_text())["details"]["labels"] == [TARGET]
+    r = runner.invoke(cli, ["repair", "--help"])
+    assert "nc-prune" in r.output and "unlearn" in r.output

@@ -104,9 +104,33 @@ def step_sanitize_data(ctx: DemoContext) -> None:
     ctx.row("badnets", "retrain after clustering (3 epochs)", rr.model, removed=rr.n_removed, seconds=rr.seconds)
 
 
+def step_neural_cleanse(ctx: DemoContext) -> None:
+    """Neural Cleanse: scan both models, then unlearn the reversed trigger from the backdoored one."""
+    from .defenses.model.neural_cleanse import NeuralCleanse
+    from .defenses.repair.neural_cleanse import Unlearning
+
+    # a reduced budget (120 steps per label instead of 160) keeps the demo short
+    nc = NeuralCleanse(epochs=60, seed=ctx.seed, device=ctx.device)
+    scans = {}
+    for name, model in (("clean", ctx.clean_model), ("badnets", ctx.backdoored_model)):
+        r = nc.scan(model, ctx.val)
+        scans[name] = r
+        ctx.results[f"neural_cleanse_{name}"] = r.to_dict()
+        (ctx.out / name).mkdir(parents=True, exist_ok=True)
+        for k in r.flagged_labels:
+            r.triggers[k].save_png(ctx.out / name / f"neural_cleanse_label_{k}.png")
+        ctx.row(name, "neural-cleanse scan", verdict="backdoor" if r.infected else "clean",
+                flagged=",".join(map(str, r.flagged_labels)) or "-",
+                target_index=float(r.anomaly_indices[DEMO_TARGET]), seconds=r.seconds)
+    u = Unlearning(seed=ctx.seed, device=ctx.device).repair(ctx.backdoored_model, ctx.train, triggers=scans["badnets"])
+    ctx.results["neural_cleanse_unlearning"] = u.to_dict()
+    ctx.row("badnets", "nc unlearning", u.model, seconds=u.seconds)
+
+
 #: The demo's steps, in order. Defences append theirs here.
 STEPS: list[Callable[[DemoContext], None]] = [
     step_train,
+    step_neural_cleanse,
     step_sanitize_data,
 ]
 

@@ -19,7 +19,10 @@ dict of the same architecture that saves and loads like the original):
   longer reaches the output: exactly the network with that neuron's output forced to 0.
 * an output-side layer (``"last_conv"`` or a dotted name of a ``Conv2d`` / ``Linear``): the
   channel's weight rows and bias are zeroed (output exactly 0), plus the affine weight and bias
-  of a ``BatchNorm`` that directly follows it.
+  of a ``BatchNorm`` that directly follows it;
+* a parameter-free layer whose output a ``Linear`` reads next (e.g. ``"flatten"`` of
+  ``mnist_cnn``: every position of every channel of the last feature map is a neuron): that
+  linear layer's columns are zeroed, as for the penultimate layer.
 
 References:
     Wang et al., "Neural Cleanse: Identifying and Mitigating Backdoor Attacks in Neural
@@ -51,6 +54,10 @@ from ..base import Repair, RepairResult, register
 log = logging.getLogger(__name__)
 
 TriggersArg = Any  # NeuralCleanseResult | Mapping[int, Trigger] | Sequence[Trigger] | Trigger | None
+
+
+def _params(defence: Repair) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, torch.device) else v for k, v in defence.get_params().items()}
 
 
 def _check_data(data: Any) -> ImageDataset:
@@ -132,7 +139,7 @@ def activation_gap(clean_acts: torch.Tensor, triggered_acts: torch.Tensor) -> to
     return (per_channel(triggered_acts) - per_channel(clean_acts)).float()
 
 
-def _prune_targets(model: nn.Module, layer: str) -> tuple[str, list[tuple[nn.Parameter, int]]]:
+def _prune_targets(model: nn.Module, layer: str, width: int) -> tuple[str, list[tuple[nn.Parameter, int]]]:
     """Which parameter slices (tensor, dim) zero a neuron of ``layer``."""
     name, module, where = resolve_layer(model, layer)
     if where == "input":
@@ -140,8 +147,14 @@ def _prune_targets(model: nn.Module, layer: str) -> tuple[str, list[tuple[nn.Par
             raise UnsupportedModelError(f"cannot prune the input of {type(module).__name__} {name!r}")
         return name, [(module.weight, 1)]
     if not isinstance(module, (nn.Conv2d, nn.Linear)):
-        raise UnsupportedModelError(f"neuron pruning needs a Conv2d or Linear layer; {layer!r} is "
-                                    f"{type(module).__name__} {name!r}")
+        # a parameter-free layer (e.g. ``flatten``) read by a linear layer: zero that layer's columns
+        mods = list(model.named_modules())
+        pos = next(i for i, (_, m) in enumerate(mods) if m is module)
+        nxt = next((m for _, m in mods[pos + 1:] if any(True for _ in m.parameters(recurse=False))), None)
+        if isinstance(nxt, nn.Linear) and nxt.in_features == width:
+            return name, [(nxt.weight, 1)]
+        raise UnsupportedModelError(f"neuron pruning needs a Conv2d or Linear layer, or a layer read by a Linear "
+                                    f"layer; {layer!r} is {type(module).__name__} {name!r}")
     slices: list[tuple[nn.Parameter, int]] = [(module.weight, 0)]
     if module.bias is not None:
         slices.append((module.bias, 0))
@@ -233,16 +246,18 @@ class NeuronPruning(Repair):
         if not trig:
             details["repaired"] = False
             details["reason"] = "no reversed trigger: the scan flagged no label"
-            return RepairResult(model=net, history=[], details=details, params=self.get_params(),
+            return RepairResult(model=net, history=[], details=details, params=_params(self),
                                 seconds=time.perf_counter() - t0)
         kw = dict(batch_size=self.batch_size, device=self.device)
         clean_acts = activations(net, data.x, self.layer, flatten=False, **kw)
-        trig_acts = torch.cat([activations(net, t.apply(data.x[data.y != k]), self.layer, flatten=False, **kw)
-                               for k, t in trig.items()])
-        gap = activation_gap(clean_acts, trig_acts)
+        gaps = []
+        for k, t in trig.items():
+            trig_acts = activations(net, t.apply(data.x[data.y != k]), self.layer, flatten=False, **kw)
+            gaps.append(activation_gap(clean_acts, trig_acts))
+        gap = torch.stack(gaps).mean(0)
         order = gap.argsort(descending=True, stable=True)
         d = order.numel()
-        name, slices = _prune_targets(net, self.layer)
+        name, slices = _prune_targets(net, self.layer, d)
         per_step = max(1, round(self.step * d))
         limit = max(1, math.floor(self.max_ratio * d + 1e-9))
 
@@ -261,7 +276,7 @@ class NeuronPruning(Repair):
                      history[-1]["accuracy"], history[-1]["attack_success"])
         details.update(repaired=True, layer=name, n_neurons=d, pruned=order[:k].tolist(), gap=gap.tolist(),
                        reached_stop=history[-1]["attack_success"] < self.stop_asr)
-        return RepairResult(model=net, history=history, details=details, params=self.get_params(),
+        return RepairResult(model=net, history=history, details=details, params=_params(self),
                             seconds=time.perf_counter() - t0)
 
 
@@ -304,8 +319,9 @@ class Unlearning(Repair):
         share: share of the clean data used for fine-tuning (paper: 10% of the training data).
         poison_ratio: share of those samples stamped with the reversed trigger (paper: 20%).
         epochs: fine-tuning epochs (paper: 1).
-        lr: learning rate (Adam).
-        batch_size: fine-tuning batch size.
+        lr: learning rate (Adam, 1e-3: the training default here; the paper gives none).
+        batch_size: fine-tuning batch size (16: on the mnist5k BadNets models it removed the
+            backdoor more reliably than 32 for the same clean-accuracy cost).
         seed: seeds the subset, the stamped samples, the shuffling and a scan run without triggers.
         device: where to compute (default: the model's).
 
@@ -324,7 +340,7 @@ class Unlearning(Repair):
     }
 
     def __init__(self, *, share: float = 0.1, poison_ratio: float = 0.2, epochs: int = 1, lr: float = 1e-3,
-                 batch_size: int = 32, optimizer: str = "adam", seed: int | None = 0,
+                 batch_size: int = 16, optimizer: str = "adam", seed: int | None = 0,
                  device: DeviceLike = None) -> None:
         self.share = share
         self.poison_ratio = poison_ratio
@@ -359,7 +375,7 @@ class Unlearning(Repair):
         if not trig:
             details["repaired"] = False
             details["reason"] = "no reversed trigger: the scan flagged no label"
-            return RepairResult(model=net, history=[], details=details, params=self.get_params(),
+            return RepairResult(model=net, history=[], details=details, params=_params(self),
                                 seconds=time.perf_counter() - t0)
         kw = dict(batch_size=256, device=self.device)
 
@@ -374,5 +390,5 @@ class Unlearning(Repair):
                           optimizer=self.optimizer, seed=self.seed, device=self.device)  # type: ignore[arg-type]
         history.append(point("after"))
         details.update(repaired=True, n_finetune=len(ds), n_stamped=int(stamped.sum()), train=train.history)
-        return RepairResult(model=net, history=history, details=details, params=self.get_params(),
+        return RepairResult(model=net, history=history, details=details, params=_params(self),
                             seconds=time.perf_counter() - t0)

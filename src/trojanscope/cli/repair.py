@@ -19,7 +19,7 @@ from ..errors import ConfigError, DataError, UnsupportedModelError
 from ..models import save_model
 from ..triggers import Trigger
 from . import cli
-from ._common import common_options, model_options, open_data, open_model, table, write_json
+from ._common import common_options, fit_to_model, model_options, open_data, open_model, table, write_json
 
 
 def load_scan_triggers(path: Path) -> dict[int, Trigger]:
@@ -53,12 +53,13 @@ def repair(model_path: Path, method: str, data_spec: str, out: Path, scan_path: 
            input_shape: str | None, num_classes: int | None, json_path: Path | None, seed: int,
            device: str | None) -> None:
     """Repair MODEL with METHOD on clean data and write the repaired model to OUT."""
-    lm = open_model(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device)
+    data = open_data(data_spec, default_split="train")
+    lm = open_model(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device, data=data)
     if lm.spec.arch is None:
         raise UnsupportedModelError(
             f"{model_path}: repair writes a trojanscope model directory, which needs a known architecture; give a "
             f"trojanscope model directory or a state dict with --arch (not a {lm.format} program)")
-    data = open_data(data_spec, default_split="train", model=lm)
+    data = fit_to_model(data, lm)
     params = inspect.signature(DEFENSES.get(method).__init__).parameters
     defence = create(method, **({"seed": seed} if "seed" in params else {}))
     kwargs: dict[str, Any] = {}

@@ -15,7 +15,7 @@ from .._utils.results import to_jsonable
 from ..defenses.model.neural_cleanse import NeuralCleanse, NeuralCleanseResult
 from ..triggers import save_png
 from . import cli
-from ._common import common_options, model_options, open_data, open_model, table, write_json
+from ._common import common_options, fit_to_model, model_options, open_data, open_model, table, write_json
 
 #: Exit code of ``scan`` when a backdoor is found.
 EXIT_INFECTED = 1
@@ -61,8 +61,9 @@ def scan(model_path: Path, data_spec: str, out: Path | None, mode: str, epochs: 
     mask, its anomaly index, its attack success on held-out clean data and whether it is flagged.
     Exit code 0: no backdoor found; 1: a backdoor was found; 2: bad input.
     """
-    lm = open_model(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device)
-    data = open_data(data_spec, default_split="val", model=lm)
+    data = open_data(data_spec, default_split="val")
+    lm = open_model(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device, data=data)
+    data = fit_to_model(data, lm)
     nc = NeuralCleanse(epochs=epochs, steps_per_epoch=steps_per_epoch, n_samples=n_samples, mode=mode,  # type: ignore[arg-type]
                        batch_size=batch_size, seed=seed)
     result = nc.scan(lm.model, data)

@@ -49,7 +49,7 @@ from ..._utils.batching import DeviceLike
 from ..._utils.validation import Interval, Options, Types
 from ...data.dataset import ImageDataset
 from ..base import DataSanitizer, SanitizeResult, register
-from ._common import check_dataset, exclusionary_reclassification, features
+from ._common import check_dataset, exclusionary_reclassification, features, padded_by_label
 from .retrain import Retrainer
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ class ActivationClustering(DataSanitizer):
     def __init__(self, *, mode: Literal["auto", "paper"] = "auto", analysis: Analysis = "exclusionary-reclassification",
                  n_components: int = 10, reduce: Literal["ica", "pca"] = "ica", layer: str = "penultimate",
                  size_threshold: float = 0.35, silhouette_threshold: float = 0.10,
-                 reclassification_threshold: float = 1.0, max_own_share: float = 0.25, arch: str | None = None,
+                 reclassification_threshold: float = 1.0, max_own_share: float = 0.15, arch: str | None = None,
                  retrain_epochs: int = 3, retrain_lr: float = 1e-3, batch_size: int = 256, seed: int | None = 0,
                  device: DeviceLike = None) -> None:
         self.mode = mode
@@ -252,7 +252,8 @@ class ActivationClustering(DataSanitizer):
         d_red = self.n_components
         reduced = torch.zeros(n, d_red, dtype=torch.float64)
         per_label: dict[int, dict[str, Any]] = {}
-        medians = torch.stack([feats[y == k].median(0).values for k in labels])
+        pad, _, _ = padded_by_label(feats, y, float("nan"))
+        medians = pad.nanmedian(1).values  # (K, D): every label's median activation
         for j, k in enumerate(labels):  # sklearn fits one label at a time
             idx = (y == k).nonzero().flatten()
             r, used = reduce_activations(feats[idx].numpy(), self.n_components, self.reduce, self.seed)

@@ -165,7 +165,7 @@ class SpectralSignatures(DataSanitizer):
                     "seed": Types((int, type(None)))}
 
     def __init__(self, *, mode: Literal["auto", "paper"] = "auto", epsilon: float = 0.05, removal_factor: float = 1.5,
-                 layer: str = "penultimate", max_own_share: float = 0.25, arch: str | None = None,
+                 layer: str = "penultimate", max_own_share: float = 0.15, arch: str | None = None,
                  retrain_epochs: int = 3, retrain_lr: float = 1e-3, batch_size: int = 256, seed: int | None = 0,
                  device: DeviceLike = None) -> None:
         self.mode = mode
@@ -191,8 +191,11 @@ class SpectralSignatures(DataSanitizer):
         labels = torch.unique(data.y).tolist()
         if self.mode == "paper":
             flagged = top_share_per_label(scores, data.y, min(1.0, self.removal_factor * self.epsilon))
-            per_label = {k: {"n": int((data.y == k).sum()), "removed": int(flagged[data.y == k].sum())} for k in labels}
-            attacked = [k for k in labels if per_label[k]["removed"] > 0]
+            n_removed = torch.bincount(data.y[flagged], minlength=data.num_classes)
+            n_label = torch.bincount(data.y, minlength=data.num_classes)
+            per_label = {k: {"n": int(n_label[k]), "removed": int(n_removed[k]), "attacked": bool(n_removed[k] > 0)}
+                         for k in labels}
+            attacked = [k for k in labels if per_label[k]["attacked"]]
         else:
             split: dict[int, tuple[float, float]] = {}
             pad, ids, slot = padded_by_label(proj, data.y, float("nan"))

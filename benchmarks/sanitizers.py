@@ -1,0 +1,156 @@
+"""Figures for the data sanitisers (issue 4) on mnist5k (4,000 training images).
+
+For BadNets (4x4 white square, target 0) at 2 %, 5 % and 10 % poisoned and the blended trigger
+(uniform noise, alpha 0.2): poison removed, clean removed, and after retraining from scratch on
+what is left, clean accuracy and attack success, for the default (epsilon-free) modes and the
+papers' modes. Then provenance filtering with four sources, and the default modes on clean data.
+
+    nice python benchmarks/sanitizers.py [--part square|blend|provenance|clean|all] [--epochs 3]
+
+Ground truth enters only through ``trojanscope.metrics``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+import trojanscope as ts
+from trojanscope.defenses import ActivationClustering, ProvenanceFilter, SpectralSignatures
+from trojanscope.defenses.data.retrain import retrain
+from trojanscope.metrics import attack_success_rate, clean_accuracy, detection_metrics
+from trojanscope.models import create_model
+from trojanscope.training import train_new
+
+
+def methods(rate: float) -> list[tuple[str, object, bool]]:
+    """(name, sanitiser, retrain after it?): retraining is the slow part on a shared CPU."""
+    return [
+        ("AC auto", ActivationClustering(), True),
+        ("spectral auto", SpectralSignatures(), True),
+        ("AC paper (ex. reclass., T=1)", ActivationClustering(mode="paper"), False),
+        ("AC paper (relative size 0.35)", ActivationClustering(mode="paper", analysis="relative-size"), False),
+        ("spectral paper (eps=0.05)", SpectralSignatures(mode="paper", epsilon=0.05), False),
+        (f"spectral paper (eps={rate:g})", SpectralSignatures(mode="paper", epsilon=rate), True),
+    ]
+
+
+def trigger(kind: str, shape) -> ts.Trigger:
+    return ts.Trigger.square(shape, 4, "white", "bottom-right") if kind == "square" else ts.Trigger.noise(shape, 0.2)
+
+
+def attack_rows(kind: str, rates: list[float], epochs: int, train, test, clean_acc: float) -> list[dict]:
+    rows = []
+    for rate in rates:
+        trig = trigger(kind, train.image_shape)
+        atk = ts.BadNets(trig, target=0, rate=rate, seed=0)
+        poisoned = atk.poison(train)
+        t0 = time.perf_counter()
+        model = train_new("mnist_cnn", poisoned, seed=0, epochs=epochs)
+        base = {"trigger": kind, "rate": rate}
+        rows.append({**base, "method": "(backdoored model)", "accuracy": clean_accuracy(model, test),
+                     "attack_success": attack_success_rate(model, test, trig, 0), "seconds": time.perf_counter() - t0})
+        print(json.dumps(rows[-1]), flush=True)
+        for name, m, again in methods(rate):
+            t0 = time.perf_counter()
+            res = m.inspect(model, poisoned)
+            secs = time.perf_counter() - t0
+            dm = detection_metrics(res.scores, poisoned.is_poison, res.flagged)
+            row = {**base, "method": name, "attacked_labels": res.attacked_labels,
+                   "poison_removed": dm["recall"], "clean_removed": dm["fpr"], "auroc": dm["auroc"],
+                   "n_flagged": dm["n_flagged"], "seconds": secs}
+            if again:
+                rr = retrain(model, poisoned, res, test=test, trigger=trig, target=0, epochs=epochs, seed=0)
+                row.update(accuracy=rr.accuracy, attack_success=rr.attack_success,
+                           accuracy_vs_clean=rr.accuracy - clean_acc)
+            rows.append(row)
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def provenance_rows(epochs: int, train, val, rate: float = 0.1) -> list[dict]:
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    trig = trigger("square", train.image_shape)
+    poisoned = ts.BadNets(trig, target=0, rate=rate, seed=0).poison(train)
+    # four sources: every poisoned sample comes from source 3, the clean ones are spread over all four
+    src = torch.randint(0, 4, (len(train),), generator=g)
+    src_p = src.clone()
+    src_p[poisoned.poison_indices] = 3
+    for setting, data, groups in (("poison all in source 3", poisoned, src_p), ("all four clean", train, src)):
+        # the filter only takes the architecture from the model (it retrains from scratch)
+        model = create_model("mnist_cnn", input_shape=data.image_shape, num_classes=data.num_classes)
+        for mode, variant, trusted in (("auto", "trusted", val), ("auto", "untrusted", None), ("paper", "trusted", val)):
+            if mode == "paper" and setting != "poison all in source 3":
+                continue  # the paper's rule is only measured where it has something to find (CPU time)
+            t0 = time.perf_counter()
+            res = ProvenanceFilter(mode=mode, retrain_epochs=epochs).inspect(model, data, groups=groups,
+                                                                             trusted=trusted)
+            rows.append({"setting": setting, "mode": mode, "variant": variant,
+                         "flagged_segments": res.flagged_segments,
+                         "scores": {s: round(v["score"], 4) for s, v in res.per_segment.items()},
+                         "seconds": time.perf_counter() - t0})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def clean_rows(epochs: int, train, test) -> list[dict]:
+    model = train_new("mnist_cnn", train, seed=0, epochs=epochs)
+    rows = []
+    for name, m in (("AC auto", ActivationClustering()), ("spectral auto", SpectralSignatures())):
+        t0 = time.perf_counter()
+        res = m.inspect(model, train)
+        rows.append({"data": "clean", "method": name, "attacked_labels": res.attacked_labels,
+                     "flagged_share": float(res.flagged.float().mean()), "n_flagged": int(res.flagged.sum()),
+                     "seconds": time.perf_counter() - t0})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", default="all", choices=["square", "blend", "provenance", "clean", "all"])
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--rates", default="0.02,0.05,0.1")
+    ap.add_argument("--blend-rates", default="0.1")
+    ap.add_argument("--provenance-epochs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    train, val, test = (ts.load_data("mnist5k", s) for s in ("train", "val", "test"))
+    rates = [float(r) for r in a.rates.split(",")]
+    t0 = time.perf_counter()
+    clean_acc = 0.0
+    if a.part in ("square", "blend", "all"):
+        clean_model = train_new("mnist_cnn", train, seed=0, epochs=a.epochs)
+        clean_acc = clean_accuracy(clean_model, test)
+        print(json.dumps({"clean model accuracy": clean_acc, "epochs": a.epochs}), flush=True)
+    rows: list[dict] = []
+    if a.part in ("square", "all"):
+        rows += attack_rows("square", rates, a.epochs, train, test, clean_acc)
+    if a.part in ("blend", "all"):
+        rows += attack_rows("blend", [float(r) for r in a.blend_rates.split(",")], a.epochs, train, test, clean_acc)
+    if a.part in ("clean", "all"):
+        rows += clean_rows(a.epochs, train, test)
+    if a.part in ("provenance", "all"):
+        rows += provenance_rows(a.provenance_epochs, train, val)
+    cols = ["trigger", "rate", "method", "attacked_labels", "poison_removed", "clean_removed", "accuracy",
+            "attack_success", "accuracy_vs_clean", "seconds"]
+    from trojanscope.cli._common import table
+
+    att = [r for r in rows if "trigger" in r]
+    if att:
+        print(table(att, cols, percent=["rate", "poison_removed", "clean_removed", "accuracy", "attack_success",
+                                        "accuracy_vs_clean"]))
+    other = [r for r in rows if "trigger" not in r]
+    for r in other:
+        print(json.dumps(r))
+    print(f"total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""``inspect-data``: find the poisoned samples of a training set (Spectral Signatures, Activation
+Clustering, provenance filtering), optionally retrain on the rest and report what that did."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+
+from ..data.dataset import ImageDataset
+from ..errors import ConfigError, DataError
+from . import cli
+from ._common import common_options, model_options, open_data, open_model, parse_trigger, pick_device, table, write_json
+
+#: CLI method name -> registry name.
+METHODS = {"spectral": "spectral", "clustering": "activation-clustering", "provenance": "provenance"}
+
+
+def read_groups(path: Path, n: int) -> torch.Tensor:
+    """One integer provenance segment per sample from an .npy, .txt, .json or an .npz's ``groups``."""
+    if not path.is_file():
+        raise DataError(f"provenance file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        elif suffix == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                if "groups" not in f.files:
+                    raise DataError(f"{path}: an .npz provenance file needs a 'groups' array, found {sorted(f.files)}")
+                arr = f["groups"]
+        elif suffix == ".json":
+            arr = np.asarray(json.loads(path.read_text()))
+        else:
+            arr = np.loadtxt(path, dtype=np.float64, ndmin=1)
+    except (ValueError, OSError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot read provenance file {path}: {e}") from None
+    arr = np.asarray(arr)
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise DataError(f"{path}: need one provenance value per sample ({n}), got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)) or \
+            not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)) or (arr.size and arr.min() < 0):
+        raise DataError(f"{path}: provenance values must be non-negative integers")
+    return torch.from_numpy(arr.astype(np.int64))
+
+
+def _plots(result: Any, method: str, data: ImageDataset, out: Path) -> list[str]:
+    """One figure per flagged label (spectral: score histogram; clustering: the two clusters in
+    2-D), or the segments' scores for provenance. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    files: list[str] = []
+    y = data.y
+    if method == "provenance":
+        segs = sorted(result.per_segment)
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.bar([str(s) for s in segs], [result.per_segment[s]["score"] for s in segs],
+               color=["tab:red" if s in result.flagged_segments else "tab:blue" for s in segs])
+        ax.set_xlabel("provenance segment")
+        ax.set_ylabel("score")
+        ax.set_title("provenance segments (red: flagged)")
+        p = out / "provenance_segments.png"
+        fig.tight_layout()
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        return [str(p)]
+    for k in result.attacked_labels:
+        idx = (y == k).nonzero().flatten()
+        flagged = result.flagged[idx].numpy()
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        if method == "spectral":
+            s = result.scores[idx].numpy()
+            if result.params.get("mode") == "auto":  # undo the flagged offset for the histogram
+                s = s - flagged * (float(result.scores.max()) - float(s[~flagged].max() if (~flagged).any() else 0))
+            bins = np.histogram_bin_edges(s, bins=40)
+            ax.hist(s[~flagged], bins=bins, color="tab:blue", alpha=0.7, label="kept")
+            ax.hist(s[flagged], bins=bins, color="tab:red", alpha=0.7, label="flagged")
+            ax.set_xlabel("spectral score")
+            ax.set_ylabel("samples")
+        else:
+            r = result.reduced[idx].double()
+            r = r - r.mean(0)
+            _, _, vh = torch.linalg.svd(r, full_matrices=False)
+            xy = (r @ vh[:2].T).numpy() if vh.shape[0] >= 2 else np.c_[r[:, 0].numpy(), np.zeros(len(r))]
+            c = result.clusters[idx].numpy()
+            for cid, colour in ((0, "tab:blue"), (1, "tab:orange")):
+                sel = c == cid
+                ax.scatter(xy[sel, 0], xy[sel, 1], s=6, c=colour, label=f"cluster {cid} ({int(sel.sum())})")
+            ax.scatter(xy[flagged, 0], xy[flagged, 1], s=14, facecolors="none", edgecolors="tab:red", linewidths=0.5,
+                       label="flagged")
+            ax.set_xlabel("component 1")
+            ax.set_ylabel("component 2")
+        ax.set_title(f"label {k}: {int(flagged.sum())} of {len(idx)} flagged")
+        ax.legend(fontsize=7)
+        p = out / f"label_{k}_{method}.png"
+        fig.tight_layout()
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        files.append(str(p))
+    return files
+
+
+@cli.command("inspect-data")
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("--data", "data_spec", required=True, help="The training set: bundled name[:split] (default split: "
+              "train), an .npz (its 'groups' array gives the provenance) or an image folder.")
+@click.option("--method", type=click.Choice(list(METHODS)), required=True)
+@click.option("--mode", type=click.Choice(["auto", "paper"]), default="auto", show_default=True,
+              help="auto: no assumed poison share, per-label verdicts; paper: the paper's procedure.")
+@click.option("--epsilon", type=float, default=0.05, show_default=True, help="spectral --mode paper: assumed poisoned share.")
+@click.option("--analysis", type=click.Choice(["exclusionary-reclassification", "relative-size", "silhouette", "distance"]),
+              default="exclusionary-reclassification", show_default=True, help="clustering --mode paper: the analysis.")
+@click.option("--layer", default="penultimate", show_default=True, help="Representation (spectral, clustering).")
+@click.option("--provenance", "provenance_file", type=click.Path(path_type=Path), default=None,
+              help="One integer segment per sample: .npy, .txt, .json, or an .npz with 'groups'.")
+@click.option("--trusted", "trusted_spec", default=None,
+              help="provenance: a trusted clean evaluation set (without it, a share of each segment is held out).")
+@click.option("--retrain-epochs", type=int, default=3, show_default=True,
+              help="Epochs of the models trained inside the method (reclassification, provenance).")
+@click.option("--retrain", "do_retrain", is_flag=True, help="Train a new model on what is left; report CA (and ASR).")
+@click.option("--epochs", type=int, default=10, show_default=True, help="--retrain: training epochs.")
+@click.option("--test", "test_spec", default=None, help="--retrain: test data (default: the bundled set's test split).")
+@click.option("--trigger", default=None, help="--retrain: trigger spec or .safetensors, to measure attack success "
+              "(evaluation only; the method never sees it).")
+@click.option("--target", type=int, default=None, help="--retrain: the trigger's target label.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory for flagged.json, the retrained model and one plot per flagged label.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@model_options
+@common_options
+def inspect_data(model_path: Path, data_spec: str, method: str, mode: str, epsilon: float, analysis: str, layer: str,
+                 provenance_file: Path | None, trusted_spec: str | None, retrain_epochs: int, do_retrain: bool,
+                 epochs: int, test_spec: str | None, trigger: str | None, target: int | None, out: Path | None,
+                 batch_size: int, arch: str | None, input_shape: str | None, num_classes: int | None,
+                 json_path: Path | None, seed: int, device: str | None) -> None:
+    """Find the poisoned samples of a training set; optionally retrain without them."""
+    from ..defenses import create
+    from ..defenses.data.retrain import retrain
+
+    t0 = time.perf_counter()
+    lm = open_model(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device)
+    data = open_data(data_spec, default_split="train", model=lm)
+    if (trigger is None) != (target is None):
+        raise ConfigError("--trigger and --target go together")
+    if (trigger is not None or test_spec is not None) and not do_retrain:
+        raise ConfigError("--trigger, --target and --test only apply with --retrain")
+    params: dict[str, Any] = dict(mode=mode, batch_size=batch_size, seed=seed, retrain_epochs=retrain_epochs)
+    if method != "provenance":
+        params["layer"] = layer
+    if method == "spectral":
+        params["epsilon"] = epsilon
+    if method == "clustering":
+        params["analysis"] = analysis
+    sanitizer = create(METHODS[method], **params)
+    if method == "provenance":
+        groups = read_groups(provenance_file, len(data)) if provenance_file is not None else data.groups
+        if groups is None:
+            raise DataError("--method provenance needs --provenance FILE or an .npz with a 'groups' array")
+        trusted = open_data(trusted_spec, default_split="val", model=lm) if trusted_spec else None
+        result = sanitizer.inspect(lm.model, data, groups=groups, trusted=trusted)  # type: ignore[call-arg]
+    else:
+        if provenance_file is not None or trusted_spec is not None:
+            raise ConfigError("--provenance and --trusted only apply to --method provenance")
+        result = sanitizer.inspect(lm.model, data)
+    report: dict[str, Any] = {"model": str(model_path), "data": data.name, "method": method, "mode": mode, "n": len(data),
+                              **result.to_dict()}
+    if method == "provenance":
+        rows = [{"segment": s, "n": v["n"], "score": v["score"], "flagged": v["flagged"]}
+                for s, v in sorted(result.per_segment.items())]
+    else:
+        rows = [{"label": k, "n": v["n"], "attacked": v["attacked"],
+                 "flagged": int(result.flagged[data.y == k].sum())} for k, v in sorted(result.per_label.items())]
+    click.echo(table(rows))
+    summary: dict[str, Any] = {"flagged": int(result.flagged.sum()), "of": len(data),
+                               "attacked_labels": getattr(result, "attacked_labels", None),
+                               "flagged_segments": getattr(result, "flagged_segments", None),
+                               "seconds": result.seconds}
+    if do_retrain:
+        test = None
+        if test_spec is not None:
+            test = open_data(test_spec, model=lm)
+        else:
+            from .core import _test_split
+
+            test = _test_split(data_spec)
+        trig = parse_trigger(trigger, data.image_shape) if trigger is not None else None
+        if target is not None and not 0 <= target < data.num_classes:
+            raise ConfigError(f"--target {target} is out of range for {data.num_classes} classes")
+        rr = retrain(lm.model, data, result, test=test, trigger=trig, target=target, epochs=epochs, seed=seed,
+                     device=pick_device(device))
+        summary.update(retrained_accuracy=rr.accuracy, retrained_attack_success=rr.attack_success, n_kept=rr.n_kept)
+        report["retrain"] = rr.to_dict()
+        if out is not None:
+            from ..models import ModelSpec, save_model
+
+            spec = lm.spec if lm.spec.arch is not None else None
+            if spec is not None:
+                save_model(rr.model, out / "retrained", ModelSpec(spec.arch, spec.input_shape, spec.num_classes,
+                                                                  class_names=spec.class_names,
+                                                                  arch_kwargs=dict(spec.arch_kwargs),
+                                                                  extra={"retrained_after": method}))
+                summary["retrained_model"] = str(out / "retrained")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "flagged.json", {"flagged_indices": result.flagged_indices, "scores": result.scores,
+                                          **({"flagged_segments": result.flagged_segments} if method == "provenance" else {})})
+        summary["plots"] = _plots(result, method, data, out)
+    summary["seconds"] = time.perf_counter() - t0
+    click.echo(table([summary], [c for c in summary if c != "plots"]))
+    report["summary"] = summary
+    write_json(json_path, report)

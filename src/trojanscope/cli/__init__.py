@@ -60,6 +60,7 @@ def cli(verbose: int) -> None:
 
 
 # Command modules (one import line each):
+from . import inspect_data  # noqa: E402,F401
 from . import core  # noqa: E402,F401
 from . import demo  # noqa: E402,F401
 from . import filter  # noqa: E402,F401

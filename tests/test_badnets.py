@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,7 +64,7 @@ def test_all_to_all(train):
     assert tmap.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
     assert target_labels(torch.tensor([0, 9]), tmap, 10).tolist() == [1, 0]
     # an all-to-one target may be any integer scalar
-    for t in (3, torch.tensor(3), __import__("numpy").int64(3)):
+    for t in (3, torch.tensor(3), np.int64(3)):
         assert target_labels(torch.tensor([0, 9]), t, 10).tolist() == [3, 3]
 
 

@@ -5,12 +5,16 @@ Formats, detected from the file's content (never its name):
 * **trojanscope** (what :func:`save_model` writes): a directory with ``model.safetensors`` (the
   weights, with the spec in the header metadata) and ``model.json`` (the spec, for people), or the
   ``.safetensors`` file alone. The architecture is one of :func:`~trojanscope.models.list_models`.
-* **torch.export** program (``.pt2``): for architectures trojanscope has never seen. Every pickle
-  inside the archive is checked against an allow-list of tensor-rebuilding globals *before*
-  anything is unpickled; the program is then unflattened so that layer names and forward hooks work.
-* **TorchScript**: its code is TorchScript (interpreted by torch, not Python); its pickles are
-  checked the same way. Hooks do not work on it, so methods that need internal layers refuse it
-  clearly; output-only methods work.
+* **torch.export** program (``.pt2``): for architectures trojanscope has never seen. The archive is
+  read by :func:`_read_pt2`, never by ``torch.export.load`` (which may unpickle without
+  restriction): raw tensor payloads as bytes, every pickle checked against an allow-list of
+  tensor-rebuilding globals *before* it is read weights-only, Python / TorchScript objects and
+  native code refused, and the graph allowed to call only aten / prims operators. The program
+  must have a dynamic batch dimension; it is unflattened so that layer names and forward hooks work.
+* **TorchScript**: its code is TorchScript (interpreted by torch, not Python); its pickles may
+  name only tensor globals and its own ``__torch__`` classes, and code that reads or writes files
+  (``torch.from_file``, ``torch.save``) is refused. Hooks do not work on it, so methods that need
+  internal layers refuse it clearly; output-only methods work.
 * **state dict** (a ``torch.save`` zip of tensors): only with a named architecture
   (``arch=``), read with ``weights_only=True``.
 * Anything else, in particular a full pickle of a model object, is refused.
@@ -23,6 +27,7 @@ import io
 import json
 import pickletools
 import re
+import sys
 import warnings
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -490,7 +495,7 @@ def _read_pt2(p: Path) -> Any:
             raise UnsafeModelError(f"{p}: refusing to load: the archive holds compiled code or foreign payloads "
                                    f"({native[0]}), which loading would run; only exported programs are accepted")
         order = files.get("byteorder")
-        if order is not None and z.read(order).decode(errors="replace").strip() not in ("", __import__("sys").byteorder):
+        if order is not None and z.read(order).decode(errors="replace").strip() not in ("", sys.byteorder):
             raise ModelLoadError(f"{p}: the archive was written on a machine of another byte order")
         programs = sorted(r for r in files if r.startswith("models/") and r.endswith(".json"))
         if programs != ["models/model.json"]:

@@ -170,3 +170,20 @@ def test_scan_report_flag(run_dir, tmp_path):
     assert "Neural Cleanse" in text and ("backdoor found" in text or "no backdoor found" in text)
     probe, console = browse(page, tmp_path)
     assert probe["errors"] == [] and console == "" and probe["broken"] == [] and probe["images"] >= 11
+
+
+def test_filter_and_inspect_data_report_flags(run_dir, tmp_path):
+    model = str(run_dir / "models" / "badnets-patch__s0")
+    page = tmp_path / "filter.html"
+    r = CliRunner().invoke(cli, ["filter", model, "--fit", "digits:val", "--data", "digits:test", "--method", "strip",
+                                 "-p", "n_overlays=4", "--report", str(page), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "inputs flagged as carrying a trigger" in page.read_text()
+    page2 = tmp_path / "inspect.html"
+    r = CliRunner().invoke(cli, ["inspect-data", model, "--data", "digits:train", "--method", "spectral", "--mode",
+                                 "paper", "--report", str(page2), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "samples flagged as poisoned" in page2.read_text()
+    for p in (page, page2):
+        probe, console = browse(p, tmp_path)
+        assert probe["errors"] == [] and console == "" and probe["broken"] == [] and probe["images"] >= 1

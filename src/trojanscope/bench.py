@@ -46,6 +46,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import importlib.util
 import inspect
 import json
 import logging
@@ -407,8 +408,6 @@ def default_config() -> BenchConfig:
     extra = [preset_attack_spec(n) for n in ATTACKS.names() if n != "badnets"]
     defenses = [DefenseSpec(n, n, {}) for n in _expand_defenses(["all"])]
     if {"activation-clustering", "fine-prune"} <= set(DEFENSES.names()):
-        import importlib.util
-
         if importlib.util.find_spec("trojanscope.pipeline") is not None:
             for steps in (["activation-clustering", "fine-prune"], ["fine-prune", "activation-clustering"]):
                 defenses.append(DefenseSpec(" > ".join(steps), CHAIN, {"steps": [[n, {}] for n in steps],
@@ -421,7 +420,8 @@ def quick_config() -> BenchConfig:
     """The ``--quick`` preset: mnist5k, 2 epochs, one seed; the clean baseline and four attacks
     (BadNets patch and blended, plus every other registered attack, topped up with the BadNets
     pattern and all-to-all variants); every registered defence with faster settings
-    (:data:`QUICK_PARAMS`); 5 provenance sources; ASR / FAR measured on 300 test inputs."""
+    (:data:`QUICK_PARAMS`) and one chain (Activation Clustering, then Fine-Pruning); 5 provenance
+    sources; ASR / FAR measured on 300 test inputs."""
     names = ["clean", "badnets-patch", "badnets-blended"]
     attacks = [preset_attack_spec(a) for a in names]
     for n in ATTACKS.names():
@@ -436,6 +436,11 @@ def quick_config() -> BenchConfig:
         cls = DEFENSES.get(n)
         params = {k: v for k, v in QUICK_PARAMS.get(n, {}).items() if k in cls._param_names()}
         defenses.append(DefenseSpec(n, n, params))
+    steps = ["activation-clustering", "fine-prune"]  # one chain: Milakovic's order, pruned channels kept
+    if set(steps) <= set(DEFENSES.names()) and importlib.util.find_spec("trojanscope.pipeline") is not None:
+        defenses.append(DefenseSpec(" > ".join(steps), CHAIN, {
+            "steps": [[n, {k: v for k, v in QUICK_PARAMS.get(n, {}).items() if k in DEFENSES.get(n)._param_names()}]
+                      for n in steps], "retrain": "continue"}))
     return BenchConfig(epochs=2, seeds=(0,), attacks=tuple(attacks), defenses=tuple(defenses), eval_samples=300,
                        sources=5)
 

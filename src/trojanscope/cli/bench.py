@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import torch
 
-from ..bench import load_config, run_bench
+from ..bench import applicable, load_config, run_bench
 from ..errors import ConfigError
 from . import cli
 from ._common import common_options, pick_device, table, write_json
@@ -38,9 +38,9 @@ def bench(config_path: Path | None, quick: bool, out: Path, report: bool, max_ce
     torch.set_num_threads(threads)
     cfg = load_config(config_path, quick=quick)
     dev = pick_device(device)
-    n = len(cfg.seeds) * len(cfg.attacks) * len(cfg.defenses)
-    click.echo(f"bench: {len(cfg.attacks)} attacks x {len(cfg.defenses)} defences x {len(cfg.seeds)} seed(s) = {n} "
-               f"cells on {cfg.dataset} ({cfg.arch}, {cfg.epochs} epochs) -> {out}", err=True)
+    n = len(cfg.seeds) * sum(applicable(a, d) for a in cfg.attacks for d in cfg.defenses)
+    click.echo(f"bench: {len(cfg.attacks)} attacks x {len(cfg.defenses)} defences x {len(cfg.seeds)} seed(s): {n} "
+               f"applicable cells on {cfg.dataset} ({cfg.arch}, {cfg.epochs} epochs) -> {out}", err=True)
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=threads):  # numpy / scikit-learn's BLAS too

@@ -88,11 +88,13 @@ def read_truth(path: Path | None, data_spec: str, n: int) -> np.ndarray | None:
               help="0/1 per input (1 = triggered): .npy, .json list or text; default: an array 'triggered' or "
                    "'is_poison' in the --data .npz.")
 @click.option("--show", type=int, default=20, show_default=True, help="Inputs listed on screen (all are in --json).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write a self-contained HTML report (score histograms and the threshold).")
 @model_options
 @common_options
 def filter_(model_path: Path, fit_spec: str, data_spec: str, method: str, frr: float, params: tuple[str, ...],
-            truth: Path | None, show: int, arch: str | None, input_shape: str | None, num_classes: int | None,
-            json_path: Path | None, seed: int, device: str | None) -> None:
+            truth: Path | None, show: int, report_path: Path | None, arch: str | None, input_shape: str | None,
+            num_classes: int | None, json_path: Path | None, seed: int, device: str | None) -> None:
     """Fit an input filter on clean data and flag the suspicious inputs of --data."""
     lm = open_model(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device)
     clean = open_data(fit_spec, default_split="val", model=lm)
@@ -131,3 +133,10 @@ def filter_(model_path: Path, fit_spec: str, data_spec: str, method: str, frr: f
         click.echo()
     click.echo(table([summary], percent=[c for c in ("far", "frr") if c in summary]))
     write_json(json_path, result)
+    if report_path is not None:
+        from ..report import filter_section, write_report
+
+        write_report(report_path, [filter_section(method, scores, thr, truth=None if is_trig is None else torch.from_numpy(is_trig),
+                                                  clean_scores=getattr(filt, "clean_scores_", None), params=filt.get_params())],
+                     title=f"{method} on {inputs.name}")
+        click.echo(f"report: {report_path}")

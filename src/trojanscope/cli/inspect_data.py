@@ -135,13 +135,15 @@ def _plots(result: Any, method: str, data: ImageDataset, out: Path) -> list[str]
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory for flagged.json, the retrained model and one plot per flagged label.")
 @click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write a self-contained HTML report (score histogram, settings).")
 @model_options
 @common_options
 def inspect_data(model_path: Path, data_spec: str, method: str, mode: str, epsilon: float, analysis: str, layer: str,
                  provenance_file: Path | None, trusted_spec: str | None, retrain_epochs: int, do_retrain: bool,
                  epochs: int, test_spec: str | None, trigger: str | None, target: int | None, out: Path | None,
-                 batch_size: int, arch: str | None, input_shape: str | None, num_classes: int | None,
-                 json_path: Path | None, seed: int, device: str | None) -> None:
+                 batch_size: int, report_path: Path | None, arch: str | None, input_shape: str | None,
+                 num_classes: int | None, json_path: Path | None, seed: int, device: str | None) -> None:
     """Find the poisoned samples of a training set; optionally retrain without them."""
     from ..defenses import create
     from ..defenses.data.retrain import retrain
@@ -218,3 +220,7 @@ def inspect_data(model_path: Path, data_spec: str, method: str, mode: str, epsil
     click.echo(table([summary], [c for c in summary if c != "plots"]))
     report["summary"] = summary
     write_json(json_path, report)
+    if report_path is not None:
+        from ..report import write_report
+
+        click.echo(f"report: {write_report(report_path, [(method, result)], title=f'{method} on {data.name}')}")

@@ -5,6 +5,6 @@
 ``filter``. Plots live in :mod:`trojanscope.report.plots` and take results as input.
 """
 
-from .html import render, render_run, run_context, single_context, write_report
+from .html import filter_section, render, render_run, run_context, single_context, write_report
 
-__all__ = ["render", "render_run", "run_context", "single_context", "write_report"]
+__all__ = ["filter_section", "render", "render_run", "run_context", "single_context", "write_report"]

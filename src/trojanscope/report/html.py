@@ -301,7 +301,8 @@ def defense_figures(records: Sequence[Mapping[str, Any]], *, planted: Mapping[st
                    (r.get("extras") or {}).get("threshold")) for t, r in zip(titles, ok)
                   if (r.get("extras") or {}).get("clean_scores")]
         if panels:
-            figs.append({"src": plots.score_histograms(panels, xlabel="score"),
+            labels = tuple((ok[0].get("extras") or {}).get("labels") or ("clean", "triggered"))
+            figs.append({"src": plots.score_histograms(panels, xlabel="score", labels=labels),  # type: ignore[arg-type]
                          "caption": "Scores of clean (blue) and stamped (red) test inputs (higher = more suspicious); "
                                     "inputs right of the dashed threshold are rejected. Well separated histograms mean a good filter."})
     elif fam == "data":
@@ -674,6 +675,25 @@ def single_context(sections: Sequence[Any], *, title: str | None = None, verdict
             "verdict_class": vclass, "verdicts": verdicts[1:] if verdict is None else verdicts, "stats": [],
             "attacks": [], "attacked": [], "board": [], "mean_asr_plot": None, "table": None, "cards": cards,
             "meta": _meta_rows(run_metadata()), "config": [], "generated": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def filter_section(title: str, scores: Any, threshold: float, *, truth: Any = None, clean_scores: Any = None,
+                   params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A :func:`write_report` section for an input filter's scores on some inputs.
+
+    With ``truth`` (``(N,)`` bool, True = triggered) the histogram splits the inputs by it;
+    otherwise it sets the inputs beside the filter's own clean (fitting) scores.
+    """
+    s = torch.as_tensor(scores).float().cpu()
+    sec: dict[str, Any] = {"title": title, "family": "input",
+                           "result": {"scores": s.tolist(), "threshold": float(threshold), "params": dict(params or {})}}
+    if truth is not None:
+        t = torch.as_tensor(truth).bool().cpu()
+        sec.update(clean_scores=s[~t].tolist(), triggered_scores=s[t].tolist())
+    else:
+        sec.update(clean_scores=[] if clean_scores is None else torch.as_tensor(clean_scores).float().tolist(),
+                   triggered_scores=s.tolist(), labels=["clean (fit)", "inputs"])
+    return sec
 
 
 def write_report(path: str | Path, sections: Sequence[Any], *, title: str | None = None,

@@ -127,11 +127,41 @@ def step_neural_cleanse(ctx: DemoContext) -> None:
     ctx.row("badnets", "nc unlearning", u.model, seconds=u.seconds)
 
 
+def step_strip(ctx: DemoContext) -> None:
+    """STRIP at run time: FAR at a 1% target FRR on the BadNets model, measured FRR on the clean one."""
+    from .defenses.input.strip import STRIP
+
+    assert ctx.test is not None and ctx.val is not None
+    keep = ctx.test.y != DEMO_TARGET
+    stamped = ctx.trigger.apply(ctx.test.x[keep])
+    for name, model in (("badnets", ctx.backdoored_model), ("clean", ctx.clean_model)):
+        t0 = time.perf_counter()
+        strip = STRIP(n_overlays=50, frr=0.01, seed=ctx.seed, device=ctx.device).fit(model, ctx.val)  # type: ignore[arg-type]
+        frr = float(strip.flag(ctx.test.x).float().mean())
+        far = float((~strip.flag(stamped)).float().mean())
+        ctx.results[f"strip_{name}"] = {"threshold": strip.threshold_, "frr": frr, "far": far,
+                                         "params": strip.get_params()}
+        ctx.row(name, "strip (S=50, FRR target 1%)", frr=frr, far=far, seconds=time.perf_counter() - t0)
+
+
+def step_fine_pruning(ctx: DemoContext) -> None:
+    """Pruning and Fine-Pruning of the BadNets model's last convolution, on the clean validation set."""
+    from .defenses.repair.pruning import FinePruning
+
+    assert ctx.val is not None
+    fp = FinePruning(seed=ctx.seed, device=ctx.device).repair(ctx.backdoored_model, ctx.val)  # type: ignore[arg-type]
+    ctx.results["fine_pruning"] = fp.to_dict()
+    pruned = fp.details["n_pruned"]
+    ctx.row("badnets", f"fine-pruning ({pruned}/{fp.details['n_channels']} channels)", fp.model, seconds=fp.seconds)
+
+
 #: The demo's steps, in order. Defences append theirs here.
 STEPS: list[Callable[[DemoContext], None]] = [
     step_train,
     step_neural_cleanse,
     step_sanitize_data,
+    step_strip,
+    step_fine_pruning,
 ]
 
 

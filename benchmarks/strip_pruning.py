@@ -98,16 +98,17 @@ def strip_figures(name: str, model, attack: ts.BadNets | None, **params) -> dict
 
 def run_strip() -> None:
     print("\n== STRIP (S=100, alpha=1, clipped, FRR target 1%, fitted on val: 250 overlays + 250 calibration)")
-    rows = [strip_figures("badnets", badnets_model(), BADNETS),
-            strip_figures("clean", clean_model(), BADNETS),
-            strip_figures("blended", blended_model(), BLENDED)]
-    rows.append({**strip_figures("blended, clip=False", blended_model(), BLENDED, clip=False)})
-    rows.append({**strip_figures("badnets, clip=False", badnets_model(), BADNETS, clip=False)})
-    for r in rows:
+    for name, model, attack, kw in (("badnets", badnets_model, BADNETS, {}),
+                                    ("clean", clean_model, BADNETS, {}),
+                                    ("badnets, clip=False", badnets_model, BADNETS, {"clip": False}),
+                                    ("blended", blended_model, BLENDED, {}),
+                                    ("blended, clip=False", blended_model, BLENDED, {"clip": False})):
+        r = strip_figures(name, model(), attack, **kw)
         print("  " + ", ".join(f"{k}={pct(v) if k in ('far', 'frr_measured') else (f'{v:.4f}' if isinstance(v, float) else v)}"
-                               for k, v in r.items()))
-    ca_blend = ts.clean_accuracy(blended_model(), TEST)
-    print(f"  blended model: CA {pct(ca_blend)}, ASR {pct(BLENDED.success_rate(blended_model(), TEST))}")
+                               for k, v in r.items()), flush=True)
+        if name == "blended":
+            print(f"  blended model: CA {pct(ts.clean_accuracy(model(), TEST))}, ASR {pct(BLENDED.success_rate(model(), TEST))}",
+                  flush=True)
 
 
 # --- Pruning / Fine-Pruning -----------------------------------------------------------------------

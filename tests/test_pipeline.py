@@ -129,3 +129,23 @@ def test_pipeline_errors_and_reinit(digits):
     r1, r2 = reinitialise(net, 1), reinitialise(net, 1)
     assert torch.equal(r1[0].weight, r2[0].weight) and not torch.equal(r1[0].weight, net[0].weight)
     assert "Pruning(" in repr(Pipeline(["prune"]))
+
+
+def test_pipeline_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from trojanscope.cli import cli
+
+    net = ts.create_model("mnist_cnn", input_shape=(1, 8, 8), num_classes=10, seed=0)
+    ts.save_model(net, tmp_path / "m", ts.ModelSpec("mnist_cnn", (1, 8, 8), 10))
+    r = CliRunner().invoke(cli, ["pipeline", str(tmp_path / "m"), "--step", "prune", "--step", "strip:n_overlays=4",
+                                 "--fit", "digits:val", "--test", "digits:test", "--trigger", "square:2:white:bottom-right",
+                                 "--target", "0", "--out", str(tmp_path / "out"), "--json", str(tmp_path / "p.json"),
+                                 "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "p.json").read_text())
+    assert [h["defense"] for h in d["history"]] == ["(start)", "prune", "strip"]
+    assert "attack_success_end_to_end" in d["history"][-1]
+    assert ts.load_model(tmp_path / "out").model is not None
+    bad = CliRunner().invoke(cli, ["pipeline", str(tmp_path / "m"), "--step", "nope", "--fit", "digits:val"])
+    assert bad.exit_code == 2 and "error:" in bad.output

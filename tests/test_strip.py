@@ -115,3 +115,27 @@ def test_strip_contract(planted, mnist):
     with pytest.raises(DataError):
         s.score(torch.full((2, 1, 28, 28), 2.0))
     json.dumps(s.get_params())
+
+
+def test_filter_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from trojanscope.cli import cli
+
+    te = ts.load_data("digits", "test").subset(slice(0, 20))
+    net = ts.create_model("mnist_cnn", input_shape=(1, 8, 8), num_classes=10, seed=0)
+    ts.save_model(net, tmp_path / "m", ts.ModelSpec("mnist_cnn", (1, 8, 8), 10))
+    x = te.x.clone()
+    x[10:] = ts.Trigger.square((1, 8, 8), 2, "white", "bottom-right", margin=0).apply(x[10:])
+    np.savez(tmp_path / "inp.npz", x=x.numpy(), y=te.y.numpy(), triggered=np.r_[np.zeros(10), np.ones(10)].astype(int))
+    r = CliRunner().invoke(cli, ["filter", str(tmp_path / "m"), "--fit", "digits:val", "--data", str(tmp_path / "inp.npz"),
+                                 "-p", "n_overlays=4", "--json", str(tmp_path / "f.json"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "f.json").read_text())
+    assert len(d["scores"]) == 20 and len(d["flagged"]) == 20 and isinstance(d["threshold"], float)
+    assert "far" in d and "frr" in d
+    bad = CliRunner().invoke(cli, ["filter", str(tmp_path / "m"), "--fit", "digits:val", "--data", "mnist5k:test"])
+    assert bad.exit_code == 2 and "error:" in bad.output
+    bad = CliRunner().invoke(cli, ["filter", str(tmp_path / "m"), "--fit", "digits:val", "--data", "digits:test",
+                                   "-p", "bogus=1"])
+    assert bad.exit_code == 2

@@ -14,6 +14,8 @@ from .data.provenance import ProvenanceFilter  # noqa: E402
 from .data.spectral import SpectralSignatures  # noqa: E402
 from .input.activation_filter import ActivationFilter  # noqa: E402
 from .input.strip import STRIP  # noqa: E402
+from .model.distribution import DistributionUnlearning, TriggerDistribution  # noqa: E402
+from .model.heatmap import MovingWindowSearch  # noqa: E402
 from .model.neural_cleanse import NeuralCleanse  # noqa: E402
 from .repair.neural_cleanse import NeuronPruning, Unlearning  # noqa: E402
 from .repair.pruning import FinePruning, Pruning  # noqa: E402
@@ -29,6 +31,7 @@ def list_defenses(family: str | None = None) -> list[str]:
     return [n for n, cls in DEFENSES.items() if family is None or cls.family == family]
 
 
-__all__ = ["ActivationClustering", "ActivationFilter", "DEFENSES", "DataSanitizer", "Defense", "FinePruning", "Pruning", "STRIP", "InputFilter", "ModelDetector",
+__all__ = ["ActivationClustering", "ActivationFilter", "DEFENSES", "DataSanitizer", "Defense", "FinePruning", "Pruning", "STRIP", "DistributionUnlearning",
+           "MovingWindowSearch", "TriggerDistribution", "InputFilter", "ModelDetector",
            "NeuralCleanse", "NeuronPruning", "ProvenanceFilter", "Repair", "RepairResult",
            "SanitizeResult", "ScanResult", "SpectralSignatures", "Unlearning", "create", "list_defenses", "register", "threshold_for_rate"]

@@ -188,7 +188,8 @@ class NeuronPruning(Repair):
     Args:
         layer: ``"penultimate"`` (paper: the second-to-last layer), ``"last_conv"`` (the
             paper's better choice on BadNets models) or a dotted layer name.
-        stop_asr: stop once the reversed trigger's attack success is below this (0.05).
+        stop_asr: stop once the reversed trigger's attack success is below this (0.01: the
+            paper stops when the model "is no longer responsive to the reversed trigger").
         step: share of the layer's neurons pruned per step (0.01).
         max_ratio: never prune more than this share (0.9).
         batch_size: memory knob.
@@ -209,7 +210,7 @@ class NeuronPruning(Repair):
         "seed": Types((int, type(None))),
     }
 
-    def __init__(self, *, layer: str = "penultimate", stop_asr: float = 0.05, step: float = 0.01,
+    def __init__(self, *, layer: str = "penultimate", stop_asr: float = 0.01, step: float = 0.01,
                  max_ratio: float = 0.9, batch_size: int = 256, seed: int | None = 0,
                  device: DeviceLike = None) -> None:
         self.layer = layer

@@ -27,6 +27,10 @@ from trojanscope.models import create_model
 from trojanscope.training import train_new
 
 
+#: run only the methods whose name contains one of these (``--methods``); empty: all
+ONLY: list[str] = []
+
+
 def methods(rate: float) -> list[tuple[str, object, bool]]:
     """(name, sanitiser, retrain after it?): retraining is the slow part on a shared CPU."""
     return [
@@ -56,6 +60,8 @@ def attack_rows(kind: str, rates: list[float], epochs: int, train, test, clean_a
                      "attack_success": attack_success_rate(model, test, trig, 0), "seconds": time.perf_counter() - t0})
         print(json.dumps(rows[-1]), flush=True)
         for name, m, again in methods(rate):
+            if ONLY and not any(o in name for o in ONLY):
+                continue
             t0 = time.perf_counter()
             res = m.inspect(model, poisoned)
             secs = time.perf_counter() - t0
@@ -102,6 +108,8 @@ def clean_rows(epochs: int, train, test) -> list[dict]:
     model = train_new("mnist_cnn", train, seed=0, epochs=epochs)
     rows = []
     for name, m in (("AC auto", ActivationClustering()), ("spectral auto", SpectralSignatures())):
+        if ONLY and not any(o in name for o in ONLY):
+            continue
         t0 = time.perf_counter()
         res = m.inspect(model, train)
         rows.append({"data": "clean", "method": name, "attacked_labels": res.attacked_labels,
@@ -119,7 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--blend-rates", default="0.1")
     ap.add_argument("--provenance-epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--methods", default="", help="comma-separated name fragments, e.g. 'spectral auto'")
     a = ap.parse_args(argv)
+    ONLY[:] = [m for m in a.methods.split(",") if m]
     torch.set_num_threads(a.threads)
     train, val, test = (ts.load_data("mnist5k", s) for s in ("train", "val", "test"))
     rates = [float(r) for r in a.rates.split(",")]

@@ -10,8 +10,9 @@ import torch
 
 import sanitizer_data as sd
 from trojanscope.defenses import SpectralSignatures, create
-from trojanscope.defenses.data._common import gaussian_split_1d, padded_by_label
-from trojanscope.defenses.data.spectral import spectral_projection, spectral_scores, top_share_per_label
+from trojanscope.defenses.data._common import gaussian_split, padded_by_label
+from trojanscope.defenses.data.spectral import (spectral_projection, spectral_scores, spectral_subspace,
+                                                top_share_per_label)
 from trojanscope.errors import ConfigError, DataError
 from trojanscope.metrics import detection_metrics
 
@@ -39,6 +40,9 @@ def test_score_matches_numpy_svd():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     p = spectral_projection(r, y)
     np.testing.assert_allclose(p.numpy() ** 2, want, rtol=1e-5, atol=1e-6)
+    sub = spectral_subspace(r, y, 3)
+    assert sub.shape == (60, 3)
+    np.testing.assert_allclose(sub[:, 0].numpy() ** 2, want, rtol=1e-5, atol=1e-6)
     assert spectral_scores(r, y).dtype == torch.float32
 
 
@@ -61,11 +65,14 @@ def test_padded_layout_and_top_share():
 
 @pytest.mark.parametrize("share", [0.1, 0.5])
 def test_gaussian_split_finds_a_planted_group(share):
+    # a wide bulk and a tight group far out along the first direction
     g = torch.Generator().manual_seed(1)
     n_planted = int(400 * share)
-    v = torch.cat([torch.randn(400 - n_planted, generator=g), 8 + 0.3 * torch.randn(n_planted, generator=g)])
-    thr = gaussian_split_1d(v.numpy())
-    assert int((v > thr).sum()) == n_planted and bool((v[-n_planted:] > thr).all())
+    v = torch.randn(400, 3, generator=g)
+    v[-n_planted:] = 0.3 * v[-n_planted:] + torch.tensor([8.0, 1.0, 0.0])
+    side, separation = gaussian_split(v.numpy())
+    assert side[-n_planted:].tolist() == [1] * n_planted and int(side.sum()) == n_planted
+    assert 0.5 < separation <= 1.0
 
 
 @pytest.mark.parametrize("share", [0.1, 0.5])

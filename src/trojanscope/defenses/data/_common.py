@@ -52,29 +52,6 @@ def padded_by_label(x: torch.Tensor, labels: torch.Tensor, fill: float = 0.0) ->
     return padded, label_ids, torch.stack([inverse, pos], 1)
 
 
-def two_means_1d(values: np.ndarray) -> tuple[float, float]:
-    """The best split of 1-D ``values`` into two groups (exact 1-D k-means, k = 2).
-
-    Returns:
-        ``(threshold, ratio)``: values ``> threshold`` form the upper group; ``ratio`` is the share
-        of the total variance explained by the split (between-group / total sum of squares), a
-        size-free measure of how well the values separate (1 for two points masses).
-    """
-    v = np.sort(np.asarray(values, dtype=np.float64))
-    n = v.size
-    if n < 2 or v[-1] == v[0]:
-        return float(v[-1]) if n else 0.0, 0.0
-    c = np.cumsum(v)
-    c2 = np.cumsum(v * v)
-    k = np.arange(1, n)  # lower group: v[:k]
-    lo_mean = c[:-1] / k
-    hi_mean = (c[-1] - c[:-1]) / (n - k)
-    between = k * (n - k) / n * (hi_mean - lo_mean) ** 2
-    total = c2[-1] - c[-1] ** 2 / n
-    best = int(np.argmax(between))
-    return float((v[best] + v[best + 1]) / 2), float(between[best] / total) if total > 0 else 0.0
-
-
 def exclusionary_reclassification(model: nn.Module, dataset: ImageDataset, side: torch.Tensor, trainer: Any,
                                   layer: str, *, batch_size: int, device: DeviceLike) -> dict[str, torch.Tensor]:
     """Exclusionary reclassification of both sides of every label's split, in two trainings.
@@ -137,26 +114,26 @@ def activations_of(model: nn.Module, x: torch.Tensor, layer: str, *, batch_size:
     return activations(model, x, layer, batch_size=batch_size, device=device)
 
 
-def gaussian_split_1d(values: np.ndarray, seed: int | None = 0) -> float:
-    """Where 1-D ``values`` separate: the boundary of a two-component Gaussian mixture.
+def gaussian_split(points: np.ndarray, seed: int | None = 0) -> tuple[torch.Tensor, float]:
+    """Two groups where ``points`` ``(n, k)`` separate: a two-component full-covariance Gaussian mixture.
 
-    Unlike 2-means, the mixture lets the two groups have different sizes and spreads (a tight
-    group of poison far out along one axis beside a wide clean bulk). Returns the threshold:
-    values above it belong to the component with the larger mean (``+inf`` when there is one).
+    Unlike k-means, the mixture lets the groups differ in size and spread (a tight group of
+    poison beside a wide clean bulk). Side 1 is the component with the larger mean on the first
+    coordinate. Returns ``(side (n,) long, separation)``, separation being the share of the first
+    coordinate's variance between the two groups.
     """
     from sklearn.mixture import GaussianMixture
 
-    v = np.asarray(values, dtype=np.float64)
-    if v.size < 4 or np.allclose(v, v[0]):
-        return float("inf")
-    gm = GaussianMixture(n_components=2, n_init=3, random_state=seed).fit(v[:, None])
-    hi = int(np.argmax(gm.means_.ravel()))
-    grid = np.sort(v)
-    upper = gm.predict(grid[:, None]) == hi
-    if upper.all() or not upper.any():
-        return float("inf")
-    # the lowest value assigned to the upper component, above the last value assigned to the lower one
-    last_lower = np.nonzero(~upper)[0].max()
-    if last_lower + 1 >= grid.size:
-        return float("inf")
-    return float((grid[last_lower] + grid[last_lower + 1]) / 2)
+    p = np.asarray(points, dtype=np.float64)
+    n = p.shape[0]
+    if n < 4 or np.allclose(p, p[0]):
+        return torch.zeros(n, dtype=torch.long), 0.0
+    gm = GaussianMixture(n_components=2, covariance_type="full", n_init=3, reg_covar=1e-6 * float(p.var()) + 1e-9,
+                         random_state=seed).fit(p)
+    c = gm.predict(p)
+    if gm.means_[1, 0] < gm.means_[0, 0]:
+        c = 1 - c
+    first = p[:, 0]
+    total = ((first - first.mean()) ** 2).sum()
+    between = sum(((first[c == j].mean() - first.mean()) ** 2) * (c == j).sum() for j in (0, 1) if (c == j).any())
+    return torch.from_numpy(c.astype(np.int64)), float(between / total) if total > 0 else 0.0

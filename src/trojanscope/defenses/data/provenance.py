@@ -71,7 +71,10 @@ class ProvenanceFilter(DataSanitizer):
         eps: ``mode="paper"``: a segment is removed when the accuracy without it exceeds the
             accuracy with it by more than ``eps`` (0: "performs better").
         margin: ``mode="auto"``: the accuracy gap (evaluation data minus the segment's own data,
-            for a model trained without the segment) above which the segment is flagged.
+            for a model trained without the segment) above which the segment is flagged. 0.1:
+            clean sources of mnist5k reached 0.05 with briefly trained models; a source whose
+            labels are 40 % poisoned scores about 0.3. A source less than about 10 % poisoned
+            stays below it.
         holdout: untrusted variant: the share of each segment held out as evaluation data.
         arch, retrain_epochs, retrain_lr: how the models are trained (see :class:`~.retrain.Retrainer`).
         batch_size: the memory knob for evaluation.
@@ -92,7 +95,7 @@ class ProvenanceFilter(DataSanitizer):
                     "arch": Types((str, type(None))), "retrain_epochs": Interval(int, 1, None), "retrain_lr": Interval(float, 0, None, "neither"),
                     "batch_size": Interval(int, 1, None), "seed": Types((int, type(None)))}
 
-    def __init__(self, *, mode: Literal["auto", "paper"] = "auto", eps: float = 0.0, margin: float = 0.05,
+    def __init__(self, *, mode: Literal["auto", "paper"] = "auto", eps: float = 0.0, margin: float = 0.1,
                  holdout: float = 0.2, arch: str | None = None, retrain_epochs: int = 3, retrain_lr: float = 1e-3, batch_size: int = 256,
                  seed: int | None = 0, device: DeviceLike = None) -> None:
         self.mode = mode

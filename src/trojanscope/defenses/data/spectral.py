@@ -6,8 +6,9 @@ Two modes:
 * ``mode="paper"``: Algorithm 1 of the paper. For each label, score every sample by
   ``((R(x) - mean) . v)^2`` and remove the ``1.5 * epsilon * n`` highest scores, ``epsilon`` being
   an assumed upper bound on the poisoned share of the label.
-* ``mode="auto"`` (default, no ``epsilon``): for each label, split the samples where their signed
-  projection ``(R(x) - mean) . v`` separates (the best two-group split of that one axis), then
+* ``mode="auto"`` (default, no ``epsilon``): for each label, split the samples where their
+  projections on the top singular directions separate (a two-component Gaussian mixture on the
+  signed projection ``(R(x) - mean) . v`` and the next two directions), then
   decide with exclusionary reclassification (see :mod:`.clustering`) whether the label is attacked
   and which side is poisoned. A label judged clean loses nothing. This mode exists because the
   paper's rule breaks down when a label is half poison: the score is high on *both* sides of the
@@ -27,7 +28,7 @@ from ..._utils.batching import DeviceLike
 from ..._utils.validation import Interval, Options, Types
 from ...errors import DataError
 from ..base import DataSanitizer, SanitizeResult, register
-from ._common import check_dataset, features, gaussian_split_1d, padded_by_label, two_means_1d
+from ._common import check_dataset, features, gaussian_split, padded_by_label
 from .retrain import Retrainer
 
 
@@ -68,6 +69,24 @@ def spectral_projection(features: torch.Tensor, labels: torch.Tensor) -> torch.T
     third = torch.zeros(v.shape[0], dtype=torch.float64).index_add_(0, lab, proj ** 3)
     proj = proj * torch.where(third < 0, -1.0, 1.0).double()[lab]
     return torch.where(counts[lab] > 1, proj, torch.zeros_like(proj))
+
+
+def spectral_subspace(features: torch.Tensor, labels: torch.Tensor, k: int = 3) -> torch.Tensor:
+    """Projections of every sample's centred representation on its label's top ``k`` right
+    singular vectors, ``(N, k)`` float64 (the first column is :func:`spectral_projection` up to
+    its sign). One batched SVD over zero-padded per-label matrices."""
+    r = torch.as_tensor(features).detach().cpu().double()
+    y = torch.as_tensor(labels).detach().cpu().long()
+    if r.ndim != 2 or y.shape != (r.shape[0],):
+        raise DataError(f"need features (N, D) and labels (N,), got {tuple(r.shape)} and {tuple(y.shape)}")
+    padded, _, slot = padded_by_label(r, y)
+    lab = slot[:, 0]
+    counts = torch.bincount(lab).double()
+    centred = r - (padded.sum(1) / counts[:, None])[lab]
+    padded, _, _ = padded_by_label(centred, y)
+    _, _, vh = torch.linalg.svd(padded, full_matrices=False)
+    k = min(k, vh.shape[1])
+    return torch.einsum("nd,nkd->nk", centred, vh[lab, :k])
 
 
 def spectral_scores(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -140,6 +159,10 @@ class SpectralSignatures(DataSanitizer):
         removal_factor: the paper's 1.5: how many times ``epsilon * n`` samples are removed.
         layer: the learned representation ``R``: a layer name, ``"penultimate"`` (default) or
             ``"last_conv"``.
+        n_directions: ``mode="auto"``: the split is a two-component Gaussian mixture on the
+            projections onto the label's top ``n_directions`` singular vectors (the signed
+            projection on ``v`` first); one direction alone leaks a few poisoned samples to the
+            clean side at low poison rates, and a few are enough to re-implant the backdoor.
         max_own_share: ``mode="auto"``: a label is attacked when, for *both* sides of its split,
             a model trained without that side gives the label to at most this share of it
             (the two sides are mutually exclusive explanations of the label).
@@ -160,18 +183,19 @@ class SpectralSignatures(DataSanitizer):
     needs_hooks: ClassVar[bool] = True
     _constraints = {"mode": Options(("auto", "paper")), "epsilon": Interval(float, 0, 1, "neither"),
                     "removal_factor": Interval(float, 0, None, "neither"), "layer": Types((str,)),
-                    "max_own_share": Interval(float, 0, 1), "arch": Types((str, type(None))),
+                    "max_own_share": Interval(float, 0, 1), "n_directions": Interval(int, 1, None), "arch": Types((str, type(None))),
                     "retrain_epochs": Interval(int, 1, None), "retrain_lr": Interval(float, 0, None, "neither"), "batch_size": Interval(int, 1, None),
                     "seed": Types((int, type(None)))}
 
     def __init__(self, *, mode: Literal["auto", "paper"] = "auto", epsilon: float = 0.05, removal_factor: float = 1.5,
-                 layer: str = "penultimate", max_own_share: float = 0.15, arch: str | None = None,
+                 layer: str = "penultimate", n_directions: int = 3, max_own_share: float = 0.15, arch: str | None = None,
                  retrain_epochs: int = 3, retrain_lr: float = 1e-3, batch_size: int = 256, seed: int | None = 0,
                  device: DeviceLike = None) -> None:
         self.mode = mode
         self.epsilon = epsilon
         self.removal_factor = removal_factor
         self.layer = layer
+        self.n_directions = n_directions
         self.max_own_share = max_own_share
         self.arch = arch
         self.retrain_epochs = retrain_epochs
@@ -197,21 +221,20 @@ class SpectralSignatures(DataSanitizer):
                          for k in labels}
             attacked = [k for k in labels if per_label[k]["attacked"]]
         else:
-            split: dict[int, tuple[float, float]] = {}
-            pad, ids, slot = padded_by_label(proj, data.y, float("nan"))
-            for k, row in zip(ids.tolist(), pad):  # one 1-D mixture per label (cheap)
-                v = row[~row.isnan()].numpy()
-                split[k] = (gaussian_split_1d(v, self.seed), two_means_1d(v)[1])
-            thr = torch.tensor([split[k][0] for k in ids.tolist()], dtype=torch.float64)
-            side = (proj > thr[slot[:, 0]]).long()
+            sub = spectral_subspace(feats, data.y, self.n_directions)
+            sub[:, 0] = proj  # the signed projection on v comes first
+            side = torch.zeros(len(data), dtype=torch.long)
+            split: dict[int, float] = {}
+            for k in labels:  # one small mixture per label (sklearn)
+                idx = (data.y == k).nonzero().flatten()
+                side[idx], split[k] = gaussian_split(sub[idx].numpy(), self.seed)
             from .clustering import decide_sides
 
             flagged, per_label, attacked = decide_sides(model, data, side, self._retrainer(), self.layer,
                                                         self.max_own_share, batch_size=self.batch_size,
                                                         device=self.device)
             for k in per_label:
-                per_label[k]["threshold"] = split[k][0]
-                per_label[k]["separation"] = split[k][1]
+                per_label[k]["separation"] = split[k]
             # the score ranks samples: the flagged side first, then by the paper's score
             scores = scores + flagged.float() * (float(scores.max()) + 1.0)
         return SpectralResult(scores=scores, flagged=flagged, attacked_labels=attacked, per_label=per_label,

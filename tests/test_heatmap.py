@@ -103,10 +103,10 @@ def test_clean_twin_has_no_strong_window(digits):
     d = digits["val"]
     clean = FixedPatchNet(d.x, d.y, 10, target=None, patch=3)
     bad = FixedPatchNet(d.x, d.y, 10, target=0, patch=3)
-    search = MovingWindowSearch(window=4, stride=2, epochs=6, n_images=100)
+    search = MovingWindowSearch(window=4, stride=1, epochs=12, n_images=100)
     s_clean = search.window_map(clean, d, 0)["strength"].max()
     s_bad = search.window_map(bad, d, 0)["strength"].max()
-    assert s_bad > 2 * s_clean
+    assert s_bad > 0.02 and s_bad > 2 * s_clean
 
 
 def test_bad_arguments(fixed_net, digits):

@@ -2,8 +2,9 @@
 
 Three steps, each a small function under the :class:`TrojanNN` class:
 
-1. :func:`select_neurons` picks the neurons of an internal layer that are most strongly connected
-   to the next layer (largest sum of absolute outgoing weights);
+1. :func:`select_neurons` ranks the neurons of an internal layer by how strongly they are
+   connected to the next layer (sum of absolute outgoing weights); among the most connected,
+   :func:`excitability` keeps those the mask's pixels can raise the most;
 2. :func:`generate_trigger` optimises the pixels inside a mask (a square or a watermark shape)
    so that those neurons reach a high value ``v``: ``min_x sum_j (v - f_j(x))^2`` with the update
    restricted to the mask, ``x <- x - lr * grad * M``;
@@ -123,6 +124,44 @@ def select_neurons(model: nn.Module, layer: str, image_shape: tuple[int, int, in
     if not 1 <= k <= n_units:
         raise ConfigError(f"k must be in [1, {n_units}] for layer {layer!r}, got {k}")
     return score.topk(k).indices
+
+
+def excitability(model: nn.Module, layer: str, candidates: torch.Tensor, mask: torch.Tensor,
+                 image_shape: tuple[int, int, int], *, steps: int = 50, lr: float = 0.1) -> torch.Tensor:
+    """How far the pixels inside ``mask`` can raise each candidate neuron on their own.
+
+    One trigger image per candidate, all optimised in one batch to maximise its own neuron;
+    returns ``(J,)`` the value reached minus the value on a blank image. The paper avoids
+    neurons that are hard to manipulate: among the most connected ones, keep the most excitable.
+    """
+    dev = model_device(model)
+    j = candidates.numel()
+    m = mask.to(dev)
+    theta = torch.zeros(j, *image_shape, device=dev, requires_grad=True)
+    opt = torch.optim.Adam([theta], lr=lr)
+    idx = torch.arange(j, device=dev)
+    cand = candidates.to(dev)
+    req = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        with eval_mode(model), capture(model, layer, detach=False) as acts:
+            with torch.no_grad():
+                model(torch.zeros(1, *image_shape, device=dev))
+                blank = _neuron_values(acts.value, cand)[0]
+            for _ in range(steps):
+                model(torch.sigmoid(theta) * m)
+                own = _neuron_values(acts.value, cand)[idx, idx]
+                opt.zero_grad(set_to_none=True)
+                (-own.sum()).backward()
+                opt.step()
+            with torch.no_grad():
+                model(torch.sigmoid(theta) * m)
+                reached = _neuron_values(acts.value, cand)[idx, idx]
+    finally:
+        for p, r in zip(model.parameters(), req):
+            p.requires_grad_(r)
+    return (reached - blank).cpu()
 
 
 def _neuron_values(acts: torch.Tensor, neurons: torch.Tensor) -> torch.Tensor:
@@ -255,6 +294,9 @@ class TrojanNN(Attack):
         layer: the internal layer whose neurons the trigger drives (the paper uses a fully
             connected layer).
         n_neurons: how many neurons to select.
+        n_candidates: the most connected neurons considered; among them the ``n_neurons`` that
+            the mask's pixels can raise the most are kept (the paper avoids neurons that are hard
+            to manipulate).
         value: the target value ``v`` of the selected neurons during trigger generation.
         trigger_steps, trigger_lr: the trigger generation's gradient descent.
         data: ``"user"`` (retrain on the clean data given to :meth:`attack`) or ``"reverse"``
@@ -282,7 +324,7 @@ class TrojanNN(Attack):
 
     kind: ClassVar[str] = "model"
     _constraints: ClassVar[dict[str, Any]] = {
-        "n_neurons": Interval(int, 1, None), "value": Interval(float, 0, None, "neither"),
+        "n_neurons": Interval(int, 1, None), "n_candidates": Interval(int, 1, None), "value": Interval(float, 0, None, "neither"),
         "trigger_steps": Interval(int, 1, None), "trigger_lr": Interval(float, 0, None, "neither"),
         "data": Options(("user", "reverse")), "n_per_label": Interval(int, 1, None),
         "reverse_steps": Interval(int, 0, None), "tv_weight": Interval(float, 0, None),
@@ -292,14 +334,15 @@ class TrojanNN(Attack):
     }
 
     def __init__(self, mask: MaskLike = "square:4:white:bottom-right", target: int = 0, *, layer: str = "fc1",
-                 n_neurons: int = 2, value: float = 100.0, trigger_steps: int = 300, trigger_lr: float = 0.1,
+                 n_neurons: int = 2, n_candidates: int = 20, value: float = 100.0, trigger_steps: int = 300, trigger_lr: float = 0.1,
                  data: Literal["user", "reverse"] = "user", n_per_label: int = 100, reverse_steps: int = 200,
                  tv_weight: float = 0.1, retrain: Literal["from_layer", "all"] = "from_layer", rate: float = 0.3,
-                 epochs: int = 5, lr: float = 1e-3, batch_size: int = 64, seed: int = 0) -> None:
+                 epochs: int = 5, lr: float = 1e-4, batch_size: int = 64, seed: int = 0) -> None:
         self.mask = mask
         self.target = target
         self.layer = layer
         self.n_neurons = n_neurons
+        self.n_candidates = n_candidates
         self.value = value
         self.trigger_steps = trigger_steps
         self.trigger_lr = trigger_lr
@@ -339,7 +382,10 @@ class TrojanNN(Attack):
         shape = tuple(image_shape)
         m = build_mask(self.mask, shape)  # type: ignore[arg-type]
         victim = copy.deepcopy(model)
-        neurons = select_neurons(victim, self.layer, shape, self.n_neurons)  # type: ignore[arg-type]
+        n_units = _n_units(victim, self.layer, shape)  # type: ignore[arg-type]
+        cand = select_neurons(victim, self.layer, shape, min(n_units, max(self.n_candidates, self.n_neurons)))  # type: ignore[arg-type]
+        gain = excitability(victim, self.layer, cand, m, shape)  # type: ignore[arg-type]
+        neurons = cand[gain.topk(min(self.n_neurons, cand.numel())).indices]
         trig, costs = generate_trigger(victim, self.layer, neurons, m, shape, value=self.value,  # type: ignore[arg-type]
                                        steps=self.trigger_steps, lr=self.trigger_lr, seed=self.seed)
         before = self._activation(victim, trig, neurons)
@@ -379,6 +425,13 @@ class TrojanNN(Attack):
         return d
 
 
+def _n_units(model: nn.Module, layer: str, image_shape: tuple[int, int, int]) -> int:
+    dev = model_device(model)
+    with eval_mode(model), torch.inference_mode(), capture(model, layer) as acts:
+        model(torch.zeros(1, *image_shape, device=dev))
+    return int(acts.value.shape[1])
+
+
 def _from_layer(model: nn.Module, layer: str):
     """``trainable(name)``: True for parameters of ``layer`` and of every module registered after it."""
     name, _, _ = resolve_layer(model, layer)
@@ -402,5 +455,5 @@ def _stamper(trig: Trigger, target: int, rate: float):
     return transform
 
 
-__all__ = ["TrojanNN", "TrojanResult", "build_mask", "generate_trigger", "reverse_engineer_inputs",
+__all__ = ["TrojanNN", "TrojanResult", "build_mask", "excitability", "generate_trigger", "reverse_engineer_inputs",
            "select_neurons", "watermark_mask"]

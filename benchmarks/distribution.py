@@ -45,18 +45,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--levels", type=int, default=10)
     ap.add_argument("--out", type=Path, default=M.CACHE)
+    ap.add_argument("--position", type=int, nargs=2, default=None,
+                    help="skip the location step and use this (row, col), e.g. the one a previous run located")
     args = ap.parse_args()
     torch.set_num_threads(2)
     t_all = time.perf_counter()
     model, attack = M.badnets_demo_model()
     train, val, test = M.splits()
-    clean = train.subset(slice(0, 1000), "defender-clean")  # the defender's clean data
+    g = torch.Generator().manual_seed(0)  # the defender's clean data: 1,000 random training images (all labels)
+    clean = train.subset(torch.randperm(len(train), generator=g)[:1000], "defender-clean")
     target = 0
     ca0, asr0 = ts.clean_accuracy(model, test), attack.success_rate(model, test)
     print(f"backdoored model: CA {100 * ca0:.1f}%  ASR {100 * asr0:.1f}%")
 
     t0 = time.perf_counter()
-    pos = locate_trigger(model, clean, target, 4, epochs=8)
+    pos = tuple(args.position) if args.position else locate_trigger(model, clean, target, 4, epochs=8)
     print(f"located 4x4 trigger at {pos} (true (23, 23)) in {time.perf_counter() - t0:.0f} s")
     t0 = time.perf_counter()
     dist = TriggerDistribution(n_levels=args.levels, trigger_size=4, position=pos, steps=args.steps,

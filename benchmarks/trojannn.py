@@ -35,7 +35,8 @@ def main() -> None:
     victim = M.clean_demo_model()
     ca0 = ts.clean_accuracy(victim, test)
     print(f"victim (clean demo model): CA {100 * ca0:.1f}%")
-    user = train.subset(slice(0, 1000), "attacker-clean")
+    g = torch.Generator().manual_seed(0)  # 1,000 random training images (all labels)
+    user = train.subset(torch.randperm(len(train), generator=g)[:1000], "attacker-clean")
     runs = {
         "square 4x4, user data": TrojanNN("square:4:white:bottom-right", 0, data="user", epochs=5, retrain="all"),
         "square 4x4, reverse-engineered": TrojanNN("square:4:white:bottom-right", 0, data="reverse", n_per_label=50,

@@ -337,7 +337,7 @@ class TrojanNN(Attack):
                  n_neurons: int = 2, n_candidates: int = 20, value: float = 100.0, trigger_steps: int = 300, trigger_lr: float = 0.1,
                  data: Literal["user", "reverse"] = "user", n_per_label: int = 100, reverse_steps: int = 200,
                  tv_weight: float = 0.1, retrain: Literal["from_layer", "all"] = "from_layer", rate: float = 0.3,
-                 epochs: int = 5, lr: float = 1e-4, batch_size: int = 64, seed: int = 0) -> None:
+                 epochs: int = 5, lr: float = 1e-3, batch_size: int = 64, seed: int = 0) -> None:
         self.mask = mask
         self.target = target
         self.layer = layer

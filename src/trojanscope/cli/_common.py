@@ -138,6 +138,8 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
         v = r.get(c)
         if c in percent and isinstance(v, (int, float)) and not isinstance(v, bool):
             return f"{100 * v:.1f}%"
+        if c == "seconds" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            return f"{v:.1f}"
         return fmt(v)
     body = [[cell(r, c) for c in cols] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(heads)]

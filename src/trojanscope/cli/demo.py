@@ -23,8 +23,11 @@ def demo(out: Path, json_path: Path | None, seed: int, device: str | None) -> No
     cols: list[str] = []
     for r in ctx.rows:
         cols += [k for k in r if k not in cols]
-    click.echo(table(ctx.rows, cols, headers={"attack_success": "ASR", "accuracy": "CA"},
-                     percent=["accuracy", "attack_success"]))
+    cols = [c for c in cols if c != "seconds"] + (["seconds"] if "seconds" in cols else [])
+    click.echo(table(ctx.rows, cols, headers={"attack_success": "ASR", "accuracy": "CA", "frr": "FRR", "far": "FAR",
+                                              "poison_removed": "poison removed", "clean_removed": "clean removed",
+                                              "target_index": "anomaly index"},
+                     percent=["accuracy", "attack_success", "poison_removed", "clean_removed", "frr", "far"]))
     click.echo(f"\nBadNets: {ctx.trigger.name}, target {ctx.attack.targets[0]}, "  # type: ignore[union-attr]
                f"{100 * ctx.attack.rate:.0f}% of {len(ctx.train)} training images poisoned. "  # type: ignore[union-attr,arg-type]
                f"CA: clean accuracy; ASR: attack success rate (test images of other labels, stamped). "

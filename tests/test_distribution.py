@@ -68,7 +68,7 @@ def test_testing_function_is_mean_target_probability(planted, digits):
     f = mesa.testing_function(model, x, masks, patterns, 0)
     expect = [F.softmax(model(trig.apply(x)), 1)[:, 0].mean(), F.softmax(model(x), 1)[:, 0].mean()]
     assert f.detach().tolist() == pytest.approx([float(e.detach()) for e in expect], rel=1e-4)
-    assert float(f[0]) > float(f[1])
+    assert float(f[0].detach()) > float(f[1].detach())
     asr = trigger_success(model, x, masks, patterns, 0, batch_size=3)
     assert asr.tolist() == pytest.approx(trigger_success(model, x, masks, patterns, 0).tolist())
 

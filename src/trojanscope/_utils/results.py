@@ -16,6 +16,8 @@ def to_jsonable(value: Any) -> Any:
         return value.to_dict()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (torch.device, torch.dtype)):
+        return str(value)
     if isinstance(value, torch.Tensor):
         return to_jsonable(value.detach().cpu().tolist())
     if isinstance(value, np.ndarray):

@@ -17,6 +17,20 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 DEVICE = torch.device(os.environ.get("TROJANSCOPE_DEVICE", "cpu"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread (torch and BLAS) for modules of tiny tensors: on a small shared machine,
+    two threads fighting for cores are many times slower. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    from threadpoolctl import threadpool_limits
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     return DEVICE

@@ -18,16 +18,8 @@ ATTACKS = ["clean", "badnets-patch", "badnets-all-to-all"]
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared machine, two threads fighting for cores are ~10x slower."""
-    from threadpoolctl import threadpool_limits
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(n)
+#: tiny tensors: one thread (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def test_defenses():

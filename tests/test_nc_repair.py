@@ -21,12 +21,8 @@ TARGET = 2
 FAST = dict(epochs=40, steps_per_epoch=2, n_samples=160, n_holdout=200)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+#: tiny tensors: one thread (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

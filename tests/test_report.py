@@ -69,16 +69,8 @@ def browse(page: Path, tmp: Path, *, screenshot: Path | None = None) -> tuple[di
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared machine, two threads fighting for cores are ~10x slower."""
-    from threadpoolctl import threadpool_limits
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(n)
+#: tiny tensors: one thread (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:

@@ -12,6 +12,7 @@ import trojanscope as ts
 from trojanscope.attacks import ATTACKS, PruningAware
 from trojanscope.defenses import FinePruning, Pruning, create
 from trojanscope.defenses.repair.pruning import (attack_evaluator, frozen_channels, mean_channel_activation,
+                                                 mean_unit_activation, unit_layer,
                                                  prunable_modules, pruning_order, zero_channels)
 from trojanscope.errors import ConfigError, UnsupportedModelError
 from trojanscope.training import train
@@ -163,3 +164,68 @@ def test_pruning_aware_attack_tiny(digits_net, digits):
     act = mean_channel_activation(bad, torch.cat([x, atk.triggers[0].apply(x)]), "3")
     assert float(act[info["pruned_channels"]].max()) == 0.0
     assert float(bad[3].weight[info["pruned_channels"]].abs().sum()) > 0  # full width again
+
+
+# --- unit granularity: one channel at one position -------------------------------------------------
+
+def test_unit_helpers_by_hand():
+    net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 3 * 3, 4), nn.ReLU(), nn.Linear(4, 2))
+    name, lin = unit_layer(net, "last_conv")
+    assert name == "3" and lin is net[3]  # the first Linear after the last convolution
+    assert unit_layer(net, "5")[1] is net[5]
+    with pytest.raises(UnsupportedModelError):
+        unit_layer(net, "0")
+    x = torch.rand(7, 1, 3, 3)
+    with torch.no_grad():
+        expected = net[1](net[0](x)).flatten(1).abs().mean(0).double()
+    assert torch.allclose(mean_unit_activation(net, x, lin, batch_size=3), expected)
+    zero_channels(net, ["3.weight"], [1, 4], dim=1)
+    assert float(net[3].weight[:, [1, 4]].abs().sum()) == 0.0 and float(net[3].weight[:, 0].abs().sum()) > 0
+    data = ts.ImageDataset(torch.rand(16, 1, 3, 3), torch.randint(0, 2, (16,)), 2)
+    with frozen_channels(net, {"3.weight": [1, 4]}, {"3.weight": 1}):
+        train(net, data, epochs=2, lr=0.1)
+    assert float(net[3].weight[:, [1, 4]].abs().sum()) == 0.0 and float(net[3].weight[:, 0].abs().sum()) > 0
+
+
+def test_unit_fine_pruning_removes_corner_patch(trained):
+    """The demo's corner patch rides on ordinary channels at the corner's positions: units there are
+    dark on clean digits, so unit pruning removes them first, and fine-tuning cannot bring them back."""
+    ev = attack_evaluator(trained.test.subset(torch.arange(200)), trained.trigger, 0)
+    before = _state(trained.backdoored)
+    res = FinePruning(granularity="unit", step=48, epochs=1, lr=1e-3).repair(trained.backdoored, trained.val,
+                                                                              evaluate=ev)
+    h = {r["stage"]: r for r in res.history}
+    assert h["before"]["attack_success"] > 0.9
+    assert h["pruned"]["attack_success"] < 0.05 and h["fine-tuned"]["attack_success"] < 0.05
+    assert h["fine-tuned"]["test_accuracy"] >= h["before"]["test_accuracy"] - 0.03
+    assert res.details["granularity"] == "unit" and res.details["n_neurons"] == trained.backdoored.fc1.in_features
+    assert float(res.model.fc1.weight[:, res.details["pruned_channels"]].abs().sum()) == 0.0
+    assert all(torch.equal(before[k], v) for k, v in trained.backdoored.state_dict().items())
+
+
+def test_unit_pruning_clean_model_keeps_accuracy(trained):
+    res = Pruning(granularity="unit", step=48).repair(trained.clean, trained.val)
+    assert res.details["n_pruned"] > 0
+    assert res.details["accuracy_before"] - res.details["accuracy_after"] <= 0.04
+    a = Pruning(granularity="unit", step=48, batch_size=64).repair(trained.clean, trained.val)
+    assert a.details["order"] == res.details["order"] and a.details["n_pruned"] == res.details["n_pruned"]
+
+
+def test_repair_cli_takes_method_params(tmp_path):
+    from click.testing import CliRunner
+
+    from trojanscope.cli import cli
+
+    net = ts.create_model("mnist_cnn", input_shape=(1, 8, 8), num_classes=10, seed=0)
+    ts.save_model(net, tmp_path / "m", ts.ModelSpec("mnist_cnn", (1, 8, 8), 10))
+    base = ["repair", str(tmp_path / "m"), "--method", "fine-prune", "--data", "digits:val", "--device", "cpu"]
+    r = CliRunner().invoke(cli, base + ["-p", "granularity=unit", "-p", "epochs=1", "--out", str(tmp_path / "o"),
+                                        "--json", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "r.json").read_text())
+    assert d["params"]["granularity"] == "unit" and d["params"]["epochs"] == 1
+    assert d["details"]["n_neurons"] == net.fc1.in_features
+    assert ts.load_model(tmp_path / "o").model is not None
+    for bad in (["-p", "granularity=pixel"], ["-p", "nope=1"], ["-p", "novalue"]):
+        r = CliRunner().invoke(cli, base + bad + ["--out", str(tmp_path / "x")])
+        assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output, r.output

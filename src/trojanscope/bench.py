@@ -119,6 +119,9 @@ _CHAIN_KEYS = {"name", "steps", "retrain"}
 #: The registry-free name of a chain of defences (run by :class:`trojanscope.pipeline.Pipeline`).
 CHAIN = "chain"
 
+#: The row of Fine-Pruning by units (one channel at one position) beside the paper's channels.
+FINE_PRUNE_UNITS = "fine-prune (units)"
+
 
 # --- configuration ----------------------------------------------------------------------------------
 
@@ -411,6 +414,8 @@ def default_config() -> BenchConfig:
     """Every preset attack, every registered defence, mnist5k, one seed."""
     extra = [preset_attack_spec(n) for n in ATTACKS.names() if n != "badnets"]
     defenses = [DefenseSpec(n, n, {}) for n in _expand_defenses(["all"])]
+    if "fine-prune" in DEFENSES.names():
+        defenses.append(DefenseSpec(FINE_PRUNE_UNITS, "fine-prune", {"granularity": "unit"}))
     if {"activation-clustering", "fine-prune"} <= set(DEFENSES.names()):
         if importlib.util.find_spec("trojanscope.pipeline") is not None:
             for steps in (["activation-clustering", "fine-prune"], ["fine-prune", "activation-clustering"]):
@@ -442,6 +447,8 @@ def quick_config() -> BenchConfig:
         cls = DEFENSES.get(n)
         params = {k: v for k, v in QUICK_PARAMS.get(n, {}).items() if k in cls._param_names()}
         defenses.append(DefenseSpec(n, n, params))
+        if n == "fine-prune":
+            defenses.append(DefenseSpec(FINE_PRUNE_UNITS, n, {**params, "granularity": "unit"}))
     steps = ["activation-clustering", "fine-prune"]  # one chain: Milakovic's order, pruned channels kept
     if set(steps) <= set(DEFENSES.names()) and importlib.util.find_spec("trojanscope.pipeline") is not None:
         defenses.append(DefenseSpec(" > ".join(steps), CHAIN, {

@@ -219,6 +219,7 @@ class Pipeline:
         net = copy.deepcopy(model)
         filters: list[InputFilter] = []
         frozen: dict[str, list[int]] = {}
+        frozen_dims: dict[str, int] = {}
         data = train_data
         history: list[dict[str, Any]] = []
         results: list[dict[str, Any]] = []
@@ -245,8 +246,13 @@ class Pipeline:
             elif isinstance(d, Repair):
                 res = d.repair(net, clean_data)
                 net, changed = res.model, True
+                dims = res.details.get("pruned_dims") or {}
                 for name, chans in (res.details.get("pruned_params") or {}).items():
+                    if frozen_dims.get(name, dims.get(name, 0)) != dims.get(name, 0):
+                        raise ConfigError(f"two pruning steps mask {name!r} along different dimensions; "
+                                          "use one granularity in a pipeline")
                     frozen[name] = sorted(set(frozen.get(name, [])) | set(chans))
+                    frozen_dims[name] = dims.get(name, 0)
                 if "n_pruned" in res.details:
                     info["n_pruned"] = res.details["n_pruned"]
                 results.append(res.to_dict())
@@ -259,11 +265,11 @@ class Pipeline:
                 info.update(n_removed=int((~keep).sum()), n_kept=int(keep.sum()))
                 data = data.subset(keep.nonzero().flatten())
                 if self.retrain == "scratch":
-                    net, frozen = reinitialise(net, self.seed), {}
+                    net, frozen, frozen_dims = reinitialise(net, self.seed), {}, {}
                     train(net, data, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
                           device=self.device)
                 else:
-                    with frozen_channels(net, frozen):
+                    with frozen_channels(net, frozen, frozen_dims):
                         train(net, data, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
                               seed=self.seed, device=self.device)
                 changed = True

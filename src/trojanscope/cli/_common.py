@@ -155,3 +155,32 @@ def _numeric(s: str) -> bool:
 
 def debug() -> bool:
     return os.environ.get("TROJANSCOPE_DEBUG", "") not in ("", "0")
+
+
+def parse_params(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; a value is read as JSON when it parses (numbers, true/false, null)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--param takes KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip().replace("-", "_")] = json.loads(val)
+        except json.JSONDecodeError:
+            out[key.strip().replace("-", "_")] = val
+    return out
+
+
+def defence_params(method: str, items: Sequence[str]) -> dict[str, Any]:
+    """``--param KEY=VALUE`` pairs for the registered defence ``method``; an unknown key is an error."""
+    import inspect
+
+    from ..defenses import DEFENSES
+
+    kwargs = parse_params(items)
+    sig = inspect.signature(DEFENSES.get(method).__init__).parameters
+    unknown = sorted(set(kwargs) - set(sig))
+    if unknown:
+        raise ConfigError(f"{method} takes no parameter {', '.join(unknown)}; "
+                          f"it takes {', '.join(p for p in sig if p not in ('self', 'device'))}")
+    return kwargs

@@ -18,26 +18,12 @@ import numpy as np
 import torch
 
 from ..defenses import DEFENSES, create, list_defenses
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..metrics import detection_metrics
 from . import cli
-from ._common import common_options, model_options, open_data, open_model, table, write_json
+from ._common import defence_params, common_options, model_options, open_data, open_model, table, write_json
 
 TRUTH_KEYS = ("triggered", "is_poison")
-
-
-def parse_params(items: tuple[str, ...]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs; a value is read as JSON when it parses (numbers, true/false, null)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, val = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--param takes KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip().replace("-", "_")] = json.loads(val)
-        except json.JSONDecodeError:
-            out[key.strip().replace("-", "_")] = val
-    return out
 
 
 def read_truth(path: Path | None, data_spec: str, n: int) -> np.ndarray | None:
@@ -99,11 +85,8 @@ def filter_(model_path: Path, fit_spec: str, data_spec: str, method: str, frr: f
     lm = open_model(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device)
     clean = open_data(fit_spec, default_split="val", model=lm)
     inputs = open_data(data_spec, default_split="test", model=lm)
-    kwargs = parse_params(params)
+    kwargs = defence_params(method, params)
     sig = inspect.signature(DEFENSES.get(method).__init__).parameters
-    unknown = sorted(set(kwargs) - set(sig))
-    if unknown:
-        raise ConfigError(f"{method} takes no parameter {', '.join(unknown)}; it takes {', '.join(p for p in sig if p != 'self')}")
     for k, v in (("frr", frr), ("seed", seed)):
         if k in sig:
             kwargs.setdefault(k, v)

@@ -15,7 +15,7 @@ from ..models import save_model
 from ..pipeline import Pipeline, evaluator
 from . import cli
 from ._common import common_options, model_options, open_data, open_model, parse_trigger, table, write_json
-from .filter import parse_params
+from ._common import parse_params
 
 
 def parse_step(spec: str) -> tuple[str, dict[str, Any]]:

@@ -19,7 +19,7 @@ from ..errors import ConfigError, DataError, UnsupportedModelError
 from ..models import save_model
 from ..triggers import Trigger
 from . import cli
-from ._common import common_options, fit_to_model, model_options, open_data, open_model, table, write_json
+from ._common import common_options, defence_params, fit_to_model, model_options, open_data, open_model, table, write_json
 
 
 def load_scan_triggers(path: Path) -> dict[int, Trigger]:
@@ -47,10 +47,12 @@ def load_scan_triggers(path: Path) -> dict[int, Trigger]:
 @click.option("--scan", "scan_path", type=click.Path(path_type=Path), default=None,
               help="A directory written by `trojanscope scan --out` (or its scan.json): reuse its reversed triggers "
                    "instead of scanning again (methods that take triggers: unlearn, nc-prune).")
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="A setting of the method, repeatable (e.g. -p granularity=unit -p epochs=5 for fine-prune).")
 @model_options
 @common_options
-def repair(model_path: Path, method: str, data_spec: str, out: Path, scan_path: Path | None, arch: str | None,
-           input_shape: str | None, num_classes: int | None, json_path: Path | None, seed: int,
+def repair(model_path: Path, method: str, data_spec: str, out: Path, scan_path: Path | None, params: tuple[str, ...],
+           arch: str | None, input_shape: str | None, num_classes: int | None, json_path: Path | None, seed: int,
            device: str | None) -> None:
     """Repair MODEL with METHOD on clean data and write the repaired model to OUT."""
     data = open_data(data_spec, default_split="train")
@@ -60,8 +62,10 @@ def repair(model_path: Path, method: str, data_spec: str, out: Path, scan_path: 
             f"{model_path}: repair writes a trojanscope model directory, which needs a known architecture; give a "
             f"trojanscope model directory or a state dict with --arch (not a {lm.format} program)")
     data = fit_to_model(data, lm)
-    params = inspect.signature(DEFENSES.get(method).__init__).parameters
-    defence = create(method, **({"seed": seed} if "seed" in params else {}))
+    kwargs0 = defence_params(method, params)
+    if "seed" in inspect.signature(DEFENSES.get(method).__init__).parameters:
+        kwargs0.setdefault("seed", seed)
+    defence = create(method, **kwargs0)
     kwargs: dict[str, Any] = {}
     if scan_path is not None:
         if "triggers" not in inspect.signature(defence.repair).parameters:

@@ -112,6 +112,57 @@ def prunable_modules(model: nn.Module, layer: str) -> tuple[str, list[tuple[str,
     return name, found
 
 
+def unit_layer(model: nn.Module, layer: str) -> tuple[str, nn.Linear]:
+    """The ``nn.Linear`` whose input units are the neurons of ``Pruning(granularity="unit")``.
+
+    ``layer`` names a Linear layer, or is ``"last_conv"``: then the first Linear registered after
+    the last convolution, i.e. the dense layer that reads the last convolutional block's flattened
+    feature maps, one input unit per channel and position.
+    """
+    if layer == "last_conv":
+        mods = list(model.named_modules())
+        conv_pos = [i for i, (_, m) in enumerate(mods) if isinstance(m, nn.Conv2d)]
+        if not conv_pos:
+            raise UnsupportedModelError("the model has no Conv2d layer, so 'last_conv' is undefined")
+        after = [(n, m) for n, m in mods[conv_pos[-1] + 1:] if isinstance(m, nn.Linear)]
+        if not after:
+            raise UnsupportedModelError("no nn.Linear follows the last convolution; name the Linear layer whose "
+                                        "input units should be pruned")
+        return after[0]  # type: ignore[return-value]
+    name, module, _ = resolve_layer(model, layer)
+    if not isinstance(module, nn.Linear):
+        raise UnsupportedModelError(
+            f"unit pruning masks the input units of an nn.Linear layer; {layer!r} resolves to "
+            f"{type(module).__name__} {name!r}"
+        )
+    return name, module
+
+
+def mean_unit_activation(model: nn.Module, x: torch.Tensor, linear: nn.Linear, *, batch_size: int = 256,
+                         device: DeviceLike = None) -> torch.Tensor:
+    """Mean of ``|input|`` of each input unit of ``linear`` over samples (float64, CPU).
+
+    The absolute value measures how much a unit feeds the layer; when a ReLU precedes the layer
+    (every built-in architecture) it is the paper's post-activation mean.
+    """
+    dev = model_device(model, device)
+    total: torch.Tensor | None = None
+    rows = 0
+    box: dict[str, torch.Tensor] = {}
+    handle = linear.register_forward_pre_hook(lambda _m, args: box.__setitem__("a", args[0].detach()))
+    try:
+        with eval_mode(model), torch.inference_mode():
+            for i in range(0, x.shape[0], batch_size):
+                model(x[i:i + batch_size].to(dev))
+                a = box["a"].double().abs().reshape(-1, linear.in_features)
+                rows += a.shape[0]
+                total = a.sum(0).cpu() if total is None else total + a.sum(0).cpu()
+    finally:
+        handle.remove()
+    assert total is not None
+    return total / rows
+
+
 def n_channels(module: nn.Module) -> int:
     if isinstance(module, nn.Conv2d):
         return module.out_channels
@@ -130,8 +181,12 @@ def channel_params(model: nn.Module, modules: Sequence[tuple[str, nn.Module]]) -
     return names
 
 
-def zero_channels(model: nn.Module, param_names: Sequence[str], channels: Sequence[int] | torch.Tensor) -> None:
-    """Zero rows ``channels`` of the named parameters of ``model``, in place (the pruning mask)."""
+def zero_channels(model: nn.Module, param_names: Sequence[str], channels: Sequence[int] | torch.Tensor, *,
+                  dim: int = 0) -> None:
+    """Zero slices ``channels`` along ``dim`` of the named parameters of ``model``, in place (the mask).
+
+    ``dim=0`` (rows) masks output channels; ``dim=1`` (columns of a Linear weight) masks input units.
+    """
     idx = torch.as_tensor(channels, dtype=torch.long)
     if idx.numel() == 0:
         return
@@ -139,19 +194,22 @@ def zero_channels(model: nn.Module, param_names: Sequence[str], channels: Sequen
     with torch.no_grad():
         for n in param_names:
             p = params[n]
-            p[idx.to(p.device)] = 0
+            p.index_fill_(dim, idx.to(p.device), 0)
 
 
 @contextlib.contextmanager
-def frozen_channels(model: nn.Module, pruned: dict[str, Sequence[int]]) -> Iterator[None]:
-    """Inside the block, the gradients of the pruned rows are zero, so training keeps them pruned.
+def frozen_channels(model: nn.Module, pruned: dict[str, Sequence[int]],
+                    dims: dict[str, int] | None = None) -> Iterator[None]:
+    """Inside the block, the gradients of the pruned slices are zero, so training keeps them pruned.
 
-    With zero gradients and zero values, Adam and SGD (even with weight decay) leave the rows at 0.
+    With zero gradients and zero values, Adam and SGD (even with weight decay) leave them at 0.
     The gradient hooks are removed on exit.
 
     Args:
         model: the network being trained.
         pruned: ``{parameter name: channel indices}``.
+        dims: ``{parameter name: dim}`` along which the indices run (default 0, rows; 1 for the
+            input units of a Linear weight, see ``Pruning(granularity="unit")``).
     """
     params = dict(model.named_parameters())
     handles = []
@@ -160,8 +218,11 @@ def frozen_channels(model: nn.Module, pruned: dict[str, Sequence[int]]) -> Itera
             if not len(chans):
                 continue
             p = params[n]
-            keep = torch.ones(p.shape[0], *([1] * (p.ndim - 1)), dtype=p.dtype, device=p.device)
-            keep[torch.as_tensor(list(chans), dtype=torch.long, device=p.device)] = 0
+            d = (dims or {}).get(n, 0)
+            shape = [1] * p.ndim
+            shape[d] = p.shape[d]
+            keep = torch.ones(shape, dtype=p.dtype, device=p.device)
+            keep.index_fill_(d, torch.as_tensor(list(chans), dtype=torch.long, device=p.device), 0)
             handles.append(p.register_hook(lambda g, k=keep: g * k))
         yield
     finally:
@@ -218,12 +279,20 @@ class Pruning(Repair):
 
     Args:
         layer: the layer whose output channels are pruned: a dotted module name (Conv2d, Linear or
-            BatchNorm) or ``"last_conv"`` (the paper's choice: the last convolutional layer).
+            BatchNorm) or ``"last_conv"`` (the paper's choice: the last convolutional layer). With
+            ``granularity="unit"``: a Linear layer whose input units are pruned, or ``"last_conv"``
+            for the dense layer reading the last convolutional block.
+        granularity: what one neuron is. ``"channel"`` (the paper): a whole output channel (feature
+            map). ``"unit"``: one input unit of a dense layer; after the last convolutional block
+            that is one channel *at one position*. A patch trigger in a fixed corner is often
+            carried by ordinary edge-detecting channels at the corner's positions, which clean
+            inputs leave dark there: channel pruning cannot see it, unit pruning can.
         max_drop: stop when the clean validation accuracy has dropped by more than this (a
-            fraction; the paper's 4% is 0.04). The channels pruned before the step that crossed it
+            fraction; the paper's 4% is 0.04). The neurons pruned before the step that crossed it
             are kept pruned.
-        ratio: prune exactly this share of the channels instead (``None``: the accuracy rule).
-        step: channels pruned between two accuracy checks (1 = the paper's one at a time).
+        ratio: prune exactly this share of the neurons instead (``None``: the accuracy rule).
+        step: neurons pruned between two accuracy checks (default: 1, the paper's one at a time,
+            for channels; 1% of the units, rounded up, for units).
         batch_size: inference batch (results do not depend on it).
         device: where to compute (default: the model's device).
 
@@ -248,15 +317,18 @@ class Pruning(Repair):
     needs_hooks: ClassVar[bool] = True
     _constraints: ClassVar[dict[str, Any]] = {
         "layer": Types((str,)),
+        "granularity": Options(("channel", "unit")),
         "max_drop": Interval(float, 0, 1),
         "ratio": [Types((type(None),)), Interval(float, 0, 1, "right")],
-        "step": Interval(int, 1, None),
+        "step": [Types((type(None),)), Interval(int, 1, None)],
         "batch_size": Interval(int, 1, None),
     }
 
-    def __init__(self, *, layer: str = "last_conv", max_drop: float = 0.04, ratio: float | None = None,
-                 step: int = 1, batch_size: int = 256, device: DeviceLike = None) -> None:
+    def __init__(self, *, layer: str = "last_conv", granularity: str = "channel", max_drop: float = 0.04,
+                 ratio: float | None = None, step: int | None = None, batch_size: int = 256,
+                 device: DeviceLike = None) -> None:
         self.layer = layer
+        self.granularity = granularity
         self.max_drop = max_drop
         self.ratio = ratio
         self.step = step
@@ -280,10 +352,19 @@ class Pruning(Repair):
                ev: Evaluate | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Prune ``net`` in place; return the curve and the details."""
         val = _check_data(val, "validation data")
-        name, modules = prunable_modules(net, self.layer)
-        C = n_channels(modules[0][1])
-        pnames = channel_params(net, modules)
-        mean_act = mean_channel_activation(net, clean.x, name, batch_size=self.batch_size, device=self.device)
+        if self.granularity == "unit":
+            name, lin = unit_layer(net, self.layer)
+            modules: list[tuple[str, nn.Module]] = [(name, lin)]
+            C, dim = lin.in_features, 1
+            pnames = [f"{name}.weight"]
+            mean_act = mean_unit_activation(net, clean.x, lin, batch_size=self.batch_size, device=self.device)
+            step = self.step or -(-C // 100)
+        else:
+            name, modules = prunable_modules(net, self.layer)
+            C, dim = n_channels(modules[0][1]), 0
+            pnames = channel_params(net, modules)
+            mean_act = mean_channel_activation(net, clean.x, name, batch_size=self.batch_size, device=self.device)
+            step = self.step or 1
         order = pruning_order(mean_act)
         acc0 = accuracy(net, val, batch_size=self.batch_size, device=self.device)
 
@@ -297,32 +378,35 @@ class Pruning(Repair):
         originals = {n: p.detach().clone() for n, p in net.named_parameters() if n in pnames}
         if self.ratio is not None:
             keep = int(round(self.ratio * C))
-            steps = sorted(set(list(range(self.step, keep, self.step)) + [keep])) if keep else []
+            steps = sorted(set(list(range(step, keep, step)) + [keep])) if keep else []
         else:
-            steps = list(range(self.step, C + 1, self.step))
+            steps = list(range(step, C + 1, step))
             if steps and steps[-1] != C:
                 steps.append(C)
         kept = 0
         for k in steps:
-            zero_channels(net, pnames, order[kept:k])
+            zero_channels(net, pnames, order[kept:k], dim=dim)
             acc = accuracy(net, val, batch_size=self.batch_size, device=self.device)
             history.append(point(k, acc))
-            log.info("pruned %d/%d channels of %s: accuracy %.4f", k, C, name, acc)
+            log.info("pruned %d/%d %ss of %s: accuracy %.4f", k, C, self.granularity, name, acc)
             if self.ratio is None and acc0 - acc > self.max_drop + 1e-12:
                 with torch.no_grad():  # undo the step that crossed the threshold
                     params = dict(net.named_parameters())
                     idx = order[kept:k]
                     for n in pnames:
-                        params[n][idx.to(params[n].device)] = originals[n][idx.to(originals[n].device)]
+                        i = idx.to(params[n].device)
+                        params[n].index_copy_(dim, i, originals[n].index_select(dim, i))
                 break
             kept = k
         pruned = order[:kept]
         acc_final = accuracy(net, val, batch_size=self.batch_size, device=self.device)
         details = {
-            "layer": name, "masked_modules": [n for n, _ in modules], "n_channels": C, "n_pruned": kept,
+            "layer": name, "granularity": self.granularity, "masked_modules": [n for n, _ in modules],
+            "n_neurons": C, "n_channels": C, "n_pruned": kept,
             "ratio": kept / C, "pruned_channels": pruned.tolist(), "order": order.tolist(),
             "mean_activation": mean_act.float(), "accuracy_before": acc0, "accuracy_after": acc_final,
             "pruned_params": {n: pruned.tolist() for n in pnames},
+            "pruned_dims": {n: dim for n in pnames},
         }
         return history, details
 
@@ -334,8 +418,8 @@ class FinePruning(Repair):
     """Prune (as :class:`Pruning`), then fine-tune the pruned network on clean data.
 
     Args:
-        layer, max_drop, ratio, step: the pruning stage (see :class:`Pruning`; paper: last
-            convolutional layer, 4 points).
+        layer, granularity, max_drop, ratio, step: the pruning stage (see :class:`Pruning`; paper:
+            channels of the last convolutional layer, 4 points).
         epochs: fine-tuning epochs over ``clean_data``.
         lr: the fine-tuning learning rate (small: the network starts from trained weights).
         optimizer: ``"adam"`` or ``"sgd"``.
@@ -362,10 +446,12 @@ class FinePruning(Repair):
         "seed": Types((int, type(None))),
     }
 
-    def __init__(self, *, layer: str = "last_conv", max_drop: float = 0.04, ratio: float | None = None,
-                 step: int = 1, epochs: int = 10, lr: float = 1e-4, optimizer: str = "adam",
-                 batch_size: int = 64, seed: int | None = 0, device: DeviceLike = None) -> None:
+    def __init__(self, *, layer: str = "last_conv", granularity: str = "channel", max_drop: float = 0.04,
+                 ratio: float | None = None, step: int | None = None, epochs: int = 10, lr: float = 1e-4,
+                 optimizer: str = "adam", batch_size: int = 64, seed: int | None = 0,
+                 device: DeviceLike = None) -> None:
         self.layer = layer
+        self.granularity = granularity
         self.max_drop = max_drop
         self.ratio = ratio
         self.step = step
@@ -387,8 +473,8 @@ class FinePruning(Repair):
         clean = _check_data(clean_data, "clean data")
         val = val_data or clean
         ev = _evaluator(evaluate, trigger, target, test_data, max(self.batch_size, 256))
-        pruner = Pruning(layer=self.layer, max_drop=self.max_drop, ratio=self.ratio, step=self.step,
-                         batch_size=max(self.batch_size, 256), device=self.device)
+        pruner = Pruning(layer=self.layer, granularity=self.granularity, max_drop=self.max_drop, ratio=self.ratio,
+                         step=self.step, batch_size=max(self.batch_size, 256), device=self.device)
         pruner._validate_params()
         net = copy.deepcopy(model)
 
@@ -401,7 +487,7 @@ class FinePruning(Repair):
         history = [stage("before")]
         curve, pdetails = pruner._prune(net, clean, val, ev)
         history.append(stage("pruned"))
-        with frozen_channels(net, pdetails["pruned_params"]):
+        with frozen_channels(net, pdetails["pruned_params"], pdetails["pruned_dims"]):
             tr = train(net, clean, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
                        optimizer=self.optimizer, seed=self.seed, device=self.device)  # type: ignore[arg-type]
         history.append(stage("fine-tuned"))

@@ -18,6 +18,8 @@ from trojanscope.training import train_new
 
 POS = (4, 4)  # the planted 3x3 square's top-left corner on the 8x8 digits
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def planted(digits, device):
@@ -96,6 +98,45 @@ def test_fit_meets_the_levels(fitted, planted, digits):
     assert rep.to_dict()["position"] == list(POS)
 
 
+def test_mine_learns_and_generators_do_not_collapse(fitted):
+    # the statistics networks get several steps on a large noise batch per generator step, so the
+    # MI (entropy) estimates are well above zero at every level, the top one included
+    assert float(fitted.entropies_.min()) > 0.1
+    assert all(max(h["mi"]) > 0 for h in fitted.history_[-5:])
+    top = fitted.sample_tensors(100, level=fitted.n_levels - 1).patterns[:, 0, POS[0]:POS[0] + 3, POS[1]:POS[1] + 3]
+    assert float(top.std(0).mean()) > 0.01          # the samples differ: not one point
+
+
+def test_expand_at_places(fitted):
+    out = torch.rand(3, 9, generator=torch.Generator().manual_seed(0))
+    m0, p0 = fitted._expand(out)
+    m1, p1 = fitted._expand(out, torch.tensor([POS] * 3))
+    assert torch.equal(m0, m1) and torch.equal(p0, p1)
+    m2, p2 = fitted._expand(out, torch.tensor([[0, 0], [5, 1], [2, 3]]))
+    assert torch.equal(p2[1, 0, 5:8, 1:4], out[1].reshape(3, 3)) and float(m2[1].sum()) == 9
+    assert float(m2[1, 5:8, 1:4].min()) == 1 and float(p2[1].abs().sum()) == pytest.approx(float(out[1].sum()))
+
+
+def test_places_and_place_success(fitted, planted, digits):
+    model, _ = planted
+    c = fitted.places_within(1)
+    assert c[0].tolist() == list(POS) and c.shape == (9, 2)
+    assert fitted.places_within(0).tolist() == [list(POS)]
+    c3 = fitted.places_within(3)                    # clipped to the 8x8 image: rows and cols 1..5
+    assert c3.shape == (25, 2) and int(c3.min()) == 1 and int(c3.max()) == 5
+    st = fitted.sample_tensors(40, places=c, seed=0)
+    assert {tuple(p) for p in st.places.tolist()} <= {tuple(p) for p in c.tolist()}
+    for i in range(40):
+        r, q = st.places[i].tolist()
+        assert float(st.masks[i, r:r + 3, q:q + 3].sum()) == 9 and float(st.masks[i].sum()) == 9
+    assert fitted.sample_tensors(4).places.tolist() == [list(POS)] * 4
+    with pytest.raises(ts.ConfigError):
+        fitted.sample_tensors(2, places=torch.tensor([[6, 6]]))
+    far = torch.tensor([[0, 0], [0, 5]])
+    asr = fitted.place_success(model, digits["val"], torch.cat([torch.tensor([POS]), far]), min_beta=0.5)
+    assert asr.shape == (3,) and float(asr[0]) > 0.5 and float(asr[0]) > float(asr[1:].max())
+
+
 def test_sampling_shapes_and_seeds(fitted, tmp_path):
     st = fitted.sample_tensors(6, seed=1)
     assert st.masks.shape == (6, 8, 8) and st.patterns.shape == (6, 1, 8, 8)
@@ -130,6 +171,12 @@ def test_distribution_repair_removes_backdoor(fitted, planted, digits):
     before = [p.detach().clone() for p in model.parameters()]
     res = DistributionUnlearning(rate=0.3, epochs=4).repair(model, digits["train"], distribution=fitted)
     assert ts.attack_success_rate(res.model, test, trig, 0) < 0.2
+    places = res.details["places"]                  # the located place and the valid ones near it
+    assert places[0] == list(POS) and len(places) >= 1
+    assert all(abs(r - POS[0]) <= 3 and abs(q - POS[1]) <= 3 for r, q in places)
+    assert len(res.details["place_success"]) == len(fitted.places_within(3))
+    fixed = DistributionUnlearning(rate=0.3, epochs=1, shift=0).repair(model, digits["train"], distribution=fitted)
+    assert fixed.details["places"] == [list(POS)] and fixed.details["place_success"] is None
     assert ts.clean_accuracy(res.model, test) >= ca0 - 0.05
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert res.details["target"] == 0 and DEFENSES.get("distribution-unlearn") is DistributionUnlearning

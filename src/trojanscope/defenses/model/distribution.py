@@ -178,12 +178,14 @@ class SampledTriggers(Result):
     """A batch of sampled triggers.
 
     Attributes:
-        masks: ``(n, H, W)``; patterns: ``(n, C, H, W)``; levels: ``(n,)`` the level of each.
+        masks: ``(n, H, W)``; patterns: ``(n, C, H, W)``; levels: ``(n,)`` the level of each;
+        places: ``(n, 2)`` the top-left corner of each patch.
     """
 
     masks: torch.Tensor
     patterns: torch.Tensor
     levels: torch.Tensor
+    places: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.levels.numel())
@@ -262,14 +264,15 @@ class TriggerDistribution(Defense):
         "hidden": Interval(int, 1, None), "steps": Interval(int, 0, None), "lr": Interval(float, 0, None, "neither"),
         "samples_per_step": Interval(int, 2, None), "images_per_step": Interval(int, 1, None),
         "shape_power": Interval(float, 0, None, "neither"), "ema_rate": Interval(float, 0, 1, "right"),
+        "mine_batch": Interval(int, 2, None), "critic_steps": Interval(int, 1, None),
         "batch_size": Interval(int, 1, None), "seed": Types((int, type(None))),
     }
 
     def __init__(self, *, n_levels: int = 10, alpha: float = 0.1, trigger_size: int = 3, transparency: bool = False,
                  position: tuple[int, int] | None = None, noise_dim: int = 32, hidden: int = 128, steps: int = 400,
                  lr: float = 1e-3, samples_per_step: int = 16, images_per_step: int = 16, shape_power: float = 1.0,
-                 ema_rate: float = 0.01, batch_size: int = 4096, seed: int | None = 0,
-                 device: DeviceLike = None) -> None:
+                 ema_rate: float = 0.01, mine_batch: int = 64, critic_steps: int = 5, batch_size: int = 4096,
+                 seed: int | None = 0, device: DeviceLike = None) -> None:
         self.n_levels = n_levels
         self.alpha = alpha
         self.trigger_size = trigger_size
@@ -283,6 +286,8 @@ class TriggerDistribution(Defense):
         self.images_per_step = images_per_step
         self.shape_power = shape_power
         self.ema_rate = ema_rate
+        self.mine_batch = mine_batch
+        self.critic_steps = critic_steps
         self.batch_size = batch_size
         self.seed = seed
         self.device = device
@@ -328,33 +333,48 @@ class TriggerDistribution(Defense):
         opt_g = torch.optim.Adam(gen.parameters(), lr=self.lr)
         opt_t = torch.optim.Adam(stat.parameters(), lr=self.lr)
         ema = torch.ones(n, device=dev)
+        mb = max(self.mine_batch, m)
         history: list[dict[str, Any]] = []
         req = [p.requires_grad for p in model.parameters()]
         for p in model.parameters():
             p.requires_grad_(False)
+
+        def critic(out: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """``T`` on joint pairs ``(G(z), z)`` and on marginal pairs (``z`` shuffled within the batch)."""
+            z_marg = z[:, torch.randperm(z.shape[1], generator=g).to(dev)]
+            return stat(torch.cat([out, z], -1))[..., 0], stat(torch.cat([out, z_marg], -1))[..., 0]
+
         try:
             with eval_mode(model):
                 for step in range(self.steps):
-                    z = torch.randn(n, m, d, generator=g).to(dev)
-                    z_marg = z[:, torch.randperm(m, generator=g)]
+                    # statistics networks: maximise the DV bound on I(G(z); z) with MINE's
+                    # moving-average (bias-corrected) gradient; the generators are fixed and cheap,
+                    # so the networks take several steps on fresh noise per generator step
+                    for _ in range(self.critic_steps):
+                        zc = torch.randn(n, mb, d, generator=g).to(dev)
+                        with torch.no_grad():
+                            oc = torch.sigmoid(gen(zc))
+                        tj, tm = critic(oc, zc)
+                        et = tm.exp().mean(1)
+                        ema = (1 - self.ema_rate) * ema + self.ema_rate * et.detach()
+                        loss_t = -(tj.mean(1) - et / ema).sum()
+                        opt_t.zero_grad(set_to_none=True)
+                        loss_t.backward()
+                        opt_t.step()
+                    # generators: -alpha * I + max(0, beta_i - F(G_i(z))); the MI term on the whole
+                    # noise batch (same corrected gradient), F on its first M samples
+                    z = torch.randn(n, mb, d, generator=g).to(dev)
+                    out = torch.sigmoid(gen(z))                                     # (N, mb, D)
+                    tj, tm = critic(out, z)
+                    et = tm.exp().mean(1)
+                    mi = dv_bound(tj, tm)
+                    mi_grad = tj.mean(1) - et / ema
                     idx = torch.randint(0, x.shape[0], (self.images_per_step,), generator=g)
                     xb = x[idx].to(dev)
-                    out = torch.sigmoid(gen(z))                                     # (N, M, D)
-                    # statistics networks: maximise the bound on I(G(z); z), bias-corrected gradient
-                    tj = stat(torch.cat([out.detach(), z], -1))[..., 0]
-                    tm = stat(torch.cat([out.detach(), z_marg], -1))[..., 0]
-                    et = tm.exp().mean(1)
-                    ema = (1 - self.ema_rate) * ema + self.ema_rate * et.detach()
-                    loss_t = -(tj.mean(1) - et / ema).sum()
-                    opt_t.zero_grad(set_to_none=True)
-                    loss_t.backward()
-                    opt_t.step()
-                    # generators: -alpha * I + max(0, beta_i - F(G_i(z)))
-                    mi = dv_bound(stat(torch.cat([out, z], -1))[..., 0], stat(torch.cat([out, z_marg], -1))[..., 0])
-                    masks, patterns = self._expand(out.reshape(n * m, -1))
+                    masks, patterns = self._expand(out[:, :m].reshape(n * m, -1))
                     f = self._testing(model, xb, masks, patterns).reshape(n, m)
                     penalty = F.relu(betas[:, None] - f).mean(1)
-                    loss_g = (-self.alpha * mi + penalty).sum()
+                    loss_g = (-self.alpha * mi_grad + penalty).sum()
                     opt_g.zero_grad(set_to_none=True)
                     loss_g.backward()
                     opt_g.step()
@@ -364,10 +384,12 @@ class TriggerDistribution(Defense):
                         log.info("step %d: F %s, I %s", step + 1, [round(v, 3) for v in history[-1]["F"]],
                                  [round(v, 2) for v in history[-1]["mi"]])
                 with torch.no_grad():
-                    ze = torch.randn(n, 256, d, generator=g).to(dev)
-                    oe = torch.sigmoid(gen(ze))
-                    ent = dv_bound(stat(torch.cat([oe, ze], -1))[..., 0],
-                                   stat(torch.cat([oe, ze[:, torch.randperm(256, generator=g)]], -1))[..., 0])
+                    # the entropies reached: the bound on fresh noise, averaged over a few batches
+                    ests = []
+                    for _ in range(4):
+                        ze = torch.randn(n, 512, d, generator=g).to(dev)
+                        ests.append(dv_bound(*critic(torch.sigmoid(gen(ze)), ze)))
+                    ent = torch.stack(ests).mean(0)
         finally:
             for p, r in zip(model.parameters(), req):
                 p.requires_grad_(r)
@@ -384,16 +406,44 @@ class TriggerDistribution(Defense):
         return torch.cat([testing_function(model, xb, masks[i:i + per], patterns[i:i + per], self.target_)
                           for i in range(0, masks.shape[0], per)])
 
-    def _expand(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Generator outputs ``(n, D)`` to full-size masks ``(n, H, W)`` and patterns ``(n, C, H, W)``."""
+    def _expand(self, out: torch.Tensor, places: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generator outputs ``(n, D)`` to full-size masks ``(n, H, W)`` and patterns ``(n, C, H, W)``.
+
+        ``places`` ``(n, 2)`` puts each patch's top-left corner there; None puts all at ``position_``.
+        """
         c, h, w = self.image_shape_
         s = self.trigger_size
-        r, q = self.position_
         nn_ = out.shape[0]
         patch = out[:, :c * s * s].reshape(nn_, c, s, s)
         a = out[:, c * s * s:].reshape(nn_, s, s) if self.transparency else torch.ones(nn_, s, s, device=out.device)
-        pad = (q, w - q - s, r, h - r - s)
-        return F.pad(a, pad), F.pad(patch, pad)
+        if places is None:
+            r, q = self.position_
+            pad = (q, w - q - s, r, h - r - s)
+            return F.pad(a, pad), F.pad(patch, pad)
+        places = places.to(out.device)
+        ar = torch.arange(s, device=out.device)
+        i = torch.arange(nn_, device=out.device)[:, None, None]
+        rows = (places[:, 0, None] + ar)[:, :, None]                              # (n, s, 1)
+        cols = (places[:, 1, None] + ar)[:, None, :]                              # (n, 1, s)
+        masks = out.new_zeros(nn_, h, w)
+        masks[i, rows, cols] = a
+        patterns = out.new_zeros(nn_, h, w, c)
+        patterns[i, rows, cols] = patch.permute(0, 2, 3, 1)
+        return masks, patterns.permute(0, 3, 1, 2).contiguous()
+
+    def places_within(self, radius: int) -> torch.Tensor:
+        """``(k, 2)`` every top-left corner within ``radius`` pixels (each axis) of ``position_``
+        whose patch lies inside the image, ``position_`` first."""
+        self._check_fitted()
+        if not isinstance(radius, int) or radius < 0:
+            raise ConfigError(f"radius must be an int >= 0, got {radius!r}")
+        _, h, w = self.image_shape_
+        s, (r, q) = self.trigger_size, self.position_
+        rows = torch.arange(max(0, r - radius), min(h - s, r + radius) + 1)
+        cols = torch.arange(max(0, q - radius), min(w - s, q + radius) + 1)
+        grid = torch.cartesian_prod(rows, cols)
+        here = (grid == torch.tensor([r, q])).all(1)
+        return torch.cat([grid[here], grid[~here]])
 
     # --- sampling -----------------------------------------------------------------------------
     def _check_fitted(self) -> None:
@@ -401,7 +451,8 @@ class TriggerDistribution(Defense):
             raise NotFittedError("TriggerDistribution is not fitted yet: call fit(model, clean_data, target) first")
 
     def sample_tensors(self, n: int, *, level: int | None = None, min_beta: float = 0.0,
-                       generator: torch.Generator | None = None, seed: int | None = None) -> SampledTriggers:
+                       places: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                       seed: int | None = None) -> SampledTriggers:
         """Draw ``n`` triggers as tensors (CPU).
 
         Args:
@@ -409,11 +460,19 @@ class TriggerDistribution(Defense):
             level: draw all from generator ``G_level``; None draws each trigger's level from the
                 ensemble weights, restricted to levels with ``beta_i >= min_beta``.
             min_beta: the lowest level the ensemble may draw from.
+            places: ``(k, 2)`` top-left corners; each trigger goes to one drawn uniformly (e.g.
+                :meth:`places_within` or :meth:`valid_places`). None puts all at ``position_``.
             generator, seed: the random source (a generator wins over a seed).
         """
         self._check_fitted()
         if n < 0:
             raise ConfigError(f"n must be >= 0, got {n}")
+        if places is not None:
+            places = torch.as_tensor(places, dtype=torch.long).reshape(-1, 2)
+            _, h, w = self.image_shape_
+            s = self.trigger_size
+            if places.shape[0] == 0 or places.min() < 0 or (places[:, 0] > h - s).any() or (places[:, 1] > w - s).any():
+                raise ConfigError(f"places must be a non-empty (k, 2) set of corners of {s}x{s} patches in {h}x{w} images")
         g = generator if generator is not None else torch.Generator().manual_seed(0 if seed is None else int(seed))
         nl = self.n_levels
         if level is not None:
@@ -431,14 +490,46 @@ class TriggerDistribution(Defense):
         with torch.no_grad():
             out = torch.sigmoid(self.generators_(z[None].expand(nl, -1, -1)))     # (N, n, D)
             out = out[levels.to(dev), torch.arange(n, device=dev)]
-            masks, patterns = self._expand(out)
-        return SampledTriggers(masks=masks.cpu(), patterns=patterns.cpu(), levels=levels)
+            at = None if places is None else places[torch.randint(0, places.shape[0], (n,), generator=g)]
+            masks, patterns = self._expand(out, at)
+        if at is None:
+            at = torch.tensor([self.position_], dtype=torch.long).expand(n, 2)
+        return SampledTriggers(masks=masks.cpu(), patterns=patterns.cpu(), levels=levels, places=at.clone())
 
     def sample(self, n: int, **kwargs: Any) -> list[Trigger]:
         """Draw ``n`` triggers as :class:`Trigger` objects (see :meth:`sample_tensors`)."""
         return self.sample_tensors(n, **kwargs).triggers()
 
     # --- evaluation ---------------------------------------------------------------------------
+    def place_success(self, model: nn.Module, clean_data: ImageDataset, places: torch.Tensor, *, n: int = 8,
+                      min_beta: float = 0.0, n_images: int = 64, seed: int | None = 0) -> torch.Tensor:
+        """Mean attack success of the same ``n`` sampled triggers moved to each of ``places``.
+
+        The distribution is fitted at ``position_``, found to a pixel or two by a moving-window
+        search. Taking the place as part of the trigger, a place is valid at level ``beta`` when
+        the triggers still succeed there; this measures it on ``n_images`` clean non-target images.
+
+        Shape:
+            places ``(K, 2)`` top-left corners; returns ``(K,)``.
+        """
+        self._check_fitted()
+        places = torch.as_tensor(places, dtype=torch.long).reshape(-1, 2)
+        x = clean_data.x[clean_data.y != self.target_]
+        if x.shape[0] == 0:
+            raise DataError(f"no clean image has a label other than the target {self.target_}")
+        g = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        x = x[torch.randperm(x.shape[0], generator=g)[:n_images]]
+        st = self.sample_tensors(n, min_beta=min_beta, generator=g)
+        c, _, _ = self.image_shape_
+        s, (r, q) = self.trigger_size, self.position_
+        patch = st.patterns[:, :, r:r + s, q:q + s].reshape(n, -1)
+        if self.transparency:
+            patch = torch.cat([patch, st.masks[:, r:r + s, q:q + s].reshape(n, -1)], 1)
+        k = places.shape[0]
+        masks, patterns = self._expand(patch.repeat(k, 1), places.repeat_interleave(n, 0))
+        asr = trigger_success(model, x, masks, patterns, self.target_, batch_size=self.batch_size)
+        return asr.reshape(k, n).mean(1)
+
     def report(self, model: nn.Module, clean_data: ImageDataset, *, n: int = 100, seed: int | None = 0) -> DistributionReport:
         """Attack success of ``n`` samples of every level on ``clean_data`` (its non-target images)."""
         self._check_fitted()
@@ -532,6 +623,11 @@ class DistributionUnlearning(Repair):
         n_levels, alpha, trigger_size, transparency, position, steps: the distribution's
             settings (see :class:`TriggerDistribution`).
         min_beta: the lowest staircase level whose triggers are used.
+        shift: where the sampled triggers are stamped. None (default): at the places within
+            ``trigger_size`` pixels of the located one where they stay valid (their mean attack
+            success there exceeds ``min_beta``, :meth:`TriggerDistribution.place_success`), each
+            drawn uniformly (the maximum-entropy choice over the valid set; the paper stamps at
+            random places). An int: every place within ``shift`` pixels; 0: the located place only.
         rate: share of each fine-tuning batch stamped with a sampled trigger.
         epochs, lr, batch_size: the fine-tuning (Adam).
         seed: seeds the distribution and the fine-tuning.
@@ -544,15 +640,15 @@ class DistributionUnlearning(Repair):
 
     needs_gradients: ClassVar[bool] = True
     _constraints: ClassVar[dict[str, Any]] = {
-        "target": Types((int, type(None))), "min_beta": Interval(float, 0, 1),
+        "target": Types((int, type(None))), "min_beta": Interval(float, 0, 1), "shift": Types((int, type(None))),
         "rate": Interval(float, 0, 1, "right"), "epochs": Interval(int, 0, None),
         "lr": Interval(float, 0, None, "neither"), "batch_size": Interval(int, 1, None),
     }
 
     def __init__(self, *, target: int | None = None, n_levels: int = 10, alpha: float = 0.1, trigger_size: int = 3,
                  transparency: bool = False, position: tuple[int, int] | None = None, steps: int = 400,
-                 min_beta: float = 0.5, rate: float = 0.2, epochs: int = 2, lr: float = 1e-3, batch_size: int = 64,
-                 seed: int | None = 0, device: DeviceLike = None) -> None:
+                 min_beta: float = 0.5, shift: int | None = None, rate: float = 0.2, epochs: int = 2, lr: float = 1e-3,
+                 batch_size: int = 64, seed: int | None = 0, device: DeviceLike = None) -> None:
         self.target = target
         self.n_levels = n_levels
         self.alpha = alpha
@@ -561,6 +657,7 @@ class DistributionUnlearning(Repair):
         self.position = position
         self.steps = steps
         self.min_beta = min_beta
+        self.shift = shift
         self.rate = rate
         self.epochs = epochs
         self.lr = lr
@@ -595,14 +692,25 @@ class DistributionUnlearning(Repair):
         else:
             distribution._check_fitted()
         repaired = copy.deepcopy(model)
+        if self.shift is not None and self.shift < 0:
+            raise ConfigError(f"shift must be None or an int >= 0, got {self.shift}")
         dist, rate, min_beta = distribution, self.rate, self.min_beta
+        if self.shift is None:
+            cands = dist.places_within(dist.trigger_size)
+            place_asr = dist.place_success(model, clean_data, cands, min_beta=min_beta, seed=self.seed)
+            keep = place_asr > min_beta
+            keep[0] = True                                              # the located place itself
+            places = cands[keep]
+        else:
+            cands = places = dist.places_within(self.shift)
+            place_asr = None
 
         def carry_triggers(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
             k = int(round(rate * x.shape[0]))
             if k == 0:
                 return x, y
             idx = torch.randperm(x.shape[0], generator=g)[:k]
-            st = dist.sample_tensors(k, min_beta=min_beta, generator=g)
+            st = dist.sample_tensors(k, min_beta=min_beta, places=places, generator=g)
             x = x.clone()
             m = st.masks[:, None]
             x[idx] = (1 - m) * x[idx] + m * st.patterns
@@ -612,7 +720,9 @@ class DistributionUnlearning(Repair):
                    seed=self.seed, device=self.device, batch_transform=carry_triggers)
         details = {"target": int(t), "position": list(dist.position_), "trigger_size": dist.trigger_size,
                    "betas": dist.betas_.tolist(), "entropies": dist.entropies_.tolist(),
-                   "weights": dist.weights_.tolist()}
+                   "weights": dist.weights_.tolist(), "places": places.tolist(),
+                   "place_success": None if place_asr is None else
+                   {f"{int(a)},{int(b)}": float(v) for (a, b), v in zip(cands.tolist(), place_asr)}}
         return RepairResult(model=repaired, history=tr.history, details=details, params=self.get_params(),
                             seconds=time.perf_counter() - t0)
 

@@ -75,21 +75,34 @@ def test_gaussian_split_finds_a_planted_group(share):
     assert 0.5 < separation <= 1.0
 
 
-@pytest.mark.parametrize("share", [0.1, 0.5])
+#: reclassification training for the linear fixture: at lr 0.05 a model trained without the clean
+#: side of a half-poisoned label has not yet learnt the fixture's faint trigger, and up to 15 % of
+#: the clean side still goes to the label (the verdict's threshold): at 0.1 it has converged
+FIT = {"retrain_epochs": 20, "retrain_lr": 0.1}
+
+
+@pytest.mark.parametrize("share", [0.1, 0.5, 0.6])
 def test_auto_mode_finds_planted_poison(share):
+    # 0.6: the poisoned side is the larger one, so no size rule could pick it
     data = sd.make(poison_share=share)
     model = sd.linear_model(data)
-    res = SpectralSignatures(retrain_epochs=20, retrain_lr=0.05).inspect(model, data)
+    res = SpectralSignatures(**FIT).inspect(model, data)
     m = detection_metrics(res.scores, data.is_poison, res.flagged)
     assert res.attacked_labels == [0]
-    assert m["recall"] >= 0.9 and m["fpr"] <= 0.01
-    assert res.per_label[0]["attacked"] and not res.per_label[1]["attacked"]
+    assert m["recall"] >= 0.9 and m["fpr"] <= 0.01 and m["auroc"] >= 0.99
+    ev = res.per_label[0]
+    assert ev["attacked"] and not res.per_label[1]["attacked"]
+    p = ev["poisoned_side"]
+    assert max(ev["own_share"]) <= 0.15  # neither side is recognised without itself
+    assert ev["agreement"][p] > ev["agreement"][1 - p]  # the side was chosen by content agreement
+    assert ev["source"][p] == 1  # reclassified to the planted source label
+    assert ev["sizes"][p] == data.poison_indices.numel()
 
 
 def test_auto_mode_does_not_collapse_on_clean_data():
     data = sd.make(poison_share=0.0)
     model = sd.linear_model(data)
-    res = SpectralSignatures(retrain_epochs=20, retrain_lr=0.05).inspect(model, data)
+    res = SpectralSignatures(**FIT).inspect(model, data)
     assert res.attacked_labels == []
     assert float(res.flagged.float().mean()) <= 0.01
 

@@ -67,13 +67,17 @@ def exclusionary_reclassification(model: nn.Module, dataset: ImageDataset, side:
         (that label), ``typicality`` (median over the side's samples of the distance, in the new
         model's ``layer`` features, to the centroid of the label it was classified as, over the
         median such distance of that label's training samples: about 1 for samples that look like
-        a known label, larger for samples unlike anything the model was trained on) and ``n``.
+        a known label, larger for samples unlike anything the model was trained on),
+        ``agreement`` (share of the side's samples that the new model classifies as the model
+        under test's most likely label *other than* their own: a relabelled image keeps its
+        content as the model under test's second choice and a model that never saw it names that
+        content, while for an image of its own label the two are unrelated guesses) and ``n``.
     """
     from ..._utils.batching import logits
 
     y = dataset.y
     K = dataset.num_classes
-    out = {k: torch.zeros(K, 2, dtype=torch.float64) for k in ("own", "top_other", "typicality", "n")}
+    out = {k: torch.zeros(K, 2, dtype=torch.float64) for k in ("own", "top_other", "typicality", "agreement", "n")}
     out["source"] = torch.full((K, 2), -1, dtype=torch.long)
     for s in (0, 1):
         removed = side == s
@@ -93,6 +97,12 @@ def exclusionary_reclassification(model: nn.Module, dataset: ImageDataset, side:
         out["own"][:, s] = torch.where(n > 0, own / n.clamp_min(1), torch.nan)
         out["top_other"][:, s] = torch.where(n > 0, top.clamp_min(0) / n.clamp_min(1), torch.nan)
         out["source"][:, s] = torch.where(n > 0, src, -1)
+        # content agreement: the new model's label vs the model under test's runner-up
+        second = logits(model, x_rm, batch_size=batch_size, device=device).double()
+        second[torch.arange(len(y_rm)), y_rm] = float("-inf")
+        same = (pred == second.argmax(1)).double()
+        agree = torch.zeros(K, dtype=torch.float64).index_add_(0, y_rm, same)
+        out["agreement"][:, s] = torch.where(n > 0, agree / n.clamp_min(1), torch.nan)
         # typicality in the new model's representation
         f_keep = features(new, dataset.subset(~removed), layer, batch_size=batch_size, device=device).double()
         f_rm = activations_of(new, x_rm, layer, batch_size=batch_size, device=device).double()

@@ -5,6 +5,13 @@ same settings; each mode runs in its own process so that its peak memory (max RS
 process's baseline just before the scan) is its own. Prints wall time, CPU time, peak memory
 and the verdicts.
 
+First it prints the ceiling: the cost per image of one optimisation step (forward and backward
+of mnist_cnn) for one label's mini-batch (16 images, the scan's default) and for ten labels' (160).
+On a CPU the convolutions are compute-bound, so the per-image cost hardly falls with the batch
+and batching the labels can only remove per-step overhead: that, not the code, bounds the
+speed-up here (measured idle: 1.2x). On a GPU a 16-image step leaves the device mostly idle,
+which is where batching the labels should pay (not measured: no GPU was available).
+
 On a shared machine the wall time is inflated by other processes: the CPU time (user + system
 of the process, all threads) is the load-independent figure; with one thread it is an upper
 bound of the uncontended wall time.
@@ -60,15 +67,52 @@ def child(mode: str, threads: int, epochs: int) -> None:
         "norms": [round(float(v), 1) for v in r.l1_norms]}))
 
 
+def ceiling(threads: int, samples_per_step: int = 16, labels: int = 10) -> None:
+    """What batching can gain at most here: one optimisation step's cost per image, for one label's
+    batch and for all labels' batch. When the per-image cost does not fall with the batch (the
+    convolutions are compute-bound), the batched scan can only save the per-step overhead."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from trojanscope.models import create_model
+
+    net = create_model("mnist_cnn").eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    per_image = {}
+    for b in (samples_per_step, samples_per_step * labels):
+        x = torch.rand(b, 1, 28, 28)
+        w = torch.zeros(1, 1, 28, 28, requires_grad=True)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(10):
+                out = net((1 - torch.sigmoid(w)) * x + torch.sigmoid(w))
+                torch.autograd.grad(out.logsumexp(1).sum(), [w])
+            best = min(best, (time.perf_counter() - t0) / 10)
+        per_image[b] = best / b
+        print(f"ceiling   threads {threads}  forward+backward of {b:4d} images: {1e3 * best:7.2f} ms "
+              f"({1e6 * best / b:6.1f} us per image)", flush=True)
+    small, big = per_image[samples_per_step], per_image[samples_per_step * labels]
+    print(f"ceiling   threads {threads}: one {labels}-label batch instead of {labels} one-label batches saves at most "
+          f"{small / big:.2f}x of the model's compute per step", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1])
     ap.add_argument("--epochs", type=int, default=80)
     ap.add_argument("--child", nargs=2, metavar=("MODE", "THREADS"))
+    ap.add_argument("--ceiling", type=int, metavar="THREADS", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.ceiling:
+        ceiling(args.ceiling)
+        return
     if args.child:
         child(args.child[0], int(args.child[1]), args.epochs)
         return
+    for threads in args.threads:
+        subprocess.run([sys.executable, __file__, "--ceiling", str(threads)], check=True)
     rows = []
     for threads in args.threads:
         for mode in ("batched", "sequential"):

@@ -23,11 +23,17 @@ repairing against it leaves the rest. MESA (Qiao, Yang, Li, NeurIPS 2019) models
   reached and the shape ``psi`` of the ASR function.
 
 All ``N`` generators and statistics networks are trained at once (batched weights ``(N, ...)``),
-and every trigger of a step is stamped onto every image of the step in one broadcast.
+and every trigger of a step is stamped onto every image of the step in one broadcast. Per
+generator step the statistics networks take ``critic_steps`` MINE steps on ``mine_batch`` fresh
+noise samples (cheap: no model in the loop), so the MI estimate, and with it the entropy
+gradient, is there from the first few dozen steps.
 
 :class:`DistributionUnlearning` (registered as the repair ``"distribution-unlearn"``) fine-tunes
 the model on clean data where a share of the samples carry triggers sampled from the
-distribution, with their true labels.
+distribution, with their true labels. The patches are fitted at one place, found by a
+moving-window search to a pixel or two; taking the place as part of the trigger, the repair
+stamps each sampled trigger at a place drawn uniformly from those near the located one where the
+samples stay valid (:meth:`TriggerDistribution.place_success`); the paper stamps at random places.
 
 References:
     Qiao, Yang, Li. "Defending Neural Backdoors via Generative Distribution Modeling".
@@ -235,6 +241,12 @@ class TriggerDistribution(Defense):
         shape_power: the exponent of ``psi(a) = a ** shape_power``, the density's shape as a
             function of ASR, used by the ensemble weights.
         ema_rate: the rate of MINE's moving average (bias-corrected gradient).
+        mine_batch: noise samples per level and step for the MI term (the joint and the shuffled
+            marginal pairs). The generators and statistics networks are small MLPs, so this costs
+            little; only the first ``samples_per_step`` of them are stamped and tested on the model.
+        critic_steps: statistics-network updates per generator step. With one update on a batch
+            of 8 the statistics networks never learn in a few hundred steps: the MI estimate stays
+            at 0, the entropy term has no gradient and the generators collapse to a point.
         batch_size: the most stamped images in one forward pass (the memory knob).
         seed: seeds the networks, the noise and the image batches.
         device: where to compute (default: the model's device).

@@ -195,6 +195,10 @@ class MovingWindowSearch(Defense):
         hot: pixels above ``hot`` times the heat map's maximum form the hot region.
         margin: pixels added around the hot region's bounding box.
         final_epochs: epochs of the final search inside the hot region.
+        final_success: the final search's success threshold (Neural Cleanse's 0.99: its trigger
+            is the one reported, so it must really work; kept at ``success``, the smallest
+            transparency that just reaches 90% on the search images reached only 89.8% on the test
+            split of the fixed-place benchmark model, 96.0% at 0.99).
         restarts: independent starts of the final search (one batch); the most successful (then
             the smallest) trigger is kept.
         n_images: how many clean images (of other labels) the searches use.
@@ -219,13 +223,14 @@ class MovingWindowSearch(Defense):
         "epochs": Interval(int, 1, None), "steps_per_epoch": Interval(int, 1, None),
         "samples_per_step": Interval(int, 1, None), "init_cost": Interval(float, 0, None),
         "success": Interval(float, 0, 1, "right"), "patience": Interval(int, 1, None), "hot": Interval(float, 0, 1, "right"), "margin": Interval(int, 0, None),
-        "final_epochs": Interval(int, 1, None), "restarts": Interval(int, 1, None), "n_images": Interval(int, 1, None),
+        "final_epochs": Interval(int, 1, None), "final_success": Interval(float, 0, 1, "right"), "restarts": Interval(int, 1, None), "n_images": Interval(int, 1, None),
         "batch_size": Interval(int, 1, None), "seed": Types((int, type(None))),
     }
 
     def __init__(self, *, window: int | None = None, stride: int | None = None, epochs: int = 15,
                  steps_per_epoch: int = 4, samples_per_step: int = 16, init_cost: float = 5e-2, success: float = 0.9, patience: int = 1,
-                 hot: float = 0.5, margin: int = 1, final_epochs: int = 40, restarts: int = 4, n_images: int = 500,
+                 hot: float = 0.5, margin: int = 1, final_epochs: int = 40, final_success: float = 0.99,
+                 restarts: int = 4, n_images: int = 500,
                  batch_size: int = 4096, seed: int | None = 0, device: DeviceLike = None) -> None:
         self.window = window
         self.stride = stride
@@ -238,6 +243,7 @@ class MovingWindowSearch(Defense):
         self.hot = hot
         self.margin = margin
         self.final_epochs = final_epochs
+        self.final_success = final_success
         self.restarts = restarts
         self.n_images = n_images
         self.batch_size = batch_size
@@ -245,12 +251,12 @@ class MovingWindowSearch(Defense):
         self.device = device
 
     def _kernel(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: int, regions: torch.Tensor,
-                epochs: int):
+                epochs: int, success: float):
         return reverse_engineer_triggers(
             model, x, y, targets=[target] * regions.shape[0], region=regions, init_cost=self.init_cost,
             epochs=epochs, steps_per_epoch=self.steps_per_epoch, samples_per_step=self.samples_per_step,
             patience=self.patience, early_stop_patience=2 * self.patience, batch_size=self.batch_size,
-            attack_succ_threshold=self.success,
+            attack_succ_threshold=success,
             seed=self.seed, device=model_device(model, self.device))
 
     def _images(self, data: ImageDataset, target: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,7 +279,7 @@ class MovingWindowSearch(Defense):
         pos = window_positions((h, w), win, stride)
         regions = window_regions((h, w), pos, win)
         x, y = self._images(clean_data, target)
-        rev = self._kernel(model, x, y, target, regions, self.epochs)
+        rev = self._kernel(model, x, y, target, regions, self.epochs, self.success)
         strength = rev.attack_success / rev.l1_norms.clamp_min(1.0)
         heat = accumulate_heatmap(rev.masks, strength)
         return {"window": win, "stride": stride, "positions": pos, "regions": regions, "masks": rev.masks,
@@ -289,7 +295,7 @@ class MovingWindowSearch(Defense):
         flat = int(heat.flatten().argmax())
         peak = (flat // heat.shape[1], flat % heat.shape[1])
         final = self._kernel(model, wm["x"], wm["y"], target, region[None].expand(self.restarts, -1, -1),
-                             self.final_epochs)
+                             self.final_epochs, self.final_success)
         best = int((final.attack_success.double() - 1e-4 * final.l1_norms.double()).argmax())
         trig = Trigger(final.masks[best], final.patterns[best], f"heatmap:label{target}")
         return HeatmapResult(target=target, heatmap=heat, window=wm["window"], stride=wm["stride"],

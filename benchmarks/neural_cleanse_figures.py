@@ -116,12 +116,12 @@ def main() -> None:
             print(f"{kind + str(seed):<10} {f'unlearning share {share:g}':<22} {ca0:9.3f} "
                   f"{ts.clean_accuracy(m, test):9.3f} {asr0:10.3f} {attack.success_rate(m, test):9.3f} {note:<30}",
                   flush=True)
-        for layer in ("penultimate", "flatten"):
+        for label, kw in (("penultimate", {}), ("last-conv units", {"granularity": "unit", "layer": "last_conv"})):
             t0 = time.perf_counter()
-            pr = NeuronPruning(layer=layer).repair(model, val, triggers=r)
+            pr = NeuronPruning(**kw).repair(model, val, triggers=r)
             m = pr.model
             note = f"{pr.history[-1]['ratio']:.0%} pruned, {time.perf_counter() - t0:.1f} s"
-            print(f"{kind + str(seed):<10} {'pruning ' + layer:<22} {ca0:9.3f} {ts.clean_accuracy(m, test):9.3f} "
+            print(f"{kind + str(seed):<10} {'pruning ' + label:<22} {ca0:9.3f} {ts.clean_accuracy(m, test):9.3f} "
                   f"{asr0:10.3f} {attack.success_rate(m, test):9.3f} {note:<30}", flush=True)
         filt = ActivationFilter(trigger=r).fit(model, val)
         trig = attack.triggers[0]

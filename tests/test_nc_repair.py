@@ -139,6 +139,13 @@ def test_repaired_model_saves_and_loads(digits, tmp_path):
                                                                                      triggers=trig)
     cols = torch.tensor(f.details["pruned"])
     assert cols.numel() == 64 and float(f.model.fc1.weight.detach()[:, cols].abs().sum()) == 0.0
+    # granularity="unit" names the same neurons on any architecture: the units the head reads
+    u = NeuronPruning(granularity="unit", layer="last_conv", step=0.25, max_ratio=0.5,
+                      stop_asr=0.0).repair(model, digits["val"], triggers=trig)
+    assert u.details["layer"] == "fc1" and u.details["pruned"] == f.details["pruned"]
+    v = NeuronPruning(layer="fc1:input", step=0.25, max_ratio=0.5, stop_asr=0.0).repair(model, digits["val"],
+                                                                                       triggers=trig)
+    assert v.details["pruned"] == f.details["pruned"]
     spec = ModelSpec("mnist_cnn", (1, 8, 8), 10)
     save_model(r.model, tmp_path / "m", spec)
     back = load_model(tmp_path / "m").model

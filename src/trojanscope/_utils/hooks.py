@@ -37,8 +37,9 @@ def resolve_layer(model: nn.Module, layer: str) -> tuple[str, nn.Module, str]:
 
     Args:
         model: the network.
-        layer: a dotted module name (``"features.3"``), ``"penultimate"`` (the input of the last
-            ``nn.Linear``) or ``"last_conv"`` (the output of the last ``nn.Conv2d``).
+        layer: a dotted module name (``"features.3"``, its output), the same with ``":input"``
+            (``"fc1:input"``, what the module receives), ``"penultimate"`` (the input of the
+            last ``nn.Linear``) or ``"last_conv"`` (the output of the last ``nn.Conv2d``).
 
     Returns:
         ``(name, module, where)`` with ``where`` in ``{"input", "output"}``: which side of the
@@ -52,6 +53,9 @@ def resolve_layer(model: nn.Module, layer: str) -> tuple[str, nn.Module, str]:
             raise UnsupportedModelError(f"the model has no {kind.__name__} layer, so {layer!r} is undefined")
         name, module = found[-1]
         return name, module, ("input" if layer == PENULTIMATE else "output")
+    side = "output"
+    if layer.endswith(":input"):
+        layer, side = layer[: -len(":input")], "input"
     try:
         module = model.get_submodule(layer)
     except AttributeError:
@@ -59,7 +63,7 @@ def resolve_layer(model: nn.Module, layer: str) -> tuple[str, nn.Module, str]:
         raise UnsupportedModelError(
             f"the model has no layer named {layer!r}; layers: {', '.join(names[:40])}"
         ) from None
-    return layer, module, "output"
+    return layer, module, side
 
 
 class Captured:

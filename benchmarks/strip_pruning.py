@@ -2,7 +2,7 @@
 
 Run (CPU is shared: be nice)::
 
-    nice .venv/bin/python benchmarks/strip_pruning.py [strip] [prune] [aware] [chains]
+    nice .venv/bin/python benchmarks/strip_pruning.py [strip] [prune] [aware] [chains] [chains-units]
 
 Models are the demo's (mnist5k, mnist_cnn, 10 epochs, seed 0), cached under runs/issue5/.
 Every figure is measured on the mnist5k test split (500 images); the defender's clean data is
@@ -166,23 +166,25 @@ def show_chain(title: str, res) -> None:
         print(f"    {r['step']} {r['defense']:22s} {figs}  {extra}  ({r['seconds']:.0f} s)")
 
 
-def run_chains(epochs: int = 5) -> None:
+def run_chains(epochs: int = 5, granularity: str = "channel") -> None:
     from trojanscope.pipeline import Pipeline, evaluator
 
     model, poisoned = badnets_model(), BADNETS.poison(TRAIN)
     ev = evaluator(TEST, TRIGGER, DEMO_TARGET)
-    print(f"\n== Chains on the BadNets model (retraining after a sanitiser: {epochs} epochs, Adam 1e-3)")
+    fp = ("fine-prune", {"granularity": granularity})
+    print(f"\n== Chains on the BadNets model (Fine-Pruning by {granularity}s; retraining after a sanitiser: "
+          f"{epochs} epochs, Adam 1e-3)")
     kw = dict(epochs=epochs, lr=1e-3, seed=0)
     for title, steps, retrain in (("activation clustering -> fine-pruning (retrain from scratch)",
-                                   ["activation-clustering", "fine-prune"], "scratch"),
+                                   ["activation-clustering", fp], "scratch"),
                                   ("fine-pruning -> activation clustering (retrain the pruned model on)",
-                                   ["fine-prune", "activation-clustering"], "continue")):
+                                   [fp, "activation-clustering"], "continue")):
         res = Pipeline(steps, retrain=retrain, **kw).run(model, VAL, train_data=poisoned, evaluate=ev)
         left = res.train_data
         show_chain(title, res)
         if left is not None:
             print(f"    poisoned samples left in the training set: {int(left.is_poison.sum())}/{len(poisoned.poison_indices)}")
-    res = Pipeline(["fine-prune", "strip"]).run(model, VAL, evaluate=ev)
+    res = Pipeline([fp, "strip"]).run(model, VAL, evaluate=ev)
     show_chain("STRIP in front of the fine-pruned model (rejected inputs never reach it)", res)
 
 
@@ -195,4 +197,7 @@ if __name__ == "__main__":
     if "aware" in which:
         run_aware()
     if "chains" in which:
-        run_chains()
+        run_chains(granularity="channel")
+        run_chains(granularity="unit")
+    if "chains-units" in which:
+        run_chains(granularity="unit")

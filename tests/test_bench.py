@@ -156,6 +156,8 @@ def test_quick_preset_has_four_attacks_and_every_defence(test_defenses):
     cfg = quick_config()
     assert cfg.dataset == "mnist5k" and len([a for a in cfg.attacks if a.attack != "clean"]) >= 4
     assert {"_t-logit", "_t-distance", "_t-confidence", "_t-finetune"} <= {d.defense for d in cfg.defenses}
+    units = [d for d in cfg.defenses if d.name == "fine-prune (units)"]  # beside the paper's channels
+    assert len(units) == 1 and units[0].defense == "fine-prune" and units[0].params["granularity"] == "unit"
 
 
 def test_cli_bench_and_bad_config(tmp_path, test_defenses):

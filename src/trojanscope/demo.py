@@ -91,10 +91,12 @@ def step_sanitize_data(ctx: DemoContext) -> None:
 
     assert ctx.poisoned is not None and ctx.backdoored_model is not None
     truth = ctx.poisoned.is_poison
-    # the epsilon-free default; and the paper's rule with the true poisoned share as its epsilon
+    # the epsilon-free defaults; and the paper's spectral rule with the true poisoned share as its epsilon
     ac = ActivationClustering(seed=ctx.seed, device=ctx.device).inspect(ctx.backdoored_model, ctx.poisoned)
+    sa = SpectralSignatures(seed=ctx.seed, device=ctx.device).inspect(ctx.backdoored_model, ctx.poisoned)
     sp = SpectralSignatures(mode="paper", epsilon=DEMO_RATE, device=ctx.device).inspect(ctx.backdoored_model, ctx.poisoned)
-    for step, res in (("activation clustering", ac), (f"spectral (paper, eps={DEMO_RATE:g})", sp)):
+    for step, res in (("activation clustering", ac), ("spectral signatures", sa),
+                      (f"spectral (paper, eps={DEMO_RATE:g})", sp)):
         m = detection_metrics(res.scores, truth, res.flagged)
         ctx.results[step] = {**res.to_dict(), "detection": m}
         ctx.row("badnets", step, poison_removed=m["recall"], clean_removed=m["fpr"],

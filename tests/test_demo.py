@@ -1,0 +1,37 @@
+"""The demo's defence steps on the session's trained pair (the demo attack, fewer epochs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import trojanscope as ts
+
+from trojanscope._utils.results import to_jsonable
+from trojanscope.demo import STEPS, DemoContext, step_train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_demo_steps_on_trained_pair(trained, tmp_path):
+    ctx = DemoContext(out=tmp_path, seed=0, train=trained.train, val=trained.val, test=trained.test,
+                      attack=trained.attack, poisoned=trained.poisoned, clean_model=trained.clean,
+                      backdoored_model=trained.backdoored)
+    assert STEPS[0] is step_train
+    for step in STEPS[1:]:
+        step(ctx)
+    rows = {(r["model"], r["step"].split(" (")[0]): r for r in ctx.rows}
+    # Neural Cleanse's verdicts are not asserted here: on these 5-epoch models the MAD margins are
+    # thin (the BadNets target's index was 2.4 in one process and 1.86 in another, from last-bit
+    # differences in training; a clean label reached 2.07). The demo's 10-epoch models score 2.78
+    # and 0.25; benchmarks/neural_cleanse_figures.py measures three seeds of each.
+    assert {r["verdict"] for r in ctx.rows if r["step"] == "neural-cleanse scan"} <= {"clean", "backdoor"}
+    for step in ("activation clustering", "spectral signatures"):
+        assert rows["badnets", step]["poison_removed"] >= 0.9 and rows["badnets", step]["clean_removed"] <= 0.05
+    assert rows["badnets", "strip"]["far"] <= 0.05
+    units = next(r for r in ctx.rows if r["step"].startswith("fine-pruning") and "units" in r["step"])
+    assert units["attack_success"] <= 0.05
+    assert units["accuracy"] >= ts.clean_accuracy(trained.backdoored, trained.test) - 0.03
+    json.dumps(to_jsonable(ctx.results))  # the demo writes its results as JSON
+    assert (tmp_path / "badnets").is_dir()

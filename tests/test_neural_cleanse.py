@@ -103,6 +103,17 @@ def test_clean_twin_is_not_flagged(scans):
     assert float(r.anomaly_indices.max()) < 10
 
 
+def test_log_scale_outlier_test(scans, nets, digits, device):
+    """outlier_scale="log" runs the same search and applies the MAD test to log norms."""
+    for name, net in nets.items():
+        r = NeuralCleanse(**FAST, outlier_scale="log", device=device).scan(net.to(device), digits["val"])
+        torch.testing.assert_close(r.l1_norms, scans[name].l1_norms)
+        torch.testing.assert_close(r.anomaly_indices, mad_anomaly_index(scans[name].l1_norms.double().log()))
+        assert r.flagged_labels == ([TARGET] if name == "planted" else [])
+    with pytest.raises(ConfigError):
+        NeuralCleanse(outlier_scale="sqrt").scan(nets["clean"], digits["val"])
+
+
 def test_result_fields_and_json(scans):
     r = scans["planted"]
     k = 10
@@ -219,6 +230,8 @@ def test_cli_scan_and_repair(nets, digits, tmp_path):
     r = runner.invoke(cli, ["scan", str(tmp_path / "clean.pt"), *fast])
     assert r.exit_code == 0, r.output
     assert "no backdoor found" in r.output
+    r = runner.invoke(cli, ["scan", str(tmp_path / "planted.pt"), *fast, "--outlier-scale", "log"])
+    assert r.exit_code == 1, r.output
     r = runner.invoke(cli, ["scan", str(tmp_path / "missing.pt"), *fast])
     assert r.exit_code == 2 and "error:" in r.output
     # repair needs an architecture trojanscope can rebuild: refused on TorchScript, in one line

@@ -130,23 +130,29 @@ def auto_verdict(evidence: dict[str, torch.Tensor], max_own_share: float) -> tup
 
 
 def decide_sides(model: nn.Module, data: ImageDataset, side: torch.Tensor, trainer: Retrainer, layer: str,
-                 max_own_share: float, *, batch_size: int,
-                 device: DeviceLike) -> tuple[torch.Tensor, dict[int, dict[str, Any]], list[int]]:
+                 max_own_share: float, *, batch_size: int, device: DeviceLike,
+                 side_rule: str = "typicality") -> tuple[torch.Tensor, dict[int, dict[str, Any]], list[int]]:
     """:func:`auto_verdict` for a two-sided split of every label (``side[i]`` in {0, 1}).
+
+    ``side_rule`` picks an attacked label's poisoned side: ``"typicality"`` (as
+    :func:`auto_verdict`) or ``"agreement"`` (the side with the higher content agreement, see
+    :func:`~._common.exclusionary_reclassification`; the spectral default).
 
     Returns:
         ``(flagged (N,) bool, per_label evidence, attacked labels)``.
     """
     ev = exclusionary_reclassification(model, data, side, trainer, layer, batch_size=batch_size, device=device)
     attacked_mask, poisoned_side = auto_verdict(ev, max_own_share)
+    if side_rule == "agreement":
+        poisoned_side = ev["agreement"].nan_to_num(-1.0).argmax(1)
     flagged = attacked_mask[data.y] & (side == poisoned_side[data.y])
     per_label: dict[int, dict[str, Any]] = {}
     for k in torch.unique(data.y).tolist():
         per_label[k] = {
             "n": int((data.y == k).sum()), "sizes": ev["n"][k].long().tolist(),
             "own_share": ev["own"][k].tolist(), "top_other_share": ev["top_other"][k].tolist(),
-            "source": ev["source"][k].tolist(), "typicality": ev["typicality"][k].tolist(),
-            "attacked": bool(attacked_mask[k]),
+            "source": ev["source"][k].tolist(), "agreement": ev["agreement"][k].tolist(),
+            "typicality": ev["typicality"][k].tolist(), "attacked": bool(attacked_mask[k]),
             "poisoned_side": int(poisoned_side[k]) if bool(attacked_mask[k]) else None,
         }
     return flagged, per_label, [k for k in per_label if per_label[k]["attacked"]]

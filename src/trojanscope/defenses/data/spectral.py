@@ -39,7 +39,7 @@ from ..._utils.batching import DeviceLike
 from ..._utils.validation import Interval, Options, Types
 from ...errors import DataError
 from ..base import DataSanitizer, SanitizeResult, register
-from ._common import check_dataset, exclusionary_reclassification, features, gaussian_split, padded_by_label
+from ._common import check_dataset, features, gaussian_split, padded_by_label
 from .retrain import Retrainer
 
 
@@ -155,22 +155,10 @@ def decide_by_agreement(model: nn.Module, data: Any, side: torch.Tensor, trainer
     Returns:
         ``(flagged (N,) bool, per_label evidence, attacked labels)``.
     """
-    from .clustering import auto_verdict
+    from .clustering import decide_sides
 
-    ev = exclusionary_reclassification(model, data, side, trainer, layer, batch_size=batch_size, device=device)
-    attacked_mask, _ = auto_verdict(ev, max_own_share)
-    poisoned_side = ev["agreement"].nan_to_num(-1.0).argmax(1)
-    flagged = attacked_mask[data.y] & (side == poisoned_side[data.y])
-    per_label: dict[int, dict[str, Any]] = {}
-    for k in torch.unique(data.y).tolist():
-        per_label[k] = {
-            "n": int((data.y == k).sum()), "sizes": ev["n"][k].long().tolist(),
-            "own_share": ev["own"][k].tolist(), "top_other_share": ev["top_other"][k].tolist(),
-            "source": ev["source"][k].tolist(), "agreement": ev["agreement"][k].tolist(),
-            "typicality": ev["typicality"][k].tolist(), "attacked": bool(attacked_mask[k]),
-            "poisoned_side": int(poisoned_side[k]) if bool(attacked_mask[k]) else None,
-        }
-    return flagged, per_label, [k for k in per_label if per_label[k]["attacked"]]
+    return decide_sides(model, data, side, trainer, layer, max_own_share, batch_size=batch_size, device=device,
+                        side_rule="agreement")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -58,3 +58,14 @@ class PlantedPatchNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.pool(self.relu(self.detect(x))).flatten(1)
         return self.fc(torch.cat([self.flatten(x), d], 1))
+
+
+class Tempered(nn.Module):
+    """Divide a hand-weighted net's logits by ``t`` so that its softmax is not saturated."""
+
+    def __init__(self, net: nn.Module, t: float) -> None:
+        super().__init__()
+        self.net, self.t = net, t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) / self.t

@@ -15,16 +15,7 @@ from trojanscope.errors import ConfigError
 from trojanscope.pipeline import Pipeline, evaluator, reinitialise
 from trojanscope.training import train
 
-from models import PlantedPatchNet
-
-
-class Tempered(nn.Module):
-    def __init__(self, net: nn.Module, t: float) -> None:
-        super().__init__()
-        self.net, self.t = net, t
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x) / self.t
+from models import PlantedPatchNet, Tempered
 
 
 class BrightCorner(DataSanitizer):

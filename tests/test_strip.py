@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-from torch import nn
 
 import trojanscope as ts
 from trojanscope.defenses import STRIP, create
@@ -17,18 +16,7 @@ from trojanscope.defenses.input.strip import overlay_entropy, strip_entropy
 from trojanscope.errors import ConfigError, DataError, NotFittedError
 from trojanscope.metrics import detection_metrics
 
-from models import PlantedPatchNet
-
-
-class Tempered(nn.Module):
-    """Divide a hand-weighted net's logits by ``t`` so that its softmax is not saturated."""
-
-    def __init__(self, net: nn.Module, t: float) -> None:
-        super().__init__()
-        self.net, self.t = net, t
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x) / self.t
+from models import PlantedPatchNet, Tempered
 
 
 def test_entropy_by_hand():

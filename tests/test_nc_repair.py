@@ -143,6 +143,13 @@ def test_repaired_model_saves_and_loads(digits, tmp_path):
     u = NeuronPruning(granularity="unit", layer="last_conv", step=0.25, max_ratio=0.5,
                       stop_asr=0.0).repair(model, digits["val"], triggers=trig)
     assert u.details["layer"] == "fc1" and u.details["pruned"] == f.details["pruned"]
+    # without a layer, units mean the last convolutional block's (the penultimate layer's units
+    # are its channels), channels mean the paper's penultimate layer
+    d = NeuronPruning(granularity="unit", step=0.25, max_ratio=0.5, stop_asr=0.0).repair(model, digits["val"],
+                                                                                         triggers=trig)
+    assert d.details["layer"] == "fc1" and d.details["pruned"] == f.details["pruned"]
+    assert NeuronPruning(step=0.5, max_ratio=0.5, stop_asr=0.0).repair(
+        model, digits["val"], triggers=trig).details["layer"] == "fc2"
     v = NeuronPruning(layer="fc1:input", step=0.25, max_ratio=0.5, stop_asr=0.0).repair(model, digits["val"],
                                                                                        triggers=trig)
     assert v.details["pruned"] == f.details["pruned"]

@@ -188,7 +188,9 @@ class NeuronPruning(Repair):
     Args:
         layer: ``"penultimate"`` (paper: the second-to-last layer), ``"last_conv"`` (the
             paper's better choice on BadNets models) or a dotted layer name (``"fc1:input"``
-            for the units a Linear layer reads).
+            for the units a Linear layer reads). Default (None): ``"penultimate"`` with
+            channels, ``"last_conv"`` with units (the units of the penultimate layer are its
+            channels).
         granularity: ``"channel"``: a neuron is an output channel of ``layer`` (or a unit of a
             dense layer). ``"unit"``: one channel at one position of the last convolutional
             block, as the dense head reads it (``layer`` is then ``"last_conv"`` or the Linear
@@ -210,7 +212,7 @@ class NeuronPruning(Repair):
 
     needs_hooks: ClassVar[bool] = True
     _constraints: ClassVar[dict[str, Any]] = {
-        "layer": Types((str,)),
+        "layer": Types((str, type(None))),
         "granularity": Options(("channel", "unit")),
         "stop_asr": Interval(float, 0.0, 1.0),
         "step": Interval(float, 0.0, 1.0, "right"),
@@ -219,7 +221,7 @@ class NeuronPruning(Repair):
         "seed": Types((int, type(None))),
     }
 
-    def __init__(self, *, layer: str = "penultimate", granularity: str = "channel", stop_asr: float = 0.01,
+    def __init__(self, *, layer: str | None = None, granularity: str = "channel", stop_asr: float = 0.01,
                  step: float = 0.01, max_ratio: float = 0.9, batch_size: int = 256, seed: int | None = 0,
                  device: DeviceLike = None) -> None:
         self.layer = layer
@@ -260,11 +262,11 @@ class NeuronPruning(Repair):
             return RepairResult(model=net, history=[], details=details, params=_params(self),
                                 seconds=time.perf_counter() - t0)
         kw = dict(batch_size=self.batch_size, device=self.device)
-        layer = self.layer
+        layer = self.layer or ("last_conv" if self.granularity == "unit" else "penultimate")
         if self.granularity == "unit":
             from .pruning import unit_layer
 
-            layer = f"{unit_layer(net, self.layer)[0]}:input"
+            layer = f"{unit_layer(net, layer)[0]}:input"
         clean_acts = activations(net, data.x, layer, flatten=False, **kw)
         gaps = []
         for k, t in trig.items():

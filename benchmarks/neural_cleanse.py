@@ -10,7 +10,8 @@ of mnist_cnn) for one label's mini-batch (16 images, the scan's default) and for
 On a CPU the convolutions are compute-bound, so the per-image cost hardly falls with the batch
 and batching the labels can only remove per-step overhead: that, not the code, bounds the
 speed-up here (measured idle: 1.2x). On a GPU a 16-image step leaves the device mostly idle,
-which is where batching the labels should pay (not measured: no GPU was available).
+which is where batching the labels should pay (not measured: no GPU has been lent to this project
+yet; ``--device cuda`` runs the same comparison on one).
 
 On a shared machine the wall time is inflated by other processes: the CPU time (user + system
 of the process, all threads) is the load-independent figure; with one thread it is an upper
@@ -18,7 +19,7 @@ bound of the uncontended wall time.
 
 Usage::
 
-    nice .venv/bin/python benchmarks/neural_cleanse.py [--threads 1 2] [--epochs 80]
+    nice .venv/bin/python benchmarks/neural_cleanse.py [--threads 1 2] [--epochs 80] [--device cuda]
 
 One thread by default: on a CPU shared with other jobs, two threads spin on each other and
 both modes get several times slower (the batched scan took 83 CPU seconds instead of 11).
@@ -38,7 +39,7 @@ from pathlib import Path
 CACHE = Path(os.environ.get("TMPDIR", "/tmp")) / "trojanscope-nc-models"
 
 
-def child(mode: str, threads: int, epochs: int) -> None:
+def child(mode: str, threads: int, epochs: int, device: str) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -50,24 +51,32 @@ def child(mode: str, threads: int, epochs: int) -> None:
 
     train, val = ts.load_data("mnist5k", "train"), ts.load_data("mnist5k", "val")
     model, attack = get_model("badnets", 0, CACHE, train)
+    cuda = device.startswith("cuda")
+    model.to(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with open("/proc/self/statm") as f:
         rss_now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    r = NeuralCleanse(mode=mode, epochs=epochs, seed=0).scan(model, val)
+    r = NeuralCleanse(mode=mode, epochs=epochs, seed=0, device=device).scan(model, val)
+    if cuda:
+        torch.cuda.synchronize(device)
     wall = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     target = attack.targets[0]
     print(json.dumps({
         "mode": mode, "threads": threads, "wall_s": wall,
         "cpu_s": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime),
-        "peak_mb": (r1.ru_maxrss - max(0, min(base, rss_now))) / 1024, "infected": r.infected,
+        "peak_mb": (torch.cuda.max_memory_allocated(device) / 2**20 if cuda
+                    else (r1.ru_maxrss - max(0, min(base, rss_now))) / 1024),
+        "infected": r.infected,
         "flagged": r.flagged_labels, "target_index": float(r.anomaly_indices[target]),
         "norms": [round(float(v), 1) for v in r.l1_norms]}))
 
 
-def ceiling(threads: int, samples_per_step: int = 16, labels: int = 10) -> None:
+def ceiling(threads: int, device: str = "cpu", samples_per_step: int = 16, labels: int = 10) -> None:
     """What batching can gain at most here: one optimisation step's cost per image, for one label's
     batch and for all labels' batch. When the per-image cost does not fall with the batch (the
     convolutions are compute-bound), the batched scan can only save the per-step overhead."""
@@ -76,19 +85,21 @@ def ceiling(threads: int, samples_per_step: int = 16, labels: int = 10) -> None:
     torch.set_num_threads(threads)
     from trojanscope.models import create_model
 
-    net = create_model("mnist_cnn").eval()
+    net = create_model("mnist_cnn").eval().to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for p in net.parameters():
         p.requires_grad_(False)
     per_image = {}
     for b in (samples_per_step, samples_per_step * labels):
-        x = torch.rand(b, 1, 28, 28)
-        w = torch.zeros(1, 1, 28, 28, requires_grad=True)
+        x = torch.rand(b, 1, 28, 28, device=device)
+        w = torch.zeros(1, 1, 28, 28, device=device, requires_grad=True)
         best = float("inf")
         for _ in range(3):
             t0 = time.perf_counter()
             for _ in range(10):
                 out = net((1 - torch.sigmoid(w)) * x + torch.sigmoid(w))
                 torch.autograd.grad(out.logsumexp(1).sum(), [w])
+            sync()
             best = min(best, (time.perf_counter() - t0) / 10)
         per_image[b] = best / b
         print(f"ceiling   threads {threads}  forward+backward of {b:4d} images: {1e3 * best:7.2f} ms "
@@ -102,21 +113,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1])
     ap.add_argument("--epochs", type=int, default=80)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: where both modes run; on cuda the "
+                    "peak memory is torch's peak allocation")
     ap.add_argument("--child", nargs=2, metavar=("MODE", "THREADS"))
     ap.add_argument("--ceiling", type=int, metavar="THREADS", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ceiling:
-        ceiling(args.ceiling)
+        ceiling(args.ceiling, args.device)
         return
     if args.child:
-        child(args.child[0], int(args.child[1]), args.epochs)
+        child(args.child[0], int(args.child[1]), args.epochs, args.device)
         return
     for threads in args.threads:
-        subprocess.run([sys.executable, __file__, "--ceiling", str(threads)], check=True)
+        subprocess.run([sys.executable, __file__, "--ceiling", str(threads), "--device", args.device], check=True)
     rows = []
     for threads in args.threads:
         for mode in ("batched", "sequential"):
-            out = subprocess.run([sys.executable, __file__, "--child", mode, str(threads), "--epochs", str(args.epochs)],
+            out = subprocess.run([sys.executable, __file__, "--child", mode, str(threads), "--epochs", str(args.epochs),
+                                  "--device", args.device],
                                  check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             r = rows[-1]

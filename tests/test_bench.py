@@ -10,7 +10,9 @@ import torch
 from click.testing import CliRunner
 
 from benchkit import registered
-from trojanscope.bench import (COLUMNS, BenchConfig, cell_id, load_config, parse_config, quick_config, run_bench)
+from trojanscope.bench import (COLUMNS, BenchConfig, cell_id, default_config, load_config, parse_config, quick_config,
+                               run_bench)
+from trojanscope.defenses.repair.neural_cleanse import SMALL_SET_UNLEARNING
 from trojanscope.cli import cli
 from trojanscope.errors import ConfigError
 
@@ -158,6 +160,12 @@ def test_quick_preset_has_four_attacks_and_every_defence(test_defenses):
     assert {"_t-logit", "_t-distance", "_t-confidence", "_t-finetune"} <= {d.defense for d in cfg.defenses}
     units = [d for d in cfg.defenses if d.name == "fine-prune (units)"]  # beside the paper's channels
     assert len(units) == 1 and units[0].defense == "fine-prune" and units[0].params["granularity"] == "unit"
+    # the variants sit beside their paper defaults, each built from the registered defence
+    rows = {d.name: d for d in cfg.defenses}
+    assert rows["nc-prune (units)"].defense == "nc-prune" and rows["nc-prune"].params == {}
+    assert rows["unlearn (3 epochs, SGD)"].params == SMALL_SET_UNLEARNING and rows["unlearn"].params == {}
+    assert {d.name for d in default_config().defenses} >= {"fine-prune (units)", "nc-prune (units)",
+                                                           "unlearn (3 epochs, SGD)"}
 
 
 def test_cli_bench_and_bad_config(tmp_path, test_defenses):

@@ -66,6 +66,7 @@ from .attacks import ATTACKS, Attack, BadNets
 from .data import ImageDataset, PoisonedDataset, load_data
 from .data.loaders import BUNDLED
 from .defenses import DEFENSES, Defense, list_defenses
+from .defenses.repair.neural_cleanse import SMALL_SET_UNLEARNING
 from .errors import ConfigError, TrojanscopeError
 from .metrics import attack_success_rate, clean_accuracy, detection_metrics, target_labels
 from .models import ModelSpec, load_model, save_model
@@ -121,6 +122,15 @@ CHAIN = "chain"
 
 #: The row of Fine-Pruning by units (one channel at one position) beside the paper's channels.
 FINE_PRUNE_UNITS = "fine-prune (units)"
+
+#: Rows of registered repairs with other settings, beside their paper defaults: ``(row name,
+#: registered name, params)``. The units of the last convolutional block for both pruning
+#: repairs, and Neural Cleanse unlearning with the small-clean-set settings.
+VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    (FINE_PRUNE_UNITS, "fine-prune", {"granularity": "unit"}),
+    ("nc-prune (units)", "nc-prune", {"granularity": "unit"}),
+    ("unlearn (3 epochs, SGD)", "unlearn", SMALL_SET_UNLEARNING),
+)
 
 
 # --- configuration ----------------------------------------------------------------------------------
@@ -413,9 +423,10 @@ def preset_attack_spec(name: str) -> AttackSpec:
 def default_config() -> BenchConfig:
     """Every preset attack, every registered defence, mnist5k, one seed."""
     extra = [preset_attack_spec(n) for n in ATTACKS.names() if n != "badnets"]
-    defenses = [DefenseSpec(n, n, {}) for n in _expand_defenses(["all"])]
-    if "fine-prune" in DEFENSES.names():
-        defenses.append(DefenseSpec(FINE_PRUNE_UNITS, "fine-prune", {"granularity": "unit"}))
+    defenses = []
+    for n in _expand_defenses(["all"]):
+        defenses.append(DefenseSpec(n, n, {}))
+        defenses += [DefenseSpec(row, n, dict(params)) for row, base, params in VARIANTS if base == n]
     if {"activation-clustering", "fine-prune"} <= set(DEFENSES.names()):
         if importlib.util.find_spec("trojanscope.pipeline") is not None:
             for steps in (["activation-clustering", "fine-prune"], ["fine-prune", "activation-clustering"]):
@@ -447,8 +458,7 @@ def quick_config() -> BenchConfig:
         cls = DEFENSES.get(n)
         params = {k: v for k, v in QUICK_PARAMS.get(n, {}).items() if k in cls._param_names()}
         defenses.append(DefenseSpec(n, n, params))
-        if n == "fine-prune":
-            defenses.append(DefenseSpec(FINE_PRUNE_UNITS, n, {**params, "granularity": "unit"}))
+        defenses += [DefenseSpec(row, n, {**params, **extra}) for row, base, extra in VARIANTS if base == n]
     steps = ["activation-clustering", "fine-prune"]  # one chain: Milakovic's order, pruned channels kept
     if set(steps) <= set(DEFENSES.names()) and importlib.util.find_spec("trojanscope.pipeline") is not None:
         defenses.append(DefenseSpec(" > ".join(steps), CHAIN, {

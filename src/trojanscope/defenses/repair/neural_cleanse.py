@@ -350,7 +350,7 @@ class Unlearning(Repair):
     (``epochs=3, optimizer="sgd", lr=0.01, batch_size=32``: 39 steps) brought it to at most
     2.7% with at most 1.6 points of clean accuracy lost in all 10
     (``benchmarks/neural_cleanse_figures.py --seeds 0 1 2 3 4``). With momentum SGD, one or
-    two epochs were erratic (clean accuracy fell by up to 17 points in some runs); Adam for
+    two epochs were erratic (clean accuracy fell by up to 19 points in some runs); Adam for
     three epochs still left up to 13%.
 
     Args:

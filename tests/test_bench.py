@@ -163,7 +163,9 @@ def test_quick_preset_has_four_attacks_and_every_defence(test_defenses):
     # the variants sit beside their paper defaults, each built from the registered defence
     rows = {d.name: d for d in cfg.defenses}
     assert rows["nc-prune (units)"].defense == "nc-prune" and rows["nc-prune"].params == {}
-    assert rows["unlearn (3 epochs, SGD)"].params == SMALL_SET_UNLEARNING and rows["unlearn"].params == {}
+    # unlearning gets all of the val split (the paper's 10% is of the training set)
+    assert rows["unlearn (3 epochs, SGD)"].params == {"share": 1.0, **SMALL_SET_UNLEARNING}
+    assert rows["unlearn"].params == {"share": 1.0}
     assert {d.name for d in default_config().defenses} >= {"fine-prune (units)", "nc-prune (units)",
                                                            "unlearn (3 epochs, SGD)"}
 

@@ -19,7 +19,8 @@ family        how a cell is scored
               (FAR: stamped inputs let through), AUROC over both; "after": the share of clean
               inputs accepted and correctly classified, and of stamped inputs accepted and sent to
               the target.
-``repair``    ``repair(model, val)``: CA / ASR of the repaired model.
+``repair``    ``repair(model, val)``: CA / ASR of the repaired model (unlearning fine-tunes on
+              all of val: :data:`BENCH_PARAMS`).
 ============  =====================================================================================
 
 A config (TOML; YAML when PyYAML is installed) looks like::
@@ -106,6 +107,13 @@ QUICK_PARAMS: dict[str, dict[str, Any]] = {
     "distribution": {"steps": 100},
     "trigger-distribution": {"steps": 100},
     "distribution-unlearn": {"n_levels": 3, "steps": 50, "epochs": 1},
+}
+
+#: Settings of both presets, by defence. Every repair gets the val split (500 images, 12.5% of
+#: the training set) as the defender's clean data; the paper's unlearning fine-tunes on 10% of
+#: the *training* data, so here it takes all of the val split rather than 10% of it (50 images).
+BENCH_PARAMS: dict[str, dict[str, Any]] = {
+    "unlearn": {"share": 1.0},
 }
 
 #: Defences the quick preset leaves out (name them in a config to run them). None since the
@@ -328,7 +336,7 @@ def parse_config(raw: Mapping[str, Any], *, base: BenchConfig | None = None) -> 
         names = _expect(raw.get(dkey, ["all"] if dkey not in raw and not (raw.get("defense") or raw.get("defence"))
                                 else []), list, dkey)
         for n in _expand_defenses([_expect(n, str, f"each entry of {dkey}") for n in names]):
-            defenses.append(DefenseSpec(n, n, dict(params.get(n, {}))))
+            defenses.append(DefenseSpec(n, n, {**BENCH_PARAMS.get(n, {}), **params.get(n, {})}))
         custom = raw.get("defense", raw.get("defence", []))
         if isinstance(custom, Mapping):
             custom = [custom]
@@ -339,7 +347,8 @@ def parse_config(raw: Mapping[str, Any], *, base: BenchConfig | None = None) -> 
             if reg not in DEFENSES:
                 _expand_defenses([reg])
             defenses.append(DefenseSpec(_expect(d.get("name", reg), str, "defense name"), reg,
-                                        dict(_expect(d.get("params", {}), dict, "defense params"))))
+                                        {**BENCH_PARAMS.get(reg, {}),
+                                         **_expect(d.get("params", {}), dict, "defense params")}))
         chains = raw.get("chain", [])
         if isinstance(chains, Mapping):
             chains = [chains]
@@ -425,8 +434,9 @@ def default_config() -> BenchConfig:
     extra = [preset_attack_spec(n) for n in ATTACKS.names() if n != "badnets"]
     defenses = []
     for n in _expand_defenses(["all"]):
-        defenses.append(DefenseSpec(n, n, {}))
-        defenses += [DefenseSpec(row, n, dict(params)) for row, base, params in VARIANTS if base == n]
+        params = dict(BENCH_PARAMS.get(n, {}))
+        defenses.append(DefenseSpec(n, n, params))
+        defenses += [DefenseSpec(row, n, {**params, **extra}) for row, base, extra in VARIANTS if base == n]
     if {"activation-clustering", "fine-prune"} <= set(DEFENSES.names()):
         if importlib.util.find_spec("trojanscope.pipeline") is not None:
             for steps in (["activation-clustering", "fine-prune"], ["fine-prune", "activation-clustering"]):
@@ -456,7 +466,8 @@ def quick_config() -> BenchConfig:
         if n in QUICK_EXCLUDE:
             continue
         cls = DEFENSES.get(n)
-        params = {k: v for k, v in QUICK_PARAMS.get(n, {}).items() if k in cls._param_names()}
+        params = {k: v for k, v in {**BENCH_PARAMS.get(n, {}), **QUICK_PARAMS.get(n, {})}.items()
+                  if k in cls._param_names()}
         defenses.append(DefenseSpec(n, n, params))
         defenses += [DefenseSpec(row, n, {**params, **extra}) for row, base, extra in VARIANTS if base == n]
     steps = ["activation-clustering", "fine-prune"]  # one chain: Milakovic's order, pruned channels kept

@@ -157,6 +157,8 @@ def test_not_fitted_and_bad_args(digits):
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
     with pytest.raises(ts.ConfigError):
         TriggerDistribution(position=(7, 7), trigger_size=3).fit(net, digits["val"], 0)
+    with pytest.raises(ts.ConfigError, match="row, col"):
+        TriggerDistribution(position=(5,), trigger_size=3).fit(net, digits["val"], 0)  # was an IndexError
     with pytest.raises(ts.ConfigError):
         TriggerDistribution(n_levels=0).fit(net, digits["val"], 0)
     with pytest.raises(ts.ConfigError):

@@ -330,8 +330,10 @@ class TriggerDistribution(Defense):
 
             pos = locate_trigger(model, clean_data, target, s, seed=self.seed, device=dev)
         else:
+            if len(self.position) != 2:
+                raise ConfigError(f"position must be (row, col), got {self.position!r}")
             pos = (int(self.position[0]), int(self.position[1]))
-            if len(self.position) != 2 or not (0 <= pos[0] <= h - s and 0 <= pos[1] <= w - s):
+            if not (0 <= pos[0] <= h - s and 0 <= pos[1] <= w - s):
                 raise ConfigError(f"position {self.position!r} does not fit a {s}x{s} trigger in {h}x{w} images")
         self.position_ = pos
         self.image_shape_ = (c, h, w)

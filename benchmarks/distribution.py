@@ -95,34 +95,31 @@ def unlearn_moved(model, clean, trigger, offsets, seed):
     return net
 
 
-def main() -> None:
+def arguments(out: Path) -> argparse.ArgumentParser:
+    """The command line of the MESA benchmarks (``out``: where the grid of samples goes)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--levels", type=int, default=10)
     ap.add_argument("--fit-seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the repairs")
-    ap.add_argument("--out", type=Path, default=M.CACHE)
+    ap.add_argument("--out", type=Path, default=out)
     ap.add_argument("--position", type=int, nargs=2, default=None,
                     help="skip the location step and use this (row, col), e.g. the one a previous run located")
     ap.add_argument("--no-ablations", action="store_true")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    t_all = time.perf_counter()
-    model, attack = M.badnets_demo_model()
-    train, val, test = M.splits()
-    g = torch.Generator().manual_seed(0)  # the defender's clean data: 1,000 random training images (all labels)
-    clean = train.subset(torch.randperm(len(train), generator=g)[:1000], "defender-clean")
-    target = 0
-    ca0, asr0 = ts.clean_accuracy(model, test), attack.success_rate(model, test)
-    print(f"backdoored model: CA {100 * ca0:.1f}%  ASR {100 * asr0:.1f}%  (test: {int((test.y != target).sum())} "
-          f"non-target images, 1 image = {100 / int((test.y != target).sum()):.2f}%)")
+    return ap
 
+
+def defender_clean(train: ts.ImageDataset) -> ts.ImageDataset:
+    """The defender's clean data: 1,000 random training images (all labels), the same for every repair."""
+    g = torch.Generator().manual_seed(0)
+    return train.subset(torch.randperm(len(train), generator=g)[:1000], "defender-clean")
+
+
+def fit_staircase(model, clean, test, target, pos, size, args, grid_path: Path) -> TriggerDistribution:
+    """Fit the MESA staircase at ``pos`` and print, per level, beta, entropy, weight, the mean ASR of
+    100 samples on ``test``, the share above beta and the samples' per-pixel std; save the grid."""
     t0 = time.perf_counter()
-    pos = tuple(args.position) if args.position else locate_trigger(model, clean, target, 4, epochs=8)
-    print(f"{'given' if args.position else 'located'} 4x4 trigger at {pos} (true (23, 23)) in "
-          f"{time.perf_counter() - t0:.0f} s")
-    t0 = time.perf_counter()
-    dist = TriggerDistribution(n_levels=args.levels, trigger_size=4, position=pos, steps=args.steps,
+    dist = TriggerDistribution(n_levels=args.levels, trigger_size=size, position=pos, steps=args.steps,
                                samples_per_step=8, images_per_step=8, seed=args.fit_seed).fit(model, clean, target)
     print(f"fitted {args.levels} generators ({args.steps} steps, seed {args.fit_seed}) in "
           f"{time.perf_counter() - t0:.0f} s")
@@ -130,30 +127,30 @@ def main() -> None:
     print("\nlevel  beta  entropy  weight  mean ASR  ASR>beta  pixel std")
     r, q = pos
     for i in range(args.levels):
-        p = dist.sample_tensors(200, level=i, seed=1).patterns[:, :, r:r + 4, q:q + 4]
+        p = dist.sample_tensors(200, level=i, seed=1).patterns[:, :, r:r + size, q:q + size]
         print(f"{i:5d}  {float(rep.betas[i]):.2f}  {float(rep.entropies[i]):7.2f}  {float(rep.weights[i]):6.3f}"
               f"  {100 * float(rep.asr[i].mean()):7.1f}%  {100 * float(rep.valid_share[i]):6.1f}%"
               f"  {float(p.std(0).mean()):9.3f}")
-    grid = dist.save_grid(args.out / "mesa_grid.png", report=rep)
+    grid = dist.save_grid(grid_path, report=rep)
     print(f"grid of samples: {grid}")
+    return dist
 
-    t0 = time.perf_counter()
-    nc_trigger = NeuralCleanse(epochs=40).reverse(model, clean, targets=[target]).trigger(0)
-    print(f"NC reversed trigger for label {target}: |m|={float(nc_trigger.l1_norm):.1f} "
-          f"({time.perf_counter() - t0:.0f} s)")
+
+def centre_point(dist: TriggerDistribution) -> TriggerDistribution:
+    """A copy of ``dist`` whose generators always return their central point ``G(0)``."""
     point = copy.deepcopy(dist)
     point.generators_ = _CentrePoint(point.generators_)
-    var = variants(train.image_shape)
-    rows: dict[str, list[tuple[float, float, list[float]]]] = {}
+    return point
 
-    def score(name: str, m: nn.Module) -> None:
-        ca, asr = ts.clean_accuracy(m, test), attack.success_rate(m, test)
-        v = [ts.attack_success_rate(m, test, t, target) for t in var.values()]
-        rows.setdefault(name, []).append((ca, asr, v))
-        print(f"  {name:34s} CA {100 * ca:5.1f}%  ASR {100 * asr:5.1f}%  variants {100 * sum(v) / len(v):5.2f}%",
-              flush=True)
 
-    for seed in args.seeds:
+def compare_repairs(model, clean, target, dist, nc_trigger, pos, seeds, score, ablations: bool = True) -> None:
+    """For each repair seed, ``score(name, repaired model)`` after single-trigger NC unlearning and
+    MESA's distribution unlearning with the same :data:`BUDGET`, then (``ablations``) MESA at the
+    located place only, the central point ``G_top(0)`` at MESA's places, and the NC trigger moved
+    over MESA's places."""
+    r, q = pos
+    point = centre_point(dist)
+    for seed in seeds:
         print(f"\nrepair seed {seed}")
         t0 = time.perf_counter()
         single = create("unlearn", share=1.0, poison_ratio=BUDGET["rate"], epochs=BUDGET["epochs"], lr=BUDGET["lr"],
@@ -166,7 +163,7 @@ def main() -> None:
         places = mesa.details["places"]
         print(f"  (NC {t1 - t0:.0f} s, MESA {time.perf_counter() - t1:.0f} s; MESA valid places {len(places)}: "
               f"{places})")
-        if args.no_ablations:
+        if not ablations:
             continue
         score("ablation: MESA, located place only",
               DistributionUnlearning(min_beta=0.5, shift=0, seed=seed, **BUDGET).repair(
@@ -176,6 +173,41 @@ def main() -> None:
                   model, clean, target=target, distribution=point).model)
         offsets = [(a - r, b - q) for a, b in places]
         score("ablation: NC trigger moved, places", unlearn_moved(model, clean, nc_trigger, offsets, seed))
+
+
+def main() -> None:
+    args = arguments(M.CACHE).parse_args()
+    torch.set_num_threads(1)
+    t_all = time.perf_counter()
+    model, attack = M.badnets_demo_model()
+    train, val, test = M.splits()
+    clean = defender_clean(train)
+    target = 0
+    ca0, asr0 = ts.clean_accuracy(model, test), attack.success_rate(model, test)
+    print(f"backdoored model: CA {100 * ca0:.1f}%  ASR {100 * asr0:.1f}%  (test: {int((test.y != target).sum())} "
+          f"non-target images, 1 image = {100 / int((test.y != target).sum()):.2f}%)")
+
+    t0 = time.perf_counter()
+    pos = tuple(args.position) if args.position else locate_trigger(model, clean, target, 4, epochs=8)
+    print(f"{'given' if args.position else 'located'} 4x4 trigger at {pos} (true (23, 23)) in "
+          f"{time.perf_counter() - t0:.0f} s")
+    dist = fit_staircase(model, clean, test, target, pos, 4, args, args.out / "mesa_grid.png")
+
+    t0 = time.perf_counter()
+    nc_trigger = NeuralCleanse(epochs=40).reverse(model, clean, targets=[target]).trigger(0)
+    print(f"NC reversed trigger for label {target}: |m|={float(nc_trigger.l1_norm):.1f} "
+          f"({time.perf_counter() - t0:.0f} s)")
+    var = variants(train.image_shape)
+    rows: dict[str, list[tuple[float, float, list[float]]]] = {}
+
+    def score(name: str, m: nn.Module) -> None:
+        ca, asr = ts.clean_accuracy(m, test), attack.success_rate(m, test)
+        v = [ts.attack_success_rate(m, test, t, target) for t in var.values()]
+        rows.setdefault(name, []).append((ca, asr, v))
+        print(f"  {name:34s} CA {100 * ca:5.1f}%  ASR {100 * asr:5.1f}%  variants {100 * sum(v) / len(v):5.2f}%",
+              flush=True)
+
+    compare_repairs(model, clean, target, dist, nc_trigger, pos, args.seeds, score, ablations=not args.no_ablations)
 
     print(f"\nmean over repair seeds {args.seeds} (min..max of the variant mean)")
     print(f"{'model':36s}  CA     CA drop  ASR orig  variants")

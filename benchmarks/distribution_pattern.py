@@ -37,8 +37,6 @@ The variants are a test set only: nothing in the repairs sees them.
 
 from __future__ import annotations
 
-import argparse
-import copy
 import statistics
 import sys
 import time
@@ -48,11 +46,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _issue6_models as M  # noqa: E402
-from distribution import BUDGET, _CentrePoint, moved, unlearn_moved  # noqa: E402
+from distribution import arguments, centre_point, compare_repairs, defender_clean, fit_staircase, moved  # noqa: E402
 
 import trojanscope as ts  # noqa: E402
-from trojanscope.defenses import create  # noqa: E402
-from trojanscope.defenses.model.distribution import DistributionUnlearning, TriggerDistribution  # noqa: E402
 from trojanscope.defenses.model.heatmap import locate_trigger  # noqa: E402
 from trojanscope.defenses.model.neural_cleanse import NeuralCleanse  # noqa: E402
 from trojanscope.demo import DEMO_EPOCHS, DEMO_RATE, DEMO_TARGET  # noqa: E402
@@ -116,22 +112,12 @@ def _pct(v: list[float]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--levels", type=int, default=10)
-    ap.add_argument("--fit-seed", type=int, default=0)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the repairs")
-    ap.add_argument("--out", type=Path, default=M.CACHE.parent / "issue6b")
-    ap.add_argument("--position", type=int, nargs=2, default=None,
-                    help="skip the location step and use this (row, col), e.g. the one a previous run located")
-    ap.add_argument("--no-ablations", action="store_true")
-    args = ap.parse_args()
+    args = arguments(M.CACHE.parent / "issue6b").parse_args()
     torch.set_num_threads(1)
     t_all = time.perf_counter()
     model, attack = pattern_model()
     train, val, test = M.splits()
-    g = torch.Generator().manual_seed(0)  # the defender's clean data: 1,000 random training images (all labels)
-    clean = train.subset(torch.randperm(len(train), generator=g)[:1000], "defender-clean")
+    clean = defender_clean(train)
     target = DEMO_TARGET
     trigger = attack.triggers[0]
     r0, c0 = place(POSITION, (SIZE, SIZE), train.image_shape[1:])
@@ -158,21 +144,7 @@ def main() -> None:
     pos = tuple(args.position) if args.position else locate_trigger(model, clean, target, SIZE, epochs=8)
     print(f"\n{'given' if args.position else 'located'} {SIZE}x{SIZE} trigger at {pos} (true ({r0}, {c0})) in "
           f"{time.perf_counter() - t0:.0f} s")
-    t0 = time.perf_counter()
-    dist = TriggerDistribution(n_levels=args.levels, trigger_size=SIZE, position=pos, steps=args.steps,
-                               samples_per_step=8, images_per_step=8, seed=args.fit_seed).fit(model, clean, target)
-    print(f"fitted {args.levels} generators ({args.steps} steps, seed {args.fit_seed}) in "
-          f"{time.perf_counter() - t0:.0f} s")
-    rep = dist.report(model, test, n=100)
-    print("\nlevel  beta  entropy  weight  mean ASR  ASR>beta  pixel std")
-    r, q = pos
-    for i in range(args.levels):
-        p = dist.sample_tensors(200, level=i, seed=1).patterns[:, :, r:r + SIZE, q:q + SIZE]
-        print(f"{i:5d}  {float(rep.betas[i]):.2f}  {float(rep.entropies[i]):7.2f}  {float(rep.weights[i]):6.3f}"
-              f"  {100 * float(rep.asr[i].mean()):7.1f}%  {100 * float(rep.valid_share[i]):6.1f}%"
-              f"  {float(p.std(0).mean()):9.3f}")
-    grid = dist.save_grid(args.out / "mesa_grid_pattern.png", report=rep)
-    print(f"grid of samples: {grid}")
+    dist = fit_staircase(model, clean, test, target, pos, SIZE, args, args.out / "mesa_grid_pattern.png")
 
     t0 = time.perf_counter()
     nc_trigger = NeuralCleanse(epochs=40).reverse(model, clean, targets=[target]).trigger(0)
@@ -180,9 +152,9 @@ def main() -> None:
     print(f"NC reversed trigger for label {target}: |m|={float(nc_trigger.l1_norm):.1f}, {inside:.1f} of it in the "
           f"true box; ASR {100 * ts.attack_success_rate(model, test, nc_trigger, target):.1f}% "
           f"({time.perf_counter() - t0:.0f} s)")
-    point = copy.deepcopy(dist)
-    point.generators_ = _CentrePoint(point.generators_)
+    r, q = pos
     if pos == (r0, c0):
+        point = centre_point(dist)
         true_patch = trigger.pattern[:, r0:r0 + SIZE, c0:c0 + SIZE]
         top = args.levels - 1
         d0 = (point.sample_tensors(1, level=top).patterns[0, :, r:r + SIZE, q:q + SIZE] - true_patch).abs().mean()
@@ -200,29 +172,7 @@ def main() -> None:
         print(f"  {name:36s} CA {100 * ca:5.1f}%  ASR {100 * asr:5.1f}%  qualifying variants {100 * qmean(v):5.2f}%",
               flush=True)
 
-    for seed in args.seeds:
-        print(f"\nrepair seed {seed}")
-        t0 = time.perf_counter()
-        single = create("unlearn", share=1.0, poison_ratio=BUDGET["rate"], epochs=BUDGET["epochs"], lr=BUDGET["lr"],
-                        batch_size=BUDGET["batch_size"], seed=seed).repair(model, clean, triggers={target: nc_trigger})
-        score("single-trigger unlearn (NC)", single.model)
-        t1 = time.perf_counter()
-        mesa = DistributionUnlearning(min_beta=0.5, seed=seed, **BUDGET).repair(model, clean, target=target,
-                                                                                 distribution=dist)
-        score("distribution unlearn (MESA)", mesa.model)
-        places = mesa.details["places"]
-        print(f"  (NC {t1 - t0:.0f} s, MESA {time.perf_counter() - t1:.0f} s; MESA valid places {len(places)}: "
-              f"{places})")
-        if args.no_ablations:
-            continue
-        score("ablation: MESA, located place only",
-              DistributionUnlearning(min_beta=0.5, shift=0, seed=seed, **BUDGET).repair(
-                  model, clean, target=target, distribution=dist).model)
-        score("ablation: one point G_top(0), places",
-              DistributionUnlearning(min_beta=float(dist.betas_[-1]), seed=seed, **BUDGET).repair(
-                  model, clean, target=target, distribution=point).model)
-        offsets = [(a - r, b - q) for a, b in places]
-        score("ablation: NC trigger moved, places", unlearn_moved(model, clean, nc_trigger, offsets, seed))
+    compare_repairs(model, clean, target, dist, nc_trigger, pos, args.seeds, score, ablations=not args.no_ablations)
 
     print(f"\nmean over repair seeds {args.seeds} (min..max); variants: mean over the {nq} of {len(var)} that "
           f"trigger the backdoored model (ASR >= {100 * QUALIFY:.0f}%)")

@@ -232,6 +232,10 @@ def test_cli_scan_and_repair(nets, digits, tmp_path):
     assert "no backdoor found" in r.output
     r = runner.invoke(cli, ["scan", str(tmp_path / "planted.pt"), *fast, "--outlier-scale", "log"])
     assert r.exit_code == 1, r.output
+    r = runner.invoke(cli, ["scan", str(tmp_path / "planted.pt"), *fast, "--anomaly-threshold", "1e9"])
+    assert r.exit_code == 0, r.output  # the same search; no index is that large
+    r = runner.invoke(cli, ["scan", str(tmp_path / "planted.pt"), *fast, "--anomaly-threshold", "-1"])
+    assert r.exit_code == 2 and "anomaly_threshold" in r.output
     r = runner.invoke(cli, ["scan", str(tmp_path / "missing.pt"), *fast])
     assert r.exit_code == 2 and "error:" in r.output
     # repair needs an architecture trojanscope can rebuild: refused on TorchScript, in one line

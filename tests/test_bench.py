@@ -211,3 +211,25 @@ def test_chains_run_in_order(tmp_path, test_defenses):
         parse_config({"chain": [{"steps": ["_t-finetune"]}]})
     with pytest.raises(ConfigError, match="retrain must be"):
         parse_config({"chain": [{"steps": ["_t-finetune", "_t-logit"], "retrain": "later"}]})
+
+
+def test_trigger_size_and_place_from_the_scan():
+    # the distribution tools are sized and placed from the scan's reversed mask, not the attack
+    from trojanscope.bench import DefenseSpec, SharedScan, make_defense, mask_box
+    from trojanscope.triggers import Trigger
+
+    mask = torch.zeros(28, 28)
+    mask[23:27, 23:27] = 1.0
+    mask[2, 2] = 0.5  # stray mass: 3% of the total
+    trigs = [Trigger(torch.zeros(28, 28), torch.zeros(1, 28, 28), "l0"), Trigger(mask, torch.ones(1, 28, 28), "l1")]
+    scan = SharedScan([1], torch.tensor([0.0, 3.0]), trigs, True)
+    assert scan.suspected_size() == 4 and mask_box(mask, 4) == (23, 23) and scan.suspected_position(4) == (23, 23)
+    blend = Trigger(torch.full((28, 28), 0.2), torch.ones(1, 28, 28), "blend")
+    spread = SharedScan([1], torch.tensor([0.0, 3.0]), [trigs[0], blend], True)
+    assert spread.suspected_size() is None  # no window up to half the side holds 80%
+    d = make_defense(DefenseSpec("distribution-unlearn", "distribution-unlearn", {"epochs": 3}), 0, scan)
+    assert (d.trigger_size, tuple(d.position), d.epochs) == (4, (23, 23), 3)
+    d = make_defense(DefenseSpec("distribution-unlearn", "distribution-unlearn", {"trigger_size": 3}), 0, scan)
+    assert d.trigger_size == 3  # the user's size wins
+    d = make_defense(DefenseSpec("distribution-unlearn", "distribution-unlearn", {}), 0, spread)
+    assert d.trigger_size == 3  # nothing to go on: the class default

@@ -143,6 +143,12 @@ def centre_point(dist: TriggerDistribution) -> TriggerDistribution:
     return point
 
 
+def measure(m: nn.Module, test, attack, target: int, var: dict[str, ts.Trigger]) -> tuple[float, float, list[float]]:
+    """A repaired model's clean accuracy, the original trigger's ASR and each variant's ASR on ``test``."""
+    return (ts.clean_accuracy(m, test), attack.success_rate(m, test),
+            [ts.attack_success_rate(m, test, t, target) for t in var.values()])
+
+
 def compare_repairs(model, clean, target, dist, nc_trigger, pos, seeds, score, ablations: bool = True) -> None:
     """For each repair seed, ``score(name, repaired model)`` after single-trigger NC unlearning and
     MESA's distribution unlearning with the same :data:`BUDGET`, then (``ablations``) MESA at the
@@ -201,8 +207,7 @@ def main() -> None:
     rows: dict[str, list[tuple[float, float, list[float]]]] = {}
 
     def score(name: str, m: nn.Module) -> None:
-        ca, asr = ts.clean_accuracy(m, test), attack.success_rate(m, test)
-        v = [ts.attack_success_rate(m, test, t, target) for t in var.values()]
+        ca, asr, v = measure(m, test, attack, target, var)
         rows.setdefault(name, []).append((ca, asr, v))
         print(f"  {name:34s} CA {100 * ca:5.1f}%  ASR {100 * asr:5.1f}%  variants {100 * sum(v) / len(v):5.2f}%",
               flush=True)

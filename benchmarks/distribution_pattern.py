@@ -46,7 +46,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _issue6_models as M  # noqa: E402
-from distribution import arguments, centre_point, compare_repairs, defender_clean, fit_staircase, moved  # noqa: E402
+from distribution import (arguments, centre_point, compare_repairs, defender_clean, fit_staircase, measure,  # noqa: E402
+                          moved)
 
 import trojanscope as ts  # noqa: E402
 from trojanscope.defenses.model.heatmap import locate_trigger  # noqa: E402
@@ -166,8 +167,7 @@ def main() -> None:
         return sum(x for x, k in zip(v, qual) if k) / nq
 
     def score(name: str, m: torch.nn.Module) -> None:
-        ca, asr = ts.clean_accuracy(m, test), attack.success_rate(m, test)
-        v = [ts.attack_success_rate(m, test, t, target) for t in var.values()]
+        ca, asr, v = measure(m, test, attack, target, var)
         rows.setdefault(name, []).append((ca, asr, v))
         print(f"  {name:36s} CA {100 * ca:5.1f}%  ASR {100 * asr:5.1f}%  qualifying variants {100 * qmean(v):5.2f}%",
               flush=True)

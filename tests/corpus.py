@@ -1,0 +1,133 @@
+"""The hostile-input corpus runner: one bad input, one CLI run in a child process, one verdict.
+
+A corpus module (``tests/hostile_models.py``, ``tests/hostile_inputs.py``) exposes
+``cases(root: Path) -> list[Case]``: it builds its bad files under ``root`` and returns one
+``Case`` per bad input. ``run_case`` runs ``python -m trojanscope ARGV`` in a fresh child
+(so a hang, a crash or a memory blow-up cannot take the test process with it) and ``check``
+says what is wrong with the outcome, if anything: the promise is exit code 2, exactly one line
+on stderr starting with ``error:``, no traceback, no file created (outside the ones the case
+allows), no payload run (``canary`` absent), no hang, and peak memory under the budget.
+
+Used by the corpus tests and by ``benchmarks/hostile_corpus.py``, which prints the summary.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PEAK_RSS_BUDGET_MB = 1024.0
+TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input.
+
+    ``id``: a short unique name (``pt2-expr-sympy-1``); ``kind``: the class it belongs to
+    (``pt2-expression``, ``npz-malformed``, ``argument`` ...), used to group the summary;
+    ``argv``: the ``trojanscope`` arguments; ``match``: a substring the error line must contain
+    (case-insensitive), or None; ``canary``: a path the payload would create if it ran;
+    ``stdin``: bytes fed to the child.
+    """
+
+    id: str
+    kind: str
+    argv: list[str]
+    match: str | None = None
+    canary: Path | None = None
+    stdin: bytes | None = None
+    allow_files: tuple[str, ...] = ()
+
+
+@dataclass
+class Outcome:
+    case: Case
+    returncode: int | None
+    stderr: str
+    stdout: str
+    seconds: float
+    peak_rss_mb: float
+    hung: bool
+    new_files: list[str] = field(default_factory=list)
+
+
+def _snapshot(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")} if root.exists() else set()
+
+
+def run_case(case: Case, cwd: Path, *, timeout: float = TIMEOUT_S, env: dict | None = None) -> Outcome:
+    """Run one case in a child process from ``cwd``; files created under ``cwd`` are reported."""
+    before = _snapshot(cwd)
+    child_env = dict(os.environ if env is None else env)
+    child_env.pop("TROJANSCOPE_DEBUG", None)
+    child_env.setdefault("OMP_NUM_THREADS", "1")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "trojanscope", *case.argv], cwd=cwd, env=child_env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Read both pipes on threads and reap the child with wait4, which gives this child's own
+    # peak RSS (RUSAGE_CHILDREN would be the largest of every child so far).
+    chunks: dict[str, bytes] = {}
+
+    def drain(name: str, pipe) -> None:
+        chunks[name] = pipe.read()
+
+    readers = [threading.Thread(target=drain, args=(n, s), daemon=True)
+               for n, s in (("out", proc.stdout), ("err", proc.stderr))]
+    for t in readers:
+        t.start()
+    if case.stdin:
+        try:
+            proc.stdin.write(case.stdin)
+        except BrokenPipeError:
+            pass
+    proc.stdin.close()
+    timed_out = threading.Event()
+
+    def kill() -> None:
+        timed_out.set()
+        proc.kill()
+
+    killer = threading.Timer(timeout, kill)
+    killer.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    killer.cancel()
+    hung = timed_out.is_set()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    for t in readers:
+        t.join()
+    out, err = chunks.get("out", b""), chunks.get("err", b"")
+    seconds = time.perf_counter() - t0
+    peak = usage.ru_maxrss / 1024.0  # Linux reports KiB
+    after = _snapshot(cwd)
+    new = sorted(p for p in after - before if not any(p.startswith(a) for a in case.allow_files))
+    return Outcome(case, None if hung else proc.returncode, err.decode(errors="replace"),
+                   out.decode(errors="replace"), seconds, peak, hung, new)
+
+
+def check(o: Outcome) -> list[str]:
+    """What is wrong with the outcome (empty when the promise holds)."""
+    problems = []
+    if o.hung:
+        return [f"hung: killed after {o.seconds:.0f} s"]
+    if o.returncode != 2:
+        problems.append(f"exit {o.returncode}, not 2")
+    lines = o.stderr.strip().splitlines()
+    if len(lines) != 1 or not lines[0].startswith("error: "):
+        problems.append(f"stderr is not one 'error:' line: {o.stderr.strip()[:300]!r}")
+    elif o.case.match and o.case.match.lower() not in lines[0].lower():
+        problems.append(f"error line lacks {o.case.match!r}: {lines[0][:300]!r}")
+    if "Traceback" in o.stderr or "Traceback" in o.stdout:
+        problems.append("traceback printed")
+    if "internal error" in o.stderr:
+        problems.append("internal error")
+    if o.case.canary is not None and Path(o.case.canary).exists():
+        problems.append(f"payload ran: {o.case.canary} exists")
+    if o.new_files:
+        problems.append(f"files created: {o.new_files[:5]}")
+    return problems

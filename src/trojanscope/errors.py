@@ -30,3 +30,8 @@ class ConfigError(TrojanscopeError, ValueError):
 
 class NotFittedError(TrojanscopeError, RuntimeError):
     """A fitted estimator's verb was called before ``fit``."""
+
+
+class ResourceLimitError(TrojanscopeError):
+    """An input declares more memory than the budget allows (``--max-memory``), or a
+    compression ratio that only a bomb has."""

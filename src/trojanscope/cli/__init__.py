@@ -50,11 +50,15 @@ class TrojanscopeGroup(click.Group):
 
 @click.group(cls=TrojanscopeGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="trojanscope")
-@click.option("-v", "--verbose", count=True, help="Log progress (-v info, -vv debug).")
-def cli(verbose: int) -> None:
+@click.option("-v", "--verbose", count=True, help="Log the phases of each step (-v info, -vv debug).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars (they are shown only when stderr is a terminal).")
+def cli(verbose: int, quiet: bool) -> None:
     """trojanscope: find, explain, filter and remove backdoors in image classifiers."""
     import logging
 
+    from .._utils.progress import set_quiet
+
+    set_quiet(quiet)
     if verbose:
         logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO, format="%(name)s: %(message)s")
 

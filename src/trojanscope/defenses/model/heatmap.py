@@ -251,13 +251,19 @@ class MovingWindowSearch(Defense):
         self.device = device
 
     def _kernel(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: int, regions: torch.Tensor,
-                epochs: int, success: float):
-        return reverse_engineer_triggers(
-            model, x, y, targets=[target] * regions.shape[0], region=regions, init_cost=self.init_cost,
-            epochs=epochs, steps_per_epoch=self.steps_per_epoch, samples_per_step=self.samples_per_step,
-            patience=self.patience, early_stop_patience=2 * self.patience, batch_size=self.batch_size,
-            attack_succ_threshold=success,
-            seed=self.seed, device=model_device(model, self.device))
+                epochs: int, success: float, desc: str = "windows"):
+        from ..._utils.progress import progress
+
+        jobs = regions.shape[0]
+        chunks = -(-jobs // max(1, self.batch_size // self.samples_per_step))  # as the kernel batches its jobs
+        log.info("%s: %d searches for label %d, up to %d epochs", desc, jobs, target, epochs)
+        with progress(total=epochs * chunks, desc=desc, unit="epoch") as bar:
+            return reverse_engineer_triggers(
+                model, x, y, targets=[target] * jobs, region=regions, init_cost=self.init_cost,
+                epochs=epochs, steps_per_epoch=self.steps_per_epoch, samples_per_step=self.samples_per_step,
+                patience=self.patience, early_stop_patience=2 * self.patience, batch_size=self.batch_size,
+                attack_succ_threshold=success, callback=lambda _: bar.update(1),
+                seed=self.seed, device=model_device(model, self.device))
 
     def _images(self, data: ImageDataset, target: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = check_images(data.x, name="clean images")
@@ -279,7 +285,8 @@ class MovingWindowSearch(Defense):
         pos = window_positions((h, w), win, stride)
         regions = window_regions((h, w), pos, win)
         x, y = self._images(clean_data, target)
-        rev = self._kernel(model, x, y, target, regions, self.epochs, self.success)
+        rev = self._kernel(model, x, y, target, regions, self.epochs, self.success,
+                           desc=f"moving window ({regions.shape[0]} windows)")
         strength = rev.attack_success / rev.l1_norms.clamp_min(1.0)
         heat = accumulate_heatmap(rev.masks, strength)
         return {"window": win, "stride": stride, "positions": pos, "regions": regions, "masks": rev.masks,
@@ -294,8 +301,10 @@ class MovingWindowSearch(Defense):
         region, bbox = hot_region(heat, self.hot, self.margin)
         flat = int(heat.flatten().argmax())
         peak = (flat // heat.shape[1], flat % heat.shape[1])
+        log.info("heat map peak at %s, hot region rows %d-%d, cols %d-%d", peak, bbox[0], bbox[2] - 1, bbox[1],
+                 bbox[3] - 1)
         final = self._kernel(model, wm["x"], wm["y"], target, region[None].expand(self.restarts, -1, -1),
-                             self.final_epochs, self.final_success)
+                             self.final_epochs, self.final_success, desc="hot-region search")
         best = int((final.attack_success.double() - 1e-4 * final.l1_norms.double()).argmax())
         trig = Trigger(final.masks[best], final.patterns[best], f"heatmap:label{target}")
         return HeatmapResult(target=target, heatmap=heat, window=wm["window"], stride=wm["stride"],

@@ -8,6 +8,7 @@ Exit codes: 0 success (for ``scan``: no backdoor found), 1 ``scan`` found a back
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
@@ -59,8 +60,30 @@ def cli(verbose: int, quiet: bool) -> None:
     from .._utils.progress import set_quiet
 
     set_quiet(quiet)
-    if verbose:
-        logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO, format="%(name)s: %(message)s")
+    logger = logging.getLogger("trojanscope")
+    for h in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+        logger.removeHandler(h)
+    if verbose:  # the phases of each step, on stderr (whatever handlers the root logger has)
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+        logger.propagate = False
+    else:
+        logger.setLevel(logging.NOTSET)
+        logger.propagate = True
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A log handler writing to the ``sys.stderr`` of the moment (a test runner swaps it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 # Command modules (one import line each):

@@ -332,10 +332,12 @@ def locate_trigger(model: nn.Module, clean_data: ImageDataset, target: int, size
 
 
 def save_heatmap_png(result: HeatmapResult, path: str | Path, *, background: torch.Tensor | None = None,
-                     truth: tuple[int, int, int, int] | None = None) -> Path:
+                     truth: tuple[int, int, int, int] | None = None, asr: float | None = None) -> Path:
     """Write the heat map as a PNG (matplotlib): the map, the hot region's box, the peak, and the
     final trigger; ``background`` ``(C, H, W)`` is drawn under the map, ``truth`` (a box
-    ``(row0, col0, row1, col1)``) is outlined when known (benchmarks)."""
+    ``(row0, col0, row1, col1)``) is outlined when known (benchmarks). ``asr``: the final
+    trigger's attack success measured on the caller's data, shown instead of the search's own
+    figure (on its optimisation images), so that the picture and the printed text agree."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -363,7 +365,8 @@ def save_heatmap_png(result: HeatmapResult, path: str | Path, *, background: tor
     t = result.trigger
     img = t.to_image(0.5)
     axes[1].imshow(img[0] if img.shape[0] == 1 else img[:3].permute(1, 2, 0), cmap="gray", vmin=0, vmax=1)
-    axes[1].set_title(f"final trigger: |a|={float(t.l1_norm):.1f}, ASR {100 * result.trigger_asr:.0f}%", fontsize=8)
+    shown = f"ASR {100 * asr:.1f}%" if asr is not None else f"ASR {100 * result.trigger_asr:.1f}% (search images)"
+    axes[1].set_title(f"final trigger: |a|={float(t.l1_norm):.1f}, {shown}", fontsize=8)
     for a in axes:
         a.set_xticks([])
         a.set_yticks([])

@@ -14,21 +14,39 @@ reproduces the reference); by default the sum is clipped to [0, 1] (``clip``), w
 Sign: the toolkit's input filters return **higher = more suspicious**, so the score is the
 *negated* mean entropy, ``-H(x)``; ``threshold_`` lives on that scale (``-threshold_`` is the
 entropy boundary of the paper).
+
+Early decisions (``early_stop=True``, this toolkit's addition, not the paper's): the overlays are
+laid in rounds of ``round_size``; after each round, every input still undecided is tested with a
+one-sided confidence bound on its running mean entropy (:func:`sequential_decision`). An input
+whose bound lies wholly below the entropy threshold is decided triggered, wholly above it clean;
+the others go on to the next round (the batch shrinks; nothing loops over single inputs), and an
+input still undecided after ``n_overlays`` copies is decided by the fixed rule. The overlays an
+input gets are the first ones of the ``n_overlays`` the fixed filter would give it, so the two
+modes differ only where the bound errs. ``early_stop=False`` lays all ``n_overlays`` on every
+input (the paper's procedure).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..._utils.batching import DeviceLike, eval_mode, generator, model_device
+from ..._utils.batching import DeviceLike, eval_mode, model_device
+from ..._utils.results import Result
 from ..._utils.validation import Interval, Types, check_images
 from ...data.dataset import ImageDataset
 from ...errors import DataError
 from ..base import InputFilter, register, threshold_for_rate
+
+#: Inputs per block of overlay draws: input ``i``'s overlays depend only on ``seed`` and ``i``
+#: (not on how the inputs are batched, chunked or streamed).
+DRAW_BLOCK = 256
 
 
 def overlay_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -62,12 +80,87 @@ def strip_entropy(probs: torch.Tensor) -> torch.Tensor:
     return overlay_entropy(probs).mean(-1)
 
 
+def sequential_decision(mean: torch.Tensor, std: torch.Tensor, n: int, threshold: float, *,
+                        delta: float = 0.01, min_std: float = 0.05) -> torch.Tensor:
+    """Decide inputs early from the running mean of their per-copy entropies.
+
+    With ``n`` copies seen, the half-width of a one-sided ``1 - delta`` confidence bound on the
+    mean entropy is ``c = t_{n-1}(1 - delta) * max(std, min_std) / sqrt(n)`` (Student's t with
+    ``n - 1`` degrees of freedom; ``min_std`` keeps a run of near-identical copies from claiming
+    certainty it has not earned). The input is decided *triggered* when ``mean + c < threshold``
+    (its entropy is surely below the boundary), *clean* when ``mean - c > threshold``, and left
+    undecided otherwise.
+
+    Args:
+        mean: ``(N,)`` running mean entropies (bits).
+        std: ``(N,)`` their sample standard deviations (ddof 1).
+        n: copies seen so far (the same for every input of a round).
+        threshold: the entropy boundary (``-threshold_`` of :class:`STRIP`).
+        delta: error rate of each one-sided bound.
+        min_std: floor on the standard deviation (bits).
+
+    Returns:
+        ``(N,)`` int8: ``1`` triggered, ``-1`` clean, ``0`` undecided (always 0 when ``n < 2``).
+
+    Example:
+        >>> sequential_decision(torch.tensor([0.01, 0.9, 0.2]), torch.tensor([0.01, 0.5, 0.5]), 16, 0.15)
+        tensor([ 1, -1,  0], dtype=torch.int8)
+    """
+    out = torch.zeros(mean.shape, dtype=torch.int8)
+    if n < 2:
+        return out
+    from scipy.stats import t as student_t
+
+    c = float(student_t.ppf(1.0 - delta, n - 1)) * std.double().clamp_min(min_std) / math.sqrt(n)
+    m = mean.double()
+    out[m + c < threshold] = 1
+    out[m - c > threshold] = -1
+    return out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StripDecisions(Result):
+    """STRIP's verdicts on a run of inputs.
+
+    Attributes:
+        scores: ``(N,)`` negated mean entropy over the overlays each input got (higher = more
+            suspicious).
+        flagged: ``(N,)`` bool, ``scores > threshold``.
+        n_overlays: ``(N,)`` int, the overlays (forward passes) each input used.
+        threshold: the filter's ``threshold_``.
+        start: index of the first of these inputs in the stream (0 for an in-memory call).
+    """
+
+    scores: torch.Tensor
+    flagged: torch.Tensor
+    n_overlays: torch.Tensor
+    threshold: float
+    start: int = 0
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    @property
+    def mean_overlays(self) -> float:
+        return float(self.n_overlays.double().mean()) if len(self) else 0.0
+
+    @staticmethod
+    def concat(parts: list["StripDecisions"]) -> "StripDecisions":
+        """One result from consecutive parts of a stream."""
+        if not parts:
+            raise DataError("no decisions to concatenate")
+        return StripDecisions(scores=torch.cat([p.scores for p in parts]), flagged=torch.cat([p.flagged for p in parts]),
+                              n_overlays=torch.cat([p.n_overlays for p in parts]), threshold=parts[0].threshold,
+                              start=parts[0].start)
+
+
 @register("strip")
 class STRIP(InputFilter):
     """Flag inputs whose predictions stay confident under strong superimposition.
 
     Args:
-        n_overlays: ``N`` in the paper (here S): clean images superimposed on each input (100).
+        n_overlays: ``N`` in the paper (here S): clean images superimposed on each input (100);
+            with ``early_stop`` the most any input gets.
         alpha: weight of the overlay in the superimposition ``x + alpha * overlay`` (the reference
             code's ``cv2.addWeighted(x, 1, overlay, 1, 0)``: 1.0).
         clip: clip the sum to the valid range [0, 1], as ``cv2.addWeighted`` saturates on 8-bit
@@ -77,13 +170,21 @@ class STRIP(InputFilter):
         overlay_fraction: share of ``clean_data`` held out as the overlay pool; the rest are the
             clean inputs whose entropies calibrate the threshold (so no input is superimposed
             with itself).
-        batch_size: perturbed copies per forward pass (results do not depend on it).
-        seed: seeds the one ``torch.Generator`` that draws the overlays.
+        early_stop: decide each input as soon as a confidence bound on its running mean entropy
+            clears the threshold (see the module notes and :func:`sequential_decision`); False
+            lays all ``n_overlays`` on every input, as the paper does. The threshold is
+            calibrated with all ``n_overlays`` either way.
+        round_size: overlays laid per round before each input is tested again (8).
+        delta: error rate of each round's one-sided bound (0.01).
+        min_std: floor, in bits, on the standard deviation in the bound (0.05).
+        batch_size: perturbed copies per forward pass, rounded down to whole rounds of inputs and
+            at least one round (results do not depend on it).
+        seed: seeds the overlay draws: input ``i`` of a call or stream always gets the same ones.
         device: where to compute (default: the model's device).
 
     Attributes:
         threshold_: inputs with ``score > threshold_`` are flagged (score = -entropy).
-        clean_scores_: ``(M,)`` scores of the calibration inputs.
+        clean_scores_: ``(M,)`` scores of the calibration inputs (all ``n_overlays`` each).
         overlays_: ``(P, C, H, W)`` the held-out overlay pool.
 
     Shape:
@@ -96,6 +197,8 @@ class STRIP(InputFilter):
         >>> net = create_model("mnist_cnn", input_shape=(1, 8, 8), num_classes=10, seed=0)
         >>> strip = STRIP(n_overlays=8).fit(net, load_digits("val"))
         >>> strip.score(load_digits("test").x[:3]).shape
+        torch.Size([3])
+        >>> strip.decide(load_digits("test").x[:3]).n_overlays.shape
         torch.Size([3])
 
     References:
@@ -110,65 +213,168 @@ class STRIP(InputFilter):
         "frr": Interval(float, 0, 1, "neither"),
         "clip": Types((bool,)),
         "overlay_fraction": Interval(float, 0, 1, "neither"),
+        "early_stop": Types((bool,)),
+        "round_size": Interval(int, 1, None),
+        "delta": Interval(float, 0, 0.5, "neither"),
+        "min_std": Interval(float, 0, None, "left"),
         "batch_size": Interval(int, 1, None),
         "seed": Types((int, type(None))),
     }
 
     def __init__(self, *, n_overlays: int = 100, alpha: float = 1.0, frr: float = 0.01,
-                 clip: bool = True, overlay_fraction: float = 0.5, batch_size: int = 1024,
-                 seed: int | None = 0, device: DeviceLike = None) -> None:
+                 clip: bool = True, overlay_fraction: float = 0.5, early_stop: bool = True,
+                 round_size: int = 8, delta: float = 0.01, min_std: float = 0.05,
+                 batch_size: int = 1024, seed: int | None = 0, device: DeviceLike = None) -> None:
         self.n_overlays = n_overlays
         self.alpha = alpha
         self.clip = clip
         self.frr = frr
         self.overlay_fraction = overlay_fraction
+        self.early_stop = early_stop
+        self.round_size = round_size
+        self.delta = delta
+        self.min_std = min_std
         self.batch_size = batch_size
         self.seed = seed
         self.device = device
+
+    # --- the InputFilter template ---------------------------------------------------------------
 
     def _fit(self, model: nn.Module, clean_data: Any) -> None:
         x = clean_data.x if isinstance(clean_data, ImageDataset) else check_images(clean_data, name="clean data")
         n = x.shape[0]
         if n < 2:
             raise DataError(f"STRIP needs at least 2 clean images (overlays and calibration inputs), got {n}")
-        g = generator(self.seed)
+        g = torch.Generator().manual_seed(self._base_seed())
         perm = torch.randperm(n, generator=g)
         n_pool = min(max(1, round(self.overlay_fraction * n)), n - 1)
         self.model_ = model
         self.overlays_ = x[perm[:n_pool]].clone()
+        self.draw_seed_ = self._base_seed()
         calib = x[perm[n_pool:]]
-        self.clean_scores_ = self._entropy_scores(calib)
+        self.clean_scores_ = self._run(calib, start=0, early=False).scores
         self.threshold_ = threshold_for_rate(self.clean_scores_, self.frr)
 
     def _score(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decide(x).scores
+
+    # --- verdicts --------------------------------------------------------------------------------
+
+    def decide(self, x: torch.Tensor, *, start: int = 0) -> StripDecisions:
+        """Scores, decisions and overlays used for every row of ``x`` (``start``: the index of
+        ``x[0]`` in a longer stream, which picks its overlays)."""
+        self._check_fitted()
         x = check_images(x, name="inputs")
         if tuple(x.shape[1:]) != tuple(self.overlays_.shape[1:]):
             raise DataError(f"inputs are {tuple(x.shape[1:])} but STRIP was fitted on {tuple(self.overlays_.shape[1:])}")
-        return self._entropy_scores(x)
+        return self._run(x, start=int(start), early=bool(self.early_stop))
 
     def entropy(self, x: torch.Tensor) -> torch.Tensor:
         """The paper's normalised entropy ``H`` of each input, ``(N,)`` (= ``-score(x)``)."""
         return -self.score(x)
 
-    def _entropy_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """``-strip_entropy`` for every row of ``x``: N inputs x S overlays, one flat batched pass."""
-        model, pool, S = self.model_, self.overlays_, int(self.n_overlays)
-        n, P = x.shape[0], pool.shape[0]
-        g = generator(self.seed)
-        if P >= S:  # S distinct overlays per input (uniform, without replacement)
-            draws = torch.rand(n, P, generator=g).argsort(1)[:, :S]
-        else:
-            draws = torch.randint(0, P, (n, S), generator=g)
-        flat = draws.reshape(-1)
+    def flag_stream(self, inputs: Iterable[Any], *, chunk_size: int = 1024) -> Iterator[StripDecisions]:
+        """Decide a stream of inputs of any length, ``chunk_size`` inputs at a time.
+
+        ``inputs`` yields images ``(C, H, W)`` or batches ``(n, C, H, W)`` (tensors or arrays in
+        [0, 1]); each yielded :class:`StripDecisions` covers the next ``chunk_size`` inputs
+        (fewer at the end), with ``start`` its position in the stream. Memory is bounded by the
+        chunk, and the decisions equal those of one in-memory :meth:`decide` call on the whole
+        stream.
+        """
+        self._check_fitted()
+        if int(chunk_size) < 1:
+            raise DataError(f"chunk_size must be >= 1, got {chunk_size}")
+        buf: list[torch.Tensor] = []
+        held = 0
+        start = 0
+        for item in inputs:
+            t = torch.as_tensor(item)
+            if t.ndim == 3:
+                t = t[None]
+            if t.ndim != 4:
+                raise DataError(f"a stream item must be (C, H, W) or (n, C, H, W), got shape {tuple(t.shape)}")
+            buf.append(t)
+            held += t.shape[0]
+            while held >= chunk_size:
+                allx = torch.cat(buf) if len(buf) > 1 else buf[0]
+                chunk, rest = allx[:chunk_size], allx[chunk_size:]
+                yield self.decide(chunk, start=start)
+                start += chunk.shape[0]
+                buf, held = ([rest] if rest.shape[0] else []), rest.shape[0]
+        if held:
+            yield self.decide(torch.cat(buf) if len(buf) > 1 else buf[0], start=start)
+
+    # --- the computation -------------------------------------------------------------------------
+
+    def _base_seed(self) -> int:
+        if self.seed is None:
+            return int(torch.randint(0, 2**31 - 1, (1,)).item())
+        return int(self.seed)
+
+    def _draws(self, start: int, n: int) -> torch.Tensor:
+        """``(n, S)`` overlay indices of inputs ``start .. start + n - 1``: block ``k`` of
+        :data:`DRAW_BLOCK` inputs draws from its own generator, seeded from ``(seed, k)``."""
+        P, S = self.overlays_.shape[0], int(self.n_overlays)
+        out = []
+        k0, k1 = start // DRAW_BLOCK, (start + n - 1) // DRAW_BLOCK
+        for k in range(k0, k1 + 1):
+            state = np.random.SeedSequence([self.draw_seed_, k]).generate_state(2, dtype=np.uint32)
+            g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+            if P >= S:  # S distinct overlays per input (uniform, without replacement)
+                d = torch.rand(DRAW_BLOCK, P, generator=g).topk(S, dim=1, largest=False, sorted=True).indices
+            else:
+                d = torch.randint(0, P, (DRAW_BLOCK, S), generator=g)
+            lo = max(start, k * DRAW_BLOCK) - k * DRAW_BLOCK
+            hi = min(start + n, (k + 1) * DRAW_BLOCK) - k * DRAW_BLOCK
+            out.append(d[lo:hi])
+        return torch.cat(out)
+
+    def _run(self, x: torch.Tensor, *, start: int, early: bool) -> StripDecisions:
+        """Lay the overlays round by round on the inputs still undecided."""
+        model, S = self.model_, int(self.n_overlays)
+        R = min(int(self.round_size), S)
+        n = x.shape[0]
+        draws = self._draws(start, n)
         dev = model_device(model, self.device)
-        ent = torch.empty(n * S, dtype=torch.float32)
+        pool = self.overlays_.to(dev)
+        sums = torch.zeros(n, dtype=torch.float64)
+        sumsq = torch.zeros(n, dtype=torch.float64)
+        used = torch.zeros(n, dtype=torch.long)
+        active = torch.arange(n)
+        t_entropy = -float(getattr(self, "threshold_", math.nan))
         with eval_mode(model), torch.inference_mode():
-            for i in range(0, n * S, int(self.batch_size)):
-                j = min(i + int(self.batch_size), n * S)
-                rows = torch.arange(i, j) // S
-                batch = x[rows].to(dev) + float(self.alpha) * pool[flat[i:j]].to(dev)
-                if self.clip:
-                    batch = batch.clamp_(0.0, 1.0)
-                probs = model(batch).float().softmax(1)
-                ent[i:j] = overlay_entropy(probs).cpu()
-        return -ent.view(n, S).mean(1)
+            for lo in range(0, S, R):
+                if active.numel() == 0:
+                    break
+                hi = min(lo + R, S)
+                mean_r, sq_r = self._round(model, x, pool, active, draws[active, lo:hi], dev)
+                sums[active] += mean_r * (hi - lo)
+                sumsq[active] += sq_r
+                used[active] = hi
+                if early and hi < S:
+                    m = sums[active] / hi
+                    std = ((sumsq[active] - hi * m * m).clamp_min(0.0) / (hi - 1)).sqrt() if hi > 1 else torch.zeros_like(m)
+                    verdict = sequential_decision(m, std, hi, t_entropy, delta=float(self.delta),
+                                                  min_std=float(self.min_std))
+                    active = active[verdict == 0]
+        scores = (-(sums / used)).float()
+        thr = float(getattr(self, "threshold_", math.nan))
+        return StripDecisions(scores=scores, flagged=scores > thr, n_overlays=used, threshold=thr, start=start)
+
+    def _round(self, model: nn.Module, x: torch.Tensor, pool: torch.Tensor, idx: torch.Tensor,
+               draws: torch.Tensor, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """One round: ``draws.shape[1]`` overlays on each input ``x[idx]``; the round's
+        :func:`strip_entropy` and the sum of squared per-copy entropies of each, ``(A,)`` each."""
+        r = draws.shape[1]
+        per = max(1, int(self.batch_size) // r)  # whole inputs per forward pass
+        means, sqs = [], []
+        for i in range(0, idx.numel(), per):
+            rows, d = idx[i:i + per], draws[i:i + per]
+            batch = x[rows].to(dev).repeat_interleave(r, dim=0) + float(self.alpha) * pool[d.reshape(-1).to(dev)]
+            if self.clip:
+                batch = batch.clamp_(0.0, 1.0)
+            probs = model(batch).float().softmax(1).view(rows.numel(), r, -1).cpu()
+            means.append(strip_entropy(probs).double())
+            sqs.append(overlay_entropy(probs).double().square().sum(1))
+        return torch.cat(means), torch.cat(sqs)

@@ -12,7 +12,7 @@ import torch
 
 import trojanscope as ts
 from trojanscope.defenses import STRIP, create
-from trojanscope.defenses.input.strip import overlay_entropy, strip_entropy
+from trojanscope.defenses.input.strip import StripDecisions, overlay_entropy, sequential_decision, strip_entropy
 from trojanscope.errors import ConfigError, DataError, NotFittedError
 from trojanscope.metrics import detection_metrics
 
@@ -72,9 +72,54 @@ def test_strip_clean_model_does_not_cry_wolf(planted, mnist):
     assert float(strip.flag(trig.apply(x)).float().mean()) <= 0.10  # no backdoor: the patch is nothing special
 
 
+def test_sequential_decision_by_hand():
+    mean, std = torch.tensor([0.01, 0.9, 0.2, 0.0]), torch.tensor([0.01, 0.5, 0.5, 0.0])
+    got = sequential_decision(mean, std, 16, 0.15, delta=0.01, min_std=0.05)
+    t = scipy.stats.t.ppf(0.99, 15)
+    half = t * np.maximum(std.numpy(), 0.05) / 4.0  # c = t_{n-1}(1 - delta) max(s, floor) / sqrt(n)
+    want = np.where(mean.numpy() + half < 0.15, 1, np.where(mean.numpy() - half > 0.15, -1, 0))
+    assert got.tolist() == want.tolist() == [1, -1, 0, 1]
+    assert sequential_decision(mean, std, 1, 0.15).tolist() == [0, 0, 0, 0]  # one copy: no bound
+    # a tighter delta widens the bound: what was decided at 0.2 may wait, never the reverse
+    loose = sequential_decision(mean, std, 16, 0.15, delta=0.2)
+    assert ((got == 0) | (got == loose)).all() and (loose != 0).sum() >= (got != 0).sum()
+
+
+def test_early_and_fixed_agree_where_clear(planted, mnist):
+    bad, _, trig = planted
+    x = torch.cat([mnist["test"].x[:60], trig.apply(mnist["test"].x[60:120])])
+    fixed = STRIP(n_overlays=64, early_stop=False).fit(bad, mnist["val"])
+    early = STRIP(n_overlays=64).fit(bad, mnist["val"])
+    assert early.threshold_ == fixed.threshold_  # calibrated on all 64 overlays either way
+    f, e = fixed.decide(x), early.decide(x)
+    assert isinstance(e, StripDecisions) and torch.equal(f.n_overlays, torch.full((120,), 64))
+    assert torch.equal(e.flagged, e.scores > e.threshold)
+    assert torch.equal(e.flagged, early.flag(x)) and torch.equal(e.scores, early.score(x))
+    clear = (f.scores - f.threshold).abs() > 0.04  # entropy at least 0.04 bit from the boundary (at 0.05 bit)
+    assert int(clear.sum()) >= 100
+    assert torch.equal(e.flagged[clear], f.flagged[clear])
+    assert bool(f.flagged[60:].all()) and bool(e.flagged[60:].all())  # every triggered input caught
+    assert e.mean_overlays < 0.75 * 64 and int(e.n_overlays[:60].median()) <= 16  # clean digits go early
+    # the floor is calibrated: replayed on the calibration inputs, the early rule agrees with the fixed one
+    assert early.min_std_ in [0.0125 * 2 ** k for k in range(12)] and early.calibration_overlays_ < 64
+    pinned = STRIP(n_overlays=64, min_std=0.0125).fit(bad, mnist["val"])
+    assert pinned.min_std_ == 0.0125 and pinned.decide(x).mean_overlays <= e.mean_overlays
+    assert (e.n_overlays % 8 == 0).all() and int(e.n_overlays.min()) >= 8
+    # early inputs used a prefix of the fixed filter's overlays: one round equals the first 8 of 64
+    one = STRIP(n_overlays=8, early_stop=False).fit(bad, mnist["val"])
+    dec8 = e.n_overlays == 8
+    assert torch.allclose(one.score(x)[dec8], e.scores[dec8], atol=1e-5)
+
+
 def test_strip_batch_size_and_seed(planted, mnist):
     bad, _, trig = planted
     x = torch.cat([mnist["test"].x[:10], trig.apply(mnist["test"].x[10:20])])
+    for early in (False, True):
+        a = STRIP(n_overlays=32, batch_size=5, early_stop=early).fit(bad, mnist["val"].subset(slice(0, 100)))
+        b = STRIP(n_overlays=32, batch_size=1000, early_stop=early).fit(bad, mnist["val"].subset(slice(0, 100)))
+        da, db = a.decide(x), b.decide(x)
+        assert torch.equal(da.n_overlays, db.n_overlays) and torch.equal(da.flagged, db.flagged)
+        assert torch.allclose(da.scores, db.scores, atol=1e-5)
     a = STRIP(n_overlays=16, batch_size=7).fit(bad, mnist["val"].subset(slice(0, 100)))
     b = STRIP(n_overlays=16, batch_size=1000).fit(bad, mnist["val"].subset(slice(0, 100)))
     assert torch.allclose(a.score(x), b.score(x), atol=1e-5)
@@ -82,6 +127,25 @@ def test_strip_batch_size_and_seed(planted, mnist):
     c = STRIP(n_overlays=16, seed=1).fit(bad, mnist["val"].subset(slice(0, 100)))
     assert not torch.allclose(a.score(x), c.score(x))
     assert torch.equal(a.score(x), a.score(x))  # deterministic across calls
+
+
+def test_stream_equals_in_memory(planted, mnist):
+    bad, _, trig = planted
+    x = torch.cat([mnist["test"].x[:150], trig.apply(mnist["test"].x[150:300])])  # > one block of draws
+    strip = STRIP(n_overlays=24).fit(bad, mnist["val"].subset(slice(0, 100)))
+    whole = strip.decide(x)
+    items = [x[0], x[1:40], *x[40:45], x[45:300].numpy()]  # single images, batches, an array
+    parts = list(strip.flag_stream(items, chunk_size=37))
+    assert [p.start for p in parts] == list(range(0, 300, 37))
+    assert all(len(p) == 37 for p in parts[:-1]) and len(parts[-1]) == 300 - 37 * 8
+    got = StripDecisions.concat(parts)
+    assert torch.equal(got.flagged, whole.flagged) and torch.equal(got.n_overlays, whole.n_overlays)
+    assert torch.allclose(got.scores, whole.scores, atol=1e-6)
+    assert bool(whole.flagged[150:].all()) and float(whole.flagged[:150].float().mean()) < 0.1
+    d = json.loads(json.dumps(got.to_dict()))
+    assert len(d["scores"]) == len(d["n_overlays"]) == 300
+    with pytest.raises(DataError):
+        list(strip.flag_stream([torch.zeros(1, 28, 28, 1, 1)]))
 
 
 def test_strip_contract(planted, mnist):
@@ -92,6 +156,12 @@ def test_strip_contract(planted, mnist):
         s.score(mnist["test"].x[:2])
     with pytest.raises(ConfigError):
         STRIP(frr=1.5).fit(bad, mnist["val"])
+    with pytest.raises(ConfigError):
+        STRIP(round_size=0).fit(bad, mnist["val"])
+    with pytest.raises(ConfigError):
+        STRIP(delta=0.0).fit(bad, mnist["val"])
+    with pytest.raises(ConfigError):
+        STRIP(min_std=-1.0).fit(bad, mnist["val"])
     before = {k: v.clone() for k, v in bad.state_dict().items()}
     bad.train()
     s.fit(bad, mnist["val"].subset(slice(0, 40)))
@@ -116,14 +186,46 @@ def test_filter_cli(tmp_path):
     x = te.x.clone()
     x[10:] = ts.Trigger.square((1, 8, 8), 2, "white", "bottom-right", margin=0).apply(x[10:])
     np.savez(tmp_path / "inp.npz", x=x.numpy(), y=te.y.numpy(), triggered=np.r_[np.zeros(10), np.ones(10)].astype(int))
-    r = CliRunner().invoke(cli, ["filter", str(tmp_path / "m"), "--fit", "digits:val", "--data", str(tmp_path / "inp.npz"),
-                                 "-p", "n_overlays=4", "--json", str(tmp_path / "f.json"), "--device", "cpu"])
+    base = ["filter", str(tmp_path / "m"), "--fit", "digits:val", "-p", "n_overlays=16", "--device", "cpu"]
+    r = CliRunner().invoke(cli, base + ["--data", str(tmp_path / "inp.npz"), "--json", str(tmp_path / "f.json"),
+                                        "--chunk-size", "3", "--csv", str(tmp_path / "f.csv")])
     assert r.exit_code == 0, r.output
     d = json.loads((tmp_path / "f.json").read_text())
-    assert len(d["scores"]) == 20 and len(d["flagged"]) == 20 and isinstance(d["threshold"], float)
-    assert "far" in d and "frr" in d
+    assert len(d["scores"]) == len(d["flagged"]) == len(d["overlays"]) == 20 and isinstance(d["threshold"], float)
+    assert "far" in d and "frr" in d and all(8 <= u <= 16 for u in d["overlays"])
+    rows = (tmp_path / "f.csv").read_text().splitlines()
+    assert rows[0] == "index,score,flagged,overlays,triggered" and len(rows) == 21
+    assert [int(r.split(",")[3]) for r in rows[1:]] == d["overlays"]
+    # one chunk or many: the same decisions
+    r = CliRunner().invoke(cli, base + ["--data", str(tmp_path / "inp.npz"), "--json", str(tmp_path / "g.json")])
+    assert r.exit_code == 0, r.output
+    g = json.loads((tmp_path / "g.json").read_text())
+    assert g["flagged"] == d["flagged"] and g["overlays"] == d["overlays"]
+    np.testing.assert_allclose(g["scores"], d["scores"], atol=1e-5)
+    # a folder of images (any depth), streamed, with their paths
+    from PIL import Image
+
+    for i in range(5):
+        sub = tmp_path / "imgs" / ("a" if i < 3 else "b")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((x[i, 0].numpy() * 255).round().astype(np.uint8)).resize((16, 16)).save(sub / f"{i}.png")
+    r = CliRunner().invoke(cli, base + ["--data", str(tmp_path / "imgs"), "--chunk-size", "2", "--quiet",
+                                        "--json", str(tmp_path / "h.json"), "--csv", str(tmp_path / "h.csv")])
+    assert r.exit_code == 0, r.output
+    h = json.loads((tmp_path / "h.json").read_text())
+    assert h["paths"] == ["a/0.png", "a/1.png", "a/2.png", "b/3.png", "b/4.png"] and len(h["overlays"]) == 5
+    assert (tmp_path / "h.csv").read_text().splitlines()[0] == "index,score,flagged,overlays,path"
+    # the one-pass filter reports one forward pass per input
     bad = CliRunner().invoke(cli, ["filter", str(tmp_path / "m"), "--fit", "digits:val", "--data", "mnist5k:test"])
     assert bad.exit_code == 2 and "error:" in bad.output
     bad = CliRunner().invoke(cli, ["filter", str(tmp_path / "m"), "--fit", "digits:val", "--data", "digits:test",
                                    "-p", "bogus=1"])
     assert bad.exit_code == 2
+    np.savez(tmp_path / "lie.npz", x=np.zeros((4, 8, 8), np.uint8))
+    raw = bytearray((tmp_path / "lie.npz").read_bytes())
+    i = raw.find(b"(4, 8, 8)")
+    raw[i:i + 9] = b"(9, 8, 8)"  # the header claims more images than the member holds
+    (tmp_path / "lie.npz").write_bytes(bytes(raw))
+    for spec in ("lie.npz", "nothing.npz"):
+        bad = CliRunner().invoke(cli, base + ["--data", str(tmp_path / spec)])
+        assert bad.exit_code == 2 and "error:" in bad.output and "Traceback" not in bad.output, bad.output

@@ -41,7 +41,7 @@ from ..._utils.batching import DeviceLike, eval_mode, model_device
 from ..._utils.results import Result
 from ..._utils.validation import Interval, Types, check_images
 from ...data.dataset import ImageDataset
-from ...errors import DataError
+from ...errors import ConfigError, DataError
 from ..base import InputFilter, register, threshold_for_rate
 
 #: Inputs per block of overlay draws: input ``i``'s overlays depend only on ``seed`` and ``i``
@@ -118,6 +118,26 @@ def sequential_decision(mean: torch.Tensor, std: torch.Tensor, n: int, threshold
     return out
 
 
+def replay_early(per_copy: torch.Tensor, threshold: float, *, round_size: int = 8, delta: float = 0.01,
+                 min_std: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """The early rule replayed on known per-copy entropies ``(N, S)`` (bits; column order = the
+    order the overlays are laid): ``(flagged, overlays used)``, each ``(N,)``. Flagged means the
+    mean entropy over the copies used is below ``threshold``, the rule :class:`STRIP` applies."""
+    n, S = per_copy.shape
+    e = per_copy.double()
+    used = torch.full((n,), S, dtype=torch.long)
+    open_ = torch.ones(n, dtype=torch.bool)
+    for hi in range(round_size, S, round_size):
+        head = e[:, :hi]
+        v = sequential_decision(head.mean(1), head.std(1), hi, threshold, delta=delta, min_std=min_std)
+        stop = open_ & (v != 0)
+        used[stop] = hi
+        open_ &= ~stop
+    csum = torch.cat([torch.zeros(n, 1, dtype=torch.float64), e.cumsum(1)], 1)
+    mean = csum.gather(1, used[:, None]).squeeze(1) / used
+    return (-mean).float() > -threshold, used
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StripDecisions(Result):
     """STRIP's verdicts on a run of inputs.
@@ -176,7 +196,11 @@ class STRIP(InputFilter):
             calibrated with all ``n_overlays`` either way.
         round_size: overlays laid per round before each input is tested again (8).
         delta: error rate of each round's one-sided bound (0.01).
-        min_std: floor, in bits, on the standard deviation in the bound (0.05).
+        min_std: floor, in bits, on the standard deviation in the bound; None (default) picks it in
+            ``fit``: the smallest of ``0.0125 * 2**k`` bits under which the early rule, replayed on
+            the calibration inputs' overlays, decides every one of them as the fixed rule does
+            (``min_std_``). A run of near-identical low entropies then cannot decide a clean input
+            whose rarer overlays would have lifted its mean.
         batch_size: perturbed copies per forward pass, rounded down to whole rounds of inputs and
             at least one round (results do not depend on it).
         seed: seeds the overlay draws: input ``i`` of a call or stream always gets the same ones.
@@ -185,6 +209,8 @@ class STRIP(InputFilter):
     Attributes:
         threshold_: inputs with ``score > threshold_`` are flagged (score = -entropy).
         clean_scores_: ``(M,)`` scores of the calibration inputs (all ``n_overlays`` each).
+        min_std_: the floor the early rule uses (``min_std`` or the calibrated one).
+        calibration_overlays_: mean overlays the early rule used on the calibration inputs.
         overlays_: ``(P, C, H, W)`` the held-out overlay pool.
 
     Shape:
@@ -216,14 +242,14 @@ class STRIP(InputFilter):
         "early_stop": Types((bool,)),
         "round_size": Interval(int, 1, None),
         "delta": Interval(float, 0, 0.5, "neither"),
-        "min_std": Interval(float, 0, None, "left"),
+        "min_std": Types((float, int, type(None))),
         "batch_size": Interval(int, 1, None),
         "seed": Types((int, type(None))),
     }
 
     def __init__(self, *, n_overlays: int = 100, alpha: float = 1.0, frr: float = 0.01,
                  clip: bool = True, overlay_fraction: float = 0.5, early_stop: bool = True,
-                 round_size: int = 8, delta: float = 0.01, min_std: float = 0.05,
+                 round_size: int = 8, delta: float = 0.01, min_std: float | None = None,
                  batch_size: int = 1024, seed: int | None = 0, device: DeviceLike = None) -> None:
         self.n_overlays = n_overlays
         self.alpha = alpha
@@ -243,6 +269,8 @@ class STRIP(InputFilter):
     def _fit(self, model: nn.Module, clean_data: Any) -> None:
         x = clean_data.x if isinstance(clean_data, ImageDataset) else check_images(clean_data, name="clean data")
         n = x.shape[0]
+        if self.min_std is not None and not (math.isfinite(self.min_std) and self.min_std >= 0):
+            raise ConfigError(f"min_std must be None or a number >= 0, got {self.min_std!r}")
         if n < 2:
             raise DataError(f"STRIP needs at least 2 clean images (overlays and calibration inputs), got {n}")
         g = torch.Generator().manual_seed(self._base_seed())
@@ -252,8 +280,28 @@ class STRIP(InputFilter):
         self.overlays_ = x[perm[:n_pool]].clone()
         self.draw_seed_ = self._base_seed()
         calib = x[perm[n_pool:]]
-        self.clean_scores_ = self._run(calib, start=0, early=False).scores
+        per_copy = torch.empty(calib.shape[0], int(self.n_overlays), dtype=torch.float64)
+        self.clean_scores_ = self._run(calib, start=0, early=False, record=per_copy).scores
         self.threshold_ = threshold_for_rate(self.clean_scores_, self.frr)
+        self._calibrate_floor(per_copy)
+
+    def _calibrate_floor(self, per_copy: torch.Tensor) -> None:
+        """Set ``min_std_``: replay the early rule on the calibration inputs' per-copy entropies."""
+        fixed = self.clean_scores_ > self.threshold_
+        grid = [float(self.min_std)] if self.min_std is not None else \
+            [0.0125 * 2 ** k for k in range(12) if 0.0125 * 2 ** k <= 2 * math.log2(max(2, self._num_classes()))]
+        for floor in grid:
+            flagged, used = replay_early(per_copy, -self.threshold_, round_size=int(self.round_size),
+                                         delta=float(self.delta), min_std=floor)
+            if self.min_std is not None or torch.equal(flagged, fixed):
+                break
+        self.min_std_ = floor
+        self.calibration_overlays_ = float(used.double().mean())
+
+    def _num_classes(self) -> int:
+        with eval_mode(self.model_), torch.inference_mode():
+            dev = model_device(self.model_, self.device)
+            return int(self.model_(self.overlays_[:1].to(dev)).shape[1])
 
     def _score(self, x: torch.Tensor) -> torch.Tensor:
         return self.decide(x).scores
@@ -330,7 +378,7 @@ class STRIP(InputFilter):
             out.append(d[lo:hi])
         return torch.cat(out)
 
-    def _run(self, x: torch.Tensor, *, start: int, early: bool) -> StripDecisions:
+    def _run(self, x: torch.Tensor, *, start: int, early: bool, record: torch.Tensor | None = None) -> StripDecisions:
         """Lay the overlays round by round on the inputs still undecided."""
         model, S = self.model_, int(self.n_overlays)
         R = min(int(self.round_size), S)
@@ -348,15 +396,17 @@ class STRIP(InputFilter):
                 if active.numel() == 0:
                     break
                 hi = min(lo + R, S)
-                mean_r, sq_r = self._round(model, x, pool, active, draws[active, lo:hi], dev)
+                mean_r, ent_r = self._round(model, x, pool, active, draws[active, lo:hi], dev)
                 sums[active] += mean_r * (hi - lo)
-                sumsq[active] += sq_r
+                sumsq[active] += ent_r.square().sum(1)
+                if record is not None:
+                    record[active, lo:hi] = ent_r
                 used[active] = hi
                 if early and hi < S:
                     m = sums[active] / hi
                     std = ((sumsq[active] - hi * m * m).clamp_min(0.0) / (hi - 1)).sqrt() if hi > 1 else torch.zeros_like(m)
                     verdict = sequential_decision(m, std, hi, t_entropy, delta=float(self.delta),
-                                                  min_std=float(self.min_std))
+                                                  min_std=float(self.min_std_))
                     active = active[verdict == 0]
         scores = (-(sums / used)).float()
         thr = float(getattr(self, "threshold_", math.nan))
@@ -365,7 +415,7 @@ class STRIP(InputFilter):
     def _round(self, model: nn.Module, x: torch.Tensor, pool: torch.Tensor, idx: torch.Tensor,
                draws: torch.Tensor, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """One round: ``draws.shape[1]`` overlays on each input ``x[idx]``; the round's
-        :func:`strip_entropy` and the sum of squared per-copy entropies of each, ``(A,)`` each."""
+        :func:`strip_entropy` of each, ``(A,)``, and the per-copy entropies, ``(A, r)``."""
         r = draws.shape[1]
         per = max(1, int(self.batch_size) // r)  # whole inputs per forward pass
         means, sqs = [], []
@@ -376,5 +426,5 @@ class STRIP(InputFilter):
                 batch = batch.clamp_(0.0, 1.0)
             probs = model(batch).float().softmax(1).view(rows.numel(), r, -1).cpu()
             means.append(strip_entropy(probs).double())
-            sqs.append(overlay_entropy(probs).double().square().sum(1))
+            sqs.append(overlay_entropy(probs).double())
         return torch.cat(means), torch.cat(sqs)

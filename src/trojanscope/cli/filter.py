@@ -28,6 +28,7 @@ import click
 import numpy as np
 import torch
 
+from .._utils.limits import MAX_IMAGE_PIXELS, check_alloc, require_regular_file
 from ..defenses import DEFENSES, create, list_defenses
 from ..errors import ConfigError, DataError
 from ..metrics import detection_metrics
@@ -95,10 +96,13 @@ class NpzStream:
     (nothing unpickled; the header's shape is checked against the member's real size)."""
 
     def __init__(self, path: Path, shape: tuple[int, int, int]) -> None:
-        self.path, self.shape, self.name = path, shape, path.name
+        self.path, self.shape, self.name = require_regular_file(path, "input data"), shape, path.name
         try:
             with zipfile.ZipFile(path) as z:
-                if "x.npy" not in z.namelist():
+                names = z.namelist()
+                if len(names) != len(set(names)):
+                    raise DataError(f"{path}: the archive holds two members of one name (readers disagree on which counts)")
+                if "x.npy" not in names:
                     raise DataError(f"{path}: an .npz of inputs must hold an array 'x', found "
                                     f"{sorted(n.removesuffix('.npy') for n in z.namelist())}")
                 info = z.getinfo("x.npy")
@@ -127,6 +131,7 @@ class NpzStream:
         self.n, self.dtype, self.array_shape = int(shape[0]), dtype, tuple(shape)
 
     def chunks(self, chunk: int) -> Iterator[tuple[torch.Tensor, list[str] | None]]:
+        check_alloc(min(chunk, self.n) * self.row * 3, f"a chunk of {chunk} images of {self.path.name}")
         with zipfile.ZipFile(self.path) as z, z.open("x.npy") as f:
             f.read(self.offset)
             for i in range(0, self.n, chunk):
@@ -156,15 +161,21 @@ class FolderStream:
         from PIL import Image, UnidentifiedImageError
 
         c, h, w = self.shape
+        check_alloc(min(chunk, self.n) * c * h * w * 4, f"a chunk of {chunk} images")
         for i in range(0, self.n, chunk):
             files, xs = self.files[i:i + chunk], []
             for f in files:
                 try:
                     with Image.open(f) as im:
+                        if im.width * im.height > MAX_IMAGE_PIXELS:
+                            raise DataError(f"image {f} has {im.width} x {im.height} pixels, over the budget of "
+                                            f"{MAX_IMAGE_PIXELS}")
                         im = im.convert("L" if c == 1 else "RGB")
                         if (im.height, im.width) != (h, w):
                             im = im.resize((w, h), Image.BILINEAR)
                         a = np.asarray(im, dtype=np.float32) / 255.0
+                except DataError:
+                    raise
                 except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
                     raise DataError(f"cannot read image {f}: {e}") from None
                 xs.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))

@@ -22,6 +22,7 @@ many labels, not what it would score on the real GTSRB or CIFAR-10.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -164,6 +165,7 @@ def _mnist_by_digit() -> list[torch.Tensor]:
     return [d.x[d.y == k] for k in range(10)]
 
 
+@functools.lru_cache(maxsize=1)
 def _photos(scale: int = 2) -> torch.Tensor:
     """scikit-learn's two bundled colour photographs, (2, 3, H, W) in [0, 1], downscaled."""
     from sklearn.datasets import load_sample_images

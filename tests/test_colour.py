@@ -245,3 +245,53 @@ def test_colour_triggers_on_three_channels(tmp_path):
     bl = Trigger.parse("blend:noise:0.1", shape)
     assert bl.pattern.shape == shape and float(bl.mask.mean()) == pytest.approx(0.1)
     assert not torch.equal(bl.pattern[0], bl.pattern[1])  # colour noise, not grey
+
+
+# --- a collapsed reclassification model is detected, reported and not trusted ---------------
+def test_reclassifier_collapse_rule():
+    from trojanscope.defenses.data._common import reclassifier_collapsed
+
+    assert reclassifier_collapsed(0.2, 0.1, 43)  # did not learn its own training data
+    assert reclassifier_collapsed(0.9, 0.8, 43)  # one label takes most predictions
+    assert not reclassifier_collapsed(0.95, 0.03, 43)
+    assert not reclassifier_collapsed(0.63, 0.67, 4)  # few labels: a weak but useful model may lean on one
+    assert not reclassifier_collapsed(float("nan"), float("nan"), 43)
+
+
+def _blind_arch() -> str:
+    """A registered architecture whose output ignores its input (a collapsed classifier)."""
+    from trojanscope.models import MODELS, register_model
+
+    name = "_test_blind"
+    if name not in MODELS:
+        class Blind(torch.nn.Module):
+            def __init__(self, *, input_shape, num_classes):
+                super().__init__()
+                self.fc = torch.nn.Linear(1, num_classes)
+
+            def forward(self, x):
+                return self.fc(torch.zeros(x.shape[0], 1, device=x.device))
+
+        register_model(name)(Blind)
+    return name
+
+
+@pytest.mark.parametrize("cls", ["clustering", "spectral"])
+def test_a_collapsed_reclassifier_flags_nothing_and_says_so(cls):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import sanitizer_data as sd
+    from trojanscope.defenses import ActivationClustering, SpectralSignatures
+
+    data = sd.make(poison_share=0.1)
+    model = sd.linear_model(data)
+    make = ActivationClustering if cls == "clustering" else SpectralSignatures
+    good = make().inspect(model, data)
+    assert good.details["reclassification_collapsed"] is False and good.flagged.any()
+    # a reclassifier that cannot see its input learns the majority label and nothing else
+    bad = make(arch=_blind_arch()).inspect(model, data)
+    assert bad.details["reclassification_collapsed"] is True
+    assert not bad.flagged.any() and bad.attacked_labels == []
+    assert min(bad.details["reclassifier_fit_accuracy"]) < 0.5 or max(bad.details["reclassifier_top_share"]) > 0.5

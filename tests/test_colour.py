@@ -258,26 +258,33 @@ def test_reclassifier_collapse_rule():
     assert not reclassifier_collapsed(float("nan"), float("nan"), 43)
 
 
-def _blind_arch() -> str:
-    """A registered architecture whose output ignores its input (a collapsed classifier)."""
+@pytest.fixture
+def blind_arch():
+    """A registered architecture whose output ignores its input (a collapsed classifier); it is
+    removed from the registry afterwards, so no other test sees it."""
     from trojanscope.models import MODELS, register_model
 
     name = "_test_blind"
-    if name not in MODELS:
-        class Blind(torch.nn.Module):
-            def __init__(self, *, input_shape, num_classes):
-                super().__init__()
-                self.fc = torch.nn.Linear(1, num_classes)
 
-            def forward(self, x):
-                return self.fc(torch.zeros(x.shape[0], 1, device=x.device))
+    class Blind(torch.nn.Module):
+        """A classifier blind to its input."""
 
-        register_model(name)(Blind)
-    return name
+        def __init__(self, *, input_shape=(1, 1, 16), num_classes=4):
+            super().__init__()
+            self.fc = torch.nn.Linear(1, num_classes)
+
+        def forward(self, x):
+            return self.fc(torch.zeros(x.shape[0], 1, device=x.device))
+
+    register_model(name)(Blind)
+    try:
+        yield name
+    finally:
+        del MODELS._items[name]
 
 
 @pytest.mark.parametrize("cls", ["clustering", "spectral"])
-def test_a_collapsed_reclassifier_flags_nothing_and_says_so(cls):
+def test_a_collapsed_reclassifier_flags_nothing_and_says_so(cls, blind_arch):
     import sys
     from pathlib import Path
 
@@ -291,7 +298,7 @@ def test_a_collapsed_reclassifier_flags_nothing_and_says_so(cls):
     good = make().inspect(model, data)
     assert good.details["reclassification_collapsed"] is False and good.flagged.any()
     # a reclassifier that cannot see its input learns the majority label and nothing else
-    bad = make(arch=_blind_arch()).inspect(model, data)
+    bad = make(arch=blind_arch).inspect(model, data)
     assert bad.details["reclassification_collapsed"] is True
     assert not bad.flagged.any() and bad.attacked_labels == []
     assert min(bad.details["reclassifier_fit_accuracy"]) < 0.5 or max(bad.details["reclassifier_top_share"]) > 0.5

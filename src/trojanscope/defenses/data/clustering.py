@@ -126,22 +126,40 @@ def auto_verdict(evidence: dict[str, torch.Tensor], max_own_share: float) -> tup
     own, typ = evidence["own"], evidence["typicality"]
     two_sided = (evidence["n"] > 0).all(1)
     attacked = two_sided & (own.nan_to_num(1.0) <= max_own_share).all(1)
+    if "collapsed" in evidence and bool(evidence["collapsed"].any()):
+        attacked = torch.zeros_like(attacked)  # a collapsed reclassifier is no evidence (see _common)
     return attacked, typ.nan_to_num(float("inf")).argmin(1)
+
+
+def reclassification_health(ev: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    """The reclassification models' own figures for a result's ``details`` (empty without them):
+    ``reclassification_collapsed`` (True when either model collapsed: then no label is judged
+    attacked, and the result says so rather than trusting it), ``reclassifier_fit_accuracy`` and
+    ``reclassifier_top_share`` per side."""
+    if ev is None or "collapsed" not in ev:
+        return {}
+    return {"reclassification_collapsed": bool(ev["collapsed"].any()),
+            "reclassifier_fit_accuracy": ev["fit_accuracy"].tolist(),
+            "reclassifier_top_share": ev["top_share"].tolist()}
 
 
 def decide_sides(model: nn.Module, data: ImageDataset, side: torch.Tensor, trainer: Retrainer, layer: str,
                  max_own_share: float, *, batch_size: int, device: DeviceLike,
-                 side_rule: str = "typicality") -> tuple[torch.Tensor, dict[int, dict[str, Any]], list[int]]:
+                 side_rule: str = "typicality", health: dict[str, Any] | None = None
+                 ) -> tuple[torch.Tensor, dict[int, dict[str, Any]], list[int]]:
     """:func:`auto_verdict` for a two-sided split of every label (``side[i]`` in {0, 1}).
 
     ``side_rule`` picks an attacked label's poisoned side: ``"typicality"`` (as
     :func:`auto_verdict`) or ``"agreement"`` (the side with the higher content agreement, see
-    :func:`~._common.exclusionary_reclassification`; the spectral default).
+    :func:`~._common.exclusionary_reclassification`; the spectral default). ``health``, when
+    given, receives :func:`reclassification_health`.
 
     Returns:
         ``(flagged (N,) bool, per_label evidence, attacked labels)``.
     """
     ev = exclusionary_reclassification(model, data, side, trainer, layer, batch_size=batch_size, device=device)
+    if health is not None:  # filled in for the caller's details
+        health.update(reclassification_health(ev))
     attacked_mask, poisoned_side = auto_verdict(ev, max_own_share)
     if side_rule == "agreement":
         poisoned_side = ev["agreement"].nan_to_num(-1.0).argmax(1)
@@ -287,6 +305,7 @@ class ActivationClustering(DataSanitizer):
         flagged = torch.zeros(n, dtype=torch.bool)
         suspect = torch.ones(len(labels), dtype=torch.long)  # the cluster a per-sample score leans towards
         lab_pos = {k: j for j, k in enumerate(labels)}
+        ev: dict[str, torch.Tensor] | None = None
         if self.mode == "auto" or self.analysis == "exclusionary-reclassification":
             ev = exclusionary_reclassification(model, data, clusters, self._retrainer(), self.layer,
                                                batch_size=self.batch_size, device=self.device)
@@ -301,6 +320,7 @@ class ActivationClustering(DataSanitizer):
                 poisoned &= attacked[:, None]
             else:  # the paper: own / top_other < T, cluster by cluster
                 poisoned = (own < self.reclassification_threshold * top) & (ev["n"] > 0)
+                poisoned &= ~ev["collapsed"][None, :]  # a collapsed reclassifier is no evidence
             for k in labels:
                 per_label[k]["poisoned_clusters"] = [c for c in (0, 1) if bool(poisoned[k, c])]
                 suspect[lab_pos[k]] = int(typ[k].nan_to_num(float("inf")).argmin()) if self.mode == "auto" else 1
@@ -327,7 +347,8 @@ class ActivationClustering(DataSanitizer):
         return ClusteringResult(scores=scores.float(), flagged=flagged, clusters=clusters, reduced=reduced.float(),
                                 attacked_labels=[k for k in labels if per_label[k]["attacked"]], per_label=per_label,
                                 details={"layer": self.layer, "mode": self.mode,
-                                         "analysis": "auto" if self.mode == "auto" else self.analysis},
+                                         "analysis": "auto" if self.mode == "auto" else self.analysis,
+                                         **reclassification_health(ev)},
                                 params=self.get_params(), seconds=time.perf_counter() - t0)
 
     @staticmethod

@@ -143,8 +143,8 @@ def top_share_per_label(scores: torch.Tensor, labels: torch.Tensor, share: float
 
 
 def decide_by_agreement(model: nn.Module, data: Any, side: torch.Tensor, trainer: Retrainer, layer: str,
-                        max_own_share: float, *, batch_size: int,
-                        device: DeviceLike) -> tuple[torch.Tensor, dict[int, dict[str, Any]], list[int]]:
+                        max_own_share: float, *, batch_size: int, device: DeviceLike,
+                        health: dict[str, Any] | None = None) -> tuple[torch.Tensor, dict[int, dict[str, Any]], list[int]]:
     """The epsilon-free decision for a two-sided split of every label (``side[i]`` in {0, 1}).
 
     Exclusionary reclassification of both sides (two trainings): a label is attacked when neither
@@ -158,7 +158,7 @@ def decide_by_agreement(model: nn.Module, data: Any, side: torch.Tensor, trainer
     from .clustering import decide_sides
 
     return decide_sides(model, data, side, trainer, layer, max_own_share, batch_size=batch_size, device=device,
-                        side_rule="agreement")
+                        side_rule="agreement", health=health)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -246,6 +246,7 @@ class SpectralSignatures(DataSanitizer):
         proj = spectral_projection(feats, data.y)
         scores = (proj ** 2).float()
         labels = torch.unique(data.y).tolist()
+        health: dict[str, Any] = {}
         if self.mode == "paper":
             flagged = top_share_per_label(scores, data.y, min(1.0, self.removal_factor * self.epsilon))
             n_removed = torch.bincount(data.y[flagged], minlength=data.num_classes)
@@ -263,13 +264,13 @@ class SpectralSignatures(DataSanitizer):
                 side[idx], split[k] = gaussian_split(sub[idx].numpy(), self.seed)
             flagged, per_label, attacked = decide_by_agreement(model, data, side, self._retrainer(), self.layer,
                                                                self.max_own_share, batch_size=self.batch_size,
-                                                               device=self.device)
+                                                               device=self.device, health=health)
             for k in per_label:
                 per_label[k]["separation"] = split[k]
             # the score ranks samples: the flagged side first, then by the paper's score
             scores = scores + flagged.float() * (float(scores.max()) + 1.0)
         return SpectralResult(scores=scores, flagged=flagged, attacked_labels=attacked, per_label=per_label,
-                              details={"layer": self.layer, "mode": self.mode}, params=self.get_params(),
+                              details={"layer": self.layer, "mode": self.mode, **health}, params=self.get_params(),
                               seconds=time.perf_counter() - t0)
 
     def _retrainer(self) -> Retrainer:

@@ -1,0 +1,201 @@
+"""Issue 18's figures: BadNets and the defences on colour images with many labels.
+
+For each dataset (signs43, cmnist, digits) and architecture (gtsrb_cnn, resnet18 at a reduced
+width): a clean and a BadNets model (a coloured 4x4 patch, magenta, bottom-right; 2x2 on the 8x8
+digits; target 0; 10% poisoned, and 3% in the full run), each with clean accuracy (CA), attack
+success (ASR), training time and images/s; then Neural Cleanse over every label, STRIP (FAR at
+FRR 1%, AUROC), Activation Clustering and Spectral Signatures in their default modes (poison
+recall, clean removed, and whether their reclassification model collapsed), and the repairs
+(fine-pruning, NC unlearning), the best one's CA / ASR after.
+
+    nice -n 10 python benchmarks/colour.py --quick                 # a small run (minutes)
+    nice -n 10 python benchmarks/colour.py > runs/colour.log       # the full run (long on 2 cores)
+    options: --datasets signs43,cmnist,digits --archs gtsrb_cnn,resnet18 --width 16 --epochs N
+             --per-class N (signs43 training images per class) --rates 0.1,0.03
+
+Every figure is measured on the test split; the defender's clean data is the validation split.
+Ground truth enters only through ``trojanscope.metrics``. Models are cached under runs/colour/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import trojanscope as ts
+from trojanscope.defenses import STRIP, ActivationClustering, FinePruning, NeuralCleanse, SpectralSignatures, Unlearning
+from trojanscope.defenses.repair.pruning import attack_evaluator
+from trojanscope.metrics import attack_success_rate, clean_accuracy, detection_metrics
+from trojanscope.training import train_new
+
+CACHE = Path(__file__).resolve().parent.parent / "runs" / "colour"
+TARGET = 0
+
+
+def log(**row) -> None:
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+
+
+def per_class(data: ts.ImageDataset, n: int | None) -> ts.ImageDataset:
+    if n is None:
+        return data
+    idx = torch.cat([(data.y == k).nonzero().flatten()[:n] for k in range(data.num_classes)]).sort().values
+    return data.subset(idx)
+
+
+def trigger_for(shape) -> ts.Trigger:
+    return ts.Trigger.parse("square:4:#ff00ff:bottom-right" if shape[1] >= 16 else "square:2:#ff00ff:bottom-right",
+                            shape)
+
+
+def train_kwargs(arch: str, shape, epochs: int) -> dict:
+    """The recipe: Adam (the MNIST default) for gtsrb_cnn, the SGD one-cycle recipe for ResNets;
+    random crops only on 32x32 images."""
+    from trojanscope.training import RECIPES
+
+    kw = dict(RECIPES["adam" if arch == "gtsrb_cnn" else "sgd"], epochs=epochs, batch_size=64)
+    kw["augment"] = "crop" if shape[1] >= 32 else None
+    return kw
+
+
+def get_model(tag: str, arch: str, arch_kw: dict, data: ts.ImageDataset, epochs: int):
+    path = CACHE / tag
+    if (path / "model.safetensors").exists():
+        return ts.load_model(path).model, None
+    t0 = time.perf_counter()
+    model = train_new(arch, data, seed=0, arch_kwargs=arch_kw, **train_kwargs(arch, data.image_shape, epochs))
+    secs = time.perf_counter() - t0
+    ts.save_model(model, path, ts.ModelSpec(arch, data.image_shape, data.num_classes, arch_kwargs=arch_kw))
+    return model, secs
+
+
+def strip_figures(model, val, test, trig) -> dict:
+    t0 = time.perf_counter()
+    strip = STRIP().fit(model, val)
+    clean = strip.score(test.x)
+    keep = test.y != TARGET
+    troj = strip.score(trig.apply(test.x[keep]))
+    truth = torch.cat([torch.zeros(len(clean)), torch.ones(len(troj))]).bool()
+    flags = torch.cat([clean > strip.threshold_, troj > strip.threshold_])
+    m = detection_metrics(torch.cat([clean, troj]), truth, flags)
+    return {"strip_far": 1 - m["recall"], "strip_frr": float((clean > strip.threshold_).float().mean()),
+            "strip_auroc": m["auroc"], "strip_seconds": time.perf_counter() - t0}
+
+
+def nc_figures(model, val, backdoored: bool, epochs: int | None) -> tuple[dict, object]:
+    nc = NeuralCleanse(seed=0) if epochs is None else NeuralCleanse(seed=0, epochs=epochs)
+    res = nc.scan(model, val)
+    s = res.scores.double()
+    others = torch.cat([s[:TARGET], s[TARGET + 1:]]) if backdoored else s
+    return {"nc_infected": res.infected, "nc_flagged": res.flagged_labels,
+            "nc_target_index": float(s[TARGET]) if backdoored else None,
+            "nc_largest_clean_index": float(others.max()), "nc_seconds": res.seconds}, res
+
+
+def sanitiser_figures(model, poisoned, name: str, sanitiser) -> dict:
+    res = sanitiser.inspect(model, poisoned)
+    out = {f"{name}_seconds": res.seconds, f"{name}_n_flagged": int(res.flagged.sum()),
+           f"{name}_attacked_labels": res.attacked_labels[:10],
+           f"{name}_reclassification_collapsed": res.details.get("reclassification_collapsed"),
+           f"{name}_reclassifier_fit_accuracy": res.details.get("reclassifier_fit_accuracy")}
+    if isinstance(poisoned, ts.PoisonedDataset) and bool(poisoned.is_poison.any()):
+        dm = detection_metrics(res.scores, poisoned.is_poison, res.flagged)
+        out.update({f"{name}_poison_recall": dm["recall"], f"{name}_clean_removed": dm["fpr"]})
+    return out
+
+
+def repair_figures(model, val, test, trig, nc_res, ca0: float) -> dict:
+    ev = attack_evaluator(test, trig, TARGET)
+    rows = {}
+    t0 = time.perf_counter()
+    fp = FinePruning().repair(model, val, evaluate=ev)
+    rows["fine-pruning"] = (clean_accuracy(fp.model, test), attack_success_rate(fp.model, test, trig, TARGET),
+                            time.perf_counter() - t0)
+    if nc_res is not None and nc_res.flagged_labels:
+        t0 = time.perf_counter()
+        un = Unlearning().repair(model, val, triggers=nc_res)
+        rows["nc-unlearning"] = (clean_accuracy(un.model, test), attack_success_rate(un.model, test, trig, TARGET),
+                                 time.perf_counter() - t0)
+    ok = {k: v for k, v in rows.items() if ca0 - v[0] <= 0.03}
+    best = min(ok or rows, key=lambda k: rows[k][1])
+    out = {f"{k}_ca": v[0] for k, v in rows.items()} | {f"{k}_asr": v[1] for k, v in rows.items()} | \
+          {f"{k}_seconds": v[2] for k, v in rows.items()}
+    out.update(best_repair=best, best_repair_ca=rows[best][0], best_repair_asr=rows[best][1])
+    return out
+
+
+def run(dataset: str, arch: str, args) -> None:
+    train = ts.load_data(f"{dataset}:train")
+    if dataset == "signs43":
+        train = per_class(train, args.per_class)
+    val, test = ts.load_data(f"{dataset}:val"), ts.load_data(f"{dataset}:test")
+    if args.test_per_class:
+        val, test = per_class(val, args.test_per_class), per_class(test, args.test_per_class)
+    arch_kw = {"width": args.width} if arch != "gtsrb_cnn" else {}
+    trig = trigger_for(train.image_shape)
+    base = f"{dataset}-{arch}{args.width if arch_kw else ''}-n{len(train)}-e{args.epochs}"
+    common = {"dataset": dataset, "arch": arch, **arch_kw, "n_train": len(train), "epochs": args.epochs,
+              "n_val": len(val), "n_test": len(test)}
+    clean, secs = get_model(base + "-clean", arch, arch_kw, train, args.epochs)
+    ca_clean = clean_accuracy(clean, test)
+    log(**common, model="clean", ca=ca_clean, asr=attack_success_rate(clean, test, trig, TARGET), train_seconds=secs,
+        images_per_second=(args.epochs * len(train) / secs) if secs else None)
+    row, _ = nc_figures(clean, val, False, args.nc_epochs)
+    log(**common, model="clean", **row)
+    for name, san in (("ac", ActivationClustering()), ("spectral", SpectralSignatures())):
+        log(**common, model="clean", **sanitiser_figures(clean, train, name, san))
+    for rate in args.rates:
+        atk = ts.BadNets(trig, target=TARGET, rate=rate, seed=0)
+        poisoned = atk.poison(train)
+        model, secs = get_model(f"{base}-badnets{rate:g}", arch, arch_kw, poisoned, args.epochs)
+        ca = clean_accuracy(model, test)
+        tag = {"model": f"badnets {rate:g}", "n_poison": int(poisoned.is_poison.sum())}
+        log(**common, **tag, ca=ca, asr=attack_success_rate(model, test, trig, TARGET), train_seconds=secs,
+            images_per_second=(args.epochs * len(train) / secs) if secs else None)
+        for name, san in (("ac", ActivationClustering()), ("spectral", SpectralSignatures())):
+            log(**common, **tag, **sanitiser_figures(model, poisoned, name, san))
+        if rate != args.rates[0]:
+            continue  # model-level figures on the first rate only
+        row, nc_res = nc_figures(model, val, True, args.nc_epochs)
+        log(**common, **tag, **row)
+        log(**common, **tag, **strip_figures(model, val, test, trig))
+        log(**common, **tag, **repair_figures(model, val, test, trig, nc_res, ca))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="signs43 only, 60 images/class, 4 epochs, 10%% poison")
+    p.add_argument("--datasets", default=None)
+    p.add_argument("--archs", default="gtsrb_cnn,resnet18")
+    p.add_argument("--width", type=int, default=None, help="resnet18's first-stage width (64 is the full model)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--per-class", type=int, default=None, help="signs43 training images per class (max 400)")
+    p.add_argument("--test-per-class", type=int, default=None, help="val / test images per class")
+    p.add_argument("--rates", default=None)
+    p.add_argument("--nc-epochs", type=int, default=None, help="Neural Cleanse epochs (default: its own)")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    q = args.quick
+    args.datasets = (args.datasets or ("signs43" if q else "signs43,cmnist,digits")).split(",")
+    args.width = args.width or (8 if q else 16)
+    args.epochs = args.epochs or (4 if q else 10)
+    args.per_class = args.per_class or (60 if q else None)
+    args.test_per_class = args.test_per_class or (30 if q else None)
+    args.rates = [float(r) for r in (args.rates or ("0.1" if q else "0.1,0.03")).split(",")]
+    torch.set_num_threads(args.threads)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=args.threads):
+        for ds in args.datasets:
+            for arch in args.archs.split(","):
+                t0 = time.perf_counter()
+                run(ds, arch, args)
+                print(f"# {ds} {arch}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

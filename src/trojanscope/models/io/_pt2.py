@@ -51,6 +51,8 @@ MAX_PROGRAM_JSON = 64 << 20
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}\Z")
 _FQN = re.compile(r"(?:[A-Za-z0-9_]{1,200}(?:@[0-9]{1,6})?)(?:\.[A-Za-z0-9_]{1,200}(?:@[0-9]{1,6})?){0,63}\Z")
+#: A Python type's qualified name as torch records it (classes defined in functions have ``<locals>``).
+_TYPE = re.compile(r"[A-Za-z0-9_<>]{1,200}(?:\.[A-Za-z0-9_<>]{1,200}){0,63}\Z")
 _WORD = re.compile(r"[A-Za-z0-9_.\-]{0,64}\Z")
 _VERSION = re.compile(r"[A-Za-z0-9_.+\-]{1,64}\Z")
 _OPERATOR_HELPERS = frozenset({"getitem", "add", "sub", "mul", "floordiv", "mod", "truediv", "neg", "eq", "ne",
@@ -135,7 +137,7 @@ def _module_stack(text: str) -> str:
         if len(parts) != 3:
             raise _Refused("module stack entry is not key,path,type")
         key, path, ty = parts
-        if not _FQN.match(key) or (path and not _FQN.match(path)) or not _FQN.match(ty):
+        if not _FQN.match(key) or (path and not _FQN.match(path)) or not _TYPE.match(ty):
             raise _Refused("module stack entry has a key, path or type that is not a dotted identifier")
         entries.append(",".join(parts))
     return ";".join(entries)

@@ -318,3 +318,116 @@ def test_corrupt_pt2_is_a_clean_error(tmp_path, pt2):
                       lambda f: f.__setitem__(_member(f, "models/model.json"), b"{broken"))
     with pytest.raises(ModelLoadError):
         load_model(nojson)
+
+
+# --- structural gates (issue 12) ---------------------------------------------------------------
+
+def test_symbolic_size_parser_reemits_only_its_own_grammar():
+    from trojanscope.models.io._symexpr import SymExprError, canonical
+
+    assert canonical("Symbol('s77', positive=True, integer=True)") == "Symbol('s77', integer=True, positive=True)"
+    assert canonical("2*s0 + s1 // 3 - 1") == ("Add(Add(Mul(Integer(2), Symbol('s0')), FloorDiv(Symbol('s1'), "
+                                                "Integer(3))), Mul(Integer(-1), Integer(1)))")
+    assert canonical("Max(s0, Integer(-4)) <= 7") == "LessThan(Max(Symbol('s0'), Integer(-4)), Integer(7))"
+    import sympy
+
+    assert sympy.sympify(canonical("Mul(Integer(2), Symbol('s3', integer=True))")) == 2 * sympy.Symbol("s3",
+                                                                                                    integer=True)
+    for bad in ("__import__('os')", "s0.__class__", "Symbol('s0', evaluate=exec('x'))", "Integer(9)**9",
+                "Symbol('x; import os')", "lambda: 0", "Min(s0)", "(" * 100 + "s0" + ")" * 100, "s0\rprint(1)",
+                "1" * 30, "ｓ0"):
+        with pytest.raises(SymExprError):
+            canonical(bad)
+
+
+def test_torchscript_graph_gate_refuses_what_the_source_gate_might_miss(tmp_path):
+    """Gate 2 alone: a scripted module whose graph prints (prim::Print) is refused before any forward."""
+    from trojanscope.models.io._torchscript import check_graphs
+
+    class Printer(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            print("side effect")
+            return x.flatten(1)
+
+    with pytest.raises(UnsafeModelError, match="prim::Print"):
+        check_graphs(torch.jit.script(Printer()), tmp_path / "printer.pt")
+    check_graphs(torch.jit.script(_outside()), tmp_path / "outside.pt")  # a plain model passes
+
+
+def test_bare_safetensors_weights_load_with_arch(tmp_path):
+    from safetensors.torch import save_file
+
+    model = ts.create_model("mnist_cnn", input_shape=(1, 8, 8), num_classes=10, seed=4).eval()
+    p = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(p))
+    with pytest.raises(ModelLoadError, match="--arch"):
+        load_model(p)
+    lm = load_model(p, arch="mnist_cnn", input_shape=(1, 8, 8), num_classes=10)
+    assert lm.spec.arch == "mnist_cnn"
+    torch.testing.assert_close(lm.model(x8), model(x8))
+
+
+onnx = pytest.importorskip("onnx", reason="the onnx extra (make test installs it)")
+
+
+def _onnx_export(model: nn.Module, shape: tuple[int, ...], path: Path, **kw) -> Path:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.rand(2, *shape),), str(path), dynamo=False, input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, **kw)
+    return path
+
+
+@pytest.mark.parametrize("folding", [True, False])
+def test_onnx_of_batchnorm_resnet_matches_with_hooks_and_gradients(tmp_path, folding):
+    """With constant folding the exporter fuses BatchNorm into the convolutions; without it, the
+    BatchNormalization nodes are rebuilt as nn.BatchNorm2d."""
+    ref = ts.create_model("resnet18", input_shape=(3, 16, 16), num_classes=10, seed=1, width=4).eval()
+    with torch.no_grad():  # non-trivial running statistics
+        for m in ref.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    p = _onnx_export(ref, (3, 16, 16), tmp_path / "resnet.onnx", do_constant_folding=folding)
+    lm = load_model(p)
+    assert lm.format == "onnx" and lm.supports_hooks and lm.spec.input_shape == (3, 16, 16)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in lm.model.modules()) == (not folding)
+    x = torch.rand(6, 3, 16, 16, requires_grad=True)
+    torch.testing.assert_close(lm.model(x), ref(x), atol=1e-5, rtol=1e-4)
+    lm.model(x).sum().backward()  # gradient-based defences need input gradients
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with torch.no_grad(), capture(lm.model, "penultimate") as acts:
+        lm.model(x)
+    assert tuple(acts.value.shape) == (6, 32)
+
+
+def test_onnx_export_gives_the_same_evaluate_and_scan_results(tmp_path):
+    """`evaluate` and `scan` on an ONNX export of mnist_cnn agree with the original module."""
+    from click.testing import CliRunner
+
+    from trojanscope.cli import cli
+
+    model = ts.create_model("mnist_cnn", input_shape=(1, 8, 8), num_classes=10, seed=2, hidden=32).eval()
+    d = save_model(model, tmp_path / "m", ModelSpec("mnist_cnn", (1, 8, 8), 10, arch_kwargs={"hidden": 32}))
+    p = _onnx_export(model, (1, 8, 8), tmp_path / "m.onnx")
+    results = {}
+    for name, path in (("native", d), ("onnx", p)):
+        ev = CliRunner().invoke(cli, ["evaluate", str(path), "--data", "digits:test", "--trigger",
+                                      "square:2:white:bottom-right", "--target", "0", "--json",
+                                      str(tmp_path / f"{name}.json"), "--device", "cpu"], catch_exceptions=False)
+        assert ev.exit_code == 0, ev.output
+        sc = CliRunner().invoke(cli, ["scan", str(path), "--data", "digits:val", "--epochs", "2", "--n-samples",
+                                      "32", "--out", str(tmp_path / f"scan_{name}"), "--device", "cpu"],
+                                catch_exceptions=False)
+        assert sc.exit_code in (0, 1), sc.output
+        scan = json.loads((tmp_path / f"scan_{name}" / "scan.json").read_text())
+        results[name] = (json.loads((tmp_path / f"{name}.json").read_text()), sc.exit_code, scan)
+    (ev_n, code_n, scan_n), (ev_o, code_o, scan_o) = results["native"], results["onnx"]
+    numbers = [k for k in ev_n if isinstance(ev_n[k], (int, float))]
+    assert numbers and all(ev_n[k] == pytest.approx(ev_o[k], abs=1e-9) for k in numbers)  # accuracy, ASR
+    assert code_n == code_o  # the same verdict
+    labels_n, labels_o = scan_n["labels"], scan_o["labels"]
+    assert len(labels_n) == 10 and [r["flagged"] for r in labels_n] == [r["flagged"] for r in labels_o]
+    assert [r["l1_norm"] for r in labels_n] == pytest.approx([r["l1_norm"] for r in labels_o], rel=1e-3)

@@ -46,6 +46,10 @@ def resolve_layer(model: nn.Module, layer: str) -> tuple[str, nn.Module, str]:
         module holds the requested activations.
     """
     _check_hookable(model)
+    if layer == PENULTIMATE:
+        found_in_graph = output_layer(model)
+        if found_in_graph is not None:
+            return found_in_graph[0], found_in_graph[1], "input"
     if layer in (PENULTIMATE, LAST_CONV):
         kind = nn.Linear if layer == PENULTIMATE else nn.Conv2d
         found = [(n, m) for n, m in model.named_modules() if _is_a(m, kind)]
@@ -64,6 +68,38 @@ def resolve_layer(model: nn.Module, layer: str) -> tuple[str, nn.Module, str]:
             f"the model has no layer named {layer!r}; layers: {', '.join(names[:40])}"
         ) from None
     return layer, module, side
+
+
+def output_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """For a ``torch.fx`` graph (a received model's rebuilt graph), the layer that computes the
+    logits, found by graph structure: from the output, back through operators without weights
+    (reshapes, casts), to the first module call. Its input is the penultimate representation.
+    None when ``model`` is not a graph or no such module is found."""
+    from torch import fx
+
+    if not isinstance(model, fx.GraphModule):
+        return None
+    out = next((n for n in reversed(model.graph.nodes) if n.op == "output"), None)
+    node = out.args[0] if out is not None else None
+    seen = 0
+    while node is not None and seen < 64:
+        seen += 1
+        while isinstance(node, (tuple, list)) and len(node) == 1:
+            node = node[0]
+        if not isinstance(node, fx.Node):
+            return None
+        if node.op == "call_module":
+            module = model.get_submodule(str(node.target))
+            if any(True for _ in module.parameters(recurse=False)):
+                return str(node.target), module
+            return None
+        if node.op not in ("call_function", "call_method"):
+            return None
+        tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        if len(tensors) != 1:  # a sum or product of branches: no single output layer
+            return None
+        node = tensors[0]
+    return None
 
 
 class Captured:

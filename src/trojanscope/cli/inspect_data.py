@@ -15,10 +15,24 @@ import torch
 from ..data.dataset import ImageDataset
 from ..errors import ConfigError, DataError
 from . import cli
-from ._common import common_options, model_options, open_data, open_model, parse_trigger, pick_device, table, write_json
+from ._common import common_options, fit_to_model, model_options, open_data, parse_trigger, pick_device, table, write_json
+from ._surface import open_surface
 
 #: CLI method name -> registry name.
 METHODS = {"spectral": "spectral", "clustering": "activation-clustering", "provenance": "provenance"}
+
+
+def _fresh_kind(surface: Any) -> str:
+    if surface.received:
+        return f"re-initialised copy of the received {surface.format} graph"
+    return "re-initialised copy of the model's architecture"
+
+
+def fresh_model_kind(surface: Any, method: str, mode: str, analysis: str) -> str | None:
+    """Which fresh model the method trained inside (exclusionary reclassification, provenance), if any."""
+    trains = method == "provenance" or mode == "auto" or (method == "clustering" and
+                                                          analysis == "exclusionary-reclassification")
+    return _fresh_kind(surface) if trains else None
 
 
 def read_groups(path: Path, n: int) -> torch.Tensor:
@@ -170,8 +184,11 @@ def inspect_data(model_path: Path, data_spec: str, method: str, mode: str, epsil
 
     log = logging.getLogger("trojanscope.inspect_data")
     t0 = time.perf_counter()
-    lm = open_model(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device)
-    data = open_data(data_spec, default_split="train", model=lm)
+    data = open_data(data_spec, default_split="train")
+    lm, surface = open_surface(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device,
+                               data=data)
+    data = fit_to_model(data, lm)
+    net = surface.module
     log.info("model %s (%s), data %s: %d samples", model_path, lm.format, data.name, len(data))
     if (trigger is None) != (target is None):
         raise ConfigError("--trigger and --target go together")
@@ -192,14 +209,15 @@ def inspect_data(model_path: Path, data_spec: str, method: str, mode: str, epsil
         trusted = open_data(trusted_spec, default_split="val", model=lm) if trusted_spec else None
         log.info("provenance: %d segments, %s", int(groups.unique().numel()),
                  "a trusted set" if trusted is not None else "held-out shares of each segment")
-        result = sanitizer.inspect(lm.model, data, groups=groups, trusted=trusted)  # type: ignore[call-arg]
+        result = sanitizer.inspect(net, data, groups=groups, trusted=trusted)  # type: ignore[call-arg]
     else:
         if provenance_file is not None or trusted_spec is not None:
             raise ConfigError("--provenance and --trusted only apply to --method provenance")
         log.info("%s (mode %s) on the %r representation", METHODS[method], mode, layer)
-        result = sanitizer.inspect(lm.model, data)
+        result = sanitizer.inspect(net, data)
     log.info("%s: %d of %d samples flagged in %.1f s", method, int(result.flagged.sum()), len(data), result.seconds)
-    report: dict[str, Any] = {"model": str(model_path), "data": data.name, "method": method, "mode": mode, "n": len(data),
+    report: dict[str, Any] = {"model": str(model_path), "format": surface.format, "data": data.name, "method": method,
+                              "mode": mode, "n": len(data), "fresh_model": fresh_model_kind(surface, method, mode, analysis),
                               **result.to_dict()}
     if method == "provenance":
         rows = [{"segment": s, "n": v["n"], "score": v["score"], "flagged": v["flagged"]}
@@ -240,20 +258,13 @@ def inspect_data(model_path: Path, data_spec: str, method: str, mode: str, epsil
         trig = parse_trigger(trigger, data.image_shape) if trigger is not None else None
         if target is not None and not 0 <= target < data.num_classes:
             raise ConfigError(f"--target {target} is out of range for {data.num_classes} classes")
-        rr = retrain(lm.model, data, result, test=test, trigger=trig, target=target, epochs=epochs, seed=seed,
+        rr = retrain(net, data, result, test=test, trigger=trig, target=target, epochs=epochs, seed=seed,
                      device=pick_device(device))
         summary.update(retrained_accuracy=rr.accuracy, retrained_attack_success=rr.attack_success, n_kept=rr.n_kept)
-        report["retrain"] = rr.to_dict()
+        report["retrain"] = {**rr.to_dict(), "fresh_model": _fresh_kind(surface)}
         if out is not None:
-            from ..models import ModelSpec, save_model
-
-            spec = lm.spec if lm.spec.arch is not None else None
-            if spec is not None:
-                save_model(rr.model, out / "retrained", ModelSpec(spec.arch, spec.input_shape, spec.num_classes,
-                                                                  class_names=spec.class_names,
-                                                                  arch_kwargs=dict(spec.arch_kwargs),
-                                                                  extra={"retrained_after": method}))
-                summary["retrained_model"] = str(out / "retrained")
+            written = surface.write(rr.model, out / "retrained", extra={"retrained_after": method})
+            summary["retrained_model"] = str(written)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "flagged.json", {"flagged_indices": result.flagged_indices, "scores": result.scores,

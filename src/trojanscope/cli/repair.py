@@ -15,11 +15,11 @@ import click
 
 from .._utils.results import to_jsonable
 from ..defenses import DEFENSES, create, list_defenses
-from ..errors import ConfigError, DataError, UnsupportedModelError
-from ..models import save_model
+from ..errors import ConfigError, DataError
 from ..triggers import Trigger
 from . import cli
-from ._common import common_options, defence_params, fit_to_model, model_options, open_data, open_model, table, write_json
+from ._surface import open_surface
+from ._common import common_options, defence_params, fit_to_model, model_options, open_data, table, write_json
 
 
 def load_scan_triggers(path: Path) -> dict[int, Trigger]:
@@ -90,7 +90,12 @@ DISTRIBUTION_BUDGET: dict[str, Any] = {"n_levels": 3, "steps": 100, "epochs": 3}
 @click.option("--data", "data_spec", required=True,
               help="The defender's clean data: bundled name[:split] (default split: train), an .npz or an image folder.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Directory for the repaired model (loads with `trojanscope evaluate`) and repair.json.")
+              help="Directory for the repaired model, in the input's format (a trojanscope directory stays one; "
+                   ".pt2 -> model.pt2, TorchScript -> model.ts.pt, ONNX -> model.onnx; loads with `trojanscope "
+                   "evaluate`) and repair.json.")
+@click.option("--train-bn-stats", is_flag=True,
+              help="Received models (.pt2, TorchScript, ONNX): let fine-tuning update BatchNorm running statistics "
+                   "(default: frozen, only the affine weights train).")
 @click.option("--scan", "scan_path", type=click.Path(path_type=Path), default=None,
               help="A directory written by `trojanscope scan --out` (or its scan.json): reuse its reversed triggers "
                    "instead of scanning again (unlearn, nc-prune), or take the target label, the trigger's size "
@@ -101,16 +106,13 @@ DISTRIBUTION_BUDGET: dict[str, Any] = {"n_levels": 3, "steps": 100, "epochs": 3}
                    "distribution-unlearn's CLI budget: n_levels=3, steps=100, epochs=3 unless set here.")
 @model_options
 @common_options
-def repair(model_path: Path, method: str, data_spec: str, out: Path, scan_path: Path | None, params: tuple[str, ...],
-           arch: str | None, input_shape: str | None, num_classes: int | None, json_path: Path | None, seed: int,
+def repair(model_path: Path, method: str, data_spec: str, out: Path, train_bn_stats: bool, scan_path: Path | None,
+           params: tuple[str, ...], arch: str | None, input_shape: str | None, num_classes: int | None, json_path: Path | None, seed: int,
            device: str | None) -> None:
     """Repair MODEL with METHOD on clean data and write the repaired model to OUT."""
     data = open_data(data_spec, default_split="train")
-    lm = open_model(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device, data=data)
-    if lm.spec.arch is None:
-        raise UnsupportedModelError(
-            f"{model_path}: repair writes a trojanscope model directory, which needs a known architecture; give a "
-            f"trojanscope model directory or a state dict with --arch (not a {lm.format} program)")
+    lm, surface = open_surface(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device,
+                               data=data, freeze_bn=not train_bn_stats)
     data = fit_to_model(data, lm)
     import logging
 
@@ -136,11 +138,11 @@ def repair(model_path: Path, method: str, data_spec: str, out: Path, scan_path: 
             raise ConfigError(f"--scan is not used by {method!r}; it takes no reversed trigger")
     defence = create(method, **kwargs0)
     log.info("%s with %s", method, ", ".join(f"{k}={v}" for k, v in kwargs0.items()))
-    result = defence.repair(lm.model, data, **kwargs)
-    spec = lm.spec
-    spec.extra = {**spec.extra, "repaired_with": {"method": method, "params": to_jsonable(defence.get_params())}}
-    save_model(result.model, out, spec)
-    d = {"model": str(model_path), "method": method, "data": data.name, "out": str(out), **result.to_dict()}
+    result = defence.repair(surface.module, data, **kwargs)
+    written = surface.write(result.model, out, extra={
+        "repaired_with": {"method": method, "params": to_jsonable(defence.get_params())}})
+    d = {"model": str(model_path), "method": method, "data": data.name, "out": str(out), "format": surface.format,
+         "written": str(written), "reloaded": True, "surface": surface.to_dict(), **result.to_dict()}
     (out / "repair.json").write_text(json.dumps(to_jsonable(d), indent=2) + "\n")
     if result.history:
         cols: list[str] = []
@@ -149,7 +151,7 @@ def repair(model_path: Path, method: str, data_spec: str, out: Path, scan_path: 
         click.echo(table(result.history, cols, percent=[c for c in ("accuracy", "attack_success") if c in cols]))
     if result.details.get("repaired") is False:
         click.echo(f"nothing repaired: {result.details.get('reason', '')}")
-    click.echo(f"{method}: repaired model written to {out}/ ({result.seconds:.1f} s)")
+    click.echo(f"{method}: repaired model written to {written} ({surface.format}, reloaded; {result.seconds:.1f} s)")
     write_json(json_path, d)
 
 

@@ -10,7 +10,6 @@ success rate.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import time
@@ -46,8 +45,10 @@ class Retrainer:
 
     Args:
         arch: a registered architecture name; None re-initialises a deep copy of the model under
-            test (every module's ``reset_parameters``, seeded), so any model built from standard
-            layers can be retrained, trojanscope architectures included.
+            test (every layer's ``reset_parameters``, seeded:
+            :func:`~trojanscope.models.surface.reinitialised_copy`), so any model built from
+            standard layers can be retrained: trojanscope architectures and the graphs rebuilt
+            from received ``.pt2`` / TorchScript / ONNX files alike.
         epochs: training epochs.
         lr: Adam learning rate.
         batch_size: training batch size.
@@ -80,18 +81,9 @@ class Retrainer:
         if isinstance(model, torch.jit.ScriptModule):
             raise UnsupportedModelError("cannot re-initialise a TorchScript model: give the architecture "
                                         "(arch=...) to retrain from scratch")
-        new = copy.deepcopy(model)
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(0 if seed is None else int(seed))
-            for name, module in new.named_modules():
-                if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
-                    reset = getattr(module, "reset_parameters", None) or getattr(module, "reset_running_stats", None)
-                    if reset is None:
-                        raise UnsupportedModelError(
-                            f"layer {name or type(module).__name__!r} cannot be re-initialised (no reset_parameters); "
-                            f"give the architecture (arch=...) to retrain from scratch")
-                    reset()
-        return new.to(dev)
+        from ...models.surface import reinitialised_copy
+
+        return reinitialised_copy(model, 0 if seed is None else int(seed)).to(dev)
 
     def train(self, model: nn.Module, data: ImageDataset, seed: int | None = None) -> nn.Module:
         """Train a fresh copy of ``model``'s architecture on ``data`` and return it (in eval mode)."""

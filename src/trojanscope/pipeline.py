@@ -140,15 +140,12 @@ def _build(step: StepSpec) -> Defense:
 
 
 def reinitialise(model: nn.Module, seed: int | None) -> nn.Module:
-    """A deep copy of ``model`` with every layer's parameters re-initialised (seeded)."""
-    net = copy.deepcopy(model)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0 if seed is None else int(seed))
-        for m in net.modules():
-            reset = getattr(m, "reset_parameters", None)
-            if callable(reset):
-                reset()
-    return net
+    """A deep copy of ``model`` with every layer's parameters re-initialised (seeded): the project's
+    architectures and the graphs rebuilt from received files alike
+    (:func:`~trojanscope.models.surface.reinitialised_copy`)."""
+    from .models.surface import reinitialised_copy
+
+    return reinitialised_copy(model, seed)
 
 
 class Pipeline:

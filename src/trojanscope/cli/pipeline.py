@@ -10,11 +10,11 @@ import click
 
 from .._utils.results import to_jsonable
 from ..defenses import DEFENSES, list_defenses
-from ..errors import ConfigError, UnsupportedModelError
-from ..models import save_model
+from ..errors import ConfigError
 from ..pipeline import Pipeline, evaluator
 from . import cli
-from ._common import common_options, model_options, open_data, open_model, parse_trigger, table, write_json
+from ._common import common_options, fit_to_model, model_options, open_data, parse_trigger, table, write_json
+from ._surface import open_surface
 from ._common import parse_params
 
 
@@ -46,7 +46,8 @@ def parse_step(spec: str) -> tuple[str, dict[str, Any]]:
 @click.option("--epochs", type=int, default=10, show_default=True, help="Retraining epochs after a sanitiser.")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory for the final model (loads with `trojanscope evaluate`) and pipeline.json.")
+              help="Directory for the final model, in the input's format (loads with `trojanscope evaluate`), "
+                   "and pipeline.json.")
 @model_options
 @common_options
 def pipeline(model_path: Path, steps: tuple[str, ...], fit_spec: str, train_spec: str | None, test_spec: str,
@@ -54,8 +55,10 @@ def pipeline(model_path: Path, steps: tuple[str, ...], fit_spec: str, train_spec
              arch: str | None, input_shape: str | None, num_classes: int | None, json_path: Path | None, seed: int,
              device: str | None) -> None:
     """Run defences on MODEL in the order of the --step options; print CA and ASR after each."""
-    lm = open_model(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device)
-    clean = open_data(fit_spec, default_split="val", model=lm)
+    clean = open_data(fit_spec, default_split="val")
+    lm, surface = open_surface(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device,
+                               data=clean)
+    clean = fit_to_model(clean, lm)
     test = open_data(test_spec, default_split="test", model=lm)
     train = open_data(train_spec, default_split="train", model=lm) if train_spec else None
     if trigger is not None and target is None:
@@ -70,13 +73,10 @@ def pipeline(model_path: Path, steps: tuple[str, ...], fit_spec: str, train_spec
             params.setdefault("seed", seed)
         specs.append((name, params))
     pipe = Pipeline(specs, retrain=retrain, epochs=epochs, lr=lr, seed=seed)  # type: ignore[arg-type]
-    res = pipe.run(lm.model, clean, train_data=train, evaluate=evaluator(test, trig, target))
+    res = pipe.run(surface.module, clean, train_data=train, evaluate=evaluator(test, trig, target))
     if out is not None:
-        if lm.spec.arch is None:
-            raise UnsupportedModelError("--out writes a trojanscope model directory, which needs a known architecture")
-        spec = lm.spec
-        spec.extra = {**spec.extra, "defended_with": pipe.get_params()}
-        save_model(res.model, out, spec)
+        written = surface.write(res.model, out, extra={"defended_with": pipe.get_params()})
+        click.echo(f"final model written to {written} ({surface.format})")
         (out / "pipeline.json").write_text(json.dumps(to_jsonable(res.to_dict()), indent=2) + "\n")
     cols: list[str] = []
     for r in res.history:

@@ -248,7 +248,10 @@ def _set_path(root: nn.Module, name: str, value: Any, taken: set[str]) -> str:
                 return True  # a leaf layer or tensor where a container is needed
         return True  # the name itself is taken
 
-    final = name if name.isidentifier() or all(p.isidentifier() for p in name.split(".")) else name.replace(".", "_")
+    ok = all(p.isidentifier() or p.isdigit() for p in name.split("."))
+    final = name if ok else "_".join(p for p in name.replace(".", "_").split("_") if p) or "layer"
+    if not final.replace(".", "").replace("_", "").isalnum() or final[0].isdigit():
+        final = f"layer_{abs(hash(final)) % 10**8}"
     if clash(final) or final in taken:
         base = final.replace(".", "_")
         final, i = base, 1

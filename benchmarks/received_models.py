@@ -82,15 +82,17 @@ def make_models(out: Path, epochs: int, names: list[str]) -> dict:
         arch, kw = ARCHS[name]
         d = out / name
         d.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
         if not (d / "model" / "model.safetensors").exists():
-            t0 = time.perf_counter()
             model = train_new(arch, poisoned, seed=0, epochs=epochs, arch_kwargs=kw)
             save_model(model, d / "model", ModelSpec(arch, train.image_shape, train.num_classes, arch_kwargs=kw))
             export_all(model, d, train.image_shape)
-            info["models"][name] = {"arch": arch, "arch_kwargs": kw, "train_s": time.perf_counter() - t0,
-                                    "accuracy": clean_accuracy(model, test),
-                                    "attack_success": attack_success_rate(model, test, trig, TARGET)}
-            print(f"{name}: CA {info['models'][name]['accuracy']:.4f} ASR {info['models'][name]['attack_success']:.4f}",
+        else:
+            model = ts.load_model(d / "model").model
+        info["models"][name] = {"arch": arch, "arch_kwargs": kw, "train_s": time.perf_counter() - t0,
+                                "accuracy": clean_accuracy(model, test),
+                                "attack_success": attack_success_rate(model, test, trig, TARGET)}
+        print(f"{name}: CA {info['models'][name]['accuracy']:.4f} ASR {info['models'][name]['attack_success']:.4f}",
                   flush=True)
     return {"is_poison": is_poison, **info}
 
@@ -119,27 +121,43 @@ def main() -> None:
     names = args.models.split(",")
     setup = make_models(out, args.epochs, names)
     is_poison = setup.pop("is_poison")
-    rows: list[dict] = []
     results_path = out / "results.json"
-    for name in names:
-        for fmt in args.formats.split(","):
-            f = out / name / FILES[fmt]
-            log = out / name / f"{fmt}.log"
-            if "inspect" in args.verbs:
-                for method in ("clustering", "spectral"):
-                    js = out / name / f"inspect_{fmt}_{method}.json"
-                    rc, sec = cli(["inspect-data", str(f), "--data", str(out / "train.npz"), "--method", method,
-                                   "--json", str(js)], log)
-                    row = {"model": name, "format": fmt, "method": method, "rc": rc, "seconds": round(sec, 1)}
-                    if rc == 0:
-                        row.update(score_inspect(js, is_poison))
-                    rows.append(row)
-                    print(row, flush=True)
-            if "repair" in args.verbs:
+    rows: list[dict] = json.loads(results_path.read_text())["rows"] if results_path.exists() else []
+    done = {(r["model"], r["format"], r["method"]) for r in rows if r["rc"] == 0}
+
+    def record(row: dict) -> None:
+        rows[:] = [r for r in rows if (r["model"], r["format"], r["method"]) != (row["model"], row["format"], row["method"])]
+        rows.append(row)
+        print(row, flush=True)
+        results_path.write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
+
+    for verb in ("repair", "inspect"):  # repairs first: the inspections retrain models and are the slow part
+        if verb not in args.verbs:
+            continue
+        for name in names:
+            for fmt in args.formats.split(","):
+                f = out / name / FILES[fmt]
+                log = out / name / f"{fmt}.log"
+                if verb == "inspect":
+                    for method in ("clustering", "spectral"):
+                        if (name, fmt, method) in done:
+                            continue
+                        js = out / name / f"inspect_{fmt}_{method}.json"
+                        rc, sec = cli(["inspect-data", str(f), "--data", str(out / "train.npz"), "--method", method,
+                                       "--json", str(js)], log)
+                        row = {"model": name, "format": fmt, "method": method, "rc": rc, "seconds": round(sec, 1)}
+                        if rc == 0:
+                            row.update(score_inspect(js, is_poison))
+                        record(row)
+                    continue
+                methods = [m for m in args.repairs.split(",") if (name, fmt, m) not in done]
+                if not methods:
+                    continue
                 scan_dir = out / name / f"scan_{fmt}"
-                rc, _ = cli(["scan", str(f), "--data", "mnist5k:val", "--out", str(scan_dir)], log)
+                rc = 0 if (scan_dir / "scan.json").exists() else cli(
+                    ["scan", str(f), "--data", "mnist5k:val", "--out", str(scan_dir)], log)[0]
                 flagged = json.loads((scan_dir / "scan.json").read_text()).get("flagged_labels", []) if rc == 0 else []
-                for method in args.repairs.split(","):
+                for method in methods:
                     rdir = out / name / f"repair_{fmt}_{method}"
                     extra: list[str] = []
                     if method in ("nc-prune", "unlearn") and flagged:
@@ -161,9 +179,7 @@ def main() -> None:
                             e = json.loads(ej.read_text())
                             row.update(accuracy=e["accuracy"], attack_success=e["attack_success_rate"],
                                        written_format=e.get("format"))
-                    rows.append(row)
-                    print(row, flush=True)
-            results_path.write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
+                    record(row)
     print_table(setup, rows)
 
 

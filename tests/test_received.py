@@ -258,7 +258,8 @@ def test_inspect_data_retrain_writes_back_in_the_format(received, tmp_path):
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["retrain"]["fresh_model"] == "re-initialised copy of the received torchscript graph"
     written = Path(rep["summary"]["retrained_model"])
-    assert written.name == "model.ts.pt" and load_model(written).format == "torchscript"
+    assert written.name == "model.ts.pt"
+    assert load_model(written, default_input_shape=(1, 8, 8)).format == "torchscript"
 
 
 REPAIR_PARAMS = {"fine-prune": ["-p", "epochs=1"], "unlearn": [], "nc-prune": [], "prune": [],
@@ -327,3 +328,36 @@ def test_torchscript_takes_the_input_shape_from_the_data(received, tmp_path):
     r = run("inspect-data", files["cnn", "ts"], "--data", d / "train.npz", "--method", "spectral", "--mode", "paper")
     assert r.exit_code == 0, r.output
     assert "--input-shape" not in r.output
+
+
+def test_bench_takes_received_model_files_as_victims(received, tmp_path):
+    from trojanscope.bench import parse_config, run_bench
+
+    d, files = received
+    trig = ts.Trigger.parse(TRIGGER, (1, 8, 8))
+    poisoned = ts.BadNets(trig, 0, rate=0.1, seed=0).poison(ts.load_data("digits", "train"))
+    (tmp_path / "poison.json").write_text(json.dumps({"poison_indices": poisoned.poison_indices.tolist()}))
+    cfg = parse_config({"dataset": "digits", "epochs": 1, "defenses": ["prune", "spectral"],
+                        "params": {"spectral": {"mode": "paper"}},
+                        "victim": [{"name": "vendor-resnet", "model": str(files["resnet", "pt2"]), "trigger": TRIGGER,
+                                    "target": 0, "train": str(d / "train.npz"), "poison": str(tmp_path / "poison.json")},
+                                   {"name": "vendor-cnn-ts", "model": str(files["cnn", "ts"]), "trigger": TRIGGER,
+                                    "target": 0}]})
+    before = _digest(files["resnet", "pt2"])
+    res = run_bench(cfg, tmp_path / "run", progress=False)
+    assert not res.failed, res.failed
+    rows = {(r["attack"], r["defense"]): r for r in res.rows}
+    # the data sanitiser needs the victim's training set: not run on the victim without one
+    assert set(rows) == {("vendor-resnet", "prune"), ("vendor-resnet", "spectral"), ("vendor-cnn-ts", "prune")}
+    assert res.trained == []  # received models are never trained
+    for r in rows.values():
+        assert 0 <= r["ca_before"] <= 1 and r["asr_before"] is not None and r["ca_after"] is not None
+    sp = rows["vendor-resnet", "spectral"]
+    assert sp["poison_removed"] is not None and sp["asr_after"] is not None
+    assert _digest(files["resnet", "pt2"]) == before
+    from trojanscope.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not found"):
+        parse_config({"victim": [{"name": "x", "model": str(tmp_path / "missing.pt2")}]})
+    with pytest.raises(ConfigError, match="go together"):
+        parse_config({"victim": [{"name": "x", "model": str(files["cnn", "ts"]), "trigger": TRIGGER}]})

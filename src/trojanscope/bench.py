@@ -40,6 +40,18 @@ A config (TOML; YAML when PyYAML is installed) looks like::
 
     [params.neural-cleanse]      # settings for a defence (its constructor arguments)
     cost = 1e-3
+
+    [[victim]]                   # a model file the user received, benchmarked as it is (never trained)
+    name = "vendor-resnet"
+    model = "vendor/model.pt2"   # anything the safe loader reads: .pt2, TorchScript, ONNX, a model directory
+    trigger = "square:4:white:bottom-right"   # the known backdoor: scoring only
+    target = 0
+    train = "train.npz"          # optional: its training set, for the data sanitisers
+    poison = "poison.json"       # optional: which samples of train were poisoned (scoring only)
+
+A victim's clean data are the ``dataset``'s splits (val for the defender, test for the figures); its
+repairs run on its trainable surface (:func:`trojanscope.models.surface.model_surface`, BatchNorm
+statistics frozen) and a data sanitiser's retraining trains a re-initialised copy of its graph.
 """
 
 from __future__ import annotations
@@ -124,10 +136,13 @@ BENCH_PARAMS: dict[str, dict[str, Any]] = {
 QUICK_EXCLUDE: set[str] = set()
 
 _TOP_KEYS = {"dataset", "arch", "epochs", "lr", "batch_size", "seeds", "attacks", "defenses", "defences", "attack",
-             "defense", "defence", "params", "rate", "target", "sources", "eval_samples", "chain"}
+             "defense", "defence", "params", "rate", "target", "sources", "eval_samples", "chain", "victim"}
 _ATTACK_KEYS = {"name", "attack", "trigger", "target", "rate", "mode", "source_labels", "cover_rate", "params"}
 _DEFENSE_KEYS = {"name", "defense", "params"}
 _CHAIN_KEYS = {"name", "steps", "retrain"}
+_VICTIM_KEYS = {"name", "model", "trigger", "target", "train", "poison"}
+#: The attack kind of a column whose model is a file the user received (a ``[[victim]]`` table).
+RECEIVED = "received"
 #: The registry-free name of a chain of defences (run by :class:`trojanscope.pipeline.Pipeline`).
 CHAIN = "chain"
 
@@ -317,6 +332,13 @@ def parse_config(raw: Mapping[str, Any], *, base: BenchConfig | None = None) -> 
             custom = [custom]
         for i, a in enumerate(_expect(custom, list, "[[attack]]")):
             attacks.append(_custom_attack(_expect(a, dict, f"[[attack]] #{i + 1}"), i + 1))
+    if "victim" in raw:
+        attacks = attacks if attacks is not None else []
+        victims = raw["victim"]
+        if isinstance(victims, Mapping):
+            victims = [victims]
+        for i, v in enumerate(_expect(victims, list, "[[victim]]")):
+            attacks.append(_victim(_expect(v, dict, f"[[victim]] #{i + 1}"), i + 1))
     if attacks is not None:
         names = [a.name for a in attacks]
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -420,6 +442,56 @@ def _custom_attack(a: Mapping[str, Any], i: int) -> AttackSpec:
         if "mode" in params and params["mode"] not in ("all-to-one", "all-to-all"):
             raise ConfigError(f"{where} mode must be 'all-to-one' or 'all-to-all', got {params['mode']!r}")
     return AttackSpec(name, kind, params)
+
+
+def _victim(v: Mapping[str, Any], i: int) -> AttackSpec:
+    """A ``[[victim]]`` table: a model file the user received (any format the safe loader reads),
+    benchmarked as it is. ``trigger`` / ``target`` (the known backdoor) and ``poison`` (which
+    samples of ``train`` were poisoned) are used for scoring only; ``train`` is the training set,
+    needed only by the data sanitisers."""
+    where = f"[[victim]] #{i}"
+    _check_keys(v, _VICTIM_KEYS, where)
+    name = _expect(v.get("name", ""), str, f"{where} name")
+    if not name:
+        raise ConfigError(f"{where} needs a name")
+    path = Path(_expect(v.get("model", ""), str, f"{where} model"))
+    if not path.exists():
+        raise ConfigError(f"{where}: model not found: {path}")
+    params: dict[str, Any] = {"model": str(path), "sha256": _file_digest(path)}
+    if ("trigger" in v) != ("target" in v):
+        raise ConfigError(f"{where}: trigger and target go together")
+    if "trigger" in v:
+        params["trigger"] = _expect(v["trigger"], str, f"{where} trigger")
+        params["target"] = _expect(v["target"], int, f"{where} target")
+    for k in ("train", "poison"):
+        if k in v:
+            params[k] = _expect(v[k], str, f"{where} {k}")
+    if "poison" in params and "train" not in params:
+        raise ConfigError(f"{where}: poison names samples of train; give train too")
+    return AttackSpec(name, RECEIVED, params)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _read_poison(path: str | Path, n: int) -> torch.Tensor:
+    """``(n,)`` bool from a JSON list of indices, or a JSON object with ``poison_indices`` (what
+    ``trojanscope poison`` writes)."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read the poisoned indices {path}: {e}") from None
+    idx = d.get("poison_indices") if isinstance(d, dict) else d
+    if not isinstance(idx, list) or not all(isinstance(i, int) and 0 <= i < n for i in idx):
+        raise ConfigError(f"{path}: expected a list of sample indices in [0, {n})")
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.as_tensor(idx, dtype=torch.long)] = True
+    return mask
 
 
 def preset_attack_spec(name: str) -> AttackSpec:
@@ -575,6 +647,8 @@ class AttackedModel:
         source_labels: the source labels of a source-specific attack.
         ca, asr: clean accuracy and attack success on the test inputs.
         reused: loaded from the run folder rather than trained.
+        received: the model is a file the user received (a ``[[victim]]``), not trained here.
+        poison_mask: for a received model, which training samples were poisoned (scoring only).
     """
 
     name: str
@@ -588,10 +662,14 @@ class AttackedModel:
     ca: float = 0.0
     asr: float | None = None
     reused: bool = False
+    received: bool = False
+    poison_mask: torch.Tensor | None = None
 
     @property
     def is_poison(self) -> torch.Tensor:
         """``(N,)`` bool over :attr:`poisoned`: the relabelled samples."""
+        if self.poison_mask is not None:
+            return self.poison_mask
         if isinstance(self.poisoned, PoisonedDataset):
             return self.poisoned.is_poison
         return torch.zeros(len(self.poisoned), dtype=torch.bool)
@@ -613,7 +691,7 @@ class AttackedModel:
 
     def success_rate(self, model: nn.Module, data: ImageDataset) -> float | None:
         """Attack success of the planted trigger(s) against ``model`` (None for the clean baseline)."""
-        if self.attack is None or not self.triggers or self.target is None:
+        if (self.attack is None and not self.received) or not self.triggers or self.target is None:
             return None
         if isinstance(self.attack, BadNets):
             return float(self.attack.success_rate(model, data))
@@ -858,11 +936,13 @@ def _run_locked(config: BenchConfig, out: Path, train: ImageDataset, val: ImageD
 def applicable(attack: AttackSpec, defense: DefenseSpec) -> bool:
     """False for a data sanitiser against an attack that edits a trained model without a poisoned
     training set (e.g. the Trojaning attack): there is nothing to sanitise."""
+    names = [st[0] for st in defense.params["steps"]] if defense.defense == CHAIN else [defense.defense]
+    if attack.attack == RECEIVED:  # a data sanitiser needs the victim's training set
+        return "train" in attack.params or not any(DEFENSES.get(n).family == "data" for n in names)
     if attack.attack in ("clean", "badnets") or attack.attack not in ATTACKS:
         return True
     cls = ATTACKS.get(attack.attack)
     edits = getattr(cls, "kind", "data") == "model" and not hasattr(cls, "poison")
-    names = [st[0] for st in defense.params["steps"]] if defense.defense == CHAIN else [defense.defense]
     return not (edits and any(DEFENSES.get(n).family == "data" for n in names))
 
 
@@ -918,6 +998,8 @@ def _attacked_model(cfg: BenchConfig, spec: AttackSpec, seed: int, train: ImageD
                     test: ImageDataset, out: Path, fingerprint: str, device: DeviceLike,
                     trained: list[str]) -> AttackedModel:
     """Train (or load from the run folder) the model of one attack column."""
+    if spec.attack == RECEIVED:
+        return _received_model(spec, seed, train, test, device)
     attack = build_attack(spec, train, seed=seed, rate=cfg.rate, target=cfg.target)
     edits_model = attack is not None and getattr(attack, "kind", "data") == "model"
     poisoned: ImageDataset = train
@@ -961,6 +1043,30 @@ def _attacked_model(cfg: BenchConfig, spec: AttackSpec, seed: int, train: ImageD
     src = getattr(attack, "source_labels", None)
     am = AttackedModel(spec.name, seed, model, attack, poisoned, list(triggers), target,
                        None if src is None else list(src), reused=reused)
+    am.ca = clean_accuracy(model, test)
+    am.asr = am.success_rate(model, test)
+    return am
+
+
+def _received_model(spec: AttackSpec, seed: int, train: ImageDataset, test: ImageDataset,
+                    device: DeviceLike) -> AttackedModel:
+    """The column of a received model file: loaded safely, as its trainable surface, never trained."""
+    from .models.surface import model_surface
+
+    p = spec.params
+    data = load_data(p["train"], default_split="train") if "train" in p else train
+    lm = load_model(p["model"], default_input_shape=data.image_shape)
+    if tuple(lm.spec.input_shape) != data.image_shape or lm.spec.num_classes < data.num_classes:
+        raise ConfigError(f"victim {spec.name!r}: the model takes {tuple(lm.spec.input_shape)} with "
+                          f"{lm.spec.num_classes} classes; the data is {data.image_shape} with {data.num_classes}")
+    model = model_surface(lm).module
+    if device is not None:
+        model.to(device)
+    model.eval()
+    is_poison = _read_poison(p["poison"], len(data)) if "poison" in p else torch.zeros(len(data), dtype=torch.bool)
+    triggers = [Trigger.parse(p["trigger"], data.image_shape)] if "trigger" in p else []
+    am = AttackedModel(spec.name, seed, model, None, data, triggers, p.get("target"), None, reused=True,
+                       received=True, poison_mask=is_poison)
     am.ca = clean_accuracy(model, test)
     am.asr = am.success_rate(model, test)
     return am
@@ -1231,8 +1337,15 @@ def _eval_sanitizer(defense: Any, c: Cell) -> None:
     if keep.numel() == 0:
         raise ConfigError(f"{defense!r} flagged every training sample; nothing left to retrain on")
     kept = am.poisoned.subset(keep)
-    model = train_new(c.cfg.arch, kept, seed=c.seed, device=c.device, epochs=c.cfg.epochs, lr=c.cfg.lr,
-                      batch_size=c.cfg.batch_size)
+    if am.received:  # a fresh copy of the received graph (there is no architecture to build)
+        from .defenses.data.retrain import Retrainer
+
+        model = Retrainer(epochs=max(c.cfg.epochs, 1), lr=c.cfg.lr, batch_size=c.cfg.batch_size, seed=c.seed,
+                          device=c.device).train(am.model, kept)
+        c.record["extras"]["fresh_model"] = "re-initialised copy of the received graph"
+    else:
+        model = train_new(c.cfg.arch, kept, seed=c.seed, device=c.device, epochs=c.cfg.epochs, lr=c.cfg.lr,
+                          batch_size=c.cfg.batch_size)
     c.row["ca_after"] = clean_accuracy(model, c.test)
     c.row["asr_after"] = am.success_rate(model, c.test)
     c.record["result"] = res.to_dict()
@@ -1307,7 +1420,7 @@ def _eval_chain(spec: DefenseSpec, c: Cell) -> None:
     res = pipe.run(am.model, c.val, train_data=data, evaluate=evaluate)
     last = res.history[-1]
     c.row["ca_after"] = last.get("test_accuracy")
-    c.row["asr_after"] = last.get("attack_success") if am.attack is not None else None
+    c.row["asr_after"] = last.get("attack_success") if (am.attack is not None or am.received) else None
     removed = [r.get("n_removed") for r in res.history if r.get("n_removed") is not None]
     c.row["verdict"] = " > ".join(str(r["defense"]) for r in res.history[1:])
     if removed and isinstance(am.poisoned, PoisonedDataset) and am.poisoned.poison_indices.numel():

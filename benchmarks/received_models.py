@@ -114,6 +114,7 @@ def main() -> None:
     ap.add_argument("--formats", default="dir,pt2,ts,onnx")
     ap.add_argument("--verbs", default="inspect,repair")
     ap.add_argument("--repairs", default=",".join(list_defenses("repair")))
+    ap.add_argument("--tag", default="", help="results_TAG.json (runs of parts in parallel)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -121,7 +122,7 @@ def main() -> None:
     names = args.models.split(",")
     setup = make_models(out, args.epochs, names)
     is_poison = setup.pop("is_poison")
-    results_path = out / "results.json"
+    results_path = out / (f"results_{args.tag}.json" if args.tag else "results.json")
     rows: list[dict] = json.loads(results_path.read_text())["rows"] if results_path.exists() else []
     done = {(r["model"], r["format"], r["method"]) for r in rows if r["rc"] == 0}
 

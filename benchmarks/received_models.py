@@ -97,6 +97,24 @@ def make_models(out: Path, epochs: int, names: list[str]) -> dict:
     return {"is_poison": is_poison, **info}
 
 
+def du_from_scan(scan_dir: Path, flagged: list[int]) -> list[str]:
+    """distribution-unlearn's target, trigger size and place from the scan, as ``bench`` does: the
+    flagged label, the smallest square holding 80 % of its reversed mask, and where it lies."""
+    from trojanscope.bench import SharedScan
+
+    if not flagged:
+        return ["-p", "target=0"]
+    k = flagged[0]
+    trig = ts.Trigger.load(scan_dir / f"trigger_{k}.safetensors")
+    shared = SharedScan([k], torch.zeros(10), [trig if j == k else trig for j in range(10)], True)
+    out = ["-p", f"target={k}"]
+    size = shared.suspected_size()
+    if size is not None:
+        r, c = shared.suspected_position(size)
+        out += ["-p", f"trigger_size={size}", "-p", f"position=[{r},{c}]"]
+    return out
+
+
 def score_inspect(js: Path, is_poison: torch.Tensor) -> dict:
     d = json.loads(js.read_text())
     flagged = torch.zeros_like(is_poison)
@@ -114,6 +132,8 @@ def main() -> None:
     ap.add_argument("--formats", default="dir,pt2,ts,onnx")
     ap.add_argument("--verbs", default="inspect,repair")
     ap.add_argument("--repairs", default=",".join(list_defenses("repair")))
+    ap.add_argument("--du-param", action="append", default=[],
+                    help="KEY=VALUE for distribution-unlearn (e.g. steps=100 on a loaded CPU)")
     ap.add_argument("--tag", default="", help="results_TAG.json (runs of parts in parallel)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -157,14 +177,15 @@ def main() -> None:
                 scan_dir = out / name / f"scan_{fmt}"
                 rc = 0 if (scan_dir / "scan.json").exists() else cli(
                     ["scan", str(f), "--data", "mnist5k:val", "--out", str(scan_dir)], log)[0]
-                flagged = json.loads((scan_dir / "scan.json").read_text()).get("flagged_labels", []) if rc == 0 else []
+                flagged = json.loads((scan_dir / "scan.json").read_text()).get("flagged_labels", []) if rc in (0, 1) else []  # exit 1: found
                 for method in methods:
                     rdir = out / name / f"repair_{fmt}_{method}"
                     extra: list[str] = []
                     if method in ("nc-prune", "unlearn") and flagged:
                         extra = ["--scan", str(scan_dir)]
                     if method == "distribution-unlearn":
-                        extra = ["-p", f"target={flagged[0] if flagged else 0}"]
+                        extra = du_from_scan(scan_dir, flagged) + [*sum((["-p", kv] for kv in
+                                                                                         args.du_param), [])]
                     rc, sec = cli(["repair", str(f), "--method", method, "--data", "mnist5k:val", "--out", str(rdir),
                                    "--json", str(rdir.with_suffix(".json")), *extra], log)
                     row = {"model": name, "format": fmt, "method": method, "rc": rc, "seconds": round(sec, 1),

@@ -14,11 +14,11 @@ operators the program already had.
 How each format becomes a graph:
 
 * ``.pt2`` (``torch.export``): the program, re-read by the project's safe reader
-  (:func:`~trojanscope.models.io.read_program`), gives its flat aten graph (``ExportedProgram.module()``).
+  (never ``torch.export.load``), gives its flat aten graph (``ExportedProgram.module()``).
 * TorchScript: torch's TorchScript-to-export converter (``TS2EPConverter``) turns the scripted
   module's graph (already checked by the safe loader) into an exported program; then as for ``.pt2``.
-* ONNX: the loader's converted module (``onnx2torch``) is already made of standard layers; it is used
-  as it is.
+* ONNX: the safe loader's rebuilt module is already made of standard layers; it is used as it is
+  (a copy, BatchNorm statistics frozen).
 
 Each rebuilt graph is checked against the loaded model on random inputs before it is used; a
 mismatch is refused rather than silently repaired wrong.
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..errors import ModelLoadError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from .io import LoadedModel, ModelSpec
 
 #: Formats that come from outside the project (written back by :mod:`~trojanscope.models.writeback`).
@@ -342,9 +342,10 @@ def _program_of(lm: LoadedModel) -> Any:
     """The ``ExportedProgram`` behind a ``.pt2`` or TorchScript model."""
     shape = tuple(lm.spec.input_shape)
     if lm.format == "export":
-        from . import io as model_io
-
-        reader = getattr(model_io, "read_program", None) or getattr(model_io, "_read_pt2")
+        try:  # the safe reader (never torch.export.load)
+            from .io._pt2 import _read_pt2 as reader
+        except ImportError:
+            from .io import _read_pt2 as reader
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return reader(lm.path)

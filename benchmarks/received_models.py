@@ -35,7 +35,6 @@ import torch
 
 import trojanscope as ts
 from trojanscope.data import load_data, save_npz
-from trojanscope.defenses import list_defenses
 from trojanscope.metrics import attack_success_rate, clean_accuracy
 from trojanscope.models import ModelSpec, save_model
 from trojanscope.training import train_new
@@ -131,7 +130,7 @@ def main() -> None:
     ap.add_argument("--models", default="cnn,resnet")
     ap.add_argument("--formats", default="dir,pt2,ts,onnx")
     ap.add_argument("--verbs", default="inspect,repair")
-    ap.add_argument("--repairs", default=",".join(list_defenses("repair")))
+    ap.add_argument("--repairs", default="unlearn,nc-prune,fine-prune,prune,distribution-unlearn")
     ap.add_argument("--du-param", action="append", default=[],
                     help="KEY=VALUE for distribution-unlearn (e.g. steps=100 on a loaded CPU)")
     ap.add_argument("--tag", default="", help="results_TAG.json (runs of parts in parallel)")
@@ -183,6 +182,8 @@ def main() -> None:
                     extra: list[str] = []
                     if method in ("nc-prune", "unlearn") and flagged:
                         extra = ["--scan", str(scan_dir)]
+                    if method == "unlearn":  # bench's setting: the unlearning set is all of the clean data
+                        extra += ["-p", "share=1.0"]
                     if method == "distribution-unlearn":
                         extra = du_from_scan(scan_dir, flagged) + [*sum((["-p", kv] for kv in
                                                                                          args.du_param), [])]

@@ -361,3 +361,14 @@ def test_bench_takes_received_model_files_as_victims(received, tmp_path):
         parse_config({"victim": [{"name": "x", "model": str(tmp_path / "missing.pt2")}]})
     with pytest.raises(ConfigError, match="go together"):
         parse_config({"victim": [{"name": "x", "model": str(files["cnn", "ts"]), "trigger": TRIGGER}]})
+
+
+def test_reinitialised_copy_learns_batchnorm_statistics(received):
+    _, files = received
+    s = model_surface(load_model(files["resnet", "pt2"]))
+    fresh = reinitialised_copy(s.module)
+    bn = fresh.get_submodule("bn")
+    assert type(bn) is nn.BatchNorm2d
+    fresh.train()
+    fresh(torch.rand(16, 1, 8, 8) * 3)
+    assert not torch.equal(bn.running_mean, torch.zeros(8))

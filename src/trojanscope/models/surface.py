@@ -428,8 +428,10 @@ def reinitialised_copy(module: nn.Module, seed: int | None = 0) -> nn.Module:
 
     The graph (what calls what) is the received one: this is the "fresh model of the same
     architecture" that exclusionary reclassification, provenance filtering and retraining need.
-    Parameters held outside such layers (rare: a learned scale used by a bare operator) keep their
-    values; their names are listed in ``module_kept`` of the copy's ``reinit_report``.
+    BatchNorm layers of the copy update their running statistics again (frozen statistics are for
+    fine-tuning a received model, not for training one from scratch). Parameters held outside such
+    layers (rare: a learned scale used by a bare operator) keep their values; their names are
+    listed in ``kept`` of the copy's ``reinit_report``.
 
     Raises:
         UnsupportedModelError: a TorchScript module (not a graph of layers).
@@ -437,7 +439,7 @@ def reinitialised_copy(module: nn.Module, seed: int | None = 0) -> nn.Module:
     if isinstance(module, torch.jit.ScriptModule):
         raise UnsupportedModelError("cannot re-initialise a TorchScript module; rebuild its graph first "
                                     "(trojanscope.models.model_surface)")
-    new = copy.deepcopy(module)
+    new = unfreeze_bn_stats(copy.deepcopy(module))  # a model trained from scratch learns its statistics
     dev = next((p.device for p in new.parameters()), torch.device("cpu"))
     kept: list[str] = []
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):

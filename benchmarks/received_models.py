@@ -133,6 +133,7 @@ def main() -> None:
     ap.add_argument("--repairs", default="unlearn,nc-prune,fine-prune,prune,distribution-unlearn")
     ap.add_argument("--du-param", action="append", default=[],
                     help="KEY=VALUE for distribution-unlearn (e.g. steps=100 on a loaded CPU)")
+    ap.add_argument("--inspect-methods", default="clustering,spectral")
     ap.add_argument("--tag", default="", help="results_TAG.json (runs of parts in parallel)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -159,7 +160,7 @@ def main() -> None:
                 f = out / name / FILES[fmt]
                 log = out / name / f"{fmt}.log"
                 if verb == "inspect":
-                    for method in ("clustering", "spectral"):
+                    for method in args.inspect_methods.split(","):
                         if (name, fmt, method) in done:
                             continue
                         js = out / name / f"inspect_{fmt}_{method}.json"

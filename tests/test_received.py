@@ -76,9 +76,11 @@ def _save(model: nn.Module, path: Path, fmt: str) -> Path:
 
 def _onnx_loader() -> bool:
     """Whether the project's safe loader reads ONNX (the hostile-files issue adds it)."""
-    from trojanscope.models import io as model_io
+    import typing
 
-    return "onnx" in getattr(model_io, "Format").__args__  # type: ignore[attr-defined]
+    from trojanscope.models import LoadedModel
+
+    return "onnx" in typing.get_args(typing.get_type_hints(LoadedModel)["format"])
 
 
 FORMATS = ["pt2", "ts"] + (["onnx"] if _onnx_loader() else [])

@@ -227,8 +227,17 @@ def print_table(setup: dict, rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--table":
-        d = json.loads(Path(sys.argv[2]).read_text())
-        print_table(d["setup"], d["rows"])
+    if len(sys.argv) > 1 and sys.argv[1] == "--table":  # --table results*.json: one table of every part
+        setup: dict = {}
+        merged: dict = {}
+        for fn in sys.argv[2:]:
+            d = json.loads(Path(fn).read_text())
+            setup = d["setup"] if d["setup"].get("models") else setup
+            for r in d["rows"]:
+                key = (r["model"], r["format"], r["method"])
+                if key not in merged or r["rc"] == 0:
+                    merged[key] = r
+        order = {"dir": 0, "pt2": 1, "ts": 2, "onnx": 3}
+        print_table(setup, sorted(merged.values(), key=lambda r: (r["model"], r["method"], order[r["format"]])))
     else:
         main()

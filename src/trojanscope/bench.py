@@ -833,6 +833,15 @@ def validate_config(config: BenchConfig, train: ImageDataset) -> None:
     from ._utils.validation import check_params
 
     for a in config.attacks:
+        if a.attack == RECEIVED:  # a model file: its trigger must parse for the data and its target fit
+            try:
+                if "trigger" in a.params:
+                    Trigger.parse(a.params["trigger"], train.image_shape)
+                    if not 0 <= int(a.params["target"]) < train.num_classes:
+                        raise ConfigError(f"target {a.params['target']} is out of range for {train.num_classes} classes")
+            except TrojanscopeError as e:
+                raise ConfigError(f"victim {a.name!r}: {e}") from None
+            continue
         for seed in config.seeds:
             try:
                 atk = build_attack(a, train, seed=seed, rate=config.rate, target=config.target)

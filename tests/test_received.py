@@ -84,12 +84,7 @@ def _onnx_loader() -> bool:
 
 
 FORMATS = ["pt2", "ts"] + (["onnx"] if _onnx_loader() else [])
-#: ONNX written back from the safe reader's ONNX module: that module computes Flatten as a reshape
-#: by the input's shape and GlobalAveragePool as a mean, which torch.onnx.export writes as Shape /
-#: ReduceMean, operators the safe ONNX reader refuses. Fixing either side flips these to passing.
-WRITE_FORMATS = [f if f != "onnx" else pytest.param("onnx", marks=pytest.mark.xfail(
-    strict=True, reason="ONNX written from the ONNX reader's module uses Shape/ReduceMean, refused by that reader"))
-    for f in FORMATS]
+WRITE_FORMATS = FORMATS
 SUFFIX = {"pt2": ".pt2", "ts": ".ts.pt", "onnx": ".onnx"}
 FMT_NAME = {"pt2": "export", "ts": "torchscript", "onnx": "onnx"}
 

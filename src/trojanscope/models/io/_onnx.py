@@ -188,9 +188,22 @@ def _reshape(x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
     return x.reshape(target)
 
 
+def _global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    # adaptive_avg_pool2d re-exports as GlobalAveragePool (a mean over dims exports as ReduceMean).
+    if x.ndim == 4:
+        return F.adaptive_avg_pool2d(x, 1)
+    return x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
+
+
 def _flatten(axis: int) -> Callable:
     def f(x: torch.Tensor) -> torch.Tensor:
         ax = axis if axis >= 0 else x.ndim + axis
+        # Written with torch.flatten (not reshape of read sizes) so that a re-export of the
+        # converted module is an ONNX Flatten again, inside the operator allow-list.
+        if ax == 1:
+            return torch.flatten(x, 1)
+        if 1 < ax < x.ndim:
+            return torch.flatten(torch.flatten(x, 0, ax - 1), 1)
         return x.reshape(math.prod(x.shape[:ax]), -1)
     return f
 
@@ -207,7 +220,7 @@ FUNCTIONS: dict[str, Callable[[dict], Callable]] = {
     "Tanh": lambda a: torch.tanh,
     "Softmax": lambda a: (lambda x: torch.softmax(x, a.get("axis", -1))),
     "LogSoftmax": lambda a: (lambda x: torch.log_softmax(x, a.get("axis", -1))),
-    "GlobalAveragePool": lambda a: (lambda x: x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)),
+    "GlobalAveragePool": lambda a: _global_avg_pool,
     "Flatten": lambda a: _flatten(a.get("axis", 1)),
     "Reshape": lambda a: _reshape,
     "Add": lambda a: torch.add, "Sub": lambda a: torch.sub, "Mul": lambda a: torch.mul, "Div": lambda a: torch.div,

@@ -17,13 +17,13 @@ from ..metrics import attack_success_rate, clean_accuracy
 from ..models import ModelSpec, list_models, save_model
 from ..training import train_new
 from . import cli
-from ._common import common_options, fit_to_model, model_options, open_data, open_model, parse_trigger, pick_device, table, write_json
+from ._common import POSITIVE_INT, POSITIVE_FLOAT, NON_NEGATIVE_INT, PROBABILITY, common_options, fit_to_model, model_options, open_data, open_model, parse_trigger, pick_device, table, write_json
 
 
 def training_options(f):
-    f = click.option("--batch-size", type=int, default=64, show_default=True)(f)
-    f = click.option("--lr", type=float, default=1e-3, show_default=True)(f)
-    f = click.option("--epochs", type=int, default=10, show_default=True)(f)
+    f = click.option("--batch-size", type=POSITIVE_INT, default=64, show_default=True)(f)
+    f = click.option("--lr", type=POSITIVE_FLOAT, default=1e-3, show_default=True)(f)
+    f = click.option("--epochs", type=POSITIVE_INT, default=10, show_default=True)(f)
     f = click.option("--arch", default="mnist_cnn", show_default=True, help="Architecture (see `trojanscope models`).")(f)
     f = click.option("--data", "data_spec", default="mnist5k", show_default=True,
                      help="Bundled name[:split], an .npz or an image folder.")(f)
@@ -73,11 +73,11 @@ def _test_split(data_spec: str):
               help="trojannn: retrain on the --data images or on inputs reverse-engineered from the model.")
 @click.option("--trigger", "triggers", multiple=True, default=["square:4:white:bottom-right"], show_default=True,
               help="Trigger spec (see Trigger.parse); repeat for several targets.")
-@click.option("--target", "targets", type=int, multiple=True, default=[0], show_default=True,
+@click.option("--target", "targets", type=NON_NEGATIVE_INT, multiple=True, default=[0], show_default=True,
               help="Target label; repeat once per --trigger.")
-@click.option("--rate", type=float, default=0.1, show_default=True, help="Share of the training set poisoned.")
+@click.option("--rate", type=PROBABILITY, default=0.1, show_default=True, help="Share of the training set poisoned.")
 @click.option("--mode", type=click.Choice(["all-to-one", "all-to-all"]), default="all-to-one", show_default=True)
-@click.option("--source", "sources", type=int, multiple=True, help="Source label(s) of a source-specific attack.")
+@click.option("--source", "sources", type=NON_NEGATIVE_INT, multiple=True, help="Source label(s) of a source-specific attack.")
 @training_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for the model, the trigger(s) and the poisoned indices.")
@@ -133,10 +133,10 @@ def poison(attack: str, trojan_data: str, triggers: tuple[str, ...], targets: tu
 @click.option("--data", "data_spec", default="mnist5k:test", show_default=True,
               help="Bundled name[:split] (default split: test), an .npz or an image folder.")
 @click.option("--trigger", default=None, help="Trigger spec or .safetensors file to measure attack success.")
-@click.option("--target", type=int, default=None, help="Target label of --trigger (all-to-one).")
+@click.option("--target", type=NON_NEGATIVE_INT, default=None, help="Target label of --trigger (all-to-one).")
 @click.option("--all-to-all", is_flag=True, help="The trigger maps label i to (i + 1) mod K.")
-@click.option("--source", "sources", type=int, multiple=True, help="Source label(s) of a source-specific trigger.")
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--source", "sources", type=NON_NEGATIVE_INT, multiple=True, help="Source label(s) of a source-specific trigger.")
+@click.option("--batch-size", type=POSITIVE_INT, default=256, show_default=True)
 @model_options
 @common_options
 def evaluate(model_path: Path, data_spec: str, trigger: str | None, target: int | None, all_to_all: bool,

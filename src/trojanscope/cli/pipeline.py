@@ -14,7 +14,7 @@ from ..errors import ConfigError, UnsupportedModelError
 from ..models import save_model
 from ..pipeline import Pipeline, evaluator
 from . import cli
-from ._common import common_options, model_options, open_data, open_model, parse_trigger, table, write_json
+from ._common import POSITIVE_INT, POSITIVE_FLOAT, NON_NEGATIVE_INT, common_options, model_options, open_data, open_model, parse_trigger, table, write_json
 from ._common import parse_params
 
 
@@ -40,11 +40,11 @@ def parse_step(spec: str) -> tuple[str, dict[str, Any]]:
 @click.option("--test", "test_spec", default="mnist5k:test", show_default=True,
               help="Data the figures are measured on.")
 @click.option("--trigger", default=None, help="Trigger spec or .safetensors file: attack success after each step.")
-@click.option("--target", type=int, default=None, help="Target label of --trigger.")
+@click.option("--target", type=NON_NEGATIVE_INT, default=None, help="Target label of --trigger.")
 @click.option("--retrain", type=click.Choice(["scratch", "continue"]), default="scratch", show_default=True,
               help="After a data sanitiser: train a fresh model, or train the current one on (pruned channels kept).")
-@click.option("--epochs", type=int, default=10, show_default=True, help="Retraining epochs after a sanitiser.")
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--epochs", type=POSITIVE_INT, default=10, show_default=True, help="Retraining epochs after a sanitiser.")
+@click.option("--lr", type=POSITIVE_FLOAT, default=1e-3, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory for the final model (loads with `trojanscope evaluate`) and pipeline.json.")
 @model_options
@@ -55,6 +55,8 @@ def pipeline(model_path: Path, steps: tuple[str, ...], fit_spec: str, train_spec
              device: str | None) -> None:
     """Run defences on MODEL in the order of the --step options; print CA and ASR after each."""
     lm = open_model(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device)
+    if out is not None and lm.spec.arch is None:
+        raise UnsupportedModelError("--out writes a trojanscope model directory, which needs a known architecture")
     clean = open_data(fit_spec, default_split="val", model=lm)
     test = open_data(test_spec, default_split="test", model=lm)
     train = open_data(train_spec, default_split="train", model=lm) if train_spec else None
@@ -72,8 +74,6 @@ def pipeline(model_path: Path, steps: tuple[str, ...], fit_spec: str, train_spec
     pipe = Pipeline(specs, retrain=retrain, epochs=epochs, lr=lr, seed=seed)  # type: ignore[arg-type]
     res = pipe.run(lm.model, clean, train_data=train, evaluate=evaluator(test, trig, target))
     if out is not None:
-        if lm.spec.arch is None:
-            raise UnsupportedModelError("--out writes a trojanscope model directory, which needs a known architecture")
         spec = lm.spec
         spec.extra = {**spec.extra, "defended_with": pipe.get_params()}
         save_model(res.model, out, spec)

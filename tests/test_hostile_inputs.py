@@ -1,5 +1,5 @@
 """The hostile-input corpus for data files, arguments and output paths: every case, run by the
-CLI in its own process, ends with exit code 2 and one ``error:`` line, no traceback, no file
+CLI in its own process (forked from a server that imported torch once), ends with exit code 2 and one ``error:`` line, no traceback, no file
 created, no hang, and a peak memory under the corpus budget (see ``tests/hostile_inputs.py``)."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def test_corpus_covers_every_kind():
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_hostile_input_is_refused(case):
-    outcome = run_case(case, _ROOT)
+    outcome = run_case(case, _ROOT, fork=True)
     problems = check(outcome)
     assert outcome.peak_rss_mb < PEAK_RSS_BUDGET_MB, f"peak RSS {outcome.peak_rss_mb:.0f} MB"
     assert not problems, (problems, outcome.stderr[-2000:])

@@ -248,7 +248,17 @@ def _serve() -> None:  # pragma: no cover - the fork server's loop
     import pickle
     import struct
 
+    import importlib
+
     import trojanscope.cli  # noqa: F401  (the import every forked child shares)
+
+    # What loading models and data imports later, imported once here (imports only: no operator runs)
+    for name in ("torch.export", "torch._export.serde.serialize", "safetensors.torch", "sklearn.datasets",
+                 "PIL.Image", "PIL.PngImagePlugin", "onnx", "matplotlib"):
+        try:
+            importlib.import_module(name)
+        except Exception:  # an optional extra that is not installed
+            pass
 
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     while True:

@@ -282,8 +282,19 @@ def cases(root: Path) -> list[Case]:
     out.append(Case("provenance-fifo", "aux-file",
                     ["inspect-data", model, "--data", str(good), "--method", "provenance", "--provenance",
                      str(_fifo(d / "groups_fifo.npy"))], "FIFO"))
-    # -- arguments
+    # -- trigger files (--trigger PATH.safetensors, rgba:PNG, blend:IMAGE)
     base = ["evaluate", model, "--data", "digits"]
+    (d / "garbage.safetensors").write_bytes(os.urandom(100))
+    out.append(Case("trigger-garbage-safetensors", "aux-file",
+                    [*base, "--trigger", str(d / "garbage.safetensors"), "--target", "0"], "trigger file"))
+    out.append(Case("trigger-fifo", "aux-file", [*base, "--trigger", str(_fifo(d / "trig_fifo.safetensors")),
+                                                 "--target", "0"], "FIFO"))
+    out.append(Case("trigger-png-bomb", "aux-file",
+                    [*base, "--trigger", f"rgba:{png_header_only(d / 'trig_big.png', 20000, 20000)}", "--target", "0"],
+                    "Mpx"))
+    out.append(Case("trigger-blend-fifo", "aux-file",
+                    [*base, "--trigger", f"blend:{_fifo(d / 'blend_fifo.png')}", "--target", "0"], "FIFO"))
+    # -- arguments
     arg = [
         ("batch-size-0", [*base, "--batch-size", "0"], "--batch-size"),
         ("batch-size-negative", [*base, "--batch-size", "-1"], "--batch-size"),

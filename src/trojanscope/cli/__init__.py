@@ -59,6 +59,13 @@ class TrojanscopeGroup(click.Group):
         except click.exceptions.Abort:
             click.echo("aborted", err=True)
             sys.exit(130)
+        except OSError as e:
+            if e.errno != errno.EPIPE:
+                raise
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second EPIPE at exit
+            sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -80,6 +87,8 @@ class TrojanscopeGroup(click.Group):
                        f"before they are read, or use a machine with more memory)", err=True)
             ctx.exit(EXIT_BAD_INPUT)
         except OSError as e:
+            if e.errno == errno.EPIPE:  # `trojanscope ... | head`: the reader left; main() ends quietly
+                raise
             if debug() or e.errno not in _USER_ERRNOS:
                 return self._internal(ctx, e)
             where = f" {e.filename}" if e.filename else ""

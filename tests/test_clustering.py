@@ -78,6 +78,18 @@ def test_paper_analyses_run_and_record_evidence(analysis):
     assert all("poisoned_clusters" in v and "sizes" in v for v in res.per_label.values())
 
 
+def test_paper_distance_analysis_flags_nothing_on_clean_data_and_only_poison_otherwise():
+    # regression: the own-label distance was read through a view that the next line set to inf,
+    # so every cluster looked closer to another label and every sample was flagged
+    clean = sd.make(poison_share=0.0)
+    res = ActivationClustering(mode="paper", analysis="distance").inspect(sd.linear_model(clean), clean)
+    assert int(res.flagged.sum()) == 0 and res.attacked_labels == []
+    bad = sd.make(poison_share=0.1)
+    res = ActivationClustering(mode="paper", analysis="distance").inspect(sd.linear_model(bad), bad)
+    m = detection_metrics(res.scores, bad.is_poison, res.flagged)
+    assert res.attacked_labels == [0] and m["recall"] == 1.0 and m["fpr"] <= 0.01
+
+
 def test_registry_json_hooks_and_errors():
     data = sd.make(poison_share=0.1)
     model = sd.linear_model(data)

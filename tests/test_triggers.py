@@ -177,3 +177,20 @@ def test_bad_triggers_and_inputs():
         Trigger.square((1, 6, 6), 2).apply(torch.zeros(1, 1, 5, 5))
     with pytest.raises(ConfigError, match="does not fit"):
         place((0, 5), (2, 2), (6, 6))
+
+
+def test_rgba_size_keeps_the_aspect_ratio_or_takes_hxw(tmp_path):
+    Image.fromarray(np.full((16, 40, 4), 255, np.uint8), "RGBA").save(tmp_path / "wide.png")  # 16 rows x 40 cols
+    t = Trigger.parse(f"rgba:{tmp_path / 'wide.png'}:0,0:20", (3, 32, 32))
+    rows, cols = t.mask.sum(1).nonzero().numel(), t.mask.sum(0).nonzero().numel()
+    assert (rows, cols) == (8, 20)  # not squashed into 20x20
+    t = Trigger.parse(f"rgba:{tmp_path / 'wide.png'}:0,0:6x15", (3, 32, 32))
+    assert (t.mask.sum(1).nonzero().numel(), t.mask.sum(0).nonzero().numel()) == (6, 15)
+    with pytest.raises(ConfigError, match="HxW"):
+        Trigger.parse(f"rgba:{tmp_path / 'wide.png'}:0,0:6by15", (3, 32, 32))
+
+
+def test_repr_is_short():
+    t = Trigger.square((3, 64, 64), 4)
+    r = repr(t)
+    assert r == "Trigger('square:4:white:bottom-right', shape=(3, 64, 64), l1_norm=16)" and "tensor" not in r

@@ -696,13 +696,94 @@ def run_bench(config: BenchConfig, out: str | Path, *, device: DeviceLike = None
     """
     t_run = time.perf_counter()
     out = Path(out)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
-    (out / "models").mkdir(parents=True, exist_ok=True)
     if not config.attacks:
         raise ConfigError("the run has no attacks")
     if not config.defenses:
         raise ConfigError("the run has no defences: none is registered yet, or the config names none")
     train, val, test = _splits(config)
+    validate_config(config, train)  # every attack and defence, before the first cell
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):
+        return _run_locked(config, out, train, val, test, device=device, progress=progress, on_cell=on_cell,
+                           max_cells=max_cells, t_run=t_run)
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``OUT/.lock``, ``flock``), so that two runs on the same
+    folder do not train the same models twice and write the same files at once. The lock dies
+    with its process, so a killed run leaves no stale lock; the file names the run holding it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / ".lock"
+        self._fh: Any = None
+
+    def __enter__(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not a POSIX system: no lock
+            return self
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise ConfigError(f"the run folder {self.path.parent} is in use by another bench run ({holder}); wait "
+                              f"for it to finish (it keeps every finished cell) or give another --out") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {platform.node()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fh is not None:
+            import fcntl
+
+            self._fh.seek(0)
+            self._fh.truncate()
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
+def validate_config(config: BenchConfig, train: ImageDataset) -> None:
+    """Build every attack (parsing its trigger, checking its settings against the data) and every
+    defence (checking its settings) of ``config``, so that a bad entry fails before any cell runs."""
+    from ._utils.validation import check_params
+
+    for a in config.attacks:
+        for seed in config.seeds:
+            try:
+                atk = build_attack(a, train, seed=seed, rate=config.rate, target=config.target)
+                if atk is None:
+                    continue
+                if hasattr(atk, "_check"):
+                    atk._check(train.num_classes)
+                elif getattr(atk, "_constraints", None):
+                    check_params(atk, atk._constraints)
+                target = getattr(atk, "target", None)
+                if isinstance(target, int) and not 0 <= target < train.num_classes:
+                    raise ConfigError(f"target {target} is out of range for {train.num_classes} classes")
+            except TrojanscopeError as e:
+                raise ConfigError(f"attack {a.name!r}: {e}") from None
+    for d in config.defenses:
+        _check_defense_params(d)
+        steps = [DefenseSpec(n, n, p) for n, p in d.params["steps"]] if d.defense == CHAIN else [d]
+        for st in steps:
+            try:
+                make_defense(st, config.seeds[0])._validate_params()
+            except TrojanscopeError as e:
+                raise ConfigError(f"defence {d.name!r}: {e}") from None
+
+
+def _run_locked(config: BenchConfig, out: Path, train: ImageDataset, val: ImageDataset, test: ImageDataset, *,
+                device: DeviceLike, progress: bool, on_cell: Callable[[str, dict[str, Any]], None] | None,
+                max_cells: int | None, t_run: float) -> BenchResult:
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    (out / "models").mkdir(parents=True, exist_ok=True)
     test_eval = _sample(test, config.eval_samples, 0)
     _write_json(out / "config.json", config.to_dict())
     _write_json(out / "meta.json", run_metadata(device))
@@ -720,9 +801,9 @@ def run_bench(config: BenchConfig, out: str | Path, *, device: DeviceLike = None
     rows: list[dict[str, Any]] = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ._utils.progress import progress as progress_bar
 
-        bar = tqdm(total=len(cells), desc="bench", unit="cell")
+        bar = progress_bar(total=len(cells), desc="bench", unit="cell")
     models: dict[tuple[str, int], AttackedModel] = {}
     scans: dict[tuple[str, int], SharedScan | None] = {}
     n_new = 0

@@ -29,7 +29,7 @@ class TrainResult(Result):
 
 def train(model: nn.Module, data: ImageDataset, *, epochs: int = 10, lr: float = 1e-3, batch_size: int = 64,
           optimizer: Literal["adam", "sgd"] = "adam", momentum: float = 0.9, weight_decay: float = 0.0,
-          seed: int | None = 0, device: DeviceLike = None, progress: bool = False,
+          seed: int | None = 0, device: DeviceLike = None, progress: bool | str = False,
           batch_transform: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None,
           trainable: Callable[[str], bool] | None = None) -> TrainResult:
     """Train ``model`` in place on ``data`` with cross-entropy; restores its mode afterwards.
@@ -42,7 +42,8 @@ def train(model: nn.Module, data: ImageDataset, *, epochs: int = 10, lr: float =
         epochs, lr, batch_size, optimizer, momentum, weight_decay: the usual.
         seed: seeds the shuffling and ``batch_transform``'s generator.
         device: where to train (default: the model's device).
-        progress: show a progress bar (tqdm).
+        progress: show a progress bar (tqdm on stderr, only at a terminal; see
+            :mod:`trojanscope._utils.progress`); a string is the bar's label.
         batch_transform: ``f(x, y, generator) -> (x, y)`` applied to each batch before the step
             (on-the-fly poisoning, trigger stamping for unlearning...).
         trainable: ``f(param_name) -> bool``; parameters for which it is False are frozen.
@@ -73,8 +74,8 @@ def train(model: nn.Module, data: ImageDataset, *, epochs: int = 10, lr: float =
     n = len(data)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=epochs * ((n + batch_size - 1) // batch_size), desc="train", unit="batch", leave=False)
+        from ._utils.progress import progress as progress_bar
+        bar = progress_bar(total=epochs * ((n + batch_size - 1) // batch_size), desc=progress if isinstance(progress, str) else "train", unit="batch")
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))

@@ -156,6 +156,33 @@ def read_image(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
+def parse_size(text: str) -> int | tuple[int, int]:
+    """A sticker size: ``HxW`` (e.g. ``6x15``) or one integer (the longer side)."""
+    try:
+        if "x" in text.lower():
+            h, w = (int(v) for v in text.lower().split("x"))
+            size: int | tuple[int, int] = (h, w)
+        else:
+            size = int(text)
+    except ValueError:
+        raise ConfigError(f"a sticker SIZE is HxW or one integer (the longer side), got {text!r}") from None
+    if min(size if isinstance(size, tuple) else (size,)) < 1:
+        raise ConfigError(f"a sticker SIZE must be positive, got {text!r}")
+    return size
+
+
+def sticker_size(size: int | Sequence[int], hw: tuple[int, int]) -> tuple[int, int]:
+    """``(h, w)`` for resizing an ``hw`` sticker to ``size``: an int is the longer side (the
+    aspect ratio kept, at least one pixel each way), a pair is used as it is."""
+    if isinstance(size, int):
+        h, w = hw
+        scale = size / max(h, w)
+        return max(1, round(h * scale)), max(1, round(w * scale))
+    if len(size) != 2 or min(size) < 1:
+        raise ConfigError(f"a sticker size is an int or (h, w) of positive ints, got {size!r}")
+    return int(size[0]), int(size[1])
+
+
 @dataclass(frozen=True, eq=False)
 class Trigger:
     """A trigger ``x' = (1 - m) * x + m * p``.
@@ -194,6 +221,9 @@ class Trigger:
                 raise DataError(f"trigger {n} must lie in [0, 1]")
         object.__setattr__(self, "mask", m.detach().float().clamp(0, 1))
         object.__setattr__(self, "pattern", p.detach().float().clamp(0, 1))
+
+    def __repr__(self) -> str:
+        return f"Trigger({self.name!r}, shape={self.shape}, l1_norm={float(self.l1_norm):.4g})"
 
     # --- the formula ---------------------------------------------------------------------
     @property
@@ -298,7 +328,8 @@ class Trigger:
                 (an image without one is opaque).
             image_shape: ``(C, H, W)`` of the inputs.
             position: where the image's top-left corner goes (see :func:`place`).
-            size: resize the sticker to ``size`` (an int for a square) first.
+            size: resize the sticker first: an int is its longer side, the aspect ratio kept (a
+                40x16 sticker with ``size=20`` becomes 20x8); ``(h, w)`` is an exact size.
         """
         name = "rgba"
         if isinstance(rgba, (str, Path)):
@@ -310,7 +341,7 @@ class Trigger:
         if img.shape[0] == 2:  # luminance + alpha
             img = torch.cat([img[:1].expand(3, -1, -1), img[1:]])
         if size is not None:
-            img = _resize(img, (size, size) if isinstance(size, int) else tuple(size))
+            img = _resize(img, sticker_size(size, tuple(img.shape[1:])))
         t = cls.from_patch(image_shape, img[:3], position, patch_mask=img[3], margin=margin)
         return cls(t.mask, t.pattern, name)
 
@@ -325,10 +356,11 @@ class Trigger:
             pixel[:COLOR[:POSITION]]              pixel:white:bottom-right
             blend:noise[:ALPHA[:SEED]]            blend:noise:0.2
             blend:IMAGE_PATH[:ALPHA]              blend:kitty.png:0.2
-            rgba:PNG_PATH[:POSITION[:SIZE]]       rgba:glasses.png:10,4:12
+            rgba:PNG_PATH[:POSITION[:SIZE]]       rgba:glasses.png:10,4:12 or rgba:glasses.png:10,4:6x15
             PATH.safetensors                      a trigger saved with Trigger.save
 
-        POSITION is a corner, ``center`` or ``row,col`` (top-left corner of the patch).
+        POSITION is a corner, ``center`` or ``row,col`` (top-left corner of the patch). An rgba
+        SIZE is ``HxW``, or one number for the longer side (the sticker's aspect ratio kept).
         """
         if spec.endswith(".safetensors"):
             return cls.load(spec)
@@ -356,7 +388,7 @@ class Trigger:
                 if not args:
                     raise ConfigError("rgba needs a PNG path: rgba:glasses.png:center")
                 t = cls.from_rgba(args[0], image_shape, args[1] if len(args) > 1 else "center",
-                                  size=int(args[2]) if len(args) > 2 else None)
+                                  size=parse_size(args[2]) if len(args) > 2 else None)
             else:
                 raise ConfigError(
                     f"unknown trigger kind {kind!r} in {spec!r}: use square, checkerboard, pixel, blend, rgba or a .safetensors file"

@@ -9,6 +9,7 @@ Exit codes: 0 success (for ``scan``: no backdoor found), 1 ``scan`` found a back
 from __future__ import annotations
 
 import errno
+import logging
 import sys
 from typing import Any
 
@@ -109,19 +110,44 @@ class TrojanscopeGroup(click.Group):
 
 @click.group(cls=TrojanscopeGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="trojanscope")
-@click.option("-v", "--verbose", count=True, help="Log progress (-v info, -vv debug).")
+@click.option("-v", "--verbose", count=True, help="Log the phases of each step (-v info, -vv debug).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars (they are shown only when stderr is a terminal).")
 @click.option("--max-memory", type=MEMORY_SIZE, default=None, envvar="TROJANSCOPE_MAX_MEMORY",
               help=f"Most memory one input (an array, a tensor, a decoded image set) may declare, e.g. 512M or 8G; "
                    f"larger ones are refused before they are read [default: {limits.human(limits.DEFAULT_MAX_MEMORY)}; "
                    f"env TROJANSCOPE_MAX_MEMORY].")
-def cli(verbose: int, max_memory: int | None) -> None:
+def cli(verbose: int, quiet: bool, max_memory: int | None) -> None:
     """trojanscope: find, explain, filter and remove backdoors in image classifiers."""
     import logging
 
-    limits.set_max_memory(max_memory)
+    from .._utils.progress import set_quiet
 
-    if verbose:
-        logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO, format="%(name)s: %(message)s")
+    limits.set_max_memory(max_memory)
+    set_quiet(quiet)
+    logger = logging.getLogger("trojanscope")
+    for h in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+        logger.removeHandler(h)
+    if verbose:  # the phases of each step, on stderr (whatever handlers the root logger has)
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+        logger.propagate = False
+    else:
+        logger.setLevel(logging.NOTSET)
+        logger.propagate = True
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A log handler writing to the ``sys.stderr`` of the moment (a test runner swaps it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 # Command modules (one import line each):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -222,8 +223,21 @@ def common_options(f: Callable) -> Callable:
         if seed is not None:
             random.seed(seed)
             np.random.seed(seed % 2**32)
-        return f(*args, **kwargs)
+        if str(kwargs.get("json_path")) != "-":
+            return f(*args, **kwargs)
+        # --json -: stdout holds the JSON alone (pipe it to a parser); the tables and messages go to stderr
+        global _json_stdout
+        _json_stdout = sys.stdout
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                return f(*args, **kwargs)
+        finally:
+            _json_stdout = None
     return wrapper
+
+
+#: The real stdout while a command runs with ``--json -`` (its ordinary output goes to stderr).
+_json_stdout: Any = None
 
 
 def model_options(f: Callable) -> Callable:
@@ -291,7 +305,9 @@ def write_json(path: Path | None, obj: Any) -> None:
         return
     text = json.dumps(to_jsonable(obj), indent=2) + "\n"
     if str(path) == "-":
-        sys.stdout.write(text)
+        out = _json_stdout if _json_stdout is not None else sys.stdout
+        out.write(text)
+        out.flush()
     else:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ from typing import Any
 import click
 import torch
 
-from ..attacks import BadNets, TrojanNN
 from ..data.loaders import load_data
 from ..errors import ConfigError
 from ..metrics import attack_success_rate, clean_accuracy
@@ -27,26 +26,53 @@ def training_options(f):
     f = click.option("--arch", default="mnist_cnn", show_default=True, help="Architecture (see `trojanscope models`).")(f)
     f = click.option("--data", "data_spec", default="mnist5k", show_default=True,
                      help="Bundled name[:split], an .npz or an image folder.")(f)
+    f = click.option("--test", "test_spec", default=None,
+                     help="Test data for CA (and ASR): a data spec, or a share such as 0.2 of --data held out "
+                          "(stratified, --seed). Default: the bundled set's test split; none for your own data.")(f)
     return f
 
 
+def describe_architecture(name: str) -> dict[str, Any]:
+    """What ``trojanscope models`` prints for one registered architecture: its default input
+    shape and kind (greyscale / colour), default number of classes, parameter count (at those
+    defaults) and the first line of its docstring."""
+    import inspect
+
+    from ..models import MODELS, create_model
+
+    factory = MODELS.get(name)
+    sig = inspect.signature(factory)
+    shape = tuple(sig.parameters["input_shape"].default) if "input_shape" in sig.parameters else (1, 28, 28)
+    k = int(sig.parameters["num_classes"].default) if "num_classes" in sig.parameters else 10
+    net = create_model(name, input_shape=shape, num_classes=k)
+    doc = (inspect.getdoc(factory) or "").strip().splitlines()
+    return {"name": name, "input": "x".join(str(v) for v in shape),
+            "kind": "greyscale" if shape[0] == 1 else "colour" if shape[0] == 3 else f"{shape[0]} channels",
+            "classes": k, "parameters": sum(p.numel() for p in net.parameters()),
+            "description": doc[0] if doc else ""}
+
+
 @cli.command()
-def models() -> None:
-    """List the built-in architectures."""
-    for name in list_models():
-        click.echo(name)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the list as JSON to this file ('-' for stdout).")
+def models(json_path: Path | None) -> None:
+    """List the built-in architectures: default input (C x H x W, greyscale or colour), classes and
+    parameter count. Any input shape and number of classes can be given when training."""
+    rows = [describe_architecture(n) for n in list_models()]
+    text = table(rows, ["name", "input", "kind", "classes", "parameters", "description"])
+    click.echo(text, err=str(json_path) == "-")
+    write_json(json_path, rows)
 
 
 @cli.command()
 @training_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Model directory to write.")
 @common_options
-def train(data_spec: str, arch: str, epochs: int, lr: float, batch_size: int, out: Path, json_path: Path | None,
-          seed: int, device: str | None) -> None:
+def train(data_spec: str, test_spec: str | None, arch: str, epochs: int, lr: float, batch_size: int, out: Path,
+          json_path: Path | None, seed: int, device: str | None) -> None:
     """Train a clean model and write it to OUT (safetensors + JSON spec)."""
     t0 = time.perf_counter()
-    data = load_data(data_spec, default_split="train")
-    test = _test_split(data_spec)
+    data, test = train_and_test(data_spec, test_spec, seed)
     dev = pick_device(device)
     model = train_new(arch, data, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, device=dev, progress=True)
     spec = ModelSpec(arch, data.image_shape, data.num_classes, class_names=data.class_names,
@@ -66,9 +92,95 @@ def _test_split(data_spec: str):
     return load_data(f"{name}:test") if name in BUNDLED else None
 
 
+def train_and_test(data_spec: str, test_spec: str | None, seed: int, *, what: str = "CA and ASR"):
+    """``(train, test)`` for the training commands.
+
+    ``test_spec`` is a data spec, or a share in (0, 1) of ``data_spec`` held out (stratified by
+    label, seeded) and removed from the training set. Without it, a bundled set's test split is
+    used; for the user's own data there is none, and a warning says that ``what`` is not measured.
+    """
+    data = load_data(data_spec, default_split="train")
+    if test_spec is None:
+        test = _test_split(data_spec)
+        if test is None:
+            click.echo(f"warning: no test data for {data.name}, so {what} are not measured; give --test FILE, or "
+                       f"--test 0.2 to hold out a share of the data", err=True)
+        return data, test
+    try:
+        share = float(test_spec)
+    except ValueError:
+        return data, load_data(test_spec, default_split="test")
+    if not 0 < share < 1:
+        raise ConfigError(f"--test takes a data spec or a share in (0, 1), got {test_spec!r}")
+    test, rest = data.split(share, seed=seed)
+    if len(test) == 0 or len(rest) == 0:
+        raise ConfigError(f"--test {test_spec}: holding out that share of {len(data)} samples leaves an empty split")
+    return rest, test
+
+
+def attack_params(name: str, items: tuple[str, ...]) -> dict[str, Any]:
+    """``-p KEY=VALUE`` settings of the registered attack ``name``; an unknown key is an error."""
+    import inspect
+
+    from ..attacks import ATTACKS
+    from ._common import parse_params
+
+    kwargs = parse_params(items)
+    sig = inspect.signature(ATTACKS.get(name).__init__).parameters
+    unknown = sorted(set(kwargs) - set(sig))
+    if unknown:
+        raise ConfigError(f"attack {name} takes no parameter {', '.join(unknown)}; it takes "
+                          f"{', '.join(p for p in sig if p != 'self')}")
+    return kwargs
+
+
+def build_cli_attack(attack: str, triggers: list[Any], targets: list[int], *, rate: float, mode: str,
+                     sources: tuple[int, ...], trojan_data: str, params: dict[str, Any], seed: int) -> Any:
+    """The attack object of ``poison``'s options: the common flags fill the constructor arguments
+    the attack has (trigger, target, rate, seed), ``-p`` settings override them or set the rest
+    (an attack's own training, e.g. ``-p epochs=3`` for pruning-aware's retraining)."""
+    import inspect
+
+    from ..attacks import ATTACKS
+
+    cls = ATTACKS.get(attack)
+    sig = inspect.signature(cls.__init__).parameters
+    if attack == "badnets":
+        kw: dict[str, Any] = dict(trigger=triggers if len(triggers) > 1 else triggers[0],
+                                  target=targets if len(targets) > 1 else targets[0], rate=rate, mode=mode,
+                                  source_labels=list(sources) or None, seed=seed)
+    else:
+        if len(triggers) > 1 or len(targets) > 1:
+            raise ConfigError(f"{attack} takes one --trigger and one --target")
+        if mode != "all-to-one" or sources:
+            raise ConfigError(f"--mode and --source are BadNets options; {attack} is all-to-one")
+        kw = {"target": targets[0]}
+        if "trigger" in sig:
+            kw["trigger"] = triggers[0]
+        elif "mask" in sig:  # the Trojaning attack: the trigger spec gives its mask
+            kw["mask"] = triggers[0]
+        for name, value in (("rate", rate), ("seed", seed), ("data", trojan_data)):
+            if name in sig and not (name == "rate" and attack == "trojannn"):
+                kw[name] = value
+    kw.update(params)
+    try:
+        return cls(**kw)
+    except TypeError as e:
+        raise ConfigError(f"attack {attack}: {e}") from None
+
+
+def _attack_names() -> list[str]:
+    from ..attacks import ATTACKS
+
+    return sorted(ATTACKS.names())
+
+
 @cli.command()
-@click.option("--attack", type=click.Choice(["badnets", "trojannn"]), default="badnets", show_default=True,
-              help="trojannn: train a clean model, then trojan it (the --trigger's mask, or 'watermark').")
+@click.option("--attack", type=click.Choice(_attack_names()), default="badnets", show_default=True,
+              help="badnets: poison the data and train on it; trojannn: train a clean model, then trojan it (the "
+                   "--trigger's mask, or 'watermark'); pruning-aware: train a clean model, prune it, train the "
+                   "pruned model on poisoned data, reinstate the pruned channels as dormant decoys. Each attack's "
+                   "own settings: -p KEY=VALUE.")
 @click.option("--trojan-data", type=click.Choice(["user", "reverse"]), default="user", show_default=True,
               help="trojannn: retrain on the --data images or on inputs reverse-engineered from the model.")
 @click.option("--trigger", "triggers", multiple=True, default=["square:4:white:bottom-right"], show_default=True,
@@ -78,36 +190,61 @@ def _test_split(data_spec: str):
 @click.option("--rate", type=PROBABILITY, default=0.1, show_default=True, help="Share of the training set poisoned.")
 @click.option("--mode", type=click.Choice(["all-to-one", "all-to-all"]), default="all-to-one", show_default=True)
 @click.option("--source", "sources", type=NON_NEGATIVE_INT, multiple=True, help="Source label(s) of a source-specific attack.")
+@click.option("--groups", "n_sources", type=POSITIVE_INT, default=10, show_default=True,
+              help="Provenance groups written to train.npz for a training set that has none: the clean samples "
+                   "spread over them at random, the poisoned ones all in group 0 (one compromised source).")
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="A setting of the attack, repeatable (e.g. -p max_drop=0.05 for pruning-aware, "
+                   "-p n_neurons=1 for trojannn).")
 @training_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Directory for the model, the trigger(s) and the poisoned indices.")
+              help="Directory for the model, the trigger(s), the poisoned training set (train.npz) and poison.json.")
 @common_options
 def poison(attack: str, trojan_data: str, triggers: tuple[str, ...], targets: tuple[int, ...], rate: float, mode: str,
-           sources: tuple[int, ...], data_spec: str, arch: str, epochs: int, lr: float, batch_size: int, out: Path,
-           json_path: Path | None, seed: int, device: str | None) -> None:
-    """Poison a training set and train a backdoored model on it."""
+           sources: tuple[int, ...], n_sources: int, params: tuple[str, ...], data_spec: str, test_spec: str | None,
+           arch: str, epochs: int, lr: float, batch_size: int, out: Path, json_path: Path | None, seed: int,
+           device: str | None) -> None:
+    """Poison a training set and train a backdoored model on it.
+
+    OUT gets the model, the trigger(s), poison.json (the attack and the poisoned indices) and
+    train.npz: the training set the model was trained on (x, y), with is_poison (ground truth,
+    for scoring) and groups (provenance), ready for `trojanscope inspect-data OUT --data
+    OUT/train.npz`. The Trojaning attack edits a trained model and poisons no stored sample, so
+    its train.npz is the clean set with is_poison all false.
+    """
+    from ..data.poisoned import PoisonedDataset, assign_sources
+
     t0 = time.perf_counter()
-    data = load_data(data_spec, default_split="train")
+    if n_sources < 1:
+        raise ConfigError(f"--groups must be >= 1, got {n_sources}")
+    data, test = train_and_test(data_spec, test_spec, seed)
     tg = list(targets)
     dev = pick_device(device)
-    if attack == "trojannn":
-        if len(triggers) > 1 or len(tg) > 1:
-            raise ConfigError("trojannn takes one --trigger (its mask) and one --target")
-        atk: Any = TrojanNN(triggers[0], tg[0], data=trojan_data, seed=seed)  # type: ignore[arg-type]
+    kw = attack_params(attack, params)
+    if attack == "badnets" and len(triggers) > 1 and len(tg) == 1:
+        raise ConfigError(f"{len(triggers)} triggers need {len(triggers)} --target values")
+    trig_objs = [parse_trigger(t, data.image_shape) for t in triggers] if attack != "trojannn" else list(triggers)
+    atk = build_cli_attack(attack, trig_objs, tg, rate=rate, mode=mode, sources=sources, trojan_data=trojan_data,
+                           params=kw, seed=seed)
+    poisoned: Any = atk.poison(data) if hasattr(atk, "poison") else data
+    if getattr(atk, "kind", "data") == "model":
         victim = train_new(arch, data, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, device=dev, progress=True)
-        trojan = atk.attack(victim, data)
-        model, trigs = trojan.model, [trojan.trigger]
-        none = torch.empty(0, dtype=torch.long)  # no training sample is touched: the model is edited
-        poisoned = SimpleNamespace(name=f"{data.name}+trojannn", poison_indices=none, cover_indices=none)
+        if hasattr(atk, "implant"):  # pruning-aware: prune, train on the poisoned set, reinstate decoys
+            model = atk.implant(victim, data, device=dev)
+            trigs = list(atk.triggers)
+        else:  # the Trojaning attack makes its own trigger
+            trojan = atk.attack(victim, data)
+            model, trigs = trojan.model, [trojan.trigger]
     else:
-        trigs = [parse_trigger(s, data.image_shape) for s in triggers]
-        if len(trigs) > 1 and len(tg) == 1:
-            raise ConfigError(f"{len(trigs)} triggers need {len(trigs)} --target values")
-        atk = BadNets(trigs if len(trigs) > 1 else trigs[0], tg if len(tg) > 1 else tg[0], rate=rate, mode=mode,  # type: ignore[arg-type]
-                      source_labels=list(sources) or None, seed=seed)
-        poisoned = atk.poison(data)
         model = train_new(arch, poisoned, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, device=dev,
                           progress=True)
+        trigs = list(atk.triggers)
+    if not isinstance(poisoned, PoisonedDataset):
+        none = torch.empty(0, dtype=torch.long)
+        poisoned = PoisonedDataset(data.x, data.y, data.num_classes, data.class_names, f"{data.name}+{attack}",
+                                   data.groups, poison_indices=none, cover_indices=none, original_y=data.y,
+                                   attack=atk.to_dict())
+    poisoned = assign_sources(poisoned, n_sources, seed)
     out.mkdir(parents=True, exist_ok=True)
     spec = ModelSpec(arch, data.image_shape, data.num_classes, class_names=data.class_names,
                      extra={"trained_on": poisoned.name, "attack": atk.to_dict(), "epochs": epochs, "seed": seed})
@@ -115,10 +252,12 @@ def poison(attack: str, trojan_data: str, triggers: tuple[str, ...], targets: tu
     for i, t in enumerate(trigs):
         t.save(out / f"trigger_{i}.safetensors")
         t.save_png(out / f"trigger_{i}.png")
-    write_json(out / "poison.json", {"attack": atk.to_dict(), "poison_indices": poisoned.poison_indices,
+    write_training_set(poisoned, out / "train.npz")
+    write_json(out / "poison.json", {"attack": atk.to_dict(), "data": data.name, "n": len(poisoned),
+                                     "test": test_spec, "poison_indices": poisoned.poison_indices,
                                      "cover_indices": poisoned.cover_indices})
-    result = {"model": str(out), "attack": atk.to_dict(), "n_poison": int(poisoned.poison_indices.numel())}
-    test = _test_split(data_spec)
+    result: dict[str, Any] = {"model": str(out), "attack": atk.to_dict(), "n_poison": int(poisoned.poison_indices.numel()),
+                              "train_set": str(out / "train.npz"), "accuracy": None, "attack_success_rate": None}
     if test is not None:
         result.update(accuracy=clean_accuracy(model, test), n=len(test),
                       attack_success_rate=atk.success_rate(model, test))
@@ -126,6 +265,22 @@ def poison(attack: str, trojan_data: str, triggers: tuple[str, ...], targets: tu
     click.echo(table([result], ["model", "n_poison", "accuracy", "attack_success_rate", "seconds"],
                      percent=["accuracy", "attack_success_rate"]))
     write_json(json_path, result)
+
+
+def write_training_set(poisoned: Any, path: Path) -> None:
+    """``train.npz``: float ``x`` (N, C, H, W), ``y`` (as trained on), ``is_poison`` and
+    ``is_cover`` (ground truth, for scoring only), ``original_y`` and the provenance ``groups``."""
+    import numpy as np
+
+    n = len(poisoned)
+    cover = torch.zeros(n, dtype=torch.bool)
+    cover[poisoned.cover_indices] = True
+    arrays = {"x": poisoned.x.numpy(), "y": poisoned.y.numpy(), "is_poison": poisoned.is_poison.numpy(),
+              "is_cover": cover.numpy(),
+              "original_y": (poisoned.original_y if poisoned.original_y is not None else poisoned.y).numpy()}
+    if poisoned.groups is not None:
+        arrays["groups"] = poisoned.groups.numpy()
+    np.savez_compressed(path, **arrays)
 
 
 @cli.command()

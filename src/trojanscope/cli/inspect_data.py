@@ -57,6 +57,22 @@ def read_groups(path: Path, n: int) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.int64))
 
 
+def ground_truth(spec: str, n: int) -> np.ndarray | None:
+    """The ``is_poison`` array of an ``.npz`` data file (as ``trojanscope poison`` writes in
+    ``train.npz``), or None when the data is not such a file. Used only to score the result."""
+    p = Path(spec)
+    if p.suffix.lower() != ".npz" or not p.is_file():
+        return None
+    from ..data.loaders import read_npz
+
+    arr = read_npz(p, wanted=("is_poison",)).get("is_poison")  # headers checked, no pickle
+    if arr is None:
+        return None
+    if arr.ndim != 1 or arr.shape[0] != n or not (arr.dtype == bool or np.isin(arr, (0, 1)).all()):
+        raise DataError(f"{p}: is_poison must hold one 0/1 value per sample ({n}), got shape {arr.shape}")
+    return arr.astype(bool)
+
+
 def _plots(result: Any, method: str, data: ImageDataset, out: Path) -> list[str]:
     """One figure per flagged label (spectral: score histogram; clustering: the two clusters in
     2-D), or the segments' scores for provenance. Returns the files written."""
@@ -156,6 +172,9 @@ def inspect_data(model_path: Path, data_spec: str, method: str, mode: str, epsil
     from ..defenses import create
     from ..defenses.data.retrain import retrain
 
+    import logging
+
+    log = logging.getLogger("trojanscope.inspect_data")
     t0 = time.perf_counter()
     if provenance_file is not None:
         from .._utils.limits import require_regular_file
@@ -163,6 +182,7 @@ def inspect_data(model_path: Path, data_spec: str, method: str, mode: str, epsil
         require_regular_file(provenance_file, "provenance file")  # before the model is loaded
     lm = open_model(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device)
     data = open_data(data_spec, default_split="train", model=lm)
+    log.info("model %s (%s), data %s: %d samples", model_path, lm.format, data.name, len(data))
     if (trigger is None) != (target is None):
         raise ConfigError("--trigger and --target go together")
     if (trigger is not None or test_spec is not None) and not do_retrain:
@@ -180,11 +200,15 @@ def inspect_data(model_path: Path, data_spec: str, method: str, mode: str, epsil
         if groups is None:
             raise DataError("--method provenance needs --provenance FILE or an .npz with a 'groups' array")
         trusted = open_data(trusted_spec, default_split="val", model=lm) if trusted_spec else None
+        log.info("provenance: %d segments, %s", int(groups.unique().numel()),
+                 "a trusted set" if trusted is not None else "held-out shares of each segment")
         result = sanitizer.inspect(lm.model, data, groups=groups, trusted=trusted)  # type: ignore[call-arg]
     else:
         if provenance_file is not None or trusted_spec is not None:
             raise ConfigError("--provenance and --trusted only apply to --method provenance")
+        log.info("%s (mode %s) on the %r representation", METHODS[method], mode, layer)
         result = sanitizer.inspect(lm.model, data)
+    log.info("%s: %d of %d samples flagged in %.1f s", method, int(result.flagged.sum()), len(data), result.seconds)
     report: dict[str, Any] = {"model": str(model_path), "data": data.name, "method": method, "mode": mode, "n": len(data),
                               **result.to_dict()}
     if method == "provenance":
@@ -198,6 +222,19 @@ def inspect_data(model_path: Path, data_spec: str, method: str, mode: str, epsil
                                "attacked_labels": getattr(result, "attacked_labels", None),
                                "flagged_segments": getattr(result, "flagged_segments", None),
                                "seconds": result.seconds}
+    truth = ground_truth(data_spec, len(data))
+    if truth is not None:  # scoring only: the method never saw it
+        from ..metrics import detection_metrics
+
+        det = detection_metrics(result.scores, truth, result.flagged)
+        report["detection"] = det
+        click.echo(f"\nagainst is_poison in {data_spec}: {det['n_poison']} poisoned of {det['n']}")
+        click.echo(table([{"precision": det["precision"], "recall": det["recall"], "clean_removed": det["fpr"],
+                           "auroc": det["auroc"], "poison_flagged": int((result.flagged.numpy() & truth).sum()),
+                           "clean_flagged": int((result.flagged.numpy() & ~truth).sum())}],
+                         headers={"recall": "recall (poison removed)", "clean_removed": "clean removed"},
+                         percent=["precision", "recall", "clean_removed"]))
+        click.echo()
     if do_retrain:
         test = None
         if test_spec is not None:
@@ -206,6 +243,10 @@ def inspect_data(model_path: Path, data_spec: str, method: str, mode: str, epsil
             from .core import _test_split
 
             test = _test_split(data_spec)
+            if test is None:
+                click.echo(f"warning: no test data for {data.name}, so the retrained model's CA and ASR are not "
+                           f"measured; give --test (e.g. --test digits:test)", err=True)
+        log.info("retraining on the %d samples kept (%d epochs)", len(data) - int(result.flagged.sum()), epochs)
         trig = parse_trigger(trigger, data.image_shape) if trigger is not None else None
         if target is not None and not 0 <= target < data.num_classes:
             raise ConfigError(f"--target {target} is out of range for {data.num_classes} classes")

@@ -119,8 +119,8 @@ def _heatmap(model, data, result: NeuralCleanseResult, path: Path, target: int |
     if not 0 <= target < data.num_classes:
         raise ConfigError(f"--heatmap-target {target} is out of range for {data.num_classes} classes")
     hm = MovingWindowSearch(batch_size=batch_size, seed=seed).search(model, data, target)
-    save_heatmap_png(hm, path, background=data.x[0])
     asr = attack_success_rate(model, data, hm.trigger, target)
+    save_heatmap_png(hm, path, background=data.x[0], asr=asr)  # the figure printed below, not the search's own
     r0, c0, r1, c1 = hm.bbox
     click.echo(f"\nheat map for label {target} ({hm.window}x{hm.window} windows, stride {hm.stride}) written to "
                f"{path}: peak at {hm.peak}, hot region rows {r0}-{r1 - 1}, cols {c0}-{c1 - 1}; the trigger found "

@@ -59,3 +59,15 @@ class PoisonedDataset(ImageDataset):
                                poison_indices=remap(self.poison_indices), cover_indices=remap(self.cover_indices),
                                original_y=None if self.original_y is None else self.original_y[idx],
                                attack=self.attack)
+
+
+def assign_sources(data: PoisonedDataset, sources: int, seed: int = 0) -> PoisonedDataset:
+    """Give ``data`` provenance groups when it has none: the clean samples spread over ``sources``
+    groups at random (seeded), the poisoned ones all in group 0, as from one compromised source."""
+    import dataclasses
+
+    if data.groups is not None:
+        return data
+    g = torch.randint(0, sources, (len(data),), generator=torch.Generator().manual_seed(7919 + seed))
+    g[data.is_poison] = 0
+    return dataclasses.replace(data, groups=g)

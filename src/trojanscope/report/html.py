@@ -282,16 +282,22 @@ def defense_figures(records: Sequence[Mapping[str, Any]], *, planted: Mapping[st
     if fam == "model":
         scored = [(t, r["result"], (r.get("extras") or {}).get("true_targets", [])) for t, r in zip(titles, ok)
                   if isinstance(r["result"].get("scores"), list) and len(r["result"]["scores"]) > 1]
+        known = any(len(sc[2]) for sc in scored)  # a bench knows the planted targets; a scan alone does not
         if scored:
             thr = float(params.get("anomaly_threshold", params.get("threshold", 2.0)) or 2.0)
             figs.append({"src": plots.anomaly_bars(scored, threshold=thr),
-                         "caption": "Anomaly index per label (red: flagged, amber: the planted target; dashed: the "
-                                    "threshold). A backdoor target stands out above the line."})
+                         "caption": ("Anomaly index per label (red: flagged, amber: the planted target; dashed: the "
+                                     "threshold). A backdoor target stands out above the line." if known else
+                                     "Anomaly index per label (red: flagged; dashed: the threshold). A backdoor "
+                                     "target stands out above the line.")})
         normed = [s for s in scored if isinstance(s[1].get("l1_norms"), list)]
         if normed:
             figs.append({"src": plots.norm_box(normed),
-                         "caption": "L1 norm of the reversed trigger of each label: the box holds the other labels, "
-                                    "red points the planted target(s); a backdoor needs a much smaller trigger."})
+                         "caption": ("L1 norm of the reversed trigger of each label: the box holds the other labels, "
+                                     "red points the planted target(s); a backdoor needs a much smaller trigger."
+                                     if known else "L1 norm of the reversed trigger of each label: a backdoor "
+                                     "target needs a much smaller trigger than the others, an outlier below the "
+                                     "box.")})
         for t, r in zip(titles, ok):
             items = _gallery(r, tensors.get(r.get("id", ""), {}), planted.get(r.get("id", ""), []))
             if len(items) > len(planted.get(r.get("id", ""), [])):
@@ -452,7 +458,10 @@ def run_context(run_dir: str | Path) -> dict[str, Any]:
             outs = [row_outcome(r) for r in cr]
             scores = [s for s, _ in outs if s is not None]
             score = float(np.mean(scores)) if scores else None
-            cells.append({"text": outs[0][1] if len(outs) == 1 else f"{outs[0][1]} …", "color": _color(score),
+            labels = [lab for _, lab in outs]
+            # every seed's outcome in the cell (the same one once), not the first with an ellipsis
+            text = labels[0] if len(set(labels)) == 1 else " / ".join(labels)
+            cells.append({"text": text, "color": _color(score),
                           "title": "; ".join(f"seed {r['seed']}: {lab}" for r, (_, lab) in zip(cr, outs))})
         board_rows.append({"defense": d, "family": drows[0].get("family") or "", "cells": cells})
 
@@ -473,6 +482,7 @@ def run_context(run_dir: str | Path) -> dict[str, Any]:
                       "cls": next((rec.get("defense_class") for rec in drecs if rec.get("defense_class")), ""),
                       "doc": _doc_of(drecs), "sentence": defense_sentence(d, fam, drows), "figures": figs,
                       "galleries": galleries, "params": _params_rows(params),
+                      "planted_known": any(planted.get(rec.get("id", "")) for rec in drecs),
                       "errors": [f"{r['attack']} (seed {r['seed']}): {r['error']}" for r in drows if r.get("error")],
                       "seconds": sum(float(r.get("seconds") or 0) for r in drows)})
 
@@ -667,6 +677,7 @@ def single_context(sections: Sequence[Any], *, title: str | None = None, verdict
         classes.append(c)
         cards.append({"name": name, "family": fam, "family_name": FAMILY_NAMES.get(fam, fam or "result"),
                       "cls": type(res).__name__, "doc": "", "sentence": v, "figures": figs, "galleries": galleries,
+                      "planted_known": bool(planted),
                       "params": _params_rows(d.get("params") or {}), "errors": [], "seconds": d.get("seconds") or 0})
     vclass = "bad" if "bad" in classes else ("good" if classes and all(c == "good" for c in classes) else "neutral")
     from ..bench import run_metadata

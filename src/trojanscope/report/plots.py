@@ -80,7 +80,8 @@ def image_uri(img: Any, *, scale: int = 4) -> str:
 def _grid(n: int, *, width: float = 3.1, height: float = 2.3, max_cols: int = 4) -> tuple[plt.Figure, list[plt.Axes]]:
     cols = min(max_cols, max(1, n))
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    # constrained layout: a panel's title never runs into the x labels of the row above
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, layout="constrained")
     flat = list(axes.flat)
     for ax in flat[n:]:
         ax.set_visible(False)
@@ -108,12 +109,14 @@ def anomaly_bars(panels: Sequence[tuple[str, Any, Sequence[int]]], *, threshold:
             ax.axhline(threshold, color=THRESH, ls="--", lw=1)
             ax.text(len(s) - 0.5, threshold, f" threshold {threshold:g}", va="bottom", ha="right", fontsize=7,
                     color=THRESH)
-            for t in targets:
-                if 0 <= t < len(s):
-                    ax.annotate("target", (t, max(s[t], 0)), xytext=(0, 3), textcoords="offset points",
-                                ha="center", fontsize=7, color=INK)
+            every = len(s) > 0 and set(range(len(s))) <= set(int(t) for t in targets)
+            if not every:  # all-to-all: every label is a target, so no label is marked
+                for t in targets:
+                    if 0 <= t < len(s):
+                        ax.annotate("target", (t, max(s[t], 0)), xytext=(0, 3), textcoords="offset points",
+                                    ha="center", fontsize=7, color=INK)
             ax.set_xticks(k)
-            ax.set_title(title)
+            ax.set_title(f"{title} (all-to-all: every label a target)" if every and len(title) < 20 else title)
             ax.set_xlabel("label")
             ax.set_ylabel("anomaly index")
             ax.grid(axis="x", visible=False)
@@ -149,7 +152,8 @@ def norm_box(panels: Sequence[tuple[str, Any, Sequence[int]]], *, key: str = "l1
             labels.append(title)
         ax.set_xticks(pos, labels, rotation=20, ha="right")
         ax.set_ylabel("L1 norm of the reversed mask")
-        ax.set_title("Trigger size: infected vs other labels")
+        known = any(len(t) for _, _, t in panels)  # a scan alone does not know which label is infected
+        ax.set_title("Trigger size: infected vs other labels" if known else "Trigger size per label")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="upper right")
         return fig_to_uri(fig)

@@ -278,7 +278,7 @@ class ActivationClustering(DataSanitizer):
                     close.append(False)
                     continue
                 dist = (medians - members.median(0).values).norm(dim=1)
-                own_d = dist[j]
+                own_d = float(dist[j])  # a float, not a view: the next line overwrites dist[j]
                 dist[j] = float("inf")
                 close.append(bool(dist.min() < own_d))
             per_label[k] = {"n": int(idx.numel()), "reduction": used, "sizes": sizes.tolist(),

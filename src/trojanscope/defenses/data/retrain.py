@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,8 @@ from ...errors import ConfigError, DataError, UnsupportedModelError
 from ...metrics import attack_success_rate, clean_accuracy
 from ...triggers import Trigger
 from ..base import RepairResult, SanitizeResult
+
+log = logging.getLogger(__name__)
 
 
 def architecture_of(model: nn.Module) -> str | None:
@@ -97,8 +100,10 @@ class Retrainer:
         if len(data) == 0:
             raise DataError("nothing left to train on: every sample was removed")
         new = self.fresh(model, data, seed)
+        log.info("training a %s model on %d samples (%d epochs)", type(new).__name__, len(data), self.epochs)
         train(new, data, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-              seed=self.seed if seed is None else seed, device=model_device(new, self.device))
+              seed=self.seed if seed is None else seed, device=model_device(new, self.device),
+              progress=f"train ({len(data)} samples)")
         return new
 
     def to_dict(self) -> dict[str, Any]:

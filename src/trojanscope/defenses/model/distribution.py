@@ -328,6 +328,7 @@ class TriggerDistribution(Defense):
         if self.position is None:
             from .heatmap import locate_trigger
 
+            log.info("no position given: locating the trigger for label %d with a moving-window search", target)
             pos = locate_trigger(model, clean_data, target, s, seed=self.seed, device=dev)
         else:
             if len(self.position) != 2:
@@ -358,6 +359,11 @@ class TriggerDistribution(Defense):
             z_marg = z[:, torch.randperm(z.shape[1], generator=g).to(dev)]
             return stat(torch.cat([out, z], -1))[..., 0], stat(torch.cat([out, z_marg], -1))[..., 0]
 
+        from ..._utils.progress import progress
+
+        log.info("fitting %d generators for label %d: a %dx%d trigger at %s, %d steps", n, target, s, s, pos,
+                 self.steps)
+        bar = progress(total=self.steps, desc=f"trigger distribution (label {target})", unit="step")
         try:
             with eval_mode(model):
                 for step in range(self.steps):
@@ -394,6 +400,7 @@ class TriggerDistribution(Defense):
                     opt_g.step()
                     history.append({"step": step + 1, "F": f.detach().mean(1).cpu().tolist(),
                                     "mi": mi.detach().cpu().tolist(), "penalty": penalty.detach().cpu().tolist()})
+                    bar.update(1)
                     if (step + 1) % 50 == 0:
                         log.info("step %d: F %s, I %s", step + 1, [round(v, 3) for v in history[-1]["F"]],
                                  [round(v, 2) for v in history[-1]["mi"]])
@@ -405,6 +412,7 @@ class TriggerDistribution(Defense):
                         ests.append(dv_bound(*critic(torch.sigmoid(gen(ze)), ze)))
                     ent = torch.stack(ests).mean(0)
         finally:
+            bar.close()
             for p, r in zip(model.parameters(), req):
                 p.requires_grad_(r)
         self.generators_ = gen.eval()
@@ -710,6 +718,7 @@ class DistributionUnlearning(Repair):
             raise ConfigError(f"shift must be None or an int >= 0, got {self.shift}")
         dist, rate, min_beta = distribution, self.rate, self.min_beta
         if self.shift is None:
+            log.info("testing the sampled triggers at the places near %s", tuple(dist.position_))
             cands = dist.places_within(dist.trigger_size)
             place_asr = dist.place_success(model, clean_data, cands, min_beta=min_beta, seed=self.seed)
             keep = place_asr > min_beta
@@ -730,8 +739,10 @@ class DistributionUnlearning(Repair):
             x[idx] = (1 - m) * x[idx] + m * st.patterns
             return x, y
 
+        log.info("fine-tuning on %d clean images, %.0f%% of each batch carrying a sampled trigger at one of %d "
+                 "places (%d epochs)", len(clean_data), 100 * rate, len(places), self.epochs)
         tr = train(repaired, clean_data, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                   seed=self.seed, device=self.device, batch_transform=carry_triggers)
+                   seed=self.seed, device=self.device, batch_transform=carry_triggers, progress="fine-tune")
         details = {"target": int(t), "position": list(dist.position_), "trigger_size": dist.trigger_size,
                    "betas": dist.betas_.tolist(), "entropies": dist.entropies_.tolist(),
                    "weights": dist.weights_.tolist(), "places": places.tolist(),

@@ -251,13 +251,19 @@ class MovingWindowSearch(Defense):
         self.device = device
 
     def _kernel(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: int, regions: torch.Tensor,
-                epochs: int, success: float):
-        return reverse_engineer_triggers(
-            model, x, y, targets=[target] * regions.shape[0], region=regions, init_cost=self.init_cost,
-            epochs=epochs, steps_per_epoch=self.steps_per_epoch, samples_per_step=self.samples_per_step,
-            patience=self.patience, early_stop_patience=2 * self.patience, batch_size=self.batch_size,
-            attack_succ_threshold=success,
-            seed=self.seed, device=model_device(model, self.device))
+                epochs: int, success: float, desc: str = "windows"):
+        from ..._utils.progress import progress
+
+        jobs = regions.shape[0]
+        chunks = -(-jobs // max(1, self.batch_size // self.samples_per_step))  # as the kernel batches its jobs
+        log.info("%s: %d searches for label %d, up to %d epochs", desc, jobs, target, epochs)
+        with progress(total=epochs * chunks, desc=desc, unit="epoch") as bar:
+            return reverse_engineer_triggers(
+                model, x, y, targets=[target] * jobs, region=regions, init_cost=self.init_cost,
+                epochs=epochs, steps_per_epoch=self.steps_per_epoch, samples_per_step=self.samples_per_step,
+                patience=self.patience, early_stop_patience=2 * self.patience, batch_size=self.batch_size,
+                attack_succ_threshold=success, callback=lambda _: bar.update(1),
+                seed=self.seed, device=model_device(model, self.device))
 
     def _images(self, data: ImageDataset, target: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = check_images(data.x, name="clean images")
@@ -279,7 +285,8 @@ class MovingWindowSearch(Defense):
         pos = window_positions((h, w), win, stride)
         regions = window_regions((h, w), pos, win)
         x, y = self._images(clean_data, target)
-        rev = self._kernel(model, x, y, target, regions, self.epochs, self.success)
+        rev = self._kernel(model, x, y, target, regions, self.epochs, self.success,
+                           desc=f"moving window ({regions.shape[0]} windows)")
         strength = rev.attack_success / rev.l1_norms.clamp_min(1.0)
         heat = accumulate_heatmap(rev.masks, strength)
         return {"window": win, "stride": stride, "positions": pos, "regions": regions, "masks": rev.masks,
@@ -294,8 +301,10 @@ class MovingWindowSearch(Defense):
         region, bbox = hot_region(heat, self.hot, self.margin)
         flat = int(heat.flatten().argmax())
         peak = (flat // heat.shape[1], flat % heat.shape[1])
+        log.info("heat map peak at %s, hot region rows %d-%d, cols %d-%d", peak, bbox[0], bbox[2] - 1, bbox[1],
+                 bbox[3] - 1)
         final = self._kernel(model, wm["x"], wm["y"], target, region[None].expand(self.restarts, -1, -1),
-                             self.final_epochs, self.final_success)
+                             self.final_epochs, self.final_success, desc="hot-region search")
         best = int((final.attack_success.double() - 1e-4 * final.l1_norms.double()).argmax())
         trig = Trigger(final.masks[best], final.patterns[best], f"heatmap:label{target}")
         return HeatmapResult(target=target, heatmap=heat, window=wm["window"], stride=wm["stride"],
@@ -323,10 +332,12 @@ def locate_trigger(model: nn.Module, clean_data: ImageDataset, target: int, size
 
 
 def save_heatmap_png(result: HeatmapResult, path: str | Path, *, background: torch.Tensor | None = None,
-                     truth: tuple[int, int, int, int] | None = None) -> Path:
+                     truth: tuple[int, int, int, int] | None = None, asr: float | None = None) -> Path:
     """Write the heat map as a PNG (matplotlib): the map, the hot region's box, the peak, and the
     final trigger; ``background`` ``(C, H, W)`` is drawn under the map, ``truth`` (a box
-    ``(row0, col0, row1, col1)``) is outlined when known (benchmarks)."""
+    ``(row0, col0, row1, col1)``) is outlined when known (benchmarks). ``asr``: the final
+    trigger's attack success measured on the caller's data, shown instead of the search's own
+    figure (on its optimisation images), so that the picture and the printed text agree."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -354,7 +365,8 @@ def save_heatmap_png(result: HeatmapResult, path: str | Path, *, background: tor
     t = result.trigger
     img = t.to_image(0.5)
     axes[1].imshow(img[0] if img.shape[0] == 1 else img[:3].permute(1, 2, 0), cmap="gray", vmin=0, vmax=1)
-    axes[1].set_title(f"final trigger: |a|={float(t.l1_norm):.1f}, ASR {100 * result.trigger_asr:.0f}%", fontsize=8)
+    shown = f"ASR {100 * asr:.1f}%" if asr is not None else f"ASR {100 * result.trigger_asr:.1f}% (search images)"
+    axes[1].set_title(f"final trigger: |a|={float(t.l1_norm):.1f}, {shown}", fontsize=8)
     for a in axes:
         a.set_xticks([])
         a.set_yticks([])

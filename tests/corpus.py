@@ -61,8 +61,17 @@ def _snapshot(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")} if root.exists() else set()
 
 
-def run_case(case: Case, cwd: Path, *, timeout: float = TIMEOUT_S, env: dict | None = None) -> Outcome:
-    """Run one case in a child process from ``cwd``; files created under ``cwd`` are reported."""
+def run_case(case: Case, cwd: Path, *, timeout: float = TIMEOUT_S, env: dict | None = None,
+             fork: bool = False) -> Outcome:
+    """Run one case in a child process from ``cwd``; files created under ``cwd`` are reported.
+
+    ``fork=True`` asks a fork server (one interpreter that has imported ``trojanscope.cli`` and
+    never runs a torch operator, so forking it is safe) to fork a child per case: the same CLI
+    code in a process of its own, without paying the interpreter start and the torch import per
+    case (the test suite's mode; the benchmark starts fresh interpreters).
+    """
+    if fork:
+        return _via_server(case, Path(cwd), timeout)
     before = _snapshot(cwd)
     child_env = dict(os.environ if env is None else env)
     child_env.pop("TROJANSCOPE_DEBUG", None)
@@ -108,6 +117,160 @@ def run_case(case: Case, cwd: Path, *, timeout: float = TIMEOUT_S, env: dict | N
     new = sorted(p for p in after - before if not any(p.startswith(a) for a in case.allow_files))
     return Outcome(case, None if hung else proc.returncode, err.decode(errors="replace"),
                    out.decode(errors="replace"), seconds, peak, hung, new)
+
+
+# The warning filters of a fresh interpreter (python -W default off), so a forked child prints
+# the warnings a real run would print, whatever filters pytest holds in the parent.
+_FRESH_FILTERS = (("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, None),
+                  ("ignore", PendingDeprecationWarning, None), ("ignore", ImportWarning, None),
+                  ("ignore", ResourceWarning, None))
+
+
+def _child(case: Case, cwd: Path, fds: tuple[int, int, int]) -> None:  # pragma: no cover - runs in the child
+    import io
+    import logging
+    import traceback
+    import warnings
+
+    code = 1
+    try:
+        for target, fd in zip((0, 1, 2), fds):
+            os.dup2(fd, target)
+        sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
+        os.chdir(cwd)
+        os.environ.pop("TROJANSCOPE_DEBUG", None)
+        logging.getLogger().handlers.clear()
+        warnings.resetwarnings()
+        for action, category, module in reversed(_FRESH_FILTERS):
+            warnings.filterwarnings(action, category=category, module=module or "")
+        warnings._showwarnmsg_impl = lambda m: sys.stderr.write(  # type: ignore[attr-defined]
+            warnings.formatwarning(m.message, m.category, m.filename, m.lineno, m.line))
+        from trojanscope.cli import main
+
+        try:
+            main(list(case.argv))
+            code = 0
+        except SystemExit as e:
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
+                sys.stderr.write(f"{e.code}\n")
+                code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _run_forked(case: Case, cwd: Path, timeout: float) -> Outcome:
+    before = _snapshot(cwd)
+    (in_r, in_w), (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe(), os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    t0 = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover
+        for fd in (in_w, out_r, err_r):
+            os.close(fd)
+        _child(case, cwd, (in_r, out_w, err_w))
+    for fd in (in_r, out_w, err_w):
+        os.close(fd)
+    chunks: dict[str, bytes] = {}
+
+    def drain(name: str, fd: int) -> None:
+        with os.fdopen(fd, "rb") as f:
+            chunks[name] = f.read()
+
+    readers = [threading.Thread(target=drain, args=(n, fd), daemon=True) for n, fd in (("out", out_r), ("err", err_r))]
+    for t in readers:
+        t.start()
+    with os.fdopen(in_w, "wb") as f:
+        try:
+            if case.stdin:
+                f.write(case.stdin)
+        except BrokenPipeError:
+            pass
+    timed_out = threading.Event()
+
+    def kill() -> None:
+        timed_out.set()
+        os.kill(pid, 9)
+
+    killer = threading.Timer(timeout, kill)
+    killer.start()
+    _, status, usage = os.wait4(pid, 0)
+    killer.cancel()
+    for t in readers:
+        t.join()
+    hung = timed_out.is_set()
+    code = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - t0
+    after = _snapshot(cwd)
+    new = sorted(p for p in after - before if not any(p.startswith(a) for a in case.allow_files))
+    return Outcome(case, None if hung else code, chunks.get("err", b"").decode(errors="replace"),
+                   chunks.get("out", b"").decode(errors="replace"), seconds, usage.ru_maxrss / 1024.0, hung, new)
+
+
+_server: subprocess.Popen | None = None
+
+
+def _via_server(case: Case, cwd: Path, timeout: float) -> Outcome:
+    import pickle
+    import struct
+
+    global _server
+    if _server is None or _server.poll() is not None:
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", "1")
+        here = str(Path(__file__).resolve().parent)
+        _server = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {here!r}); import corpus; "
+                                    f"corpus._serve()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    blob = pickle.dumps((case, str(cwd), timeout))
+    _server.stdin.write(struct.pack("<Q", len(blob)) + blob)
+    _server.stdin.flush()
+    head = _server.stdout.read(8)
+    if len(head) != 8:
+        raise RuntimeError("the corpus fork server died")
+    (n,) = struct.unpack("<Q", head)
+    fields = pickle.loads(_server.stdout.read(n))
+    return Outcome(case, *fields)
+
+
+def _serve() -> None:  # pragma: no cover - the fork server's loop
+    """Read (case, cwd, timeout) requests on stdin, answer each with its outcome's fields."""
+    import pickle
+    import struct
+
+    import importlib
+
+    import trojanscope.cli  # noqa: F401  (the import every forked child shares)
+
+    # What loading models and data imports later, imported once here (imports only: no operator runs)
+    for name in ("torch.export", "torch._export.serde.serialize", "safetensors.torch", "sklearn.datasets",
+                 "PIL.Image", "PIL.PngImagePlugin", "onnx", "matplotlib"):
+        try:
+            importlib.import_module(name)
+        except Exception:  # an optional extra that is not installed
+            pass
+
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        head = inp.read(8)
+        if len(head) != 8:
+            return
+        (n,) = struct.unpack("<Q", head)
+        case, cwd, timeout = pickle.loads(inp.read(n))
+        o = _run_forked(case, Path(cwd), timeout)
+        blob = pickle.dumps((o.returncode, o.stderr, o.stdout, o.seconds, o.peak_rss_mb, o.hung, o.new_files))
+        out.write(struct.pack("<Q", len(blob)) + blob)
+        out.flush()
 
 
 def check(o: Outcome) -> list[str]:

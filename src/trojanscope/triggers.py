@@ -130,13 +130,24 @@ def read_image(path: str | Path) -> torch.Tensor:
     """Read an image file as a float tensor ``(C, H, W)`` in [0, 1] (RGBA keeps its alpha)."""
     from PIL import Image, UnidentifiedImageError
 
+    from ._utils.limits import MAX_IMAGE_PIXELS, require_regular_file
+    from .errors import ResourceLimitError
+
+    if Path(path).exists():
+        require_regular_file(path, "image file")
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise ResourceLimitError(f"image {path} is {im.width}x{im.height}, over the pixel budget of "
+                                         f"{MAX_IMAGE_PIXELS / 1e6:.0f} Mpx")
             mode = "RGBA" if im.mode in ("RGBA", "LA", "P") else ("L" if im.mode in ("L", "1", "I", "F") else "RGB")
             arr = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
     except FileNotFoundError:
         raise DataError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
+    except Image.DecompressionBombError:
+        raise ResourceLimitError(f"image {path} is over the pixel budget of {MAX_IMAGE_PIXELS / 1e6:.0f} Mpx") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
     if arr.ndim == 2:
         arr = arr[None]
@@ -401,9 +412,9 @@ class Trigger:
         """Read a trigger written by :meth:`save`."""
         from safetensors import SafetensorError, safe_open
 
-        p = Path(path)
-        if not p.is_file():
-            raise DataError(f"trigger file not found: {p}")
+        from ._utils.limits import require_regular_file
+
+        p = require_regular_file(path, "trigger file")
         try:
             with safe_open(str(p), framework="pt") as f:
                 meta = f.metadata() or {}

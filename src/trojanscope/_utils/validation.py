@@ -9,6 +9,12 @@ import torch
 
 from ..errors import ConfigError, DataError
 
+MAX_CLASSES = 100_000
+"""Most classes a dataset or a model may have (a hostile label file saying 10**12 would otherwise
+size a one-hot or a classifier layer from it)."""
+
+_LABEL_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
 
 def check_images(x: Any, *, name: str = "images") -> torch.Tensor:
     """Check that ``x`` is a non-empty float tensor ``(N, C, H, W)`` in [0, 1] without NaN."""
@@ -37,7 +43,11 @@ def check_labels(y: Any, n: int, num_classes: int | None = None, *, name: str = 
     if torch.is_floating_point(y):
         if not torch.isfinite(y).all() or not torch.equal(y, y.round()):
             raise DataError(f"{name} must be integers, got non-integer values")
+        if y.numel() and float(y.abs().max()) > 2**53:
+            raise DataError(f"{name} hold a value too large to be a label ({float(y.abs().max()):.3g})")
         y = y.long()
+    elif y.dtype not in _LABEL_DTYPES:
+        raise DataError(f"{name} must be integers (int8 to int64 or uint8), got dtype {y.dtype}")
     if y.numel() and int(y.min()) < 0:
         raise DataError(f"{name} contain a negative label ({int(y.min())})")
     if num_classes is not None and y.numel() and int(y.max()) >= num_classes:
@@ -45,6 +55,14 @@ def check_labels(y: Any, n: int, num_classes: int | None = None, *, name: str = 
             f"{name} contain label {int(y.max())}, out of range for {num_classes} classes"
         )
     return y.long()
+
+
+def check_num_classes(y: torch.Tensor, *, name: str = "labels") -> int:
+    """``max(y) + 1`` for checked labels, refused above :data:`MAX_CLASSES`."""
+    k = int(y.max()) + 1 if y.numel() else 0
+    if k > MAX_CLASSES:
+        raise DataError(f"{name} contain label {k - 1}: more than {MAX_CLASSES} classes is not supported")
+    return k
 
 
 @dataclass(frozen=True)

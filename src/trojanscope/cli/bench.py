@@ -11,7 +11,7 @@ import torch
 from ..bench import applicable, load_config, run_bench
 from ..errors import ConfigError
 from . import cli
-from ._common import common_options, pick_device, table, write_json
+from ._common import POSITIVE_INT, common_options, pick_device, table, write_json
 
 
 @cli.command()
@@ -22,8 +22,8 @@ from ._common import common_options, pick_device, table, write_json
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run folder: models, one JSON per cell, results.csv / results.json. An existing one is resumed.")
 @click.option("--report/--no-report", default=True, show_default=True, help="Write OUT/report.html at the end.")
-@click.option("--max-cells", type=int, default=None, help="Stop after this many new cells (resume later).")
-@click.option("--threads", type=int, default=None,
+@click.option("--max-cells", type=POSITIVE_INT, default=None, help="Stop after this many new cells (resume later).")
+@click.option("--threads", type=POSITIVE_INT, default=None,
               help="CPU threads for torch (default: 2, or 1 when the machine is already busy).")
 @common_options
 def bench(config_path: Path | None, quick: bool, out: Path, report: bool, max_cells: int | None, threads: int | None,

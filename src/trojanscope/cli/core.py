@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import click
@@ -16,18 +15,18 @@ from ..metrics import attack_success_rate, clean_accuracy
 from ..models import ModelSpec, list_models, save_model
 from ..training import train_new
 from . import cli
-from ._common import common_options, fit_to_model, model_options, open_data, open_model, parse_trigger, pick_device, table, write_json
+from ._common import POSITIVE_INT, POSITIVE_FLOAT, NON_NEGATIVE_INT, PROBABILITY, common_options, fit_to_model, model_options, open_data, open_model, parse_trigger, pick_device, table, write_json
 
 
 def training_options(f):
-    f = click.option("--threads", type=int, default=None, help="CPU threads for training (default: torch's).")(f)
-    f = click.option("--width", type=int, default=None,
+    f = click.option("--threads", type=POSITIVE_INT, default=None, help="CPU threads for training (default: torch's).")(f)
+    f = click.option("--width", type=POSITIVE_INT, default=None,
                      help="Width of resnet18 / preact_resnet18 / vgg11_bn (64: the full model).")(f)
     f = click.option("--recipe", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True,
                      help="adam: Adam, constant lr; sgd: SGD momentum 0.9, wd 5e-4, one-cycle, random crops.")(f)
-    f = click.option("--batch-size", type=int, default=64, show_default=True)(f)
-    f = click.option("--lr", type=float, default=None, help="Learning rate (default: the recipe's, 1e-3 / 0.05).")(f)
-    f = click.option("--epochs", type=int, default=10, show_default=True)(f)
+    f = click.option("--batch-size", type=POSITIVE_INT, default=64, show_default=True)(f)
+    f = click.option("--lr", type=POSITIVE_FLOAT, default=None, help="Learning rate (default: the recipe's, 1e-3 / 0.05).")(f)
+    f = click.option("--epochs", type=POSITIVE_INT, default=10, show_default=True)(f)
     f = click.option("--arch", default="mnist_cnn", show_default=True, help="Architecture (see `trojanscope models`).")(f)
     f = click.option("--data", "data_spec", default="mnist5k", show_default=True,
                      help="Bundled name[:split], an .npz or an image folder.")(f)
@@ -201,12 +200,12 @@ def _attack_names() -> list[str]:
               help="trojannn: retrain on the --data images or on inputs reverse-engineered from the model.")
 @click.option("--trigger", "triggers", multiple=True, default=["square:4:white:bottom-right"], show_default=True,
               help="Trigger spec (see Trigger.parse); repeat for several targets.")
-@click.option("--target", "targets", type=int, multiple=True, default=[0], show_default=True,
+@click.option("--target", "targets", type=NON_NEGATIVE_INT, multiple=True, default=[0], show_default=True,
               help="Target label; repeat once per --trigger.")
-@click.option("--rate", type=float, default=0.1, show_default=True, help="Share of the training set poisoned.")
+@click.option("--rate", type=PROBABILITY, default=0.1, show_default=True, help="Share of the training set poisoned.")
 @click.option("--mode", type=click.Choice(["all-to-one", "all-to-all"]), default="all-to-one", show_default=True)
-@click.option("--source", "sources", type=int, multiple=True, help="Source label(s) of a source-specific attack.")
-@click.option("--groups", "n_sources", type=int, default=10, show_default=True,
+@click.option("--source", "sources", type=NON_NEGATIVE_INT, multiple=True, help="Source label(s) of a source-specific attack.")
+@click.option("--groups", "n_sources", type=POSITIVE_INT, default=10, show_default=True,
               help="Provenance groups written to train.npz for a training set that has none: the clean samples "
                    "spread over them at random, the poisoned ones all in group 0 (one compromised source).")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
@@ -307,10 +306,10 @@ def write_training_set(poisoned: Any, path: Path) -> None:
 @click.option("--data", "data_spec", default="mnist5k:test", show_default=True,
               help="Bundled name[:split] (default split: test), an .npz or an image folder.")
 @click.option("--trigger", default=None, help="Trigger spec or .safetensors file to measure attack success.")
-@click.option("--target", type=int, default=None, help="Target label of --trigger (all-to-one).")
+@click.option("--target", type=NON_NEGATIVE_INT, default=None, help="Target label of --trigger (all-to-one).")
 @click.option("--all-to-all", is_flag=True, help="The trigger maps label i to (i + 1) mod K.")
-@click.option("--source", "sources", type=int, multiple=True, help="Source label(s) of a source-specific trigger.")
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--source", "sources", type=NON_NEGATIVE_INT, multiple=True, help="Source label(s) of a source-specific trigger.")
+@click.option("--batch-size", type=POSITIVE_INT, default=256, show_default=True)
 @model_options
 @common_options
 def evaluate(model_path: Path, data_spec: str, trigger: str | None, target: int | None, all_to_all: bool,

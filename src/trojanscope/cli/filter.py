@@ -33,7 +33,7 @@ from ..defenses import DEFENSES, create, list_defenses
 from ..errors import ConfigError, DataError
 from ..metrics import detection_metrics
 from . import cli
-from ._common import defence_params, common_options, model_options, open_data, open_model, table, write_json
+from ._common import NON_NEGATIVE_INT, OPEN_UNIT, POSITIVE_INT, defence_params, common_options, model_options, open_data, open_model, table, write_json
 
 TRUTH_KEYS = ("triggered", "is_poison")
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -42,32 +42,35 @@ IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", 
 def read_truth(path: Path | None, data_spec: str, n: int) -> np.ndarray | None:
     """The triggered-or-not labels: from ``--truth`` (.npy, .json list, or text of 0/1), else from
     an array ``triggered`` / ``is_poison`` in the inputs' .npz; None when neither is there."""
+    from .._utils.limits import check_alloc, require_regular_file
+    from ..data.loaders import load_npy, read_npz
+
     arr: Any = None
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise DataError(f"--truth: no such file {p}")
+        p = require_regular_file(path, "--truth file")
         try:
             if p.suffix == ".npy":
-                arr = np.load(p, allow_pickle=False)
-            elif p.suffix == ".json":
-                arr = np.asarray(json.loads(p.read_text()))
+                arr = load_npy(p, "--truth file")
             else:
-                arr = np.asarray([float(v) for v in p.read_text().replace(",", " ").split()])
-        except (ValueError, OSError, json.JSONDecodeError) as e:
-            raise DataError(f"--truth {p}: cannot read 0/1 labels ({e})") from None
+                check_alloc(p.stat().st_size * 16, f"--truth file {p.name}")
+                text = p.read_text()
+                if p.suffix == ".json":
+                    arr = np.asarray(json.loads(text))
+                else:
+                    arr = np.asarray([float(v) for v in text.replace(",", " ").split()])
+        except (ValueError, OSError, json.JSONDecodeError, RecursionError) as e:
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"--truth {p}: cannot read 0/1 labels ({type(e).__name__}: {str(e)[:120]})") from None
     elif data_spec.endswith(".npz") and Path(data_spec).is_file():
-        try:
-            with np.load(data_spec, allow_pickle=False) as f:
-                for k in TRUTH_KEYS:
-                    if k in f.files:
-                        arr = f[k]
-                        break
-        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-            raise DataError(f"cannot read {data_spec} as .npz: {e}") from None
+        found = read_npz(data_spec, wanted=TRUTH_KEYS)
+        arr = next((found[k] for k in TRUTH_KEYS if k in found), None)
     if arr is None:
         return None
-    arr = np.asarray(arr).reshape(-1)
+    arr = np.asarray(arr)
+    if arr.dtype.hasobject or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise DataError(f"the truth labels must be numbers 0 or 1, got {arr.dtype} values")
+    arr = arr.reshape(-1)
     if arr.shape[0] != n:
         raise DataError(f"the truth labels hold {arr.shape[0]} values for {n} inputs")
     if not np.isin(arr, (0, 1)).all():
@@ -224,19 +227,19 @@ def decide_chunk(filt: Any, x: torch.Tensor, start: int) -> tuple[torch.Tensor, 
                    "of images, streamed.")
 @click.option("--method", type=click.Choice(list_defenses("input")), default="strip", show_default=True,
               help="The input filter.")
-@click.option("--frr", type=float, default=0.01, show_default=True, help="Target false-rejection rate on clean inputs.")
+@click.option("--frr", type=OPEN_UNIT, default=0.01, show_default=True, help="Target false-rejection rate on clean inputs.")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Another constructor argument of the filter (e.g. -p n_overlays=50, -p early_stop=false); repeatable.")
 @click.option("--truth", type=click.Path(path_type=Path), default=None,
               help="0/1 per input (1 = triggered): .npy, .json list or text; default: an array 'triggered' or "
                    "'is_poison' in the --data .npz.")
-@click.option("--chunk-size", type=int, default=1024, show_default=True,
+@click.option("--chunk-size", type=POSITIVE_INT, default=1024, show_default=True,
               help="Inputs read and decided at a time (bounds memory; results do not depend on it).")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write one row per input (index, score, flagged, overlays, [path], [triggered]) as the inputs are decided.")
-@click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's).")
+@click.option("--threads", type=POSITIVE_INT, default=None, help="CPU threads for torch (default: torch's).")
 @click.option("--quiet", is_flag=True, help="No progress bar (there is none when stderr is not a terminal).")
-@click.option("--show", type=int, default=20, show_default=True, help="Inputs listed on screen (all are in --json).")
+@click.option("--show", type=NON_NEGATIVE_INT, default=20, show_default=True, help="Inputs listed on screen (all are in --json).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write a self-contained HTML report (score histograms and the threshold).")
 @model_options
@@ -252,6 +255,10 @@ def filter_(model_path: Path, fit_spec: str, data_spec: str, method: str, frr: f
         if threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+    if truth is not None:
+        from .._utils.limits import require_regular_file
+
+        require_regular_file(truth, "--truth file")  # before the filter is fitted
     lm = open_model(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device)
     clean = open_data(fit_spec, default_split="val", model=lm)
     source = open_stream(data_spec, lm)

@@ -15,7 +15,7 @@ import torch
 from ..data.dataset import ImageDataset
 from ..errors import ConfigError, DataError
 from . import cli
-from ._common import common_options, fit_to_model, model_options, open_data, parse_trigger, pick_device, table, write_json
+from ._common import POSITIVE_INT, NON_NEGATIVE_INT, OPEN_UNIT, common_options, fit_to_model, model_options, open_data, parse_trigger, pick_device, table, write_json
 from ._surface import open_surface
 
 #: CLI method name -> registry name.
@@ -37,28 +37,36 @@ def fresh_model_kind(surface: Any, method: str, mode: str, analysis: str) -> str
 
 def read_groups(path: Path, n: int) -> torch.Tensor:
     """One integer provenance segment per sample from an .npy, .txt, .json or an .npz's ``groups``."""
-    if not path.is_file():
-        raise DataError(f"provenance file not found: {path}")
+    from .._utils.limits import check_alloc, require_regular_file
+    from ..data.loaders import load_npy, read_npz
+
+    require_regular_file(path, "provenance file")
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
-            arr = np.load(path, allow_pickle=False)
+            arr = load_npy(path, "provenance file")
         elif suffix == ".npz":
-            with np.load(path, allow_pickle=False) as f:
-                if "groups" not in f.files:
-                    raise DataError(f"{path}: an .npz provenance file needs a 'groups' array, found {sorted(f.files)}")
-                arr = f["groups"]
-        elif suffix == ".json":
-            arr = np.asarray(json.loads(path.read_text()))
+            found = read_npz(path, what="provenance file", wanted=("groups",))
+            if "groups" not in found:
+                raise DataError(f"{path}: an .npz provenance file needs a 'groups' array, found {sorted(found)}")
+            arr = found["groups"]
         else:
-            arr = np.loadtxt(path, dtype=np.float64, ndmin=1)
-    except (ValueError, OSError, json.JSONDecodeError) as e:
-        raise DataError(f"cannot read provenance file {path}: {e}") from None
+            check_alloc(path.stat().st_size * 16, f"provenance file {path.name}")
+            if suffix == ".json":
+                arr = np.asarray(json.loads(path.read_text()))
+            else:
+                arr = np.loadtxt(path, dtype=np.float64, ndmin=1)
+    except (ValueError, OSError, json.JSONDecodeError, RecursionError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"cannot read provenance file {path}: {type(e).__name__}: {str(e)[:120]}") from None
     arr = np.asarray(arr)
+    if arr.dtype.hasobject or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise DataError(f"{path}: provenance values must be non-negative integers, got {arr.dtype} values")
     if arr.ndim != 1 or arr.shape[0] != n:
         raise DataError(f"{path}: need one provenance value per sample ({n}), got shape {arr.shape}")
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)) or \
-            not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)) or (arr.size and arr.min() < 0):
+            not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)) or (arr.size and (arr.min() < 0 or arr.max() >= 2**53)):
         raise DataError(f"{path}: provenance values must be non-negative integers")
     return torch.from_numpy(arr.astype(np.int64))
 
@@ -69,13 +77,11 @@ def ground_truth(spec: str, n: int) -> np.ndarray | None:
     p = Path(spec)
     if p.suffix.lower() != ".npz" or not p.is_file():
         return None
-    try:
-        with np.load(p, allow_pickle=False) as f:
-            if "is_poison" not in f.files:
-                return None
-            arr = np.asarray(f["is_poison"])
-    except (ValueError, OSError) as e:
-        raise DataError(f"cannot read is_poison from {p}: {e}") from None
+    from ..data.loaders import read_npz
+
+    arr = read_npz(p, wanted=("is_poison",)).get("is_poison")  # headers checked, no pickle
+    if arr is None:
+        return None
     if arr.ndim != 1 or arr.shape[0] != n or not (arr.dtype == bool or np.isin(arr, (0, 1)).all()):
         raise DataError(f"{p}: is_poison must hold one 0/1 value per sample ({n}), got shape {arr.shape}")
     return arr.astype(bool)
@@ -148,7 +154,7 @@ def _plots(result: Any, method: str, data: ImageDataset, out: Path) -> list[str]
 @click.option("--method", type=click.Choice(list(METHODS)), required=True)
 @click.option("--mode", type=click.Choice(["auto", "paper"]), default="auto", show_default=True,
               help="auto: no assumed poison share, per-label verdicts; paper: the paper's procedure.")
-@click.option("--epsilon", type=float, default=0.05, show_default=True, help="spectral --mode paper: assumed poisoned share.")
+@click.option("--epsilon", type=OPEN_UNIT, default=0.05, show_default=True, help="spectral --mode paper: assumed poisoned share.")
 @click.option("--analysis", type=click.Choice(["exclusionary-reclassification", "relative-size", "silhouette", "distance"]),
               default="exclusionary-reclassification", show_default=True, help="clustering --mode paper: the analysis.")
 @click.option("--layer", default="penultimate", show_default=True, help="Representation (spectral, clustering).")
@@ -156,17 +162,17 @@ def _plots(result: Any, method: str, data: ImageDataset, out: Path) -> list[str]
               help="One integer segment per sample: .npy, .txt, .json, or an .npz with 'groups'.")
 @click.option("--trusted", "trusted_spec", default=None,
               help="provenance: a trusted clean evaluation set (without it, a share of each segment is held out).")
-@click.option("--retrain-epochs", type=int, default=3, show_default=True,
+@click.option("--retrain-epochs", type=POSITIVE_INT, default=3, show_default=True,
               help="Epochs of the models trained inside the method (reclassification, provenance).")
 @click.option("--retrain", "do_retrain", is_flag=True, help="Train a new model on what is left; report CA (and ASR).")
-@click.option("--epochs", type=int, default=10, show_default=True, help="--retrain: training epochs.")
+@click.option("--epochs", type=POSITIVE_INT, default=10, show_default=True, help="--retrain: training epochs.")
 @click.option("--test", "test_spec", default=None, help="--retrain: test data (default: the bundled set's test split).")
 @click.option("--trigger", default=None, help="--retrain: trigger spec or .safetensors, to measure attack success "
               "(evaluation only; the method never sees it).")
-@click.option("--target", type=int, default=None, help="--retrain: the trigger's target label.")
+@click.option("--target", type=NON_NEGATIVE_INT, default=None, help="--retrain: the trigger's target label.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory for flagged.json, the retrained model and one plot per flagged label.")
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=POSITIVE_INT, default=256, show_default=True)
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write a self-contained HTML report (score histogram, settings).")
 @model_options
@@ -184,6 +190,10 @@ def inspect_data(model_path: Path, data_spec: str, method: str, mode: str, epsil
 
     log = logging.getLogger("trojanscope.inspect_data")
     t0 = time.perf_counter()
+    if provenance_file is not None:
+        from .._utils.limits import require_regular_file
+
+        require_regular_file(provenance_file, "provenance file")  # before the model is loaded
     data = open_data(data_spec, default_split="train")
     lm, surface = open_surface(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device,
                                data=data)

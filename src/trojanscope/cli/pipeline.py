@@ -13,7 +13,7 @@ from ..defenses import DEFENSES, list_defenses
 from ..errors import ConfigError
 from ..pipeline import Pipeline, evaluator
 from . import cli
-from ._common import common_options, fit_to_model, model_options, open_data, parse_trigger, table, write_json
+from ._common import POSITIVE_INT, POSITIVE_FLOAT, NON_NEGATIVE_INT, common_options, fit_to_model, model_options, open_data, parse_trigger, table, write_json
 from ._surface import open_surface
 from ._common import parse_params
 
@@ -40,11 +40,11 @@ def parse_step(spec: str) -> tuple[str, dict[str, Any]]:
 @click.option("--test", "test_spec", default="mnist5k:test", show_default=True,
               help="Data the figures are measured on.")
 @click.option("--trigger", default=None, help="Trigger spec or .safetensors file: attack success after each step.")
-@click.option("--target", type=int, default=None, help="Target label of --trigger.")
+@click.option("--target", type=NON_NEGATIVE_INT, default=None, help="Target label of --trigger.")
 @click.option("--retrain", type=click.Choice(["scratch", "continue"]), default="scratch", show_default=True,
               help="After a data sanitiser: train a fresh model, or train the current one on (pruned channels kept).")
-@click.option("--epochs", type=int, default=10, show_default=True, help="Retraining epochs after a sanitiser.")
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--epochs", type=POSITIVE_INT, default=10, show_default=True, help="Retraining epochs after a sanitiser.")
+@click.option("--lr", type=POSITIVE_FLOAT, default=1e-3, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory for the final model, in the input's format (loads with `trojanscope evaluate`), "
                    "and pipeline.json.")

@@ -15,7 +15,7 @@ from .._utils.results import to_jsonable
 from ..defenses.model.neural_cleanse import NeuralCleanse, NeuralCleanseResult
 from ..triggers import save_png
 from . import cli
-from ._common import common_options, fit_to_model, model_options, open_data, open_model, table, write_json
+from ._common import POSITIVE_INT, NON_NEGATIVE_INT, FiniteFloat, common_options, fit_to_model, model_options, open_data, open_model, table, write_json
 
 #: Exit code of ``scan`` when a backdoor is found.
 EXIT_INFECTED = 1
@@ -42,23 +42,23 @@ def write_scan_dir(result: NeuralCleanseResult, out: Path, example) -> None:
                    "stamped example here (give it to `repair --scan`).")
 @click.option("--mode", type=click.Choice(["batched", "sequential"]), default="batched", show_default=True,
               help="Optimise all labels in one batch, or one label at a time (the paper's way).")
-@click.option("--epochs", type=int, default=80, show_default=True, help="Maximum optimisation epochs per label.")
-@click.option("--steps-per-epoch", type=int, default=2, show_default=True)
-@click.option("--n-samples", type=int, default=320, show_default=True,
+@click.option("--epochs", type=POSITIVE_INT, default=80, show_default=True, help="Maximum optimisation epochs per label.")
+@click.option("--steps-per-epoch", type=POSITIVE_INT, default=2, show_default=True)
+@click.option("--n-samples", type=POSITIVE_INT, default=320, show_default=True,
               help="Clean images driving the optimisation (the rest measure attack success).")
-@click.option("--batch-size", type=int, default=4096, show_default=True, help="Most images in one forward pass.")
+@click.option("--batch-size", type=POSITIVE_INT, default=4096, show_default=True, help="Most images in one forward pass.")
 @click.option("--outlier-scale", type=click.Choice(["l1", "log"]), default="l1", show_default=True,
               help="The MAD test on the mask norms (the paper) or on their logarithms (wider margins when the "
                    "clean labels' norms vary a lot, as on MNIST, but clean models' indices grow too: on mnist5k "
                    "one of 20 clean scans reached 2.12; use it with --anomaly-threshold 3).")
-@click.option("--anomaly-threshold", type=float, default=2.0, show_default=True,
+@click.option("--anomaly-threshold", type=FiniteFloat(), default=2.0, show_default=True,
               help="A label below the median norm is flagged when its anomaly index exceeds this (the paper: 2).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write a self-contained HTML report (anomaly indices, trigger sizes, reversed triggers).")
 @click.option("--heatmap", "heatmap_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also run the moving-window search for a trigger of unknown shape and place on the flagged "
                    "(else the most suspicious) label: write its heat map as this PNG and search its hot region.")
-@click.option("--heatmap-target", type=int, default=None, help="The label the moving-window search looks at.")
+@click.option("--heatmap-target", type=NON_NEGATIVE_INT, default=None, help="The label the moving-window search looks at.")
 @model_options
 @common_options
 def scan(model_path: Path, data_spec: str, out: Path | None, mode: str, epochs: int, steps_per_epoch: int,

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .._utils.validation import check_images, check_labels
+from .._utils.validation import MAX_CLASSES, check_images, check_labels, check_num_classes
 from ..errors import DataError
 
 
@@ -33,8 +33,10 @@ class ImageDataset:
 
     def __post_init__(self) -> None:
         x = check_images(self.x, name=f"{self.name} images")
-        k = self.num_classes or (int(self.y.max()) + 1 if isinstance(self.y, torch.Tensor) and self.y.numel() else 0)
-        y = check_labels(self.y, x.shape[0], k or None, name=f"{self.name} labels")
+        if self.num_classes and not 0 < int(self.num_classes) <= MAX_CLASSES:
+            raise DataError(f"num_classes must be in [1, {MAX_CLASSES}], got {self.num_classes}")
+        y = check_labels(self.y, x.shape[0], self.num_classes or None, name=f"{self.name} labels")
+        k = self.num_classes or check_num_classes(y, name=f"{self.name} labels")
         object.__setattr__(self, "x", x.float())
         object.__setattr__(self, "y", y)
         object.__setattr__(self, "num_classes", int(k))

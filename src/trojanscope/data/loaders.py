@@ -6,14 +6,21 @@ or a path: an ``.npz`` file with arrays ``x`` and ``y``, or a folder with one su
 
 from __future__ import annotations
 
+import math
+import os
+import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import torch
 
-from ..errors import DataError
+from .._utils.archive import check_zip
+from .._utils.limits import MAX_IMAGE_PIXELS, check_alloc, require_regular_file
+from .._utils.validation import MAX_CLASSES
+from ..errors import DataError, ResourceLimitError, TrojanscopeError
 from .dataset import ImageDataset, stratified_split
 
 Split = Literal["train", "val", "test", "all"]
@@ -73,8 +80,12 @@ def from_tensors(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, *, 
 
 def _to_nchw(x: np.ndarray, name: str) -> torch.Tensor:
     """uint8 (N,H,W) / (N,H,W,C) -> float (N,C,H,W)/255; float (N,C,H,W) or (N,H,W) kept."""
+    if x.dtype.hasobject:
+        raise DataError(f"{name}: images hold Python objects; refused")
+    if x.ndim == 0:
+        raise DataError(f"{name}: x is a 0-d scalar, not an array of images")
     if x.size == 0:
-        raise DataError(f"{name}: x is empty")
+        raise DataError(f"{name}: x is empty (shape {x.shape})")
     if x.dtype == np.uint8:
         if x.ndim == 3:
             x = x[:, None]
@@ -82,7 +93,9 @@ def _to_nchw(x: np.ndarray, name: str) -> torch.Tensor:
             x = x.transpose(0, 3, 1, 2)
         else:
             raise DataError(f"{name}: uint8 images must be (N, H, W) or (N, H, W, C), got {x.shape}")
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32) / 255.0)
+        out = np.ascontiguousarray(x, dtype=np.float32)
+        out /= 255.0
+        return torch.from_numpy(out)
     if np.issubdtype(x.dtype, np.floating):
         if x.ndim == 3:
             x = x[:, None]
@@ -94,32 +107,222 @@ def _to_nchw(x: np.ndarray, name: str) -> torch.Tensor:
     raise DataError(f"{name}: images must be uint8 or float, got dtype {x.dtype}")
 
 
+# --- .npy / .npz: every header read and checked before any array is ---
+
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+#: Members an ``.npz`` dataset may hold.
+NPZ_MEMBERS = ("x", "y", "groups", "triggered", "is_poison")
+_LABEL_KINDS = {np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16)}
+
+
+@dataclass(frozen=True)
+class ArrayHeader:
+    """What an ``.npy`` header declares: shape, dtype, order, and where the data starts."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+    data_offset: int
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * self.dtype.itemsize
+
+
+def read_npy_header(fp: BinaryIO, where: str) -> ArrayHeader:
+    """The header of the ``.npy`` stream ``fp`` (numpy's own parser: a literal, never code), refused
+    with ``where`` named when it is not an array file or declares Python objects."""
+    from numpy.lib import format as npformat
+
+    try:
+        version = npformat.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = npformat.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, fortran, dtype = npformat.read_array_header_2_0(fp)
+        else:
+            shape, fortran, dtype = npformat._read_array_header(fp, version)  # (3, 0): utf-8 field names
+    except Exception as e:  # numpy raises ValueError / SyntaxError / EOFError ... on a bad header
+        raise DataError(f"{where} is not a numpy array file ({type(e).__name__}: {str(e)[:120]})") from None
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise DataError(f"{where} holds Python objects (dtype {dtype}), which would need pickle; refused")
+    if dtype.fields is not None or dtype.subdtype is not None:
+        raise DataError(f"{where} has a structured dtype {dtype}; a plain numeric array is needed")
+    if not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise DataError(f"{where} declares an invalid shape {shape}")
+    return ArrayHeader(tuple(int(d) for d in shape), dtype, bool(fortran), fp.tell())
+
+
+def _read_body(fp: BinaryIO, h: ArrayHeader, where: str) -> np.ndarray:
+    """The array after a checked header (``allow_pickle`` never applies: objects were refused)."""
+    buf = bytearray(h.nbytes)
+    view = memoryview(buf)
+    got = 0
+    while got < h.nbytes:
+        n = fp.readinto(view[got:]) if hasattr(fp, "readinto") else 0
+        if not n:
+            break
+        got += n
+    if got != h.nbytes:
+        raise DataError(f"{where} is truncated: its header declares {h.shape} {h.dtype} ({h.nbytes} bytes), "
+                        f"the file holds {got}")
+    a = np.frombuffer(buf, dtype=h.dtype)
+    if h.fortran_order:
+        return a.reshape(h.shape[::-1]).transpose()
+    return a.reshape(h.shape)
+
+
+def load_npy(path: str | Path, what: str = "array file") -> np.ndarray:
+    """One ``.npy`` array, its header checked against the memory budget before it is read."""
+    p = require_regular_file(path, what)
+    with open(p, "rb") as fp:
+        h = read_npy_header(fp, f"{what} {p.name}")
+        check_alloc(h.nbytes, f"{what} {p.name} ({h.shape} {h.dtype})")
+        if p.stat().st_size < h.data_offset + h.nbytes:
+            raise DataError(f"{what} {p.name} is truncated: its header declares {h.shape} {h.dtype} "
+                            f"({h.nbytes} bytes), the file holds {p.stat().st_size - h.data_offset}")
+        return _read_body(fp, h, f"{what} {p.name}")
+
+
+def read_npz(path: str | Path, *, what: str = "data file", allowed: tuple[str, ...] = NPZ_MEMBERS,
+             wanted: tuple[str, ...] | None = None, extra_bytes_per_item: dict[str, int] | None = None
+             ) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` named in ``wanted`` (default: all), read without pickle.
+
+    The archive is checked by :func:`~trojanscope._utils.archive.check_zip` (duplicates, unsafe
+    paths, bombs); then every member's ``.npy`` header is read and its declared shape and dtype
+    checked (no Python objects, size within the memory budget plus ``extra_bytes_per_item`` per
+    element for the conversion that follows, consistent with the member's size) before any array
+    is read. A member outside ``allowed`` or not an array file is refused, named.
+    """
+    p = require_regular_file(path, what)
+    with open(p, "rb") as fp:
+        head = fp.read(8)
+    if head.startswith(_NPY_MAGIC):
+        raise DataError(f"{what} {p.name} is a single .npy array, not an .npz archive; save the arrays with "
+                        f"numpy.savez({p.stem}.npz, x=..., y=...)")
+    if not head.startswith(_ZIP_MAGIC):
+        raise DataError(f"{what} {p.name} is not an .npz archive (no zip signature)")
+    try:
+        zipfile.ZipFile(p).close()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise DataError(f"cannot read {what} {p.name} as .npz: {e}") from None
+    infos = check_zip(p, what=what, error=DataError)
+    extra = extra_bytes_per_item or {}
+    headers: dict[str, tuple[zipfile.ZipInfo, ArrayHeader]] = {}
+    with zipfile.ZipFile(p) as zf:
+        for info in infos:
+            name = info.filename
+            if info.is_dir():
+                raise DataError(f"{what} {p.name}: member {name!r} is a folder, not an array file")
+            key = name[:-4] if name.endswith(".npy") else name
+            where = f"{what} {p.name}: member {name!r}"
+            if not name.endswith(".npy"):
+                raise DataError(f"{where} is not an array file (.npy); {_holds(allowed)}")
+            if key not in allowed:
+                raise DataError(f"{where} is not an array the data may hold; {_holds(allowed)}")
+            try:
+                with zf.open(info) as fp:
+                    h = read_npy_header(fp, where)
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as e:
+                if isinstance(e, DataError):
+                    raise
+                raise DataError(f"{where} cannot be read ({e})") from None
+            check_alloc(h.nbytes + h.count * extra.get(key, 0), f"{where} ({'x'.join(map(str, h.shape))} {h.dtype})")
+            if info.file_size != h.data_offset + h.nbytes:
+                raise DataError(f"{where} declares {h.shape} {h.dtype} ({h.nbytes} bytes) but holds "
+                                f"{info.file_size - h.data_offset} bytes of data")
+            headers[key] = (info, h)
+        total = sum(h.nbytes + h.count * extra.get(k, 0) for k, (_, h) in headers.items()
+                    if wanted is None or k in wanted)
+        check_alloc(total, f"{what} {p.name} (all arrays)")
+        out: dict[str, np.ndarray] = {}
+        for key, (info, h) in headers.items():
+            if wanted is not None and key not in wanted:
+                continue
+            where = f"{what} {p.name}: member {info.filename!r}"
+            try:
+                with zf.open(info) as fp:
+                    fp.read(h.data_offset)
+                    out[key] = _read_body(fp, h, where)
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as e:
+                if isinstance(e, DataError):
+                    raise
+                raise DataError(f"{where} cannot be read ({e})") from None
+    return out
+
+
+def _holds(allowed: tuple[str, ...]) -> str:
+    if allowed[:2] == ("x", "y"):
+        return f"an .npz dataset holds arrays 'x' and 'y' (optionally {', '.join(allowed[2:])})"
+    return f"it may hold {', '.join(repr(a) for a in allowed)}"
+
+
+def check_label_array(y: np.ndarray, n: int | None, where: str, *, what: str = "labels") -> np.ndarray:
+    """``y`` as int64 if it is 1-D integer labels (int8..int64, uint8, uint16), non-negative, below
+    :data:`~trojanscope._utils.validation.MAX_CLASSES`, of length ``n``; else one error naming it."""
+    if y.ndim != 1:
+        raise DataError(f"{where}: {what} must be a 1-D array, got shape {y.shape}")
+    if y.dtype not in _LABEL_KINDS:
+        raise DataError(f"{where}: {what} must be integers (int8 to int64, uint8, uint16), got dtype {y.dtype}")
+    if n is not None and y.shape[0] != n:
+        raise DataError(f"{where}: x has {n} samples but {what} has {y.shape[0]}")
+    if y.size and int(y.min()) < 0:
+        raise DataError(f"{where}: {what} contain a negative {'label' if what == 'labels' else 'value'} "
+                        f"({int(y.min())})")
+    if y.size and int(y.max()) >= MAX_CLASSES:
+        raise DataError(f"{where}: {what} contain {int(y.max())}, out of range (at most {MAX_CLASSES} classes)")
+    return y.astype(np.int64)
+
+
+_X_DTYPES = {np.dtype(t) for t in (np.uint8, np.float16, np.float32, np.float64)}
+
+
 def load_npz(path: str | Path, *, num_classes: int | None = None) -> ImageDataset:
     """Load an ``.npz`` with arrays ``x`` and ``y`` (and optionally ``groups`` for provenance).
 
     ``x`` may be uint8 ``(N, H, W)`` or ``(N, H, W, C)`` (scaled by 1/255) or float
-    ``(N, C, H, W)`` in [0, 1]. The file is read without pickle.
+    ``(N, C, H, W)`` in [0, 1]; ``y`` integer labels. The file is read without pickle, every
+    member's declared shape and dtype checked (see :func:`read_npz`) before it is read.
     """
     p = Path(path)
-    if not p.is_file():
+    if not os.path.lexists(p):
         raise DataError(f"data file not found: {p}")
-    try:
-        with np.load(p, allow_pickle=False) as f:
-            keys = set(f.files)
-            if not {"x", "y"} <= keys:
-                raise DataError(f"{p}: an .npz must hold arrays 'x' and 'y', found {sorted(keys)}")
-            x, y = f["x"], f["y"]
-            groups = f["groups"] if "groups" in keys else None
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"cannot read {p} as .npz: {e}") from None
-    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
-        raise DataError(f"{p}: y must be a 1-D array of integer labels, got shape {y.shape}, dtype {y.dtype}")
-    if y.shape[0] != x.shape[0]:
-        raise DataError(f"{p}: x has {x.shape[0]} samples but y has {y.shape[0]}")
-    return ImageDataset(_to_nchw(x, str(p)), torch.from_numpy(y.copy()), num_classes or 0, None, p.name,
-                        None if groups is None else torch.from_numpy(np.asarray(groups).astype(np.int64)))
+    arrays = read_npz(p, wanted=("x", "y", "groups"), extra_bytes_per_item={"x": 9})
+    if not {"x", "y"} <= set(arrays):
+        raise DataError(f"{p}: an .npz must hold arrays 'x' and 'y', found {sorted(arrays)}")
+    x, y = arrays["x"], arrays["y"]
+    mx = f"{p.name}: member 'x.npy'"
+    if x.dtype not in _X_DTYPES:
+        raise DataError(f"{mx}: images must be uint8 or float, got dtype {x.dtype}")
+    if x.ndim == 0:
+        raise DataError(f"{mx} is a 0-d scalar, not an array of images")
+    if x.ndim not in (3, 4):
+        raise DataError(f"{mx}: images must be (N, H, W), (N, H, W, C) or (N, C, H, W), got shape {x.shape}")
+    if x.size == 0:
+        raise DataError(f"{mx} is empty (shape {x.shape})")
+    if x.dtype != np.uint8:
+        if not np.isfinite(x).all():
+            raise DataError(f"{mx} holds NaN or infinite values")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -1e-6 or hi > 1 + 1e-6:
+            raise DataError(f"{mx}: float images must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
+    y = check_label_array(y, x.shape[0], f"{p.name}: member 'y.npy'")
+    if num_classes is not None and y.size and int(y.max()) >= num_classes:
+        raise DataError(f"{p.name}: member 'y.npy': labels contain {int(y.max())}, out of range for "
+                        f"{num_classes} classes")
+    groups = arrays.get("groups")
+    if groups is not None:
+        groups = check_label_array(groups.reshape(-1) if groups.ndim == 0 else groups, x.shape[0],
+                                   f"{p.name}: member 'groups.npy'", what="provenance groups")
+    return ImageDataset(_to_nchw(x, f"{p.name}: member 'x.npy'"), torch.from_numpy(y), num_classes or 0, None,
+                        p.name, None if groups is None else torch.from_numpy(groups))
 
 
 def save_npz(dataset: ImageDataset, path: str | Path) -> None:
@@ -133,43 +336,101 @@ def save_npz(dataset: ImageDataset, path: str | Path) -> None:
 _IMG_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
+def _inside(p: Path, base: Path, root: Path) -> Path:
+    """``p`` resolved, refused when a symbolic link takes it out of the dataset folder."""
+    try:
+        rp = p.resolve(strict=True)
+    except (OSError, RuntimeError) as e:
+        raise DataError(f"{p}: cannot resolve ({e}); a broken or looping symbolic link?") from None
+    if rp != base and base not in rp.parents:
+        raise DataError(f"{p} is a symbolic link out of the dataset folder {root} (to {rp}); refused")
+    return rp
+
+
+def _decode(f: Path, grayscale: bool | None) -> tuple[Any, bool]:
+    """One image opened under the pixel budget: its size is checked from the header before any
+    pixel is decoded."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL's own bomb check, at twice this, as a second gate
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(f)
+        except Image.DecompressionBombError:
+            raise ResourceLimitError(f"image {f} declares more than {2 * MAX_IMAGE_PIXELS / 1e6:.0f} Mpx, over the "
+                                     f"pixel budget of {MAX_IMAGE_PIXELS / 1e6:.0f} Mpx") from None
+    w, h = im.size
+    if w * h > MAX_IMAGE_PIXELS:
+        im.close()
+        raise ResourceLimitError(f"image {f} is {w}x{h} ({w * h / 1e6:.0f} Mpx), over the pixel budget of "
+                                 f"{MAX_IMAGE_PIXELS / 1e6:.0f} Mpx")
+    check_alloc(w * h * 4 * 4, f"image {f} ({w}x{h})")
+    if grayscale is None:
+        grayscale = im.mode in ("L", "1", "I", "F", "I;16", "LA")
+    return im, grayscale
+
+
 def load_image_folder(root: str | Path, *, size: tuple[int, int] | None = None,
                       grayscale: bool | None = None) -> ImageDataset:
     """Load ``root/CLASS/*.png`` (one sub-folder per class, sorted by name) into memory.
 
     Images are resized to ``size`` (default: the first image's size) and converted to one
-    channel when ``grayscale`` (default: when the first image is grayscale).
+    channel when ``grayscale`` (default: when the first image is grayscale). Only regular files
+    are opened (a FIFO, socket or device named like an image is refused), no symbolic link may
+    lead out of ``root``, each image is decoded only when its declared size is within
+    :data:`~trojanscope._utils.limits.MAX_IMAGE_PIXELS`, and the decoded set within the memory
+    budget.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     r = Path(root)
     if not r.is_dir():
         raise DataError(f"image folder not found: {r}")
-    classes = sorted(d.name for d in r.iterdir() if d.is_dir())
+    base = r.resolve()
+    classes = []
+    for d in sorted(r.iterdir()):
+        if d.is_symlink():
+            _inside(d, base, r)
+        if d.is_dir():
+            classes.append(d.name)
     if not classes:
         raise DataError(f"{r}: no class sub-folders found")
-    xs, ys = [], []
+    if len(classes) > MAX_CLASSES:
+        raise DataError(f"{r}: {len(classes)} class folders; at most {MAX_CLASSES} classes are supported")
+    files: list[tuple[Path, int]] = []
     for k, c in enumerate(classes):
         for f in sorted((r / c).iterdir()):
             if f.suffix.lower() not in _IMG_EXT:
                 continue
-            try:
-                with Image.open(f) as im:
-                    if grayscale is None:
-                        grayscale = im.mode in ("L", "1", "I", "F")
-                    im = im.convert("L" if grayscale else "RGB")
-                    if size is None:
-                        size = (im.height, im.width)
-                    if (im.height, im.width) != tuple(size):
-                        im = im.resize((size[1], size[0]), Image.BILINEAR)
-                    a = np.asarray(im, dtype=np.float32) / 255.0
-            except (UnidentifiedImageError, OSError) as e:
-                raise DataError(f"cannot read image {f}: {e}") from None
-            xs.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
-            ys.append(k)
-    if not xs:
+            if f.is_symlink():
+                _inside(f, base, r)
+            require_regular_file(f, "image")
+            files.append((f, k))
+    if not files:
         raise DataError(f"{r}: no images found")
-    return ImageDataset(torch.from_numpy(np.stack(xs)), torch.tensor(ys), len(classes), classes, r.name)
+    x: np.ndarray | None = None
+    for i, (f, _) in enumerate(files):
+        try:
+            im, grayscale = _decode(f, grayscale)
+            with im:
+                im = im.convert("L" if grayscale else "RGB")
+                if size is None:
+                    size = (im.height, im.width)
+                if (im.height, im.width) != tuple(size):
+                    im = im.resize((size[1], size[0]), Image.BILINEAR)
+                a = np.asarray(im, dtype=np.float32) / 255.0
+        except (MemoryError, TrojanscopeError):
+            raise
+        except Exception as e:  # PIL's decoders raise OSError, SyntaxError, ValueError, struct.error ...
+            raise DataError(f"cannot read image {f}: {type(e).__name__}: {str(e)[:160]}") from None
+        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+        if x is None:
+            check_alloc(len(files) * a.size * 4, f"{r.name}: {len(files)} images of {'x'.join(map(str, a.shape))}")
+            x = np.empty((len(files), *a.shape), dtype=np.float32)
+        x[i] = a
+    ys = [k for _, k in files]
+    return ImageDataset(torch.from_numpy(x), torch.tensor(ys), len(classes), classes, r.name)
 
 
 def load_torchvision(name: Literal["mnist", "cifar10", "gtsrb"], root: str | Path, *, train: bool = True,
@@ -226,8 +487,14 @@ def load_data(spec: str | Path, split: Split | None = None, *, default_split: Sp
     p = Path(s)
     if p.is_dir():
         return load_image_folder(p)
-    if p.suffix == ".npz" or p.is_file():
+    if os.path.lexists(p):
+        require_regular_file(p, "data file")
+        if p.suffix.lower() == ".npy":
+            raise DataError(f"data file {p.name} is a single .npy array; give an .npz holding x and y, or an "
+                            f"image folder")
         return load_npz(p)
+    if p.suffix.lower() == ".npz":
+        raise DataError(f"data file not found: {p}")
     raise DataError(f"no such data: {s!r} (a bundled name: {', '.join(BUNDLED)}; {', '.join(TORCHVISION_SETS)} "
                     "from torchvision's files; an .npz file; or an image folder)")
 

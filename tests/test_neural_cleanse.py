@@ -104,11 +104,14 @@ def test_clean_twin_is_not_flagged(scans):
 
 
 def test_log_scale_outlier_test(scans, nets, digits, device):
-    """outlier_scale="log" runs the same search and applies the MAD test to log norms."""
+    """outlier_scale="log" runs the same search and applies the MAD test to log norms (the
+    paper's schedule and rule, so that only the scale differs)."""
     for name, net in nets.items():
-        r = NeuralCleanse(**FAST, outlier_scale="log", device=device).scan(net.to(device), digits["val"])
-        torch.testing.assert_close(r.l1_norms, scans[name].l1_norms)
-        torch.testing.assert_close(r.anomaly_indices, mad_anomaly_index(scans[name].l1_norms.double().log()))
+        kw = dict(**FAST, schedule="all", decision="mad", device=device)
+        r = NeuralCleanse(**kw, outlier_scale="log").scan(net.to(device), digits["val"])
+        l1 = NeuralCleanse(**kw, outlier_scale="l1").scan(net.to(device), digits["val"])
+        torch.testing.assert_close(r.l1_norms, l1.l1_norms)
+        torch.testing.assert_close(r.anomaly_indices, mad_anomaly_index(l1.l1_norms.double().log()))
         assert r.flagged_labels == ([TARGET] if name == "planted" else [])
     with pytest.raises(ConfigError):
         NeuralCleanse(outlier_scale="sqrt").scan(nets["clean"], digits["val"])
@@ -232,8 +235,10 @@ def test_cli_scan_and_repair(nets, digits, tmp_path):
     assert "no backdoor found" in r.output
     r = runner.invoke(cli, ["scan", str(tmp_path / "planted.pt"), *fast, "--outlier-scale", "log"])
     assert r.exit_code == 1, r.output
-    r = runner.invoke(cli, ["scan", str(tmp_path / "planted.pt"), *fast, "--anomaly-threshold", "1e9"])
-    assert r.exit_code == 0, r.output  # the same search; no index is that large
+    r = runner.invoke(cli, ["scan", str(tmp_path / "planted.pt"), *fast, "--decision", "mad", "--anomaly-threshold", "1e9"])
+    assert r.exit_code == 0, r.output  # the same search, the paper's rule; no index is that large
+    r = runner.invoke(cli, ["scan", str(tmp_path / "planted.pt"), *fast, "--threshold", "0.9999999"])
+    assert r.exit_code == 0 and "probability" in r.output, r.output  # a stricter probability threshold
     r = runner.invoke(cli, ["scan", str(tmp_path / "planted.pt"), *fast, "--anomaly-threshold", "-1"])
     assert r.exit_code == 2 and "anomaly_threshold" in r.output
     r = runner.invoke(cli, ["scan", str(tmp_path / "missing.pt"), *fast])

@@ -5,7 +5,8 @@ folder of models, half of them backdoored with triggers of random kind, size, pl
 outputs a probability per model, and is scored by ROC-AUC and cross-entropy over the population.
 :func:`generate_round` builds such a round on the bundled data:
 
-* triggers: a solid, random-binary or checkerboard patch of 2-7 px anywhere in the image, a
+* triggers: a solid, random-binary or checkerboard patch of 2-7 px (at most half the image's
+  side, so 2-4 px on 8x8 digits) anywhere in the image, a
   whole-image blend of random noise with alpha 0.05-0.3, or an RGBA sticker (a random blob with
   a soft alpha edge);
 * attack mode: all-to-one (a random target), source-specific (two source labels to a target,
@@ -141,7 +142,9 @@ def draw_config(rng: np.random.Generator, *, backdoored: bool, mode: str | None,
     kind = str(rng.choice(TRIGGER_KINDS, p=[0.25, 0.2, 0.2, 0.15, 0.2]))
     trig: dict[str, Any] = {"kind": kind, "seed": int(rng.integers(0, 2**31 - 1))}
     if kind in ("solid", "random-binary", "checkerboard", "rgba"):
-        size = int(rng.integers(2, 8)) if kind != "rgba" else int(rng.integers(4, 8))
+        # 2-7 px on 28x28 images; at most half the side on smaller ones (2-4 px on 8x8 digits)
+        top = min(7, max(2, min(h, w) // 2))
+        size = int(rng.integers(2, top + 1)) if kind != "rgba" else int(rng.integers(min(4, top), top + 1))
         trig.update(size=size, row=int(rng.integers(0, h - size + 1)), col=int(rng.integers(0, w - size + 1)),
                     intensity=float(rng.uniform(0.7, 1.0)))
     else:
@@ -493,6 +496,7 @@ def scan_one(model: str | Path | dict[str, bytes], data: ImageDataset, params: d
         row.update(probability=round(float(res.probability), 6), verdict="backdoor" if res.infected else "clean",
                    flagged_labels=list(res.flagged_labels), format=lm.format,
                    evidence={k: v for k, v in res.evidence.items() if k != "calibration"},
+                   suspects=res.details["suspects"], l1_norms=[round(float(v), 4) for v in res.l1_norms],
                    image_passes=res.image_passes)
     except TrojanscopeError as e:
         row["error"] = str(e)

@@ -589,7 +589,9 @@ class NeuralCleanseResult(ScanResult):
 
     Attributes:
         l1_norms: ``(K,)`` ``|m|_1`` of each label's reversed mask.
-        anomaly_indices: ``(K,)`` ``|norm - median| / (1.4826 * MAD)`` (the paper's index).
+        anomaly_indices: ``(K,)`` ``|norm - median| / (1.4826 * MAD)`` (the paper's index), on
+            the detector's ``outlier_scale``; with the halving schedule, of the norms at matched
+            budgets (:func:`matched_norms`).
         attack_success: ``(K,)`` share of held-out clean inputs of other labels that the label's
             reversed trigger sends to it.
         per_source_attack_success: ``(K, K)``; entry ``[t, s]`` is the share of held-out inputs of
@@ -814,7 +816,10 @@ class NeuralCleanse(ModelDetector):
         rev = self.reverse(model, opt)
         k = len(rev)
         norms = rev.l1_norms
-        stat = norms.double().clamp_min(1e-12).log() if self.outlier_scale == "log" else norms.double()
+        matched = matched_norms(norms, rev.norm_trace, rev.epochs)
+        # the halving schedule stops labels early: compare them at matched budgets
+        tested = matched if self.schedule == "halving" else norms.double()
+        stat = tested.clamp_min(1e-12).log() if self.outlier_scale == "log" else tested
         index = mad_anomaly_index(stat)
         median = float(np.median(stat.numpy()))
         below = (stat < median) & (index.double() > self.anomaly_threshold)
@@ -822,7 +827,7 @@ class NeuralCleanse(ModelDetector):
         per_source = per_source_attack_success(model, rev.masks, rev.patterns, held if len(held) else opt,
                                                k, batch_size=self.batch_size, device=self.device)
         asr = overall_attack_success(per_source, (held if len(held) else opt).y, k)
-        evidence = scan_evidence(matched_norms(norms, rev.norm_trace, rev.epochs), asr)
+        evidence = scan_evidence(matched, asr)
         cal = CALIBRATION[self.schedule]
         probability = trojan_probability(evidence, cal)
         if self.decision == "mad":
@@ -844,6 +849,7 @@ class NeuralCleanse(ModelDetector):
                      "epochs": rev.epochs.tolist(), "final_cost": rev.costs.tolist(), "schedule": self.schedule,
                      "dropped": [] if rev.dropped is None else rev.dropped.nonzero().flatten().tolist(),
                      "image_passes": rev.image_passes,
+                     "suspects": sorted(below.nonzero().flatten().tolist(), key=lambda t: float(norms[t])),
                      "n_optimisation": len(opt), "n_holdout": len(held), "reverse_seconds": rev.seconds},
             params=_jsonable_params(self.get_params()), seconds=time.perf_counter() - t0,
             l1_norms=norms, anomaly_indices=index, attack_success=asr, per_source_attack_success=per_source,

@@ -54,6 +54,10 @@ def scan_round(round_dir: Path, data: str, work: Path) -> dict[str, list[dict]]:
     for name, params in CONFIGS.items():
         t0 = time.perf_counter()
         out[name] = scan_population(models, val, params, out=work / round_dir.name / name)
+        for r in out[name]:  # rows scanned before log_gap existed: it needs only the stored norms
+            if r["error"] is None and "log_gap" not in r["evidence"]:
+                two = sorted(r["l1_norms"])
+                r["evidence"]["log_gap"] = math.log(max(two[1], 1e-6) / max(two[0], 1e-6))
         print(f"# {round_dir.name} / {name}: {len(models)} models ({time.perf_counter() - t0:.0f} s this run)",
               file=sys.stderr)
     return out
@@ -78,7 +82,7 @@ def fit_calibration(pairs: list[tuple[dict, dict]]) -> dict:
     y = np.array([t["backdoored"] for _, t in pairs])
     while True:
         X = np.array([[r["evidence"][f] for f in feats] for r, _ in pairs if r["evidence"] is not None])
-        lr = LogisticRegression(C=1.0, max_iter=5000).fit(X, y)
+        lr = LogisticRegression(C=10.0, max_iter=5000).fit(X, y)
         neg = [f for f, c in zip(feats, lr.coef_[0]) if c < 0]
         if not neg:
             break
@@ -173,12 +177,13 @@ def reliability(prob: list[float], truth: list[bool], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("round", nargs="?", type=Path)
+    ap.add_argument("round", nargs="*", type=Path, help="held-out round(s), scored together")
     ap.add_argument("--data", default="digits")
     ap.add_argument("--work", type=Path, default=Path("runs/popbench"))
     ap.add_argument("--calibrate", type=Path, default=None, help="fit CALIBRATION on this (training) round")
     ap.add_argument("--labels43", action="store_true")
     ap.add_argument("--fanout", type=Path, default=None)
+    ap.add_argument("--fanout-n", type=int, default=8, help="models of the round the fan-out runs scan")
     a = ap.parse_args()
     if a.calibrate is not None:
         scans = scan_round(a.calibrate, a.data, a.work)
@@ -187,30 +192,34 @@ def main() -> None:
         for name, rows in scans.items():
             f = figures(truth_rows(a.calibrate, rows), cal[name], f"{name} (fitted, training round)")
             print(json.dumps({k: v for k, v in f.items() if not k.startswith("_")}))
-    if a.round is not None:
+    if a.round:
         report_round(a.round, a.data, a.work)
     if a.labels43:
         labels43(a.work)
     if a.fanout is not None:
-        fanout(a.fanout, a.data, a.work)
+        fanout(a.fanout, a.data, a.work, a.fanout_n)
 
 
-def report_round(round_dir: Path, data: str, work: Path) -> None:
-    scans = scan_round(round_dir, data, work)
-    truth = load_truth(round_dir)
-    kept = [t for t in truth.values() if "excluded" not in t]
-    print(f"held-out round {round_dir}: {len(kept)} models ({sum(t['backdoored'] for t in kept)} backdoored; "
-          f"modes {sorted({t['mode'] for t in kept if t['backdoored']})}; architectures "
-          f"{sorted({t['arch'] for t in kept})}; {len(truth) - len(kept)} excluded for ASR < 80%)")
+def report_round(round_dirs: list[Path], data: str, work: Path) -> None:
+    per_round = [(d, scan_round(d, data, work)) for d in round_dirs]
+    scans = {name: [r for _, sc in per_round for r in sc[name]] for name in CONFIGS}
+    pairs_by = {name: [pr for d, sc in per_round for pr in truth_rows(d, sc[name])] for name in CONFIGS}
+    kept = [t for _, t in pairs_by["halving"]]
+    n_all = sum(len(load_truth(d)) for d in round_dirs)
+    print(f"held-out round(s) {', '.join(map(str, round_dirs))}: {len(kept)} models "
+          f"({sum(t['backdoored'] for t in kept)} backdoored; modes "
+          f"{ {m: sum(t.get('mode') == m for t in kept) for m in ('all-to-one', 'source-specific', 'all-to-all')} }; "
+          f"architectures { {a: sum(t['arch'] == a for t in kept) for a in sorted({t['arch'] for t in kept})} }; "
+          f"{n_all - len(kept)} excluded for ASR < 80%)")
     table = []
-    for name, rows in scans.items():
-        pairs = truth_rows(round_dir, rows)
+    for name in CONFIGS:
+        pairs = pairs_by[name]
         f = figures(pairs, CALIBRATION[name], f"{name} schedule, probability")
         table.append(f)
         if name == "halving":
             reliability(f["_prob"], f["_truth"], work / "reliability.png")
-        if name == "all" and all(r.get("l1_norms") is not None for r, _ in pairs if r["error"] is None):
-            add_old_rule([r for r, _ in pairs], round_dir, data)
+        if name == "all":
+            add_old_rule([r for r, _ in pairs], None, data)
             table.append(old_binary(pairs))
     for f in table:
         print(json.dumps({k: v for k, v in f.items() if not k.startswith("_")}))
@@ -218,9 +227,10 @@ def report_round(round_dir: Path, data: str, work: Path) -> None:
         ok = [r for r in rows if r["error"] is None]
         print(f"{name}: {np.mean([r['seconds'] for r in ok]):.2f} s/model (1 thread), "
               f"{np.mean([r['image_passes'] for r in ok]):.0f} image passes/model")
-    h = {r["file"]: r for r in scans["halving"]}
-    agree = sum((r["verdict"] == h[r["file"]]["verdict"]) for r in scans["all"])
-    print(f"verdicts equal between schedules: {agree}/{len(scans['all'])}; pass ratio all/halving "
+    fh = figures(pairs_by["halving"], CALIBRATION["halving"], "")["_prob"]
+    fa = figures(pairs_by["all"], CALIBRATION["all"], "")["_prob"]
+    agree = sum((x > 0.5) == (y > 0.5) for x, y in zip(fh, fa))
+    print(f"verdicts equal between schedules: {agree}/{len(fh)}; pass ratio all/halving "
           f"{np.mean([r['image_passes'] for r in scans['all']]) / np.mean([r['image_passes'] for r in scans['halving']]):.2f}")
     print(f"reliability plot: {work / 'reliability.png'}")
 
@@ -260,10 +270,17 @@ def labels43(work: Path) -> None:
               f"{res[('43', sched)][0] / res[('10', sched)][0]:.2f} (seconds)")
 
 
-def fanout(round_dir: Path, data: str, work: Path) -> None:
-    """Wall time of `scan` over the round folder: --workers 1, 2 on Ray, 2 on processes; a resumed run."""
+def fanout(round_dir: Path, data: str, work: Path, n: int) -> None:
+    """Wall time of `scan` over (the first ``n`` models of) the round folder: --workers 1, 2 on
+    Ray, 2 on processes; a resumed run."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    base = [sys.executable, "-m", "trojanscope", "scan", str(round_dir / "models"), "--data", data, "-q"]
+    folder = work / "fanout_models"
+    folder.mkdir(parents=True, exist_ok=True)
+    for m in expand_models([str(round_dir / "models")])[:n]:
+        link = folder / m.name
+        if not link.exists():
+            link.symlink_to(m.resolve())
+    base = [sys.executable, "-m", "trojanscope", "scan", str(folder), "--data", data, "-q"]
     for label, extra in (("workers 1", ["--workers", "1"]), ("workers 2, ray", ["--workers", "2", "--backend", "ray"]),
                          ("workers 2, processes", ["--workers", "2", "--backend", "processes"])):
         out = work / "fanout" / label.replace(" ", "_").replace(",", "")
@@ -274,7 +291,7 @@ def fanout(round_dir: Path, data: str, work: Path) -> None:
     out = work / "fanout" / "resumed"
     subprocess.run(["rm", "-rf", str(out)])
     proc = subprocess.Popen(base + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    n_models = len(expand_models([str(round_dir / "models")]))
+    n_models = len(expand_models([str(folder)]))
     while len(list((out / "rows").glob("*.json"))) < n_models // 2 if (out / "rows").exists() else True:
         time.sleep(0.5)
     proc.kill()

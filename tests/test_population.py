@@ -31,14 +31,15 @@ def test_probability_in_unit_interval_and_monotone(schedule):
     cal = CALIBRATION[schedule]
     assert all(c >= 0 for c in cal["coef"].values())
     grid = np.linspace(0, 40, 21)
-    base = {"log_index": 1.0, "log_ratio": 0.2, "holdout_asr": 0.5}
+    base = {"log_gap": 0.1, "log_index": 1.0, "log_ratio": 0.2, "holdout_asr": 0.5}
     for f in cal["coef"]:
         ps = [trojan_probability({**base, f: v}, cal) for v in (grid if f != "holdout_asr" else np.linspace(0, 1, 11))]
         assert all(0.0 <= p <= 1.0 for p in ps)
         assert all(b >= a for a, b in zip(ps, ps[1:])), f
     # extreme evidence saturates without overflow
-    assert trojan_probability({"log_index": 1e6, "log_ratio": 1e6, "holdout_asr": 1}, cal) == pytest.approx(1.0)
-    assert trojan_probability({"log_index": 0, "log_ratio": 0, "holdout_asr": 0}, cal) < 0.5
+    assert trojan_probability({"log_gap": 1e6, "log_index": 1e6, "log_ratio": 1e6, "holdout_asr": 1}, cal) == \
+        pytest.approx(1.0)
+    assert trojan_probability({"log_gap": 0, "log_index": 0, "log_ratio": 0, "holdout_asr": 0}, cal) < 0.5
 
 
 def test_probability_hand_computation():
@@ -52,6 +53,10 @@ def test_evidence_hand_computation():
     ev = scan_evidence([2.5] + [50.0] * 9, [0.9] + [0.1] * 9)
     assert ev["label"] == 0 and ev["log_ratio"] == pytest.approx(math.log(20))
     assert ev["log_index"] == 50.0 and ev["holdout_asr"] == pytest.approx(0.9)
+    assert ev["log_gap"] == pytest.approx(math.log(20))
+    # the gap is read from the raw norms when given (two easy labels: a small gap)
+    ev = scan_evidence([2.5] + [50.0] * 9, [0.0] * 10, raw_norms=[10.0, 12.0] + [40.0] * 8)
+    assert ev["log_gap"] == pytest.approx(math.log(1.2)) and ev["log_ratio"] == pytest.approx(math.log(20))
     # a single-pixel-like trigger among spread clean norms (48-131): the log scale flags it
     norms = [2.46, 48, 60, 75, 80, 90, 100, 110, 120, 131]
     ev = scan_evidence(norms, [1.0] * 10)
@@ -109,7 +114,7 @@ def test_scan_probability_separates_planted_and_clean(nets, digits, schedule):
     assert res["planted"].infected and res["planted"].flagged_labels[0] == TARGET
     assert not res["clean"].infected and res["clean"].flagged_labels == []
     d = res["planted"].to_dict()
-    assert set(d["evidence"]) >= {"log_index", "log_ratio", "holdout_asr", "calibration"}
+    assert set(d["evidence"]) >= {"log_gap", "log_index", "log_ratio", "holdout_asr", "calibration"}
     assert d["probability"] == pytest.approx(res["planted"].probability)
     # a threshold set by the user decides the verdict
     strict = NeuralCleanse(**FAST, schedule=schedule, threshold=min(0.999999, res["planted"].probability + 1e-6))

@@ -35,30 +35,22 @@ def _bar_enabled(quiet: bool) -> bool:
 
 
 @contextlib.contextmanager
-def _progress(nc: NeuralCleanse, quiet: bool, num_classes: int) -> Iterator[None]:
-    """A progress bar over the optimisation's epochs (stderr, a terminal only)."""
+def _progress(nc: NeuralCleanse, quiet: bool) -> Iterator[Any]:
+    """A progress bar over the optimisation's epochs (stderr, a terminal only); yields the callback."""
     if not _bar_enabled(quiet):
-        yield
+        yield None
         return
     from tqdm.auto import tqdm
 
-    from ..defenses.model import neural_cleanse as ncm
-
     bar = tqdm(total=nc.epochs, desc="scan", unit="epoch", file=sys.stderr, leave=False)
-    orig = ncm.reverse_engineer_triggers
 
-    def wrapped(*a: Any, **kw: Any) -> Any:
-        def cb(info: dict[str, Any]) -> None:
-            bar.update(info["epoch"] - bar.n)
-            bar.set_postfix(labels=len(info["targets"]))
-        kw.setdefault("callback", cb)
-        return orig(*a, **kw)
+    def cb(info: dict[str, Any]) -> None:
+        bar.update(info["epoch"] - bar.n)
+        bar.set_postfix(labels=len(info["targets"]))
 
-    ncm.reverse_engineer_triggers = wrapped
     try:
-        yield
+        yield cb
     finally:
-        ncm.reverse_engineer_triggers = orig
         bar.close()
 
 
@@ -192,8 +184,8 @@ def scan(model_paths: tuple[str, ...], data_spec: str, out: Path | None, workers
     data = fit_to_model(data, lm)
     nc = NeuralCleanse(**params, device=None)  # type: ignore[arg-type]
     log.info("scan: %s (%s), %d clean images, %s schedule", model_path, lm.format, len(data), schedule)
-    with _progress(nc, quiet, lm.spec.num_classes):
-        result = nc.scan(lm.model, data)
+    with _progress(nc, quiet) as callback:
+        result = nc.scan(lm.model, data, callback=callback)
     rows = result.labels()
     click.echo(table(rows, ["label", "l1_norm", "anomaly_index", "attack_success", "flagged"],
                      headers={"l1_norm": "|m|_1", "anomaly_index": "anomaly index", "attack_success": "attack success"},

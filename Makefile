@@ -10,7 +10,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# The CPU wheel first: a bare `torch` would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,onnx]'
+	# the onnx and cluster (Ray) extras too, so that their paths are tested
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,onnx,cluster]'
 	touch $(STAMP)
 
 venv: $(STAMP)

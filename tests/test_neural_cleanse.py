@@ -104,11 +104,14 @@ def test_clean_twin_is_not_flagged(scans):
 
 
 def test_log_scale_outlier_test(scans, nets, digits, device):
-    """outlier_scale="log" runs the same search and applies the MAD test to log norms."""
+    """outlier_scale="log" runs the same search and applies the MAD test to log norms (the
+    paper's schedule and rule, so that only the scale differs)."""
     for name, net in nets.items():
-        r = NeuralCleanse(**FAST, outlier_scale="log", device=device).scan(net.to(device), digits["val"])
-        torch.testing.assert_close(r.l1_norms, scans[name].l1_norms)
-        torch.testing.assert_close(r.anomaly_indices, mad_anomaly_index(scans[name].l1_norms.double().log()))
+        kw = dict(**FAST, schedule="all", decision="mad", device=device)
+        r = NeuralCleanse(**kw, outlier_scale="log").scan(net.to(device), digits["val"])
+        l1 = NeuralCleanse(**kw, outlier_scale="l1").scan(net.to(device), digits["val"])
+        torch.testing.assert_close(r.l1_norms, l1.l1_norms)
+        torch.testing.assert_close(r.anomaly_indices, mad_anomaly_index(l1.l1_norms.double().log()))
         assert r.flagged_labels == ([TARGET] if name == "planted" else [])
     with pytest.raises(ConfigError):
         NeuralCleanse(outlier_scale="sqrt").scan(nets["clean"], digits["val"])
@@ -232,16 +235,20 @@ def test_cli_scan_and_repair(nets, digits, tmp_path):
     assert "no backdoor found" in r.output
     r = runner.invoke(cli, ["scan", str(tmp_path / "planted.pt"), *fast, "--outlier-scale", "log"])
     assert r.exit_code == 1, r.output
-    r = runner.invoke(cli, ["scan", str(tmp_path / "planted.pt"), *fast, "--anomaly-threshold", "1e9"])
-    assert r.exit_code == 0, r.output  # the same search; no index is that large
+    r = runner.invoke(cli, ["scan", str(tmp_path / "planted.pt"), *fast, "--decision", "mad", "--anomaly-threshold", "1e9"])
+    assert r.exit_code == 0, r.output  # the same search, the paper's rule; no index is that large
+    r = runner.invoke(cli, ["scan", str(tmp_path / "planted.pt"), *fast, "--decision", "probability", "--threshold", "0.9999999"])
+    assert r.exit_code == 0 and "probability" in r.output, r.output  # a stricter probability threshold
     r = runner.invoke(cli, ["scan", str(tmp_path / "planted.pt"), *fast, "--anomaly-threshold", "-1"])
     assert r.exit_code == 2 and "anomaly_threshold" in r.output
     r = runner.invoke(cli, ["scan", str(tmp_path / "missing.pt"), *fast])
     assert r.exit_code == 2 and "error:" in r.output
-    # repair needs an architecture trojanscope can rebuild: refused on TorchScript, in one line
+    # a received TorchScript model is repaired and written back as TorchScript
     r = runner.invoke(cli, ["repair", str(tmp_path / "planted.pt"), "--input-shape", "1,8,8", "--method", "nc-prune", "--data",
-                            str(tmp_path / "clean.npz"), "--out", str(tmp_path / "rep"), "--scan", str(tmp_path / "scan")])
-    assert r.exit_code == 2 and "architecture" in r.output
+                            str(tmp_path / "clean.npz"), "--out", str(tmp_path / "rep_ts"), "--scan", str(tmp_path / "scan")])
+    assert r.exit_code == 0, r.output
+    written = [f for f in (tmp_path / "rep_ts").iterdir() if f.suffix != ".json"]
+    assert written and {ts.load_model(f, input_shape=(1, 8, 8)).format for f in written} == {"torchscript"}
     model = ts.create_model("mnist_cnn", input_shape=(1, 8, 8), num_classes=10, seed=0)
     ts.save_model(model, tmp_path / "net", ts.ModelSpec("mnist_cnn", (1, 8, 8), 10))
     r = runner.invoke(cli, ["repair", str(tmp_path / "net"), "--method", "unlearn", "--data",

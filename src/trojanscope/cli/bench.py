@@ -14,21 +14,29 @@ from . import cli
 from ._common import POSITIVE_INT, common_options, pick_device, table, write_json
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="TOML (or YAML) file naming attacks, defences, dataset, arch, seeds (see trojanscope.bench).")
 @click.option("--quick", is_flag=True, help="The quick preset: mnist5k, 2 epochs, a clean baseline and 4 attacks, every "
                                            "defence with fast settings.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run folder: models, one JSON per cell, results.csv / results.json. An existing one is resumed.")
 @click.option("--report/--no-report", default=True, show_default=True, help="Write OUT/report.html at the end.")
 @click.option("--max-cells", type=POSITIVE_INT, default=None, help="Stop after this many new cells (resume later).")
 @click.option("--threads", type=POSITIVE_INT, default=None,
               help="CPU threads for torch (default: 2, or 1 when the machine is already busy).")
 @common_options
-def bench(config_path: Path | None, quick: bool, out: Path, report: bool, max_cells: int | None, threads: int | None,
-          json_path: Path | None, seed: int, device: str | None) -> None:
-    """Run every attack against every defence and tabulate CA, ASR, detection and removal figures."""
+@click.pass_context
+def bench(ctx: click.Context, config_path: Path | None, quick: bool, out: Path | None, report: bool,
+          max_cells: int | None, threads: int | None, json_path: Path | None, seed: int, device: str | None) -> None:
+    """Run every attack against every defence and tabulate CA, ASR, detection and removal figures.
+
+    `bench round` generates a population of clean and backdoored models instead (see its --help).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if out is None:
+        raise click.UsageError("Missing option '--out'.")
     if threads is None:
         # threads fighting over busy cores are many times slower than one thread alone
         busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1)
@@ -64,3 +72,6 @@ def bench(config_path: Path | None, quick: bool, out: Path, report: bool, max_ce
         path = render_run(out)
         click.echo(f"report: {path}", err=True)
     write_json(json_path, {"rows": res.rows, "computed": res.computed, "reused": res.reused, "seconds": res.seconds})
+
+
+from . import round as _round  # noqa: E402,F401  (registers `bench round`)

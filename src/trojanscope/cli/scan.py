@@ -1,13 +1,19 @@
-"""``trojanscope scan``: is this model backdoored? (Neural Cleanse)
+"""``trojanscope scan``: is this model backdoored? (Neural Cleanse) Or each model of a population.
 
 Exit codes: 0 no backdoor found, 1 a backdoor was found (so a CI pipeline can gate on it),
-2 bad input.
+2 bad input (for a population: every model failed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import math
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -19,6 +25,70 @@ from ._common import POSITIVE_INT, NON_NEGATIVE_INT, FiniteFloat, common_options
 
 #: Exit code of ``scan`` when a backdoor is found.
 EXIT_INFECTED = 1
+
+log = logging.getLogger("trojanscope.scan")
+
+
+def _bar_enabled(quiet: bool) -> bool:
+    """Progress bars go to stderr, only on a terminal and without --quiet."""
+    return not quiet and sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def _progress(nc: NeuralCleanse, quiet: bool) -> Iterator[Any]:
+    """A progress bar over the optimisation's epochs (stderr, a terminal only); yields the callback."""
+    if not _bar_enabled(quiet):
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=nc.epochs, desc="scan", unit="epoch", file=sys.stderr, leave=False)
+
+    def cb(info: dict[str, Any]) -> None:
+        bar.update(info["epoch"] - bar.n)
+        bar.set_postfix(labels=len(info["targets"]))
+
+    try:
+        yield cb
+    finally:
+        bar.close()
+
+
+def _scan_population(models: list[Path], data: Any, params: dict[str, Any], *, out: Path | None, workers: int,
+                     address: str | None, backend: str, quiet: bool, json_path: Path | None) -> None:
+    """Scan each model, one row per model; exit 2 only when every model failed."""
+    from ..errors import ConfigError
+    from ..population import scan_population
+
+    if backend == "ray" and workers == 1:
+        raise ConfigError("--backend ray needs --workers 2 or more")
+    bar = None
+    if _bar_enabled(quiet):
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(models), desc="scan", unit="model", file=sys.stderr)
+
+    def on_row(row: dict[str, Any]) -> None:
+        if bar is not None:
+            bar.update(1)
+        log.info("%s: %s", row["file"], row["error"] or f"probability {row['probability']:.3f}")
+
+    rows = scan_population(models, data, params, workers=workers, out=out, address=address,
+                           backend="auto" if backend == "auto" else backend, on_row=on_row)
+    if bar is not None:
+        bar.close()
+    echo = click.echo if str(json_path) != "-" else (lambda m: click.echo(m, err=True))
+    echo(table(rows, ["file", "probability", "verdict", "flagged_labels", "seconds", "error"],
+               headers={"flagged_labels": "flagged"}))
+    failed = sum(r["verdict"] == "error" for r in rows)
+    found = sum(r["verdict"] == "backdoor" for r in rows)
+    echo(f"\n{len(rows)} models: {found} backdoored, {len(rows) - found - failed} clean, {failed} failed"
+         + (f"; table in {out / 'scan.csv'}" if out is not None else ""))
+    write_json(json_path, rows)
+    if failed == len(rows):
+        click.echo("error: every model failed to scan", err=True)
+        click.get_current_context().exit(2)
+    if found:
+        click.get_current_context().exit(EXIT_INFECTED)
 
 
 def write_scan_dir(result: NeuralCleanseResult, out: Path, example) -> None:
@@ -34,12 +104,29 @@ def write_scan_dir(result: NeuralCleanseResult, out: Path, example) -> None:
 
 
 @cli.command()
-@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.argument("model_paths", metavar="MODEL...", nargs=-1, required=True)
 @click.option("--data", "data_spec", required=True,
               help="Clean data: bundled name[:split] (default split: val), an .npz or an image folder.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Write scan.json, the reversed triggers (.safetensors) and PNGs of each mask, pattern and "
-                   "stamped example here (give it to `repair --scan`).")
+              help="One model: write scan.json, the reversed triggers (.safetensors) and PNGs of each mask, "
+                   "pattern and stamped example here (give it to `repair --scan`). Several models: write "
+                   "scan.csv and scan.json (one row per model) and each finished model's row (a rerun resumes).")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Models scanned at once: over Ray when installed (pip install 'trojanscope[cluster]'; a local "
+                   "instance unless --address or RAY_ADDRESS), else local processes.")
+@click.option("--address", default=None, help="Ray cluster to use (ray://HOST:PORT); default: RAY_ADDRESS, else local.")
+@click.option("--backend", type=click.Choice(["auto", "ray", "processes"]), default="auto", show_default=True,
+              help="How --workers fans out.")
+@click.option("--schedule", type=click.Choice(["halving", "all"]), default="all", show_default=True,
+              help="Label schedule: every label to the end (the paper) or successive halving (labels whose "
+                   "trigger stays large stop early: about 3x fewer image passes, but on the held-out digits "
+                   "population it raised false positives, see benchmarks/README.md).")
+@click.option("--decision", type=click.Choice(["probability", "mad"]), default="mad", show_default=True,
+              help="Verdict from the paper's MAD rule, or from the trojan probability (calibrated on a small "
+                   "generated digits population; both are reported).")
+@click.option("--threshold", type=FiniteFloat(), default=0.5, show_default=True,
+              help="With --decision probability: the probability above which a model is called backdoored.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--mode", type=click.Choice(["batched", "sequential"]), default="batched", show_default=True,
               help="Optimise all labels in one batch, or one label at a time (the paper's way).")
 @click.option("--epochs", type=POSITIVE_INT, default=80, show_default=True, help="Maximum optimisation epochs per label.")
@@ -61,41 +148,68 @@ def write_scan_dir(result: NeuralCleanseResult, out: Path, example) -> None:
 @click.option("--heatmap-target", type=NON_NEGATIVE_INT, default=None, help="The label the moving-window search looks at.")
 @model_options
 @common_options
-def scan(model_path: Path, data_spec: str, out: Path | None, mode: str, epochs: int, steps_per_epoch: int,
-         n_samples: int, batch_size: int, outlier_scale: str, anomaly_threshold: float, report_path: Path | None,
-         heatmap_path: Path | None, heatmap_target: int | None, arch: str | None, input_shape: str | None,
-         num_classes: int | None, json_path: Path | None, seed: int, device: str | None) -> None:
-    """Scan MODEL for a backdoor with Neural Cleanse.
+def scan(model_paths: tuple[str, ...], data_spec: str, out: Path | None, workers: int, address: str | None,
+         backend: str, schedule: str, decision: str, threshold: float, quiet: bool, mode: str, epochs: int,
+         steps_per_epoch: int, n_samples: int, batch_size: int, outlier_scale: str, anomaly_threshold: float,
+         report_path: Path | None, heatmap_path: Path | None, heatmap_target: int | None, arch: str | None,
+         input_shape: str | None, num_classes: int | None, json_path: Path | None, seed: int,
+         device: str | None) -> None:
+    """Scan MODEL for a backdoor with Neural Cleanse; or each model of a population.
 
     MODEL is a trojanscope model directory, a torch.export .pt2 program or a TorchScript file
     (only inputs and outputs are used). Prints, per label, the L1 norm of the reversed trigger's
-    mask, its anomaly index, its attack success on held-out clean data and whether it is flagged.
-    Exit code 0: no backdoor found; 1: a backdoor was found; 2: bad input.
+    mask, its anomaly index, its attack success on held-out clean data and whether it is flagged,
+    and the calibrated probability that the model is backdoored.
+
+    Several MODEL arguments, a folder of models or a glob ('runs/round/models/*.pt2') scan a
+    population: one row per model (file, probability, verdict, flagged labels, seconds, error),
+    with --out DIR written to DIR/scan.csv and DIR/scan.json; a model that fails gets its error in
+    its row and the others go on; a killed run rerun with the same --out keeps its finished models.
+
+    Exit code 0: no backdoor found; 1: a backdoor was found (in any model); 2: bad input (for a
+    population: every model failed).
     """
+    from ..population import expand_models
+
     data = open_data(data_spec, default_split="val")
+    params = dict(epochs=epochs, steps_per_epoch=steps_per_epoch, n_samples=n_samples, mode=mode,
+                  batch_size=batch_size, outlier_scale=outlier_scale, anomaly_threshold=anomaly_threshold, seed=seed,
+                  schedule=schedule, decision=decision, threshold=threshold)
+    NeuralCleanse(**params)._validate_params()  # type: ignore[arg-type]
+    single = len(model_paths) == 1 and (Path(model_paths[0]).is_file() or (Path(model_paths[0]) / "model.safetensors").exists())
+    if not single:
+        _scan_population(expand_models(list(model_paths)), data, params, out=out, workers=workers, address=address,
+                         backend=backend, quiet=quiet, json_path=json_path)
+        return
+    model_path = Path(model_paths[0])
     lm = open_model(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device, data=data)
     data = fit_to_model(data, lm)
-    nc = NeuralCleanse(epochs=epochs, steps_per_epoch=steps_per_epoch, n_samples=n_samples, mode=mode,  # type: ignore[arg-type]
-                       batch_size=batch_size, outlier_scale=outlier_scale, anomaly_threshold=anomaly_threshold,
-                       seed=seed)
-    result = nc.scan(lm.model, data)
+    nc = NeuralCleanse(**params, device=None)  # type: ignore[arg-type]
+    log.info("scan: %s (%s), %d clean images, %s schedule", model_path, lm.format, len(data), schedule)
+    with _progress(nc, quiet) as callback:
+        result = nc.scan(lm.model, data, callback=callback)
     rows = result.labels()
     click.echo(table(rows, ["label", "l1_norm", "anomaly_index", "attack_success", "flagged"],
                      headers={"l1_norm": "|m|_1", "anomaly_index": "anomaly index", "attack_success": "attack success"},
                      percent=["attack_success"]))
+    ev = result.evidence
+    evid = (f"probability {result.probability:.3f}: smallest trigger label {ev['label']}, log-scale anomaly index "
+            f"{ev['log_index']:.2f}, {math.exp(ev['log_ratio']):.1f}x below the median norm, held-out attack "
+            f"success {100 * ev['holdout_asr']:.0f}%")
     if result.infected:
         labels = ", ".join(f"{k} (anomaly index {float(result.anomaly_indices[k]):.2f})" for k in result.flagged_labels)
-        click.echo(f"\nverdict: BACKDOOR FOUND; target label(s): {labels}")
+        click.echo(f"\nverdict: BACKDOOR FOUND; target label(s): {labels}\n{evid}")
     else:
         below = [float(result.anomaly_indices[k]) for k in range(result.num_classes) if float(result.scores[k]) > 0]
-        click.echo(f"\nverdict: no backdoor found (largest anomaly index below the median: "
-                   f"{max(below, default=0.0):.2f} <= {nc.anomaly_threshold:g})")
+        rule = (f"probability {result.probability:.3f} <= {threshold:g}" if decision == "probability" else
+                f"largest anomaly index below the median: {max(below, default=0.0):.2f} <= {nc.anomaly_threshold:g}")
+        click.echo(f"\nverdict: no backdoor found ({rule})\n{evid}")
     click.echo(f"{len(data)} clean images ({result.details['n_optimisation']} optimised on, "
                f"{result.details['n_holdout']} held out), {result.seconds:.1f} s")
     if out is not None:
         write_scan_dir(result, out, data.x[0])
         click.echo(f"reversed triggers and images written to {out}/")
-    d = {"model": str(model_path), "format": lm.format, "data": data.name, **result.to_dict()}
+    d = {"model": str(model_path), "probability": result.probability, "format": lm.format, "data": data.name, **result.to_dict()}
     if heatmap_path is not None:
         d["heatmap"] = _heatmap(lm.model, data, result, heatmap_path, heatmap_target, out, batch_size, seed)
     write_json(json_path, d)

@@ -1,0 +1,308 @@
+"""Neural Cleanse over a population of models: probability, schedule cost, fan-out.
+
+Scans every model of a round (``trojanscope bench round``) with the new default (successive
+halving, calibrated probability) and with ``schedule="all"`` (the paper's optimisation, whose
+MAD-rule verdict on the L1 norms is the old binary scan), one thread each; the rows are cached
+under ``--work`` so a rerun only scans what is missing.
+
+    # the rounds (train: calibration; held-out: the figures)
+    trojanscope bench round --data digits --epochs 15 --train-size 0 --n 20 --seed 1 --out runs/digits1
+    trojanscope bench round --data digits --epochs 15 --train-size 0 --n 40 --seed 2 --out runs/digits2
+    # fit the calibration on the training round (prints CALIBRATION for neural_cleanse.py)
+    python benchmarks/population.py --calibrate runs/digits1 --data digits
+    # the figures on the held-out round
+    python benchmarks/population.py runs/digits2 --data digits
+    # cost of 43 labels vs 10 (same architecture, synthetic 43-class data)
+    python benchmarks/population.py --labels43
+    # fan-out: --workers 2 on Ray and on local processes vs --workers 1, and a resumed run
+    python benchmarks/population.py --fanout runs/digits2 --data digits
+
+Ground truth (``truth/*.json``) is read here, for scoring only; the scanner never sees it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import trojanscope as ts
+from trojanscope.defenses.model.neural_cleanse import CALIBRATION, EVIDENCE, trojan_probability
+from trojanscope.population import expand_models, load_truth, population_scores, scan_population
+
+torch.set_num_threads(1)
+
+#: the two configurations compared: the new default and the paper's schedule + the old rule
+CONFIGS = {
+    "halving": dict(schedule="halving"),
+    "all": dict(schedule="all"),
+}
+
+
+def scan_round(round_dir: Path, data: str, work: Path) -> dict[str, list[dict]]:
+    val = ts.load_data(data, "val")
+    models = expand_models([str(round_dir / "models")])
+    out = {}
+    for name, params in CONFIGS.items():
+        t0 = time.perf_counter()
+        out[name] = scan_population(models, val, params, out=work / round_dir.name / name)
+        for r in out[name]:  # rows scanned before log_gap existed: it needs only the stored norms
+            if r["error"] is None and "log_gap" not in r["evidence"]:
+                two = sorted(r["l1_norms"])
+                r["evidence"]["log_gap"] = math.log(max(two[1], 1e-6) / max(two[0], 1e-6))
+        print(f"# {round_dir.name} / {name}: {len(models)} models ({time.perf_counter() - t0:.0f} s this run)",
+              file=sys.stderr)
+    return out
+
+
+def truth_rows(round_dir: Path, rows: list[dict]) -> list[tuple[dict, dict]]:
+    truth = load_truth(round_dir)
+    pairs = []
+    for r in rows:
+        t = truth[Path(r["file"]).stem]
+        if "excluded" not in t:
+            pairs.append((r, t))
+    return pairs
+
+
+def fit_calibration(pairs: list[tuple[dict, dict]]) -> dict:
+    """Logistic regression of the truth on the evidence, refitted without any feature whose
+    coefficient comes out negative (so the probability stays monotone in the evidence)."""
+    from sklearn.linear_model import LogisticRegression
+
+    feats = list(EVIDENCE)
+    y = np.array([t["backdoored"] for _, t in pairs])
+    while True:
+        X = np.array([[r["evidence"][f] for f in feats] for r, _ in pairs if r["evidence"] is not None])
+        lr = LogisticRegression(C=10.0, max_iter=5000).fit(X, y)
+        neg = [f for f, c in zip(feats, lr.coef_[0]) if c < 0]
+        if not neg:
+            break
+        feats = [f for f in feats if f not in neg]
+    coef = {f: round(float(c), 4) for f, c in zip(feats, lr.coef_[0])}
+    coef.update({f: 0.0 for f in EVIDENCE if f not in coef})
+    return {"intercept": round(float(lr.intercept_[0]), 4), "coef": coef}
+
+
+def figures(pairs: list[tuple[dict, dict]], cal: dict | None, label: str) -> dict:
+    ok = [(r, t) for r, t in pairs if r["error"] is None]
+    truth = np.array([t["backdoored"] for _, t in ok])
+    prob = np.array([trojan_probability(r["evidence"], cal) if cal else r["probability"] for r, _ in ok])
+    verdict = prob > 0.5
+    s = population_scores(prob, truth)
+    a2o = [(r, t, p) for (r, t), p in zip(ok, prob) if t["backdoored"] and t["mode"] == "all-to-one"]
+    # flagged labels of a model called backdoored: the smallest-norm label and the MAD suspects
+    hit = sum(p > 0.5 and (t["target"] == r["evidence"]["label"] or t["target"] in r["suspects"]) for r, t, p in a2o)
+    by_mode = {}
+    for mode in ("all-to-one", "source-specific", "all-to-all"):
+        sel = [v for (r, t), v in zip(ok, verdict) if t["backdoored"] and t["mode"] == mode]
+        by_mode[mode] = f"{sum(sel)}/{len(sel)}"
+    by_arch = {}
+    for arch in sorted({t["arch"] for _, t in ok}):
+        sel = [v == t["backdoored"] for (r, t), v in zip(ok, verdict) if t["arch"] == arch]
+        by_arch[arch] = f"{sum(sel)}/{len(sel)}"
+    return {"scan": label, **s, "false_positives": int((verdict & ~truth).sum()),
+            "true_positives": int((verdict & truth).sum()), "a2o_target_flagged": f"{hit}/{len(a2o)}",
+            "detected_by_mode": by_mode, "correct_by_arch": by_arch, "errors": len(pairs) - len(ok),
+            "_prob": prob.tolist(), "_truth": truth.tolist()}
+
+
+def old_binary(pairs: list[tuple[dict, dict]]) -> dict:
+    """The old scan: schedule "all", the MAD rule at 2 on the L1 norms (its score: the largest
+    low-side L1 index; the probability of a binary verdict is 0 or 1)."""
+    ok = [(r, t) for r, t in pairs if r["error"] is None]
+    truth = np.array([t["backdoored"] for _, t in ok])
+    l1 = np.array([r["old_l1_index"] for r, _ in ok])
+    verdict = l1 > 2.0
+    from sklearn.metrics import roc_auc_score
+
+    s = population_scores(verdict.astype(float), truth)
+    a2o = [(r, t, v) for (r, t), v in zip(ok, verdict) if t["backdoored"] and t["mode"] == "all-to-one"]
+    hit = sum(bool(v) and t["target"] in r["old_l1_flagged"] for r, t, v in a2o)
+    by_mode = {m: f"{sum(v for (r, t), v in zip(ok, verdict) if t['backdoored'] and t['mode'] == m)}/"
+                  f"{sum(1 for r, t in ok if t['backdoored'] and t['mode'] == m)}"
+               for m in ("all-to-one", "source-specific", "all-to-all")}
+    return {"scan": "old binary (all, L1 MAD > 2)", "roc_auc": float(roc_auc_score(truth, l1)),
+            "cross_entropy": s["cross_entropy"], "n": s["n"], "positives": s["positives"],
+            "false_positives": int((verdict & ~truth).sum()), "true_positives": int((verdict & truth).sum()),
+            "a2o_target_flagged": f"{hit}/{len(a2o)}", "detected_by_mode": by_mode}
+
+
+def add_old_rule(rows: list[dict], round_dir: Path, data: str) -> None:
+    """The L1-scale MAD index of each "all" scan (recomputed from the stored norms)."""
+    from trojanscope.defenses.model.neural_cleanse import mad_anomaly_index
+
+    for r in rows:
+        if r["error"] is not None:
+            continue
+        n = torch.tensor(r["l1_norms"], dtype=torch.float64)
+        idx = mad_anomaly_index(n).double()
+        below = n < float(np.median(n.numpy()))
+        low = torch.where(below, idx, torch.zeros_like(idx))
+        r["old_l1_index"] = float(low.max())
+        r["old_l1_flagged"] = [int(k) for k in (below & (idx > 2.0)).nonzero().flatten()]
+
+
+def reliability(prob: list[float], truth: list[bool], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p, t = np.array(prob), np.array(truth, dtype=float)
+    bins = np.linspace(0, 1, 6)
+    ix = np.clip(np.digitize(p, bins) - 1, 0, 4)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    xs = [p[ix == b].mean() for b in range(5) if (ix == b).any()]
+    ys = [t[ix == b].mean() for b in range(5) if (ix == b).any()]
+    ns = [int((ix == b).sum()) for b in range(5) if (ix == b).any()]
+    ax.plot(xs, ys, "o-")
+    for x, y, n in zip(xs, ys, ns):
+        ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    ax.set_xlabel("predicted probability")
+    ax.set_ylabel("share backdoored")
+    ax.set_title("reliability (held-out round)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("round", nargs="*", type=Path, help="held-out round(s), scored together")
+    ap.add_argument("--data", default="digits")
+    ap.add_argument("--work", type=Path, default=Path("runs/popbench"))
+    ap.add_argument("--calibrate", type=Path, default=None, help="fit CALIBRATION on this (training) round")
+    ap.add_argument("--labels43", action="store_true")
+    ap.add_argument("--fanout", type=Path, default=None)
+    ap.add_argument("--fanout-n", type=int, default=8, help="models of the round the fan-out runs scan")
+    a = ap.parse_args()
+    if a.calibrate is not None:
+        scans = scan_round(a.calibrate, a.data, a.work)
+        cal = {name: fit_calibration(truth_rows(a.calibrate, rows)) for name, rows in scans.items()}
+        print("CALIBRATION =", json.dumps(cal, indent=1))
+        for name, rows in scans.items():
+            f = figures(truth_rows(a.calibrate, rows), cal[name], f"{name} (fitted, training round)")
+            print(json.dumps({k: v for k, v in f.items() if not k.startswith("_")}))
+    if a.round:
+        report_round(a.round, a.data, a.work)
+    if a.labels43:
+        labels43(a.work)
+    if a.fanout is not None:
+        fanout(a.fanout, a.data, a.work, a.fanout_n)
+
+
+def report_round(round_dirs: list[Path], data: str, work: Path) -> None:
+    per_round = [(d, scan_round(d, data, work)) for d in round_dirs]
+    scans = {name: [r for _, sc in per_round for r in sc[name]] for name in CONFIGS}
+    pairs_by = {name: [pr for d, sc in per_round for pr in truth_rows(d, sc[name])] for name in CONFIGS}
+    kept = [t for _, t in pairs_by["halving"]]
+    n_all = sum(len(load_truth(d)) for d in round_dirs)
+    print(f"held-out round(s) {', '.join(map(str, round_dirs))}: {len(kept)} models "
+          f"({sum(t['backdoored'] for t in kept)} backdoored; modes "
+          f"{ {m: sum(t.get('mode') == m for t in kept) for m in ('all-to-one', 'source-specific', 'all-to-all')} }; "
+          f"architectures { {a: sum(t['arch'] == a for t in kept) for a in sorted({t['arch'] for t in kept})} }; "
+          f"{n_all - len(kept)} excluded for ASR < 80%)")
+    table = []
+    for name in CONFIGS:
+        pairs = pairs_by[name]
+        f = figures(pairs, CALIBRATION[name], f"{name} schedule, probability")
+        table.append(f)
+        if name == "halving":
+            reliability(f["_prob"], f["_truth"], work / "reliability.png")
+        if name == "all":
+            add_old_rule([r for r, _ in pairs], None, data)
+            table.append(old_binary(pairs))
+    for f in table:
+        print(json.dumps({k: v for k, v in f.items() if not k.startswith("_")}))
+    for name, rows in scans.items():
+        ok = [r for r in rows if r["error"] is None]
+        print(f"{name}: {np.mean([r['seconds'] for r in ok]):.2f} s/model (1 thread), "
+              f"{np.mean([r['image_passes'] for r in ok]):.0f} image passes/model")
+    fh = figures(pairs_by["halving"], CALIBRATION["halving"], "")["_prob"]
+    fa = figures(pairs_by["all"], CALIBRATION["all"], "")["_prob"]
+    agree = sum((x > 0.5) == (y > 0.5) for x, y in zip(fh, fa))
+    print(f"verdicts equal between schedules: {agree}/{len(fh)}; pass ratio all/halving "
+          f"{np.mean([r['image_passes'] for r in scans['all']]) / np.mean([r['image_passes'] for r in scans['halving']]):.2f}")
+    print(f"reliability plot: {work / 'reliability.png'}")
+
+
+def labels43(work: Path) -> None:
+    """Cost of a 43-label scan against a 10-label scan of the same architecture (mnist_cnn on
+    synthetic digits data: 43 classes = a digit and one of 5 transforms)."""
+    from trojanscope.defenses.model.neural_cleanse import NeuralCleanse
+    from trojanscope.population import build_architecture
+    from trojanscope.training import train
+
+    base = ts.load_data("digits", "all")
+    x, y = base.x, base.y
+    tf = [lambda v: v, lambda v: 1 - v, lambda v: v.flip(-1), lambda v: v.transpose(-1, -2), lambda v: v.flip(-2)]
+    xs, ys = [], []
+    for t, f in enumerate(tf):
+        keep = y < (10 if t < 4 else 3)
+        xs.append(f(x[keep]))
+        ys.append(y[keep] + 10 * t)
+    x43, y43 = torch.cat(xs), torch.cat(ys)
+    d43 = ts.ImageDataset(x43, y43, 43, None, "digits43")
+    tr43, va43 = d43.split(0.8, seed=0)
+    tr10, va10 = ts.load_data("digits", "train"), ts.load_data("digits", "val")
+    res = {}
+    for name, tr, va in (("10", tr10, va10), ("43", tr43, va43)):
+        m = build_architecture("mnist_cnn", tr.image_shape, tr.num_classes, 0)
+        train(m, tr, epochs=15, seed=0)
+        m.eval()
+        for sched in ("halving", "all"):
+            t0 = time.perf_counter()
+            r = NeuralCleanse(schedule=sched).scan(m, va)
+            res[(name, sched)] = (time.perf_counter() - t0, r.image_passes)
+            print(f"{name} labels, {sched}: {res[(name, sched)][0]:.1f} s, {r.image_passes} image passes, "
+                  f"CA {ts.metrics.clean_accuracy(m, va):.2f}")
+    for sched in ("halving", "all"):
+        print(f"{sched}: 43-vs-10 cost ratio {res[('43', sched)][1] / res[('10', sched)][1]:.2f} (passes), "
+              f"{res[('43', sched)][0] / res[('10', sched)][0]:.2f} (seconds)")
+
+
+def fanout(round_dir: Path, data: str, work: Path, n: int) -> None:
+    """Wall time of `scan` over (the first ``n`` models of) the round folder: --workers 1, 2 on
+    Ray, 2 on processes; a resumed run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    folder = work / "fanout_models"
+    folder.mkdir(parents=True, exist_ok=True)
+    for m in expand_models([str(round_dir / "models")])[:n]:
+        link = folder / m.name
+        if not link.exists():
+            link.symlink_to(m.resolve())
+    base = [sys.executable, "-m", "trojanscope", "scan", str(folder), "--data", data, "-q"]
+    for label, extra in (("workers 1", ["--workers", "1"]), ("workers 2, ray", ["--workers", "2", "--backend", "ray"]),
+                         ("workers 2, processes", ["--workers", "2", "--backend", "processes"])):
+        out = work / "fanout" / label.replace(" ", "_").replace(",", "")
+        subprocess.run(["rm", "-rf", str(out)])
+        t0 = time.perf_counter()
+        p = subprocess.run(base + extra + ["--out", str(out)], env=env, capture_output=True, text=True)
+        print(f"{label}: {time.perf_counter() - t0:.1f} s wall, exit {p.returncode}")
+    out = work / "fanout" / "resumed"
+    subprocess.run(["rm", "-rf", str(out)])
+    proc = subprocess.Popen(base + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    n_models = len(expand_models([str(folder)]))
+    while len(list((out / "rows").glob("*.json"))) < n_models // 2 if (out / "rows").exists() else True:
+        time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    done = len(list((out / "rows").glob("*.json")))
+    t0 = time.perf_counter()
+    p = subprocess.run(base + ["--out", str(out), "-v"], env=env, capture_output=True, text=True)
+    rows = json.loads((out / "scan.json").read_text())
+    print(f"killed after {done}/{n_models} models; the rerun scanned {n_models - done} in "
+          f"{time.perf_counter() - t0:.1f} s, exit {p.returncode}, {len(rows)} rows")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""The population round, the trojan probability and the label schedule of Neural Cleanse."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trojanscope.defenses.model.neural_cleanse import (CALIBRATION, NeuralCleanse, matched_norms,
+                                                       reverse_engineer_triggers, scan_evidence,
+                                                       trojan_probability)
+from trojanscope.errors import ConfigError
+from trojanscope.models import load_model
+from trojanscope.population import (MODES, RoundSpec, draw_config, generate_round, load_truth, make_trigger,
+                                    population_scores, round_plan)
+
+from nc_models import CornerPatchNet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TARGET = 2
+FAST = dict(epochs=40, steps_per_epoch=2, n_samples=160, n_holdout=200)
+
+
+# --- the probability -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", sorted(CALIBRATION))
+def test_probability_in_unit_interval_and_monotone(schedule):
+    cal = CALIBRATION[schedule]
+    assert all(c >= 0 for c in cal["coef"].values())
+    grid = np.linspace(0, 40, 21)
+    base = {"log_gap": 0.1, "log_index": 1.0, "log_ratio": 0.2, "holdout_asr": 0.5}
+    for f in cal["coef"]:
+        ps = [trojan_probability({**base, f: v}, cal) for v in (grid if f != "holdout_asr" else np.linspace(0, 1, 11))]
+        assert all(0.0 <= p <= 1.0 for p in ps)
+        assert all(b >= a for a, b in zip(ps, ps[1:])), f
+    # extreme evidence saturates without overflow
+    assert trojan_probability({"log_gap": 1e6, "log_index": 1e6, "log_ratio": 1e6, "holdout_asr": 1}, cal) == \
+        pytest.approx(1.0)
+    assert trojan_probability({"log_gap": 0, "log_index": 0, "log_ratio": 0, "holdout_asr": 0}, cal) < 0.5
+
+
+def test_probability_hand_computation():
+    cal = {"intercept": -1.0, "coef": {"a": 2.0, "b": 0.5}}
+    z = -1.0 + 2.0 * 0.3 + 0.5 * 2.0
+    assert trojan_probability({"a": 0.3, "b": 2.0}, cal) == pytest.approx(1 / (1 + math.exp(-z)))
+
+
+def test_evidence_hand_computation():
+    # one norm 20x below nine equal ones: log ratio log(20); MAD of the log norms is 0 -> capped index
+    ev = scan_evidence([2.5] + [50.0] * 9, [0.9] + [0.1] * 9)
+    assert ev["label"] == 0 and ev["log_ratio"] == pytest.approx(math.log(20))
+    assert ev["log_index"] == 50.0 and ev["holdout_asr"] == pytest.approx(0.9)
+    assert ev["log_gap"] == pytest.approx(math.log(20))
+    # the gap is read from the raw norms when given (two easy labels: a small gap)
+    ev = scan_evidence([2.5] + [50.0] * 9, [0.0] * 10, raw_norms=[10.0, 12.0] + [40.0] * 8)
+    assert ev["log_gap"] == pytest.approx(math.log(1.2)) and ev["log_ratio"] == pytest.approx(math.log(20))
+    # a single-pixel-like trigger among spread clean norms (48-131): the log scale flags it
+    norms = [2.46, 48, 60, 75, 80, 90, 100, 110, 120, 131]
+    ev = scan_evidence(norms, [1.0] * 10)
+    logn = np.log(norms)
+    med = np.median(logn)
+    mad = 1.4826 * np.median(np.abs(logn - med))
+    assert ev["log_index"] == pytest.approx((med - logn[0]) / mad, rel=1e-5)
+    assert ev["log_index"] > 5
+    # the smallest norm at the median: no evidence
+    ev = scan_evidence([3.0, 3.0, 3.0], [0.0] * 3)
+    assert ev["log_index"] == 0.0 and ev["log_ratio"] == 0.0
+
+
+def test_matched_norms_hand_computation():
+    # label 0 is the smallest: its norm went 40 -> 10 -> 5 over epochs 1-3; label 1 stopped after
+    # epoch 1 at 40, label 2 after epoch 2 at 30, label 3 ran to the end at 20
+    trace = torch.tensor([[40.0, 40, 50, 60], [10.0, 40, 30, 30], [5.0, 40, 30, 20]], dtype=torch.float64)
+    got = matched_norms(torch.tensor([5.0, 40, 30, 20]), trace, torch.tensor([3, 1, 2, 3]))
+    want = torch.tensor([5.0, 40 * 5 / 40, 30 * 5 / 10, 20], dtype=torch.float64)
+    torch.testing.assert_close(got, want)
+    # no trace: unchanged
+    torch.testing.assert_close(matched_norms(torch.tensor([1.0, 2.0]), None, torch.tensor([1, 1])),
+                               torch.tensor([1.0, 2.0], dtype=torch.float64))
+
+
+# --- the schedule ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def nets(digits):
+    tr = digits["train"]
+    return {"planted": CornerPatchNet(tr.x, tr.y, 10, target=TARGET),
+            "clean": CornerPatchNet(tr.x, tr.y, 10, target=None)}
+
+
+def test_halving_keeps_the_target_with_fewer_passes(nets, digits):
+    v = digits["val"]
+    kw = dict(epochs=40, steps_per_epoch=2, seed=3)
+    full = reverse_engineer_triggers(nets["planted"], v.x[:160], v.y[:160], schedule="all", **kw)
+    half = reverse_engineer_triggers(nets["planted"], v.x[:160], v.y[:160], schedule="halving", **kw)
+    assert half.image_passes < full.image_passes / 2
+    assert int(half.l1_norms.argmin()) == TARGET == int(full.l1_norms.argmin())
+    assert not bool(half.dropped[TARGET]) and int(half.dropped.sum()) == 8   # 10 -> 4 -> 2 kept
+    assert bool((half.epochs[half.dropped] < 40).all())
+    assert half.norm_trace.shape == (int(half.epochs.max()), 10)
+    # the schedule only ever stops jobs: a job it kept matches the full run until its own end
+    torch.testing.assert_close(half.norm_trace[:10, TARGET], full.norm_trace[:10, TARGET])
+    with pytest.raises(ConfigError):
+        reverse_engineer_triggers(nets["planted"], v.x[:16], v.y[:16], schedule="some", epochs=1)
+
+
+@pytest.mark.parametrize("schedule", ["halving", "all"])
+def test_scan_probability_separates_planted_and_clean(nets, digits, schedule):
+    res = {k: NeuralCleanse(**FAST, schedule=schedule, decision="probability", outlier_scale="log").scan(n, digits["val"]) for k, n in nets.items()}
+    assert 0 <= res["clean"].probability < 0.5 < res["planted"].probability <= 1
+    assert res["planted"].infected and res["planted"].flagged_labels[0] == TARGET
+    assert not res["clean"].infected and res["clean"].flagged_labels == []
+    d = res["planted"].to_dict()
+    assert set(d["evidence"]) >= {"log_gap", "log_index", "log_ratio", "holdout_asr", "calibration"}
+    assert d["probability"] == pytest.approx(res["planted"].probability)
+    # a threshold set by the user decides the verdict
+    strict = NeuralCleanse(**FAST, schedule=schedule, decision="probability", outlier_scale="log", threshold=min(0.999999, res["planted"].probability + 1e-6))
+    assert not strict.scan(nets["planted"], digits["val"]).infected
+
+
+def test_mad_decision_is_the_papers_rule(nets, digits):
+    r = NeuralCleanse(**FAST, schedule="all", decision="mad", outlier_scale="l1").scan(nets["planted"], digits["val"])
+    assert r.infected == bool(r.flagged.any()) and TARGET in r.flagged_labels
+
+
+# --- the round --------------------------------------------------------------------------------
+
+def test_round_plan_is_balanced_and_names_tell_nothing():
+    spec = RoundSpec(n=40, seed=7)
+    plan = round_plan(spec, (1, 28, 28), 10)
+    assert len(plan) == 40 and sum(s["backdoored"] for s in plan) == 20
+    assert {s["mode"] for s in plan if s["backdoored"]} == set(MODES)
+    assert {s["arch"] for s in plan} == set(spec.architectures)
+    for mode in MODES:  # each mode is drawn on at least two architectures
+        assert len({s["arch"] for s in plan if s["mode"] == mode}) >= 2
+    names = [s["name"] for s in plan]
+    assert names == sorted(set(names))
+    flags = [s["backdoored"] for s in plan]
+    assert flags != sorted(flags) and flags != sorted(flags, reverse=True)
+    assert round_plan(spec, (1, 28, 28), 10) == plan                      # deterministic
+    with pytest.raises(ConfigError):
+        round_plan(RoundSpec(n=1), (1, 28, 28), 10)
+    with pytest.raises(ConfigError):
+        round_plan(RoundSpec(architectures=("alexnet",)), (1, 28, 28), 10)
+
+
+def test_drawn_configurations_and_triggers_are_in_range():
+    rng = np.random.default_rng(0)
+    kinds = set()
+    for i in range(200):
+        mode = MODES[i % 3]
+        cfg = draw_config(rng, backdoored=True, mode=mode, arch="mnist_cnn", num_classes=10, image_shape=(1, 28, 28))
+        t = cfg["trigger"]
+        kinds.add(t["kind"])
+        assert 0.01 <= cfg["rate"] <= 0.15
+        if t["kind"] == "blend":
+            assert 0.05 <= t["alpha"] <= 0.3
+        else:
+            assert 2 <= t["size"] <= 7 and t["row"] + t["size"] <= 28 and t["col"] + t["size"] <= 28
+        if mode == "source-specific":
+            assert len(cfg["sources"]) == 2 and cfg["target"] not in cfg["sources"]
+        trig = make_trigger(t, (1, 28, 28))
+        assert trig.shape == (1, 28, 28)
+        if t["kind"] in ("solid", "checkerboard", "random-binary"):
+            m = trig.mask
+            rows, cols = m.nonzero(as_tuple=True)
+            assert int(rows.min()) >= t["row"] and int(rows.max()) < t["row"] + t["size"]
+            assert int(cols.min()) >= t["col"] and int(cols.max()) < t["col"] + t["size"]
+    assert kinds == {"solid", "random-binary", "checkerboard", "blend", "rgba"}
+    clean = draw_config(rng, backdoored=False, mode=None, arch="bn_resnet", num_classes=10, image_shape=(1, 28, 28))
+    assert "trigger" not in clean and not clean["backdoored"]
+
+
+def test_generate_round_writes_programs_and_separate_truth(tmp_path):
+    spec = RoundSpec(n=2, seed=3, data="digits", epochs=1, min_asr=0.0, architectures=("mnist_cnn", "bn_resnet"))
+    rows = generate_round(tmp_path, spec)
+    assert len(rows) == 2 and sum(r["backdoored"] for r in rows) == 1
+    files = sorted(p.name for p in (tmp_path / "models").iterdir())
+    assert files == sorted(f"{r['name']}.pt2" for r in rows)                # the scanner's folder: models only
+    truth = load_truth(tmp_path)
+    assert set(truth) == {r["name"] for r in rows}
+    for r in rows:
+        lm = load_model(tmp_path / r["file"])
+        assert lm.format == "export" and lm.spec.num_classes == 10
+        assert 0 <= r["clean_accuracy"] <= 1
+    assert json.loads((tmp_path / "truth.json").read_text()) == rows
+    # resumed: nothing is trained again
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "models").iterdir()}
+    assert generate_round(tmp_path, spec) == rows
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "models").iterdir()} == before
+    with pytest.raises(ConfigError, match="other settings"):
+        generate_round(tmp_path, RoundSpec(n=4, seed=3, data="digits", epochs=1))
+
+
+def test_population_scores_against_hand_computation():
+    s = population_scores([0.9, 0.8, 0.3, 0.1], [True, True, False, False])
+    assert s["roc_auc"] == 1.0
+    assert s["cross_entropy"] == pytest.approx(-(math.log(0.9) + math.log(0.8) + math.log(0.7) + math.log(0.9)) / 4)
+    s = population_scores([0.4, 0.6], [True, False])
+    assert s["roc_auc"] == 0.0 and s["positives"] == 1

@@ -61,6 +61,23 @@ def _snapshot(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")} if root.exists() else set()
 
 
+#: Runs ``python -m trojanscope ARGV`` and, at exit, writes the process's VmHWM to the fd named by
+#: ``TROJANSCOPE_CORPUS_HWM_FD`` (a pipe the runner reads; stdout and stderr stay the CLI's own).
+_HWM_WRAPPER = """
+import atexit, os, runpy, sys
+def _hwm():
+    try:
+        with open('/proc/self/status') as f:
+            kib = next((l.split()[1] for l in f if l.startswith('VmHWM:')), '')
+        os.write(int(os.environ['TROJANSCOPE_CORPUS_HWM_FD']), kib.encode())
+    except (OSError, KeyError, ValueError):
+        pass
+atexit.register(_hwm)
+sys.argv = ['trojanscope', *sys.argv[1:]]
+runpy.run_module('trojanscope', run_name='__main__')
+"""
+
+
 def run_case(case: Case, cwd: Path, *, timeout: float = TIMEOUT_S, env: dict | None = None,
              fork: bool = False) -> Outcome:
     """Run one case in a child process from ``cwd``; files created under ``cwd`` are reported.
@@ -76,9 +93,13 @@ def run_case(case: Case, cwd: Path, *, timeout: float = TIMEOUT_S, env: dict | N
     child_env = dict(os.environ if env is None else env)
     child_env.pop("TROJANSCOPE_DEBUG", None)
     child_env.setdefault("OMP_NUM_THREADS", "1")
+    hwm_r, hwm_w = os.pipe()
+    child_env["TROJANSCOPE_CORPUS_HWM_FD"] = str(hwm_w)
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "trojanscope", *case.argv], cwd=cwd, env=child_env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", _HWM_WRAPPER, *case.argv], cwd=cwd, env=child_env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            pass_fds=(hwm_w,))
+    os.close(hwm_w)
     # Read both pipes on threads and reap the child with wait4, which gives this child's own
     # peak RSS (RUSAGE_CHILDREN would be the largest of every child so far).
     chunks: dict[str, bytes] = {}
@@ -107,12 +128,16 @@ def run_case(case: Case, cwd: Path, *, timeout: float = TIMEOUT_S, env: dict | N
     _, status, usage = os.wait4(proc.pid, 0)
     killer.cancel()
     hung = timed_out.is_set()
+    with os.fdopen(hwm_r, "rb") as f:
+        hwm = f.read().strip()
     proc.returncode = os.waitstatus_to_exitcode(status)
     for t in readers:
         t.join()
     out, err = chunks.get("out", b""), chunks.get("err", b"")
     seconds = time.perf_counter() - t0
-    peak = usage.ru_maxrss / 1024.0  # Linux reports KiB
+    # The child's own high-water mark (VmHWM, KiB) as it exits. wait4's ru_maxrss would include
+    # the parent's RSS when the child was spawned by vfork from a large process (pytest).
+    peak = (int(hwm) if hwm.isdigit() else usage.ru_maxrss) / 1024.0
     after = _snapshot(cwd)
     new = sorted(p for p in after - before if not any(p.startswith(a) for a in case.allow_files))
     return Outcome(case, None if hung else proc.returncode, err.decode(errors="replace"),

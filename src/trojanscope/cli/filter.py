@@ -122,7 +122,9 @@ class NpzStream:
         if read is None:
             raise DataError(f"{self.path}: unsupported .npy version {version}")
         shape, fortran, dtype = read(f)
-        if dtype.hasobject or not (dtype == np.uint8 or dtype.kind == "f"):
+        if dtype.hasobject:
+            raise DataError(f"{self.path}: x holds Python objects (refused: reading them would unpickle)")
+        if not (dtype == np.uint8 or dtype.kind == "f"):
             raise DataError(f"{self.path}: x must be uint8 or float images, got dtype {dtype}")
         if fortran or len(shape) not in (3, 4) or 0 in shape:
             raise DataError(f"{self.path}: x must be a non-empty C-ordered (N, H, W), (N, H, W, C) or (N, C, H, W) "

@@ -112,7 +112,7 @@ def _to_nchw(x: np.ndarray, name: str) -> torch.Tensor:
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 #: Members an ``.npz`` dataset may hold.
-NPZ_MEMBERS = ("x", "y", "groups", "triggered", "is_poison")
+NPZ_MEMBERS = ("x", "y", "groups", "triggered", "is_poison", "is_cover", "original_y")
 _LABEL_KINDS = {np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16)}
 
 

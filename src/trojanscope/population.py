@@ -285,7 +285,7 @@ class RoundSpec:
 def round_plan(spec: RoundSpec, image_shape: tuple[int, int, int], num_classes: int) -> list[dict[str, Any]]:
     """The slots of the round: ``name``, ``backdoored``, ``mode``, ``arch`` and a per-slot seed.
 
-    Names are ``model_XXX`` in a shuffled order, so a name tells nothing about the truth.
+    Names are ``model_NNN`` in a shuffled order, so a name tells nothing about the truth.
     """
     if spec.n < 2:
         raise ConfigError(f"a round needs at least 2 models, got {spec.n}")

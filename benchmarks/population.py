@@ -36,7 +36,8 @@ import torch
 
 import trojanscope as ts
 from trojanscope.defenses.model.neural_cleanse import CALIBRATION, EVIDENCE, trojan_probability
-from trojanscope.population import expand_models, load_truth, population_scores, scan_population
+from trojanscope.population import expand_models, population_scores, scan_population
+from trojanscope.rounds import load_truth
 
 torch.set_num_threads(1)
 
@@ -239,7 +240,7 @@ def labels43(work: Path) -> None:
     """Cost of a 43-label scan against a 10-label scan of the same architecture (mnist_cnn on
     synthetic digits data: 43 classes = a digit and one of 5 transforms)."""
     from trojanscope.defenses.model.neural_cleanse import NeuralCleanse
-    from trojanscope.population import build_architecture
+    from trojanscope.rounds import build_architecture
     from trojanscope.training import train
 
     base = ts.load_data("digits", "all")

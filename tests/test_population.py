@@ -14,8 +14,8 @@ from trojanscope.defenses.model.neural_cleanse import (CALIBRATION, NeuralCleans
                                                        trojan_probability)
 from trojanscope.errors import ConfigError
 from trojanscope.models import load_model
-from trojanscope.population import (MODES, RoundSpec, draw_config, generate_round, load_truth, make_trigger,
-                                    population_scores, round_plan)
+from trojanscope.population import population_scores
+from trojanscope.rounds import MODES, RoundSpec, draw_config, generate_round, load_truth, make_trigger, round_plan
 
 from nc_models import CornerPatchNet
 

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 import trojanscope as ts
 from trojanscope import population
 from trojanscope.cli import cli
-from trojanscope.population import SCAN_COLUMNS, export_program, scan_population
+from trojanscope.population import SCAN_COLUMNS, scan_population
+from trojanscope.rounds import export_program
 
 from nc_models import CornerPatchNet
 

@@ -3,7 +3,7 @@
 Example:
     >>> import trojanscope as ts
     >>> sorted(ts.list_models())[:2]
-    ['deepid', 'gtsrb_cnn']
+    ['bn_resnet', 'deepid']
 """
 
 from . import attacks, data, defenses, metrics, models, training

@@ -1,29 +1,12 @@
-"""A TrojAI-style round: a population of models, half clean, half backdoored, on the bundled data.
+"""Scanning a population of models with Neural Cleanse, and scoring it as TrojAI does.
 
-A detector is judged in practice (IARPA / NIST TrojAI) on a *population* of models: it gets a
-folder of models, half of them backdoored with triggers of random kind, size, place and colour,
-outputs a probability per model, and is scored by ROC-AUC and cross-entropy over the population.
-:func:`generate_round` builds such a round on the bundled data:
-
-* triggers: a solid, random-binary or checkerboard patch of 2-7 px (at most half the image's
-  side, so 2-4 px on 8x8 digits) anywhere in the image, a
-  whole-image blend of random noise with alpha 0.05-0.3, or an RGBA sticker (a random blob with
-  a soft alpha edge);
-* attack mode: all-to-one (a random target), source-specific (two source labels to a target,
-  with stamped cover samples of other labels that keep their label) or all-to-all (i -> i+1);
-* poison rate 1-15 % of the training set, the architecture (``mnist_cnn``, a BatchNorm ResNet,
-  a VGG-style net with dropout) and the training seed drawn at random.
-
-Only backdoors that work count: a backdoored model whose attack success on the test split is
-below ``min_asr`` (80 %) is retrained with a new draw. Each model is written as a
-``torch.export`` program ``models/<name>.pt2`` (what the scanner reads) and its truth as
-``truth/<name>.json`` (read only by the scoring code, never by a scanner). A round is resumable:
-finished models are kept.
+:func:`scan_population` scans a folder of models (a :mod:`~trojanscope.rounds` round, or any
+model files), one row per model, over local processes or Ray, resumably;
+:func:`population_scores` gives the ROC-AUC and cross-entropy of the per-model probabilities.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -34,350 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from .attacks.badnets import BadNets
 from .data.dataset import ImageDataset
 from .errors import ConfigError
-from .metrics import attack_success_rate, clean_accuracy
-from .triggers import Trigger
 
 log = logging.getLogger(__name__)
-
-ARCHITECTURES = ("mnist_cnn", "bn_resnet", "vgg_dropout")
-MODES = ("all-to-one", "source-specific", "all-to-all")
-TRIGGER_KINDS = ("solid", "random-binary", "checkerboard", "blend", "rgba")
-
-
-# --- the round's small architectures ---------------------------------------------------------
-
-class _Block(nn.Module):
-    def __init__(self, a: int, b: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(a, b, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(b)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(b, b, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(b)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or a != b:
-            self.shortcut = nn.Sequential(nn.Conv2d(a, b, 1, stride, bias=False), nn.BatchNorm2d(b))
-        self.relu2 = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))) + self.shortcut(x))
-
-
-class SmallBNResNet(nn.Module):
-    """A small BatchNorm ResNet: 3x3 stem, three basic blocks (``w``, ``2w``, ``4w`` channels,
-    each with stride 2), global average pooling, one linear layer."""
-
-    def __init__(self, *, input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10,
-                 width: int = 8) -> None:
-        super().__init__()
-        w = width
-        self.conv1 = nn.Conv2d(input_shape[0], w, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(w)
-        self.relu = nn.ReLU()
-        self.layer1 = _Block(w, w, 2)
-        self.layer2 = _Block(w, 2 * w, 2)
-        self.layer3 = _Block(2 * w, 4 * w, 2)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.linear = nn.Linear(4 * w, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.layer3(self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x))))))
-        return self.linear(self.flatten(self.pool(out)))
-
-
-class SmallVGG(nn.Module):
-    """A VGG-style net: two stages of two 3x3 convolutions and a max-pool, then two dense layers
-    with dropout."""
-
-    def __init__(self, *, input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10,
-                 width: int = 8, hidden: int = 64, dropout: float = 0.3) -> None:
-        super().__init__()
-        c, w = input_shape[0], width
-        self.features = nn.Sequential(
-            nn.Conv2d(c, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2))
-        with torch.no_grad():
-            d = int(self.features(torch.zeros(1, *input_shape)).flatten(1).shape[1])
-        self.flatten = nn.Flatten()
-        self.drop1 = nn.Dropout(dropout)
-        self.fc1 = nn.Linear(d, hidden)
-        self.relu = nn.ReLU()
-        self.drop2 = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.drop2(self.relu(self.fc1(self.drop1(self.flatten(self.features(x)))))))
-
-
-def build_architecture(name: str, input_shape: tuple[int, int, int], num_classes: int, seed: int) -> nn.Module:
-    """One of :data:`ARCHITECTURES`, initialised from ``seed``."""
-    from .models import create_model
-
-    if name == "mnist_cnn":
-        return create_model("mnist_cnn", input_shape=input_shape, num_classes=num_classes, seed=seed, hidden=128)
-    factories: dict[str, Callable[..., nn.Module]] = {"bn_resnet": SmallBNResNet, "vgg_dropout": SmallVGG}
-    if name not in factories:
-        raise ConfigError(f"unknown round architecture {name!r}; use one of {', '.join(ARCHITECTURES)}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        return factories[name](input_shape=input_shape, num_classes=num_classes)
-
-
-# --- drawing a model's configuration ----------------------------------------------------------
-
-def draw_config(rng: np.random.Generator, *, backdoored: bool, mode: str | None, arch: str,
-                num_classes: int, image_shape: tuple[int, int, int]) -> dict[str, Any]:
-    """A random configuration (JSON-ready) for one model of the round."""
-    cfg: dict[str, Any] = {"backdoored": backdoored, "arch": arch, "train_seed": int(rng.integers(0, 2**31 - 1))}
-    if not backdoored:
-        return cfg
-    _, h, w = image_shape
-    kind = str(rng.choice(TRIGGER_KINDS, p=[0.25, 0.2, 0.2, 0.15, 0.2]))
-    trig: dict[str, Any] = {"kind": kind, "seed": int(rng.integers(0, 2**31 - 1))}
-    if kind in ("solid", "random-binary", "checkerboard", "rgba"):
-        # 2-7 px on 28x28 images; at most half the side on smaller ones (2-4 px on 8x8 digits)
-        top = min(7, max(2, min(h, w) // 2))
-        size = int(rng.integers(2, top + 1)) if kind != "rgba" else int(rng.integers(min(4, top), top + 1))
-        trig.update(size=size, row=int(rng.integers(0, h - size + 1)), col=int(rng.integers(0, w - size + 1)),
-                    intensity=float(rng.uniform(0.7, 1.0)))
-    else:
-        trig.update(alpha=float(rng.uniform(0.05, 0.3)))
-    cfg["trigger"] = trig
-    cfg["mode"] = mode
-    labels = rng.permutation(num_classes)
-    if mode == "all-to-one":
-        cfg["target"] = int(labels[0])
-    elif mode == "source-specific":
-        cfg["target"] = int(labels[0])
-        cfg["sources"] = sorted(int(v) for v in labels[1:3])
-    elif mode == "all-to-all":
-        cfg["target"] = None
-    else:
-        raise ConfigError(f"unknown attack mode {mode!r}")
-    # all-to-all needs every label's sources poisoned: keep its rate in the upper half
-    lo = 0.05 if mode == "all-to-all" else 0.01
-    cfg["rate"] = round(float(rng.uniform(lo, 0.15)), 4)
-    if mode == "source-specific":  # two source labels hold about 20 % of the set
-        cfg["rate"] = min(cfg["rate"], 0.12)
-    return cfg
-
-
-def make_trigger(spec: dict[str, Any], image_shape: tuple[int, int, int]) -> Trigger:
-    """The :class:`Trigger` described by a configuration's ``trigger`` entry."""
-    c, h, w = image_shape
-    g = torch.Generator().manual_seed(int(spec["seed"]))
-    kind = spec["kind"]
-    if kind == "blend":
-        return Trigger.noise(image_shape, float(spec["alpha"]), seed=int(spec["seed"]))
-    s, r0, c0, v = int(spec["size"]), int(spec["row"]), int(spec["col"]), float(spec["intensity"])
-    if kind == "solid":
-        col = torch.rand(c, generator=g) * 0.3 + 0.7 if c > 1 else torch.tensor([v])
-        patch = col[:, None, None].expand(c, s, s).clone()
-        t = Trigger.from_patch(image_shape, patch, (r0, c0), margin=0)
-    elif kind == "random-binary":
-        bits = (torch.rand(c if c > 1 else 1, s, s, generator=g) > 0.5).float()
-        if int(bits.sum()) == 0:
-            bits[..., 0, 0] = 1.0
-        t = Trigger.from_patch(image_shape, bits * v, (r0, c0), margin=0)
-    elif kind == "checkerboard":
-        ii, jj = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
-        patch = (((ii + jj) % 2) == 0).float()[None].expand(c, s, s) * v
-        t = Trigger.from_patch(image_shape, patch.clone(), (r0, c0), margin=0)
-    elif kind == "rgba":
-        # a random blob: a soft disc with a random colour and a few random holes
-        yy, xx = torch.meshgrid(torch.linspace(-1, 1, s), torch.linspace(-1, 1, s), indexing="ij")
-        alpha = (1.3 - (yy ** 2 + xx ** 2).sqrt()).clamp(0, 1)
-        alpha = alpha * (torch.rand(s, s, generator=g) > 0.15).float()
-        rgb = (torch.rand(3, 1, 1, generator=g) * 0.3 + 0.7).expand(3, s, s) * v
-        rgba = torch.cat([rgb, alpha[None]])
-        t = Trigger.from_rgba(rgba, image_shape, (r0, c0))
-    else:
-        raise ConfigError(f"unknown trigger kind {kind!r}")
-    return Trigger(t.mask, t.pattern, f"{kind}:{s}@{r0},{c0}")
-
-
-def make_attack(cfg: dict[str, Any], image_shape: tuple[int, int, int], poison_seed: int) -> BadNets:
-    trig = make_trigger(cfg["trigger"], image_shape)
-    mode = cfg["mode"]
-    if mode == "all-to-all":
-        return BadNets(trig, 0, rate=cfg["rate"], mode="all-to-all", seed=poison_seed)
-    if mode == "source-specific":
-        return BadNets(trig, cfg["target"], rate=cfg["rate"], source_labels=cfg["sources"], cover_rate=cfg["rate"],
-                       seed=poison_seed)
-    return BadNets(trig, cfg["target"], rate=cfg["rate"], seed=poison_seed)
-
-
-# --- training one model -----------------------------------------------------------------------
-
-def export_program(model: nn.Module, path: Path, image_shape: tuple[int, int, int]) -> Path:
-    """Write ``model`` (in eval mode) as a ``torch.export`` program with a dynamic batch size."""
-    model = model.eval()
-    x = torch.rand(2, *image_shape)
-    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.pt2")
-    torch.export.save(ep, str(tmp))
-    tmp.replace(path)
-    return path
-
-
-def train_member(cfg: dict[str, Any], train: ImageDataset, test: ImageDataset, *, epochs: int,
-                 batch_size: int = 64) -> tuple[nn.Module, dict[str, Any]]:
-    """Train one member of the round; returns the model and its measured figures."""
-    from .training import train as train_loop
-
-    t0 = time.perf_counter()
-    data = train
-    attack = None
-    if cfg["backdoored"]:
-        attack = make_attack(cfg, train.image_shape, cfg["train_seed"] % 100003)
-        data = attack.poison(train)
-    model = build_architecture(cfg["arch"], train.image_shape, train.num_classes, cfg["train_seed"])
-    train_loop(model, data, epochs=epochs, lr=1e-3, batch_size=batch_size, seed=cfg["train_seed"])
-    model.eval()
-    figs: dict[str, Any] = {"clean_accuracy": clean_accuracy(model, test), "train_seconds": time.perf_counter() - t0}
-    if attack is not None:
-        if cfg["mode"] == "all-to-all":
-            figs["attack_success"] = attack_success_rate(model, test, attack.triggers[0],
-                                                         attack.target_map(test.num_classes))
-        else:
-            figs["attack_success"] = attack.success_rate(model, test)
-        figs["trigger_name"] = attack.triggers[0].name
-        figs["trigger_l1"] = float(attack.triggers[0].l1_norm)
-    return model, figs
-
-
-@dataclasses.dataclass
-class RoundSpec:
-    """How a round is drawn.
-
-    Attributes:
-        n: models in the round (half clean, half backdoored; an odd one is clean).
-        seed: the round's seed (fixes every draw; the held-out round of the figures uses its own).
-        data: bundled data set (its ``train`` split trains, ``test`` measures CA and ASR).
-        train_size: images of the train split each model is trained on (a stratified subset
-            drawn per model; None: all of it).
-        epochs: training epochs per model.
-        min_asr: the attack success a backdoor needs to count.
-        max_tries: draws per backdoored slot before giving up on it.
-        architectures: the architectures drawn from (cycled, so each gets its share).
-        modes: the attack modes (cycled over the backdoored models).
-    """
-
-    n: int = 40
-    seed: int = 0
-    data: str = "mnist5k"
-    train_size: int | None = 2000
-    epochs: int = 3
-    min_asr: float = 0.8
-    max_tries: int = 3
-    architectures: tuple[str, ...] = ARCHITECTURES
-    modes: tuple[str, ...] = MODES
-
-
-def round_plan(spec: RoundSpec, image_shape: tuple[int, int, int], num_classes: int) -> list[dict[str, Any]]:
-    """The slots of the round: ``name``, ``backdoored``, ``mode``, ``arch`` and a per-slot seed.
-
-    Names are ``model_NNN`` in a shuffled order, so a name tells nothing about the truth.
-    """
-    if spec.n < 2:
-        raise ConfigError(f"a round needs at least 2 models, got {spec.n}")
-    for a in spec.architectures:
-        if a not in ARCHITECTURES:
-            raise ConfigError(f"unknown round architecture {a!r}; use one of {', '.join(ARCHITECTURES)}")
-    for m in spec.modes:
-        if m not in MODES:
-            raise ConfigError(f"unknown attack mode {m!r}; use one of {', '.join(MODES)}")
-    rng = np.random.default_rng(spec.seed)
-    n_bad = spec.n // 2
-    slots = []
-    for i in range(spec.n):
-        bad = i < n_bad
-        j = i if bad else i - n_bad
-        slots.append({"backdoored": bad, "mode": spec.modes[j % len(spec.modes)] if bad else None,
-                      "arch": spec.architectures[(j + (j // len(spec.modes) if bad else 0)) % len(spec.architectures)],
-                      "slot_seed": int(rng.integers(0, 2**31 - 1))})
-    order = rng.permutation(spec.n)
-    for k, i in enumerate(order):
-        slots[i]["name"] = f"model_{k:03d}"
-    return sorted(slots, key=lambda s: s["name"])
-
-
-def generate_round(out: str | Path, spec: RoundSpec | None = None, *,
-                   progress: Callable[[str, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Train (or reuse) every model of a round in ``out``; returns the truth rows.
-
-    Writes ``out/models/<name>.pt2``, ``out/truth/<name>.json`` per model, ``out/truth.json``
-    (all rows) and ``out/round.json`` (the spec). A model already in ``out`` is kept, so a killed
-    run resumes; a different spec in an existing folder is refused.
-    """
-    from .data import load_data
-
-    spec = spec or RoundSpec()
-    out = Path(out)
-    (out / "models").mkdir(parents=True, exist_ok=True)
-    (out / "truth").mkdir(parents=True, exist_ok=True)
-    spec_d = dataclasses.asdict(spec)
-    spec_d["architectures"], spec_d["modes"] = list(spec.architectures), list(spec.modes)
-    spec_file = out / "round.json"
-    if spec_file.exists():
-        old = json.loads(spec_file.read_text())
-        if old != spec_d:
-            raise ConfigError(f"{out} holds a round drawn with other settings ({old}); use a new --out")
-    else:
-        spec_file.write_text(json.dumps(spec_d, indent=2) + "\n")
-    train, test = load_data(spec.data, "train"), load_data(spec.data, "test")
-    rows = []
-    for slot in round_plan(spec, train.image_shape, train.num_classes):
-        name = slot["name"]
-        tfile = out / "truth" / f"{name}.json"
-        if tfile.exists():
-            old_row = json.loads(tfile.read_text())
-            if old_row.get("file") is None or (out / "models" / f"{name}.pt2").exists():
-                rows.append(old_row)
-                continue
-        rng = np.random.default_rng(slot["slot_seed"])
-        part = train
-        if spec.train_size is not None and spec.train_size < len(train):
-            part = train.split(spec.train_size / len(train), seed=slot["slot_seed"] % 100003)[0]
-        row: dict[str, Any] = {}
-        for attempt in range(spec.max_tries if slot["backdoored"] else 1):
-            cfg = draw_config(rng, backdoored=slot["backdoored"], mode=slot["mode"], arch=slot["arch"],
-                              num_classes=train.num_classes, image_shape=train.image_shape)
-            model, figs = train_member(cfg, part, test, epochs=spec.epochs)
-            row = {"name": name, "file": f"models/{name}.pt2", **cfg, **figs, "tries": attempt + 1}
-            if not slot["backdoored"] or figs["attack_success"] >= spec.min_asr:
-                break
-            log.info("%s: attack success %.2f < %.2f, drawing again", name, figs["attack_success"], spec.min_asr)
-        if slot["backdoored"] and row["attack_success"] < spec.min_asr:
-            # a backdoor that does not work is not part of the round: no model file
-            row["excluded"] = f"attack success {row['attack_success']:.2f} < {spec.min_asr} after {spec.max_tries} draws"
-            row["file"] = None
-        else:
-            export_program(model, out / "models" / f"{name}.pt2", train.image_shape)
-        tfile.write_text(json.dumps(row, indent=2) + "\n")
-        rows.append(row)
-        if progress is not None:
-            progress(name, row)
-    (out / "truth.json").write_text(json.dumps(rows, indent=2) + "\n")
-    return rows
-
-
-def load_truth(round_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """The truth rows of a round by model file stem (for scoring only)."""
-    d = Path(round_dir)
-    rows = {}
-    for p in sorted((d / "truth").glob("*.json")):
-        r = json.loads(p.read_text())
-        rows[r["name"]] = r
-    return rows
 
 
 # --- scoring a population ---------------------------------------------------------------------
@@ -477,8 +121,7 @@ def scan_one(model: str | Path | dict[str, bytes], data: ImageDataset, params: d
         torch.set_num_threads(max(1, int(threads)))
     label = str(name if name is not None else model)
     t0 = time.perf_counter()
-    row: dict[str, Any] = {"file": label, "probability": None, "verdict": "error", "flagged_labels": [],
-                           "seconds": 0.0, "error": None}
+    row = _error_row(label, None)
     try:
         with tempfile.TemporaryDirectory(prefix="trojanscope-scan-") as tmp:
             path = _materialise(model, label, Path(tmp)) if isinstance(model, dict) else Path(model)
@@ -577,17 +220,7 @@ def scan_population(models: list[Path], data: ImageDataset, params: dict[str, An
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     if backend not in ("auto", "ray", "processes", "serial"):
         raise ConfigError(f"unknown backend {backend!r}")
-    rows: dict[int, dict[str, Any]] = {}
-    todo: list[int] = []
-    for i, p in enumerate(models):
-        rf = _row_file(out, p) if out is not None else None
-        if rf is not None and rf.exists():
-            try:
-                rows[i] = json.loads(rf.read_text())
-                continue
-            except (OSError, ValueError):
-                pass
-        todo.append(i)
+    rows, todo = _finished_rows(models, out)
 
     def finish(i: int, row: dict[str, Any]) -> None:
         rows[i] = row
@@ -606,25 +239,52 @@ def scan_population(models: list[Path], data: ImageDataset, params: dict[str, An
         for i in todo:
             finish(i, scan_one(models[i], data, params, name=str(models[i])))
     elif backend == "processes":
-        import concurrent.futures as cf
-        import multiprocessing as mp
-
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                    initializer=_init_worker, initargs=(data, params, threads)) as ex:
-            futs = {ex.submit(_worker_scan, str(models[i])): i for i in todo}
-            for f in cf.as_completed(futs):
-                i = futs[f]
-                try:
-                    row = f.result()
-                except Exception as e:  # a worker died (e.g. killed for memory)
-                    row = {"file": str(models[i]), "probability": None, "verdict": "error", "flagged_labels": [],
-                           "seconds": 0.0, "error": f"worker failed: {type(e).__name__}: {e}"}
-                finish(i, row)
+        _scan_processes(models, todo, data, params, workers, threads, finish)
     else:
         _scan_ray(models, todo, data, params, workers, threads, address or os.environ.get("RAY_ADDRESS"), finish)
     if out is not None:
         write_scan_table([rows[i] for i in range(len(models))], out)
     return [rows[i] for i in range(len(models))]
+
+
+def _finished_rows(models: list[Path], out: Path | None) -> tuple[dict[int, dict[str, Any]], list[int]]:
+    """The rows already in ``out/rows`` by model index, and the indices still to scan."""
+    rows: dict[int, dict[str, Any]] = {}
+    todo: list[int] = []
+    for i, p in enumerate(models):
+        rf = _row_file(out, p) if out is not None else None
+        if rf is not None and rf.exists():
+            try:
+                rows[i] = json.loads(rf.read_text())
+                continue
+            except (OSError, ValueError):
+                pass
+        todo.append(i)
+    return rows, todo
+
+
+def _error_row(file: str, error: str | None) -> dict[str, Any]:
+    """A row with no result: the model could not be scanned (``error`` says why)."""
+    return {"file": file, "probability": None, "verdict": "error", "flagged_labels": [], "seconds": 0.0,
+            "error": error}
+
+
+def _scan_processes(models: list[Path], todo: list[int], data: ImageDataset, params: dict[str, Any], workers: int,
+                    threads: int, finish: Callable[[int, dict[str, Any]], None]) -> None:
+    """Fan the scans out over ``workers`` local (spawned) processes."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                initializer=_init_worker, initargs=(data, params, threads)) as ex:
+        futs = {ex.submit(_worker_scan, str(models[i])): i for i in todo}
+        for f in cf.as_completed(futs):
+            i = futs[f]
+            try:
+                row = f.result()
+            except Exception as e:  # a worker died (e.g. killed for memory)
+                row = _error_row(str(models[i]), f"worker failed: {type(e).__name__}: {e}")
+            finish(i, row)
 
 
 def _have_ray() -> bool:
@@ -680,8 +340,7 @@ def _scan_ray(models: list[Path], todo: list[int], data: ImageDataset, params: d
                 try:
                     row = ray.get(ref)
                 except Exception as e:  # the task's worker died
-                    row = {"file": str(models[i]), "probability": None, "verdict": "error", "flagged_labels": [],
-                           "seconds": 0.0, "error": f"worker failed: {type(e).__name__}: {str(e).splitlines()[0]}"}
+                    row = _error_row(str(models[i]), f"worker failed: {type(e).__name__}: {str(e).splitlines()[0]}")
                 finish(i, row)
     finally:
         if started:

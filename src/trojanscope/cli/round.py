@@ -31,7 +31,7 @@ def round_cmd(n: int, out: Path, seed: int, data: str, epochs: int, train_size: 
               threads: int, quiet: bool) -> None:
     """Train a round of N models (half clean, half backdoored with random triggers, targets, poison
     rates, attack modes and architectures) and write them as .pt2 programs plus a truth file."""
-    from ..population import ARCHITECTURES, RoundSpec, generate_round
+    from ..rounds import ARCHITECTURES, RoundSpec, generate_round
 
     if threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {threads}")

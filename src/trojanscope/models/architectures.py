@@ -154,6 +154,62 @@ class ResNet18(nn.Module):
         return self.linear(self.flatten(self.pool(out)))
 
 
+@register_model("bn_resnet")
+class SmallBNResNet(nn.Module):
+    """A small BatchNorm ResNet: 3x3 stem, three stride-2 basic blocks, one dense layer.
+
+    The blocks have ``width``, 2 x ``width`` and 4 x ``width`` channels; global average pooling
+    feeds ``linear``. One of the architectures of a :mod:`~trojanscope.rounds` round.
+    """
+
+    def __init__(self, *, input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10,
+                 width: int = 8) -> None:
+        super().__init__()
+        w = width
+        self.conv1 = nn.Conv2d(input_shape[0], w, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.relu = nn.ReLU()
+        self.layer1 = BasicBlock(w, w, 2)
+        self.layer2 = BasicBlock(w, 2 * w, 2)
+        self.layer3 = BasicBlock(2 * w, 4 * w, 2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.linear = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layer3(self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x))))))
+        return self.linear(self.flatten(self.pool(out)))
+
+
+@register_model("vgg_dropout")
+class SmallVGG(nn.Module):
+    """A VGG-style net: two stages of two 3x3 convolutions and a max-pool, two dense layers with dropout.
+
+    The stages have ``width`` and 2 x ``width`` channels; ``fc1`` has ``hidden`` units; each dense
+    layer's input is dropped with probability ``dropout`` in training. One of the architectures
+    of a :mod:`~trojanscope.rounds` round.
+    """
+
+    def __init__(self, *, input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10,
+                 width: int = 8, hidden: int = 64, dropout: float = 0.3) -> None:
+        super().__init__()
+        c, w = input_shape[0], width
+        self.features = nn.Sequential(
+            nn.Conv2d(c, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2))
+        d = _flat_dim(self.features, input_shape)
+        self.flatten = nn.Flatten()
+        self.drop1 = nn.Dropout(dropout)
+        self.fc1 = nn.Linear(d, hidden)
+        self.relu = nn.ReLU()
+        self.drop2 = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.drop2(self.relu(self.fc1(self.drop1(self.flatten(self.features(x)))))))
+
+
 @register_model("deepid")
 class DeepID(nn.Module):
     """DeepID (Sun et al. 2014), the Neural Cleanse YouTube Face model (55x47x3 inputs).

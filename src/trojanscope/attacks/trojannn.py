@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._utils.batching import eval_mode, model_device
+from .._utils.batching import eval_mode, generator, model_device
 from .._utils.hooks import capture, resolve_layer
 from .._utils.results import Result
 from .._utils.validation import Interval, Options, check_params
@@ -177,14 +177,15 @@ def generate_trigger(model: nn.Module, layer: str, neurons: torch.Tensor, mask: 
 
     Minimises ``sum_j (value - f_j(x))^2`` over the masked pixels of an image that is zero outside
     the mask, by gradient descent restricted to the mask (the paper's ``x <- x - lr * grad * M``;
-    here with Adam on a sigmoid parametrisation that keeps pixels in [0, 1]).
+    here with Adam on a sigmoid parametrisation that keeps pixels in [0, 1]). ``seed`` seeds the
+    starting pixels (None: fresh entropy).
 
     Returns:
         ``(trigger, costs)``: the trigger (mask ``M``, pattern = the optimised pixels) and the cost
         after each step.
     """
     dev = model_device(model)
-    g = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    g = generator(seed)
     m = mask.to(dev)
     theta = (torch.randn(image_shape, generator=g) * 0.1).to(dev).requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=lr)
@@ -222,12 +223,13 @@ def reverse_engineer_inputs(model: nn.Module, image_shape: tuple[int, int, int],
     Each starts from random noise and follows gradient descent on the cross-entropy towards its
     label plus ``tv_weight`` times its total variation (the paper's denoising), so that it looks
     like an input of that label *to this model*. Labelled with the label they were made for.
+    ``seed`` seeds the starting noise (None: fresh entropy).
 
     Shape:
         the result holds ``(K * n_per_label, C, H, W)`` images in [0, 1].
     """
     dev = model_device(model)
-    g = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    g = generator(seed)
     y = torch.arange(num_classes).repeat_interleave(n_per_label)
     theta = (torch.randn(y.numel(), *image_shape, generator=g) * 0.5).to(dev).requires_grad_(True)
     yd = y.to(dev)

@@ -39,9 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from ..errors import UnsupportedModelError
+from ._rebuild import rebuild_graph
 from .io import LoadedModel, ModelSpec
 
 #: Formats that come from outside the project (written back by :mod:`~trojanscope.models.writeback`).
@@ -65,26 +66,28 @@ class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
 _FROZEN = {nn.BatchNorm1d: FrozenStatsBatchNorm1d, nn.BatchNorm2d: FrozenStatsBatchNorm2d}
 
 
+def _swap_classes(module: nn.Module, classes: dict[type, type], *, to_eval: bool) -> nn.Module:
+    """Give every submodule whose exact type is a key of ``classes`` the class it maps to (in place)."""
+    for m in module.modules():
+        new = classes.get(type(m))
+        if new is not None:
+            m.__class__ = new
+            if to_eval:
+                m.eval()
+    return module
+
+
 def freeze_bn_stats(module: nn.Module) -> nn.Module:
     """Make every ``BatchNorm1d`` / ``BatchNorm2d`` of ``module`` keep its running statistics (in place).
 
     The layers keep their class for ``isinstance`` (they become subclasses) and their parameters.
     """
-    for m in module.modules():
-        frozen = _FROZEN.get(type(m))
-        if frozen is not None:
-            m.__class__ = frozen
-            m.eval()
-    return module
+    return _swap_classes(module, _FROZEN, to_eval=True)
 
 
 def unfreeze_bn_stats(module: nn.Module) -> nn.Module:
     """Undo :func:`freeze_bn_stats` (in place)."""
-    back = {v: k for k, v in _FROZEN.items()}
-    for m in module.modules():
-        if type(m) in back:
-            m.__class__ = back[type(m)]
-    return module
+    return _swap_classes(module, {v: k for k, v in _FROZEN.items()}, to_eval=False)
 
 
 @dataclass
@@ -129,213 +132,6 @@ class ModelSurface:
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "path": str(self.path), "rebuilt": self.rebuilt,
                 "bn_stats_frozen": self.bn_stats_frozen, "layers": dict(self.layers)}
-
-
-# --- graph rebuilding ---------------------------------------------------------------------------
-
-def _aten(name: str, overload: str = "default") -> Any:
-    op = getattr(torch.ops.aten, name, None)
-    return None if op is None else getattr(op, overload, None)
-
-
-def _layer_ops() -> dict[Any, str]:
-    ops = {_aten("conv2d"): "conv2d", _aten("linear"): "linear", _aten("batch_norm"): "batch_norm",
-           _aten("_native_batch_norm_legit_no_training"): "bn_no_training", _aten("convolution"): "convolution"}
-    return {k: v for k, v in ops.items() if k is not None}
-
-
-def _attr_name(node: Any) -> str | None:
-    return node.target if isinstance(node, fx.Node) and node.op == "get_attr" else None
-
-
-def _fetch(gm: nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _as_param(t: torch.Tensor) -> nn.Parameter:
-    return t if isinstance(t, nn.Parameter) else nn.Parameter(t.detach().clone(), requires_grad=True)
-
-
-def _ints(v: Any, n: int = 2) -> tuple[int, ...]:
-    if isinstance(v, int):
-        return (v,) * n
-    return tuple(int(a) for a in v)
-
-
-def _make_layer(kind: str, node: fx.Node, gm: nn.Module) -> tuple[nn.Module, list[fx.Node], str] | None:
-    """The standard layer a call node computes, the inputs it replaces, and its name (or None)."""
-    args = list(node.args) + [None] * 10
-    kw = dict(node.kwargs)
-    x = args[0]
-    if kind in ("conv2d", "convolution"):
-        w, b = args[1], args[2]
-        wname = _attr_name(w)
-        if wname is None or (b is not None and _attr_name(b) is None):
-            return None
-        weight = _fetch(gm, wname)
-        if weight.ndim != 4:
-            return None
-        if kind == "conv2d":
-            stride, padding, dilation, groups = (args[3] or kw.get("stride", [1, 1]), args[4] or kw.get("padding", [0, 0]),
-                                                 args[5] or kw.get("dilation", [1, 1]), args[6] or kw.get("groups", 1))
-            if isinstance(padding, str):
-                return None
-        else:  # convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
-            if args[6]:
-                return None
-            stride, padding, dilation, groups = args[3], args[4], args[5], args[8]
-        groups = int(groups)
-        conv = nn.Conv2d(int(weight.shape[1]) * groups, int(weight.shape[0]), tuple(weight.shape[2:]),
-                         stride=_ints(stride), padding=_ints(padding), dilation=_ints(dilation), groups=groups,
-                         bias=b is not None, device="meta")
-        conv.weight = _as_param(weight)
-        conv.bias = _as_param(_fetch(gm, _attr_name(b))) if b is not None else None  # type: ignore[arg-type]
-        return conv, [w] + ([b] if b is not None else []), wname.rpartition(".")[0] or wname
-    if kind == "linear":
-        w, b = args[1], args[2] if args[2] is not None else kw.get("bias")
-        wname = _attr_name(w)
-        if wname is None or (b is not None and _attr_name(b) is None):
-            return None
-        weight = _fetch(gm, wname)
-        if weight.ndim != 2:
-            return None
-        lin = nn.Linear(int(weight.shape[1]), int(weight.shape[0]), bias=b is not None, device="meta")
-        lin.weight = _as_param(weight)
-        lin.bias = _as_param(_fetch(gm, _attr_name(b))) if b is not None else None  # type: ignore[arg-type]
-        return lin, [w] + ([b] if b is not None else []), wname.rpartition(".")[0] or wname
-    # batch norm: batch_norm(x, w, b, mean, var, training, momentum, eps, cudnn) or
-    # _native_batch_norm_legit_no_training(x, w, b, mean, var, momentum, eps)
-    w, b, mean, var = args[1], args[2], args[3], args[4]
-    if kind == "batch_norm":
-        if args[5]:
-            return None
-        momentum, eps = args[6], args[7]
-    else:
-        momentum, eps = args[5], args[6]
-    names = [_attr_name(v) for v in (mean, var)]
-    if None in names or (w is not None and _attr_name(w) is None) or (b is not None and _attr_name(b) is None):
-        return None
-    val = x.meta.get("val") if isinstance(x, fx.Node) else None
-    ndim = getattr(val, "ndim", None)
-    if ndim not in (2, 3, 4):
-        return None
-    rm, rv = _fetch(gm, names[0]), _fetch(gm, names[1])
-    cls = nn.BatchNorm2d if ndim == 4 else nn.BatchNorm1d
-    affine = w is not None and b is not None
-    bn = cls(int(rm.shape[0]), eps=float(eps), momentum=float(momentum) if momentum is not None else 0.1, affine=affine)
-    if affine:
-        bn.weight = _as_param(_fetch(gm, _attr_name(w)))
-        bn.bias = _as_param(_fetch(gm, _attr_name(b)))
-    bn.running_mean = rm.detach().clone()
-    bn.running_var = rv.detach().clone()
-    base = names[0].rpartition(".")[0] or names[0]
-    return bn, [v for v in (w, b, mean, var) if v is not None], base
-
-
-def _set_path(root: nn.Module, name: str, value: Any, taken: set[str]) -> str:
-    """Put ``value`` (a module or tensor) at dotted ``name`` under ``root``, renaming on clashes."""
-    def clash(n: str) -> bool:
-        parts = n.split(".")
-        obj: Any = root
-        for i, part in enumerate(parts):
-            if not hasattr(obj, part):
-                return False
-            obj = getattr(obj, part)
-            if i < len(parts) - 1 and not (isinstance(obj, nn.Module) and type(obj) is nn.Module):
-                return True  # a leaf layer or tensor where a container is needed
-        return True  # the name itself is taken
-
-    ok = all(p.isidentifier() or p.isdigit() for p in name.split("."))
-    final = name if ok else "_".join(p for p in name.replace(".", "_").split("_") if p) or "layer"
-    if not final.replace(".", "").replace("_", "").isalnum() or final[0].isdigit():
-        final = f"layer_{abs(hash(final)) % 10**8}"
-    if clash(final) or final in taken:
-        base = final.replace(".", "_")
-        final, i = base, 1
-        while clash(final) or final in taken:
-            final, i = f"{base}_{i}", i + 1
-    parts = final.split(".")
-    obj = root
-    for part in parts[:-1]:
-        if not hasattr(obj, part):
-            obj.add_module(part, nn.Module())
-        obj = getattr(obj, part)
-    leaf = parts[-1]
-    if isinstance(value, nn.Module):
-        obj.add_module(leaf, value)
-    elif isinstance(value, nn.Parameter):
-        obj.register_parameter(leaf, value)
-    else:
-        obj.register_buffer(leaf, value)
-    taken.add(final)
-    return final
-
-
-def rebuild_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, str]]:
-    """A copy of the aten graph ``gm`` (``ExportedProgram.module()``) with its convolutions, dense
-    layers and BatchNorms as standard modules named after their weights (``"stem.weight"`` ->
-    ``"stem"``). Returns ``(module, {layer name: kind})``."""
-    gm = copy.deepcopy(gm)
-    graph = gm.graph
-    ops = _layer_ops()
-    root = nn.Module()
-    taken: set[str] = set()
-    layers: dict[str, str] = {}
-    by_weight: dict[str, str] = {}
-    # drop export's runtime guard call (a module that checks input shapes) and unused attributes
-    for node in list(graph.nodes):
-        if node.op == "call_module" and str(node.target).startswith("_guards"):
-            graph.erase_node(node)
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in ops:
-            continue
-        made = _make_layer(ops[node.target], node, gm)
-        if made is None:
-            continue
-        layer, replaced, name = made
-        key = replaced[0].target
-        if key in by_weight:  # a layer called twice (shared weights): one module, called twice
-            target = by_weight[key]
-        else:
-            target = _set_path(root, name, layer, taken)
-            by_weight[key] = target
-            layers[target] = type(layer).__name__
-        with graph.inserting_before(node):
-            new = graph.call_module(target, (node.args[0],))
-        if ops[node.target] == "bn_no_training":  # returns (out, mean, rstd): users take [0]
-            for user in list(node.users):
-                if user.op == "call_function" and user.args[1] == 0:
-                    user.replace_all_uses_with(new)
-                    graph.erase_node(user)
-            if node.users:
-                raise UnsupportedModelError("a BatchNorm's saved statistics are used by the program; cannot rebuild it")
-        else:
-            node.replace_all_uses_with(new)
-        new.meta = dict(node.meta)
-        graph.erase_node(node)
-    for node in list(graph.nodes):
-        if node.op == "get_attr":
-            if not node.users:
-                graph.erase_node(node)
-                continue
-            value = _fetch(gm, node.target)
-            if isinstance(value, torch.Tensor):
-                node.target = _set_path(root, node.target, value, taken)
-            else:
-                raise UnsupportedModelError(f"the program holds a non-tensor attribute {node.target!r}; cannot rebuild it")
-        elif node.op == "call_module":
-            if node.target not in taken:
-                raise UnsupportedModelError(f"the program calls a module {node.target!r}; cannot rebuild it")
-    graph.eliminate_dead_code()
-    new_graph = fx.Graph()
-    new_graph._codegen = copy.deepcopy(graph._codegen)  # export's pytree calling convention
-    new_graph.output(new_graph.graph_copy(graph, {}))
-    out = fx.GraphModule(root, new_graph, class_name="ReceivedModel")
-    out.graph.lint()
-    return out, layers
 
 
 def _program_of(lm: LoadedModel) -> Any:
@@ -443,7 +239,10 @@ def reinitialised_copy(module: nn.Module, seed: int | None = 0) -> nn.Module:
     dev = next((p.device for p in new.parameters()), torch.device("cpu"))
     kept: list[str] = []
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(0 if seed is None else int(seed))
+        if seed is None:
+            torch.seed()  # fresh entropy, as batching.generator(None)
+        else:
+            torch.manual_seed(int(seed))
         for name, m in new.named_modules():
             own = [n for n, _ in m.named_parameters(recurse=False)] + [n for n, _ in m.named_buffers(recurse=False)]
             if not own:

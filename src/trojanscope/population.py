@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data.dataset import ImageDataset
+from .data.dataset import ImageDataset, fit_to_model
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -126,16 +126,7 @@ def scan_one(model: str | Path | dict[str, bytes], data: ImageDataset, params: d
         with tempfile.TemporaryDirectory(prefix="trojanscope-scan-") as tmp:
             path = _materialise(model, label, Path(tmp)) if isinstance(model, dict) else Path(model)
             lm = load_model(path, default_input_shape=data.image_shape)
-            if data.image_shape != tuple(lm.spec.input_shape):
-                raise TrojanscopeError(f"the data's images are {data.image_shape} but the model expects "
-                                       f"{tuple(lm.spec.input_shape)}")
-            if data.num_classes > lm.spec.num_classes:
-                raise TrojanscopeError(f"the data has label {data.num_classes - 1}, out of range for a model "
-                                       f"with {lm.spec.num_classes} classes")
-            d = data
-            if data.num_classes < lm.spec.num_classes:
-                d = ImageDataset(data.x, data.y, lm.spec.num_classes, None, data.name, data.groups)
-            res = NeuralCleanse(**params).scan(lm.model, d)
+            res = NeuralCleanse(**params).scan(lm.model, fit_to_model(data, lm))
         row.update(probability=round(float(res.probability), 6), verdict="backdoor" if res.infected else "clean",
                    flagged_labels=list(res.flagged_labels), format=lm.format,
                    evidence={k: v for k, v in res.evidence.items() if k != "calibration"},

@@ -68,16 +68,23 @@ def check_alloc(nbytes: int, what: str) -> None:
                                  f"{human(max_memory())} (raise it with --max-memory)")
 
 
-def require_regular_file(path: str | Path, what: str = "input") -> Path:
-    """``path`` as a Path if it is a regular file (after following links); FIFOs, sockets and
-    device files are refused without being opened."""
+def stat_input(path: str | Path, what: str = "input") -> os.stat_result:
+    """The status of ``path`` (after following links), read without opening it; a missing or
+    unreadable path is refused, named as ``what``."""
     p = Path(path)
     try:
-        st = p.stat()
+        return p.stat()
     except FileNotFoundError:
         raise DataError(f"{what} not found: {p}") from None
     except OSError as e:
         raise DataError(f"cannot read {what} {p}: {e.strerror}") from None
+
+
+def require_regular_file(path: str | Path, what: str = "input") -> Path:
+    """``path`` as a Path if it is a regular file (after following links); FIFOs, sockets and
+    device files are refused without being opened."""
+    p = Path(path)
+    st = stat_input(p, what)
     if not stat.S_ISREG(st.st_mode):
         kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
                 else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device file")

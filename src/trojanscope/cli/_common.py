@@ -23,6 +23,7 @@ from .._utils import limits
 from .._utils.results import to_jsonable
 from .._utils.validation import MAX_CLASSES
 from ..data import ImageDataset, load_data
+from ..data.dataset import fit_to_model
 from ..errors import ConfigError, DataError
 from ..models import LoadedModel, load_model
 from ..triggers import Trigger
@@ -146,6 +147,17 @@ def _probe_dir(d: Path, option: str, target: Path) -> None:
     os.unlink(name)
 
 
+def _existing(p: Path, option: str) -> os.stat_result | None:
+    """The status of output path ``p`` (after following links) if it exists, even as a dangling
+    link (which is refused); None when nothing is there yet."""
+    if not os.path.lexists(p):
+        return None
+    try:
+        return p.stat()
+    except OSError as e:
+        raise ConfigError(f"{option} {p}: {e.strerror or e}") from None
+
+
 def check_output_file(path: Path | str | None, option: str) -> None:
     """Refuse an output file (``--json``, ``--report``, ``--heatmap``) that cannot be written, before
     anything is computed: a directory, a device, a path under a regular file, an unwritable folder.
@@ -153,11 +165,8 @@ def check_output_file(path: Path | str | None, option: str) -> None:
     if path is None or str(path) == "-":
         return
     p = Path(path)
-    if os.path.lexists(p):
-        try:
-            st = p.stat()
-        except OSError as e:
-            raise ConfigError(f"{option} {p}: {e.strerror or e}") from None
+    st = _existing(p, option)
+    if st is not None:
         if stat.S_ISDIR(st.st_mode):
             raise ConfigError(f"{option} {p} is a directory; give a file name")
         if not stat.S_ISREG(st.st_mode):
@@ -180,11 +189,8 @@ def check_output_dir(path: Path | str | None, option: str = "--out") -> None:
     if path is None:
         return
     p = Path(path)
-    if os.path.lexists(p):
-        try:
-            st = p.stat()
-        except OSError as e:
-            raise ConfigError(f"{option} {p}: {e.strerror or e}") from None
+    st = _existing(p, option)
+    if st is not None:
         if not stat.S_ISDIR(st.st_mode):
             raise ConfigError(f"{option} {p} exists and is not a directory")
         _probe_dir(p, option, p)
@@ -280,21 +286,6 @@ def open_data(spec: str, *, default_split: str = "test", model: LoadedModel | No
     return fit_to_model(data, model) if model is not None else data
 
 
-def fit_to_model(data: ImageDataset, model: LoadedModel) -> ImageDataset:
-    """Check that ``data``'s shapes and labels fit ``model`` (one clear error otherwise)."""
-    from ..errors import DataError
-
-    if data.image_shape != tuple(model.spec.input_shape):
-        raise DataError(f"the data's images are {data.image_shape} but the model expects "
-                        f"{tuple(model.spec.input_shape)}")
-    if data.num_classes > model.spec.num_classes:
-        raise DataError(f"the data has label {data.num_classes - 1}, out of range for a model with "
-                        f"{model.spec.num_classes} classes")
-    if data.num_classes < model.spec.num_classes:
-        data = ImageDataset(data.x, data.y, model.spec.num_classes, model.spec.class_names, data.name, data.groups)
-    return data
-
-
 def parse_trigger(spec: str, image_shape: tuple[int, int, int]) -> Trigger:
     return Trigger.parse(spec, image_shape)
 
@@ -370,16 +361,23 @@ def parse_params(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def defence_params(method: str, items: Sequence[str]) -> dict[str, Any]:
-    """``--param KEY=VALUE`` pairs for the registered defence ``method``; an unknown key is an error."""
+def checked_params(factory: Callable[..., Any], items: Sequence[str], who: str,
+                   hidden: tuple[str, ...] = ("self",)) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs for the constructor of ``factory`` (a registered class, named ``who``
+    in the error); a key it does not take is an error listing those it takes (but ``hidden``)."""
     import inspect
 
-    from ..defenses import DEFENSES
-
     kwargs = parse_params(items)
-    sig = inspect.signature(DEFENSES.get(method).__init__).parameters
+    sig = inspect.signature(factory.__init__).parameters  # type: ignore[misc]
     unknown = sorted(set(kwargs) - set(sig))
     if unknown:
-        raise ConfigError(f"{method} takes no parameter {', '.join(unknown)}; "
-                          f"it takes {', '.join(p for p in sig if p not in ('self', 'device'))}")
+        raise ConfigError(f"{who} takes no parameter {', '.join(unknown)}; "
+                          f"it takes {', '.join(p for p in sig if p not in hidden)}")
     return kwargs
+
+
+def defence_params(method: str, items: Sequence[str]) -> dict[str, Any]:
+    """``--param KEY=VALUE`` pairs for the registered defence ``method``; an unknown key is an error."""
+    from ..defenses import DEFENSES
+
+    return checked_params(DEFENSES.get(method), items, method, ("self", "device"))

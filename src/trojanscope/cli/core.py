@@ -9,6 +9,7 @@ from typing import Any
 import click
 import torch
 
+from ..data.dataset import ImageDataset
 from ..data.loaders import load_data
 from ..errors import ConfigError
 from ..metrics import attack_success_rate, clean_accuracy
@@ -135,18 +136,10 @@ def train_and_test(data_spec: str, test_spec: str | None, seed: int, *, what: st
 
 def attack_params(name: str, items: tuple[str, ...]) -> dict[str, Any]:
     """``-p KEY=VALUE`` settings of the registered attack ``name``; an unknown key is an error."""
-    import inspect
-
     from ..attacks import ATTACKS
-    from ._common import parse_params
+    from ._common import checked_params
 
-    kwargs = parse_params(items)
-    sig = inspect.signature(ATTACKS.get(name).__init__).parameters
-    unknown = sorted(set(kwargs) - set(sig))
-    if unknown:
-        raise ConfigError(f"attack {name} takes no parameter {', '.join(unknown)}; it takes "
-                          f"{', '.join(p for p in sig if p != 'self')}")
-    return kwargs
+    return checked_params(ATTACKS.get(name), items, f"attack {name}")
 
 
 def build_cli_attack(attack: str, triggers: list[Any], targets: list[int], *, rate: float, mode: str,
@@ -227,7 +220,7 @@ def poison(attack: str, trojan_data: str, triggers: tuple[str, ...], targets: tu
     OUT/train.npz`. The Trojaning attack edits a trained model and poisons no stored sample, so
     its train.npz is the clean set with is_poison all false.
     """
-    from ..data.poisoned import PoisonedDataset, assign_sources
+    from ..data.poisoned import assign_sources
 
     t0 = time.perf_counter()
     if n_sources < 1:
@@ -243,25 +236,9 @@ def poison(attack: str, trojan_data: str, triggers: tuple[str, ...], targets: tu
     atk = build_cli_attack(attack, trig_objs, tg, rate=rate, mode=mode, sources=sources, trojan_data=trojan_data,
                            params=kw, seed=seed)
     poisoned: Any = atk.poison(data) if hasattr(atk, "poison") else data
-    if getattr(atk, "kind", "data") == "model":
-        victim = train_new(arch, data, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, device=dev, progress=True,
-                           **ex)
-        if hasattr(atk, "implant"):  # pruning-aware: prune, train on the poisoned set, reinstate decoys
-            model = atk.implant(victim, data, device=dev)
-            trigs = list(atk.triggers)
-        else:  # the Trojaning attack makes its own trigger
-            trojan = atk.attack(victim, data)
-            model, trigs = trojan.model, [trojan.trigger]
-    else:
-        model = train_new(arch, poisoned, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, device=dev,
-                          progress=True, **ex)
-        trigs = list(atk.triggers)
-    if not isinstance(poisoned, PoisonedDataset):
-        none = torch.empty(0, dtype=torch.long)
-        poisoned = PoisonedDataset(data.x, data.y, data.num_classes, data.class_names, f"{data.name}+{attack}",
-                                   data.groups, poison_indices=none, cover_indices=none, original_y=data.y,
-                                   attack=atk.to_dict())
-    poisoned = assign_sources(poisoned, n_sources, seed)
+    train_kw = dict(seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, device=dev, progress=True, **ex)
+    model, trigs = _implant(atk, arch, data, poisoned, dev, train_kw)
+    poisoned = assign_sources(_as_poisoned(poisoned, data, atk, attack), n_sources, seed)
     out.mkdir(parents=True, exist_ok=True)
     spec = ModelSpec(arch, data.image_shape, data.num_classes, arch_kwargs=ex["arch_kwargs"] or {},
                      class_names=data.class_names,
@@ -283,6 +260,32 @@ def poison(attack: str, trojan_data: str, triggers: tuple[str, ...], targets: tu
     click.echo(table([result], ["model", "n_poison", "accuracy", "attack_success_rate", "seconds"],
                      percent=["accuracy", "attack_success_rate"]))
     write_json(json_path, result)
+
+
+def _implant(atk: Any, arch: str, data: ImageDataset, poisoned: Any, dev: Any,
+             train_kw: dict[str, Any]) -> tuple[torch.nn.Module, list[Any]]:
+    """The backdoored model and its trigger(s): trained on the poisoned set for a data attack;
+    for a model attack, a clean model trained on ``data`` and then edited by the attack."""
+    if getattr(atk, "kind", "data") != "model":
+        return train_new(arch, poisoned, **train_kw), list(atk.triggers)
+    victim = train_new(arch, data, **train_kw)
+    if hasattr(atk, "implant"):  # pruning-aware: prune, train on the poisoned set, reinstate decoys
+        return atk.implant(victim, data, device=dev), list(atk.triggers)
+    trojan = atk.attack(victim, data)  # the Trojaning attack makes its own trigger
+    return trojan.model, [trojan.trigger]
+
+
+def _as_poisoned(poisoned: Any, data: ImageDataset, atk: Any, attack: str) -> Any:
+    """``poisoned`` as a :class:`~trojanscope.data.poisoned.PoisonedDataset` (an attack that
+    poisons no stored sample leaves the clean set: no poisoned or cover index)."""
+    from ..data.poisoned import PoisonedDataset
+
+    if isinstance(poisoned, PoisonedDataset):
+        return poisoned
+    none = torch.empty(0, dtype=torch.long)
+    return PoisonedDataset(data.x, data.y, data.num_classes, data.class_names, f"{data.name}+{attack}",
+                           data.groups, poison_indices=none, cover_indices=none, original_y=data.y,
+                           attack=atk.to_dict())
 
 
 def write_training_set(poisoned: Any, path: Path) -> None:

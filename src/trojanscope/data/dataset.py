@@ -93,3 +93,22 @@ def stratified_split(y: torch.Tensor, fractions: list[float], *, seed: int = 0) 
         for i in range(len(fractions)):
             parts[i].append(idx[bounds[i]:bounds[i + 1]])
     return [torch.cat(p).sort().values for p in parts]
+
+
+def fit_to_model(data: ImageDataset, model: Any) -> ImageDataset:
+    """``data`` checked against a loaded model's spec (``model.spec``: ``input_shape``,
+    ``num_classes``, ``class_names``): the same image shape, no label past the model's classes.
+
+    A set with fewer labels than the model is widened to the model's ``num_classes`` (and class
+    names); one clear :class:`~trojanscope.errors.DataError` otherwise.
+    """
+    spec = model.spec
+    if data.image_shape != tuple(spec.input_shape):
+        raise DataError(f"the data's images are {data.image_shape} but the model expects "
+                        f"{tuple(spec.input_shape)}")
+    if data.num_classes > spec.num_classes:
+        raise DataError(f"the data has label {data.num_classes - 1}, out of range for a model with "
+                        f"{spec.num_classes} classes")
+    if data.num_classes < spec.num_classes:
+        data = ImageDataset(data.x, data.y, spec.num_classes, spec.class_names, data.name, data.groups)
+    return data

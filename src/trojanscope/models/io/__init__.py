@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..._utils.archive import check_zip
-from ..._utils.limits import require_regular_file
+from ..._utils.limits import require_regular_file, stat_input
 from ...errors import DataError, ModelLoadError, TrojanscopeError, UnsafeModelError
 from ._common import LoadedModel, ModelSpec, _check_weights, _first_line
 from ._pickle_guard import SAFE_GLOBALS, check_archive_pickles, pickle_globals
@@ -126,50 +126,17 @@ def load_model(path: str | Path, *, arch: str | None = None, input_shape: tuple[
     """
     p = Path(path)
     try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise ModelLoadError(f"model not found: {p}") from None
-    except OSError as e:
-        raise ModelLoadError(f"cannot read model {p}: {e.strerror}") from None
+        st = stat_input(p, "model")
+    except DataError as e:
+        raise ModelLoadError(str(e)) from None
     if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
         _regular(p)
-    shape = input_shape or default_input_shape
     try:
         kind = detect_format(p)
         if kind in _ZIP_KINDS:
             check_zip(p, what="model file")
-        if kind == "trojanscope":
-            from ._state_dict import load_trojanscope_dir
-
-            lm = load_trojanscope_dir(p)
-        elif kind == "safetensors":
-            from ._state_dict import load_safetensors
-
-            lm = load_safetensors(p, None, arch, shape, num_classes)
-        elif kind == "export":
-            from ._pt2 import load_export
-
-            lm = load_export(p, input_shape, num_classes, default_input_shape)
-        elif kind == "torchscript":
-            from ._torchscript import load_torchscript
-
-            lm = load_torchscript(p, shape, num_classes)
-        elif kind == "torch_zip":
-            from ._state_dict import load_state_dict
-
-            lm = load_state_dict(p, arch, shape, num_classes)
-        elif kind == "onnx":
-            from ._onnx import load_onnx
-
-            lm = load_onnx(p, input_shape, num_classes, default_input_shape)
-        elif kind == "pickle":
-            raise UnsafeModelError(
-                f"{p} is a plain pickle, which can run arbitrary code when loaded; refusing. Save the "
-                f"weights as safetensors, a state dict, a torch.export .pt2 program, TorchScript or ONNX instead"
-            )
-        else:
-            raise ModelLoadError(f"{p}: unknown model format (not a trojanscope model, safetensors, .pt2, "
-                                 f"TorchScript, ONNX or state dict)")
+        lm = _load_kind(kind, p, arch=arch, input_shape=input_shape, num_classes=num_classes,
+                        default_input_shape=default_input_shape)
     except TrojanscopeError:
         raise
     except MemoryError:
@@ -181,3 +148,40 @@ def load_model(path: str | Path, *, arch: str | None = None, input_shape: tuple[
     lm.model.to(map_location)
     _check_weights(lm)
     return lm
+
+
+def _load_kind(kind: str, p: Path, *, arch: str | None, input_shape: tuple[int, int, int] | None,
+               num_classes: int | None, default_input_shape: tuple[int, int, int] | None) -> LoadedModel:
+    """Read ``p`` with the reader of its detected format ``kind`` (see :func:`load_model`)."""
+    shape = input_shape or default_input_shape
+    if kind == "trojanscope":
+        from ._state_dict import load_trojanscope_dir
+
+        return load_trojanscope_dir(p)
+    if kind == "safetensors":
+        from ._state_dict import load_safetensors
+
+        return load_safetensors(p, None, arch, shape, num_classes)
+    if kind == "export":
+        from ._pt2 import load_export
+
+        return load_export(p, input_shape, num_classes, default_input_shape)
+    if kind == "torchscript":
+        from ._torchscript import load_torchscript
+
+        return load_torchscript(p, shape, num_classes)
+    if kind == "torch_zip":
+        from ._state_dict import load_state_dict
+
+        return load_state_dict(p, arch, shape, num_classes)
+    if kind == "onnx":
+        from ._onnx import load_onnx
+
+        return load_onnx(p, input_shape, num_classes, default_input_shape)
+    if kind == "pickle":
+        raise UnsafeModelError(
+            f"{p} is a plain pickle, which can run arbitrary code when loaded; refusing. Save the "
+            f"weights as safetensors, a state dict, a torch.export .pt2 program, TorchScript or ONNX instead"
+        )
+    raise ModelLoadError(f"{p}: unknown model format (not a trojanscope model, safetensors, .pt2, "
+                         f"TorchScript, ONNX or state dict)")

@@ -200,6 +200,32 @@ def _checked(kind: str, s: str) -> str:
                     "version": "not a version", "device": "not a device type"}.get(kind, "unexpected"))
 
 
+def _replace_special_field(dc: Any, name: str, field: str, cur: Any, sub: str) -> bool:
+    """Handle the fields of a program dataclass (of type ``name``) that are not walked string by
+    string: drop metadata but a validated module stack, drop the guards' Python source, refuse
+    custom objects and named-tuple outputs. True when ``field`` was handled (set on ``dc``)."""
+    if name == "Node" and field == "metadata":  # only the module stack is kept, validated
+        keep = {}
+        if isinstance(cur, dict) and "nn_module_stack" in cur:
+            try:
+                keep["nn_module_stack"] = _module_stack(cur["nn_module_stack"])
+            except _Refused as e:
+                raise _Refused(f"{sub}['nn_module_stack']: {e}") from None
+        setattr(dc, field, keep)
+        return True
+    if name == "GraphModule" and field == "metadata":
+        setattr(dc, field, {})
+        return True
+    if name == "ExportedProgram" and field == "guards_code":  # Python source; the program runs without it
+        setattr(dc, field, [])
+        return True
+    if name == "Graph" and field == "custom_obj_values" and cur:
+        raise _Refused(f"{sub}: custom objects, which this reader does not load")
+    if name == "GraphModule" and field == "treespec_namedtuple_fields" and cur:
+        raise _Refused(f"{sub}: named-tuple outputs, which this reader does not load")
+    return False
+
+
 def check_program(obj: Any, where: str = "program") -> Any:
     """Validate (and canonicalise in place) every string of a deserialized program dataclass
     tree; raises ``_Refused`` with the field's path. Returns ``obj``."""
@@ -244,25 +270,8 @@ def check_program(obj: Any, where: str = "program") -> Any:
         for f in dataclasses.fields(dc):
             cur = getattr(dc, f.name)
             sub = f"{path}.{f.name}"
-            if name == "Node" and f.name == "metadata":  # only the module stack is kept, validated
-                keep = {}
-                if isinstance(cur, dict) and "nn_module_stack" in cur:
-                    try:
-                        keep["nn_module_stack"] = _module_stack(cur["nn_module_stack"])
-                    except _Refused as e:
-                        raise _Refused(f"{sub}['nn_module_stack']: {e}") from None
-                setattr(dc, f.name, keep)
+            if _replace_special_field(dc, name, f.name, cur, sub):
                 continue
-            if name == "GraphModule" and f.name == "metadata":
-                setattr(dc, f.name, {})
-                continue
-            if name == "ExportedProgram" and f.name == "guards_code":  # Python source; the program runs without it
-                setattr(dc, f.name, [])
-                continue
-            if name == "Graph" and f.name == "custom_obj_values" and cur:
-                raise _Refused(f"{sub}: custom objects, which this reader does not load")
-            if name == "GraphModule" and f.name == "treespec_namedtuple_fields" and cur:
-                raise _Refused(f"{sub}: named-tuple outputs, which this reader does not load")
             new = value(cur, name, f.name, sub, depth)
             if new is not cur:
                 setattr(dc, f.name, new)

@@ -26,6 +26,7 @@ import functools
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -231,12 +232,14 @@ def _backgrounds(n: int, rng: np.random.Generator, photos: torch.Tensor) -> torc
     return out
 
 
-def _render_chunk(labels: np.ndarray, rng: np.random.Generator, digits: list[torch.Tensor],
-                  photos: torch.Tensor) -> np.ndarray:
-    """Render signs of the given labels; returns uint8 (n, 32, 32, 3)."""
-    n, R = len(labels), _RES
-    f32 = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32))  # noqa: E731
-    # the sign's pose: output pixel q (in [-1, 1]^2) shows shape point p = A^-1 (q - t)
+def _f32(a: Any) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a, dtype=np.float32))
+
+
+def _pose(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sign's pose as the shape coordinates ``(u, v)`` (n, R, R) every output pixel shows:
+    output pixel q (in [-1, 1]^2) shows shape point p = A^-1 (q - t)."""
+    R = _RES
     scale = rng.uniform(0.5, 0.95, n)
     aspect = np.exp(rng.uniform(-0.15, 0.15, n))
     rot = np.deg2rad(rng.uniform(-12, 12, n))
@@ -251,18 +254,21 @@ def _render_chunk(labels: np.ndarray, rng: np.random.Generator, digits: list[tor
     A_inv = np.linalg.inv(Rm @ Sh @ S)
     lin = (torch.arange(R, dtype=torch.float32) + 0.5) / R * 2 - 1
     qy, qx = torch.meshgrid(lin, lin, indexing="ij")
-    qx = qx[None] - f32(tx)[:, None, None]
-    qy = qy[None] - f32(ty)[:, None, None]
-    Ai = f32(A_inv)
+    qx = qx[None] - _f32(tx)[:, None, None]
+    qy = qy[None] - _f32(ty)[:, None, None]
+    Ai = _f32(A_inv)
     u = Ai[:, 0, 0, None, None] * qx + Ai[:, 0, 1, None, None] * qy
     v = Ai[:, 1, 0, None, None] * qx + Ai[:, 1, 1, None, None] * qy
+    return u, v
 
-    outer = torch.zeros(n, R, R)
-    inner = torch.zeros(n, R, R)
-    glyph = torch.zeros(n, R, R)
-    rim_c = torch.zeros(n, 3)
-    fill_c = torch.zeros(n, 3)
-    glyph_c = torch.zeros(n, 3)
+
+def _paint(labels: np.ndarray, u: torch.Tensor, v: torch.Tensor, rng: np.random.Generator,
+           digits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The signs' outline ``(n, R, R)`` (soft) and their painted faces ``(n, 3, R, R)``: rim, fill
+    and glyph in the class's colours (jittered), with a smooth stain of faded paint."""
+    n, R = len(labels), _RES
+    outer, inner, glyph = torch.zeros(n, R, R), torch.zeros(n, R, R), torch.zeros(n, R, R)
+    rim_c, fill_c, glyph_c = torch.zeros(n, 3), torch.zeros(n, 3), torch.zeros(n, 3)
     for k, (shape, scheme, gl) in enumerate(SIGNS43_CLASSES):
         sel = np.flatnonzero(labels == k)
         if sel.size == 0:
@@ -284,58 +290,81 @@ def _render_chunk(labels: np.ndarray, rng: np.random.Generator, digits: list[tor
             glyph[ts] = _glyph_mask(gu, gv, gl)
         rc, fc, gc = (torch.tensor(c) for c in _SCHEMES[scheme])
         rim_c[ts], fill_c[ts], glyph_c[ts] = rc, fc, gc
-    jit = lambda c: (c + f32(rng.normal(0, 0.04, c.shape))).clamp(0, 1)  # noqa: E731
+    jit = lambda c: (c + _f32(rng.normal(0, 0.04, c.shape))).clamp(0, 1)  # noqa: E731
     rim_c, fill_c, glyph_c = jit(rim_c), jit(fill_c), jit(glyph_c)
     glyph = glyph * inner
     sign = (rim_c[:, :, None, None] * (1 - inner[:, None]) + fill_c[:, :, None, None] * inner[:, None])
     sign = sign * (1 - glyph[:, None]) + glyph_c[:, :, None, None] * glyph[:, None]
     # faded paint / dirt: a smooth multiplicative stain on the sign
     g = torch.Generator().manual_seed(int(rng.integers(0, 2**31 - 1)))
-    stain = 1 - 0.25 * f32(rng.random(n))[:, None, None, None] * F.interpolate(
+    stain = 1 - 0.25 * _f32(rng.random(n))[:, None, None, None] * F.interpolate(
         torch.rand(n, 1, 4, 4, generator=g), size=(R, R), mode="bilinear", align_corners=False)
-    sign = sign * stain
-    bg = _backgrounds(n, rng, photos)
-    img = bg * (1 - outer[:, None]) + sign * outer[:, None]
-    img = F.avg_pool2d(img, 2)  # anti-aliased 32x32
+    return outer, sign * stain
 
-    # blur: one of four levels per image
-    level = rng.choice(4, n, p=[0.35, 0.3, 0.2, 0.15])
+
+def _blur_levels(img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Each image blurred at one of four levels (none, sigma 0.5, 0.85, 1.25)."""
+    level = rng.choice(4, img.shape[0], p=[0.35, 0.3, 0.2, 0.15])
     out = img.clone()
     for lv, sigma in enumerate((0.0, 0.5, 0.85, 1.25)):
         sel = torch.from_numpy(np.flatnonzero(level == lv))
         if sel.numel() and sigma > 0:
             out[sel] = _blur(img[sel], sigma)
-    img = out
-    # photometric jitter: brightness, contrast, saturation, white balance, illumination gradient
-    bright = f32(np.exp(rng.uniform(np.log(0.4), np.log(1.4), n)))[:, None, None, None]
-    contrast = f32(rng.uniform(0.55, 1.3, n))[:, None, None, None]
-    sat = f32(rng.uniform(0.45, 1.4, n))[:, None, None, None]
-    wb = f32(np.exp(rng.normal(0, 0.08, (n, 3))))[:, :, None, None]
+    return out
+
+
+def _photometric(img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Brightness, contrast, saturation, white balance and an illumination gradient, per image."""
+    n = img.shape[0]
+    bright = _f32(np.exp(rng.uniform(np.log(0.4), np.log(1.4), n)))[:, None, None, None]
+    contrast = _f32(rng.uniform(0.55, 1.3, n))[:, None, None, None]
+    sat = _f32(rng.uniform(0.45, 1.4, n))[:, None, None, None]
+    wb = _f32(np.exp(rng.normal(0, 0.08, (n, 3))))[:, :, None, None]
     grey = img.mean(1, keepdim=True)
     img = grey + sat * (img - grey)
     mean = img.mean((1, 2, 3), keepdim=True)
     img = mean + contrast * (img - mean)
     lin32 = torch.linspace(-1, 1, 32)
     gy, gx = torch.meshgrid(lin32, lin32, indexing="ij")
-    gdir = f32(rng.uniform(0, 2 * np.pi, n))
-    gamp = f32(rng.uniform(0, 0.35, n))
+    gdir = _f32(rng.uniform(0, 2 * np.pi, n))
+    gamp = _f32(rng.uniform(0, 0.35, n))
     grad = 1 + gamp[:, None, None] * (gx[None] * torch.cos(gdir)[:, None, None] + gy[None] * torch.sin(gdir)[:, None, None])
-    img = img * bright * wb * grad[:, None]
-    # occlusion: a rectangle of flat colour over part of the image (30% of images)
-    occ = np.flatnonzero(rng.random(n) < 0.3)
+    return img * bright * wb * grad[:, None]
+
+
+def _occlude(img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """A rectangle of flat colour over part of the image, on 30% of the images (in place)."""
+    occ = np.flatnonzero(rng.random(img.shape[0]) < 0.3)
     if occ.size:
         w = rng.integers(5, 13, occ.size)
         h = rng.integers(5, 13, occ.size)
         x0 = rng.integers(0, 32 - w + 1)
         y0 = rng.integers(0, 32 - h + 1)
-        col = f32(rng.random((occ.size, 3)))
+        col = _f32(rng.random((occ.size, 3)))
         ys = torch.arange(32)[None, :, None]
         xs = torch.arange(32)[None, None, :]
         m = ((ys >= torch.from_numpy(y0)[:, None, None]) & (ys < torch.from_numpy(y0 + h)[:, None, None])
              & (xs >= torch.from_numpy(x0)[:, None, None]) & (xs < torch.from_numpy(x0 + w)[:, None, None])).float()
         t = torch.from_numpy(occ)
         img[t] = img[t] * (1 - m[:, None]) + col[:, :, None, None] * m[:, None]
-    noise = f32(rng.uniform(0, 0.05, n))[:, None, None, None] * f32(rng.standard_normal((n, 3, 32, 32)))
+    return img
+
+
+def _render_chunk(labels: np.ndarray, rng: np.random.Generator, digits: list[torch.Tensor],
+                  photos: torch.Tensor) -> np.ndarray:
+    """Render signs of the given labels; returns uint8 (n, 32, 32, 3).
+
+    The draws from ``rng`` come in a fixed order (pose, paint, background, blur, photometric,
+    occlusion, noise), so a seed gives the same bytes.
+    """
+    n = len(labels)
+    u, v = _pose(n, rng)
+    outer, sign = _paint(labels, u, v, rng, digits)
+    bg = _backgrounds(n, rng, photos)
+    img = bg * (1 - outer[:, None]) + sign * outer[:, None]
+    img = F.avg_pool2d(img, 2)  # anti-aliased 32x32
+    img = _occlude(_photometric(_blur_levels(img, rng), rng), rng)
+    noise = _f32(rng.uniform(0, 0.05, n))[:, None, None, None] * _f32(rng.standard_normal((n, 3, 32, 32)))
     img = (img + noise).clamp(0, 1)
     return (img.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
 

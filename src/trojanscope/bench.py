@@ -738,15 +738,11 @@ def _splits(cfg: BenchConfig) -> tuple[ImageDataset, ImageDataset, ImageDataset]
 
 
 def _with_groups(data: ImageDataset, is_poison: torch.Tensor, sources: int, seed: int) -> ImageDataset:
-    """Give ``data`` provenance groups when it has none: clean samples spread over ``sources``
-    groups at random, the poisoned ones all in group 0 (one compromised source)."""
-    if data.groups is not None:
-        return data
-    g = torch.randint(0, sources, (len(data),), generator=torch.Generator().manual_seed(7919 + seed))
-    g[is_poison] = 0
-    if isinstance(data, PoisonedDataset):
-        return dataclasses.replace(data, groups=g)
-    return ImageDataset(data.x, data.y, data.num_classes, data.class_names, data.name, g)
+    """:func:`~trojanscope.data.poisoned.assign_sources`: provenance groups when ``data`` has none
+    (``is_poison`` is ``data``'s own ground truth, all False for a set that is not poisoned)."""
+    from .data.poisoned import assign_sources
+
+    return assign_sources(data, sources, seed)
 
 
 def _sample(data: ImageDataset, n: int | None, seed: int) -> ImageDataset:

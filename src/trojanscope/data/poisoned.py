@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from .dataset import ImageDataset
+
+_D = TypeVar("_D", bound=ImageDataset)
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,13 +63,15 @@ class PoisonedDataset(ImageDataset):
                                attack=self.attack)
 
 
-def assign_sources(data: PoisonedDataset, sources: int, seed: int = 0) -> PoisonedDataset:
+def assign_sources(data: _D, sources: int, seed: int = 0) -> _D:
     """Give ``data`` provenance groups when it has none: the clean samples spread over ``sources``
-    groups at random (seeded), the poisoned ones all in group 0, as from one compromised source."""
+    groups at random (seeded), the poisoned ones (of a :class:`PoisonedDataset`) all in group 0,
+    as from one compromised source."""
     import dataclasses
 
     if data.groups is not None:
         return data
     g = torch.randint(0, sources, (len(data),), generator=torch.Generator().manual_seed(7919 + seed))
-    g[data.is_poison] = 0
+    if isinstance(data, PoisonedDataset):
+        g[data.is_poison] = 0
     return dataclasses.replace(data, groups=g)

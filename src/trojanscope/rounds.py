@@ -189,7 +189,7 @@ class RoundSpec:
 
     Attributes:
         n: models in the round (half clean, half backdoored; an odd one is clean).
-        seed: the round's seed (fixes every draw; the held-out round of the figures uses its own).
+        seed: the round's seed (fixes every draw: slots, configurations, subsets, weights).
         data: bundled data set (its ``train`` split trains, ``test`` measures CA and ASR).
         train_size: images of the train split each model is trained on (a stratified subset
             drawn per model; None: all of it).

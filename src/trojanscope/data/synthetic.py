@@ -9,8 +9,7 @@ skew), then composited over a background cut from scikit-learn's two bundled col
 (``load_sample_images``) or a random texture, and degraded with blur, brightness / contrast /
 saturation / white-balance jitter, an illumination gradient, sensor noise and, in some images, an
 occluding rectangle. Rendering is vectorised (every pixel of a chunk of images evaluated at once
-from analytic shape functions, at 2x resolution, then averaged down), so the 25,800 images build
-in seconds; the result is cached as ``uint8`` in the cache folder (``$TROJANSCOPE_CACHE``, default
+from analytic shape functions, at 2x resolution, then averaged down); the result is cached as ``uint8`` in the cache folder (``$TROJANSCOPE_CACHE``, default
 ``~/.cache/trojanscope``) keyed by the generator version, the seed and the size.
 
 ``cmnist``: the 5,000-image MNIST subset with each digit drawn in a random foreground colour on a

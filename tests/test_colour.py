@@ -156,7 +156,8 @@ def test_missing_torchvision_files_give_one_clear_error(tmp_path):
 
 # --- architectures ---------------------------------------------------------------------------
 @pytest.mark.parametrize("arch,kw", [("gtsrb_cnn", {"hidden": 16}), ("resnet18", {"width": 4}),
-                                     ("preact_resnet18", {"width": 4}), ("vgg11_bn", {"width": 4})])
+                                     ("preact_resnet18", {"width": 4}), ("vgg11_bn", {"width": 4}),
+                                     ("bn_resnet", {"width": 4}), ("vgg_dropout", {"width": 4})])
 @pytest.mark.parametrize("shape,k", [((3, 8, 8), 43), ((1, 6, 10), 5)])
 def test_architectures_forward_backward_on_cpu(arch, kw, shape, k):
     m = create_model(arch, input_shape=shape, num_classes=k, seed=0, **kw)

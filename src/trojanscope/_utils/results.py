@@ -9,6 +9,22 @@ from typing import Any
 import numpy as np
 import torch
 
+#: Field metadata of a field that is not data (a model, fitted filter objects, a whole data set):
+#: ``to_dict()`` leaves it out. ``repr=False`` only keeps a field out of the printed form.
+NOT_SERIALISED: dict[str, Any] = {"serialize": False}
+
+
+def not_serialised(**kwargs: Any) -> Any:
+    """A dataclass field that ``to_dict()`` leaves out (and ``repr`` does not print): a model,
+    fitted objects, a data set. Takes :func:`dataclasses.field`'s keyword arguments."""
+    kwargs.setdefault("repr", False)
+    return dataclasses.field(metadata=NOT_SERIALISED, **kwargs)
+
+
+def serialised(f: dataclasses.Field) -> bool:
+    """Whether ``to_dict()`` writes the field ``f`` (every field not marked :data:`NOT_SERIALISED`)."""
+    return f.metadata.get("serialize", True) is not False
+
 
 def to_jsonable(value: Any) -> Any:
     """Convert tensors, arrays, dataclasses and nested containers into JSON-ready values."""
@@ -41,8 +57,17 @@ def to_jsonable(value: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Result:
-    """Base of every result: ``to_dict()`` gives a JSON-ready dict (tensors become lists)."""
+    """Base of every result: ``to_dict()`` gives a JSON-ready dict (tensors become lists).
+
+    Every field is written, whether or not it is printed (``repr=False`` is about printing), except
+    fields declared with :func:`not_serialised` (models and other objects that are not data). A
+    model is never data: a field holding an ``nn.Module`` is left out even where it is not marked.
+    """
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: to_jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)
-                if f.repr}
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if serialised(f) and not isinstance(v, torch.nn.Module):
+                out[f.name] = to_jsonable(v)
+        return out

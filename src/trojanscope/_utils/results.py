@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,32 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, torch.nn.Module):
         return type(value).__name__
     return value
+
+
+def trigger_tensors(result: Any) -> dict[str, torch.Tensor]:
+    """Masks and patterns of the triggers a result holds in its fields (or one or two levels down,
+    in dicts and lists; a ``model`` field is not looked into): keys ``"<where>.mask"`` and
+    ``"<where>.pattern"``, e.g. ``"details.triggers.3.mask"``. Empty for anything not a dataclass."""
+    from ..triggers import Trigger
+
+    out: dict[str, torch.Tensor] = {}
+
+    def walk(key: str, v: Any, depth: int = 0) -> None:
+        if isinstance(v, Trigger):
+            out[f"{key}.mask"] = v.mask
+            out[f"{key}.pattern"] = v.pattern
+        elif depth < 2 and isinstance(v, Mapping):
+            for kk, vv in v.items():
+                walk(f"{key}.{kk}", vv, depth + 1)
+        elif depth < 2 and isinstance(v, (list, tuple)):
+            for i, vv in enumerate(v):
+                walk(f"{key}.{i}", vv, depth + 1)
+
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        for f in dataclasses.fields(result):
+            if f.name != "model":
+                walk(f.name, getattr(result, f.name))
+    return out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 KINDS = ("scan", "heatmap", "distribution", "sanitize", "filter", "repair", "chain")
 #: The kind of a family's results where the defence's class does not say more.
 KIND_OF_FAMILY = {"model": "scan", "data": "sanitize", "input": "filter", "repair": "repair", "chain": "chain"}
+#: The kind of the results of model-level tools that are not detectors, by the class name a cell
+#: records (for cells whose defence is not in the registry of the reading process).
+KIND_OF_CLASS = {"MovingWindowSearch": "heatmap", "TriggerDistribution": "distribution"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,30 +124,32 @@ def cell_record(rec: Mapping[str, Any], *, tensors: Mapping[str, torch.Tensor] |
     row = dict(rec.get("row") or {})
     family = str(row.get("family") or "")
     name = str(rec.get("defense_name") or row.get("defense") or "")
+    cls_name = str(rec.get("defense_class") or "")
     return CellRecord(id=str(rec.get("id", "")), attack=str(row.get("attack")), defense=str(row.get("defense")),
-                      seed=int(row.get("seed") or 0), family=family, kind=kind_of(family, name), row=row,
+                      seed=int(row.get("seed") or 0), family=family, kind=kind_of(family, name, cls_name), row=row,
                       result=rec.get("result"), extras=dict(rec.get("extras") or {}),
                       params=dict(rec.get("params") or {}), defense_name=name,
-                      defense_class=str(rec.get("defense_class") or ""), tensors=dict(tensors or {}),
+                      defense_class=cls_name, tensors=dict(tensors or {}),
                       planted=tuple(planted))
 
 
-def kind_of(family: str, defense_name: str) -> str:
+def kind_of(family: str, defense_name: str, defense_class: str = "") -> str:
     """The kind of result a defence gives: from its registered class (a heat map search and a
-    trigger distribution are model-level tools that are not detectors), else from its family."""
+    trigger distribution are model-level tools that are not detectors), else from the class name
+    the cell recorded (:data:`KIND_OF_CLASS`), else from its family."""
     from ..defenses import DEFENSES, DataSanitizer, InputFilter, ModelDetector, MovingWindowSearch, Repair, \
         TriggerDistribution
 
     try:
         cls = DEFENSES.get(defense_name)
     except (ConfigError, KeyError):
-        return KIND_OF_FAMILY.get(family, "")
+        return KIND_OF_CLASS.get(defense_class) or KIND_OF_FAMILY.get(family, "")
     for base, kind in ((MovingWindowSearch, "heatmap"), (TriggerDistribution, "distribution"),
                        (ModelDetector, "scan"), (DataSanitizer, "sanitize"), (InputFilter, "filter"),
                        (Repair, "repair")):
         if isinstance(cls, type) and issubclass(cls, base):
             return kind
-    return KIND_OF_FAMILY.get(family, "")
+    return KIND_OF_CLASS.get(defense_class) or KIND_OF_FAMILY.get(family, "")
 
 
 def _read_cells(folder: Path) -> list[dict[str, Any]]:

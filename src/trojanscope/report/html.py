@@ -40,6 +40,8 @@ _TIPS = {"ca_before": "clean accuracy of the attacked model", "asr_before": "att
 # --- formatting ----------------------------------------------------------------------------------
 
 def fmt(col: str, v: Any) -> str:
+    """A table value as text: shares of the percentage columns as ``12.3%``, seconds to 0.1, other
+    floats to 3 places, booleans as yes/no, a missing value as a dash."""
     if v is None or v == "":
         return "–"
     if isinstance(v, bool):
@@ -56,15 +58,18 @@ def fmt(col: str, v: Any) -> str:
 
 
 def pct(v: float | None) -> str:
+    """A share as a whole percentage (a dash if unknown)."""
     return "–" if v is None else f"{100 * v:.0f}%"
 
 
 def mean(vals: Sequence[Any]) -> float | None:
+    """The mean of the finite numbers among ``vals`` (None if there is none)."""
     v = [float(x) for x in vals if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)]
     return float(np.mean(v)) if v else None
 
 
 def backdoored(r: Mapping[str, Any]) -> bool:
+    """Whether a row's attacked model carries a backdoor (its attack success was measured)."""
     return r.get("asr_before") is not None
 
 
@@ -101,6 +106,7 @@ def row_outcome(r: Mapping[str, Any]) -> tuple[float | None, str]:
 
 
 def color(score: float | None) -> str:
+    """The background of an outcome in [0, 1]: red (0) to green (1), grey if unknown."""
     if score is None:
         return "#eef2f7"
     return f"hsl({120 * max(0.0, min(1.0, score)):.0f}, 62%, 86%)"
@@ -162,11 +168,14 @@ def _env() -> Any:
 
 
 def render(context: Mapping[str, Any]) -> str:
-    """The page for ``context`` (see :func:`run_context` / :func:`single_context`)."""
+    """The page for ``context`` (built by :func:`~trojanscope.report.bench_page.run_context` or
+    :func:`~trojanscope.report.command_page.single_context`)."""
     return _env().get_template("report.html").render(**context)
 
 
 def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> dict[str, Any]:
+    """The results table: the ``columns`` that hold a value in some row, each row's cells (text and
+    sort key) and its colour by :func:`row_outcome`."""
     cols = [c for c in columns if any(r.get(c) not in (None, "") for r in rows) or c in ("attack", "defense")]
     body = []
     for r in rows:
@@ -195,6 +204,8 @@ def effect(family: str, rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def headline(scores: Mapping[str, float], rows: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
+    """The page's first sentence (the best and the weakest defence by mean outcome ``scores``) and
+    its tone: ``good``, ``mixed``, ``bad`` or ``neutral``."""
     if not scores:
         return "No backdoored model was evaluated, so no defence could be scored.", "neutral"
     best = max(scores, key=scores.get)  # type: ignore[arg-type]
@@ -209,14 +220,17 @@ def headline(scores: Mapping[str, float], rows: Sequence[Mapping[str, Any]]) -> 
 
 
 def params_rows(params: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """A defence's parameters as ``(name, JSON text)`` rows."""
     return [(k, json.dumps(to_jsonable(v)) if not isinstance(v, str) else v) for k, v in params.items()]
 
 
 def meta_rows(meta: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Versions and machine as ``(name, value)`` rows (unknown ones left out)."""
     return [(k, str(v)) for k, v in meta.items() if v is not None]
 
 
 def config_rows(cfg: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """A run's settings as ``(name, value)`` rows (attacks and defences by name)."""
     out = []
     for k, v in cfg.items():
         if k == "attacks":

@@ -88,3 +88,28 @@ def test_from_result_picks_the_display_by_type():
     assert isinstance(d, HeatmapDisplay) and "heat map of label 2" in d.verdict("hm")[0]
     assert type(Display.from_result({"scores": [1.0]}, title="x")) is Display  # a dict without a family
     assert Display.from_result({"scores": [1.0], "threshold": 0.5}, title="x", family="input").kind == "filter"
+
+
+def test_sanitizer_pngs_follow_the_result_type(tmp_path):
+    """``inspect-data --out``: a figure per attacked label by the result's class, or the segments of
+    a provenance result."""
+    from trojanscope.defenses.data.clustering import ClusteringResult
+    from trojanscope.defenses.data.provenance import ProvenanceResult
+    from trojanscope.defenses.data.spectral import SpectralResult
+    from trojanscope.report.files import sanitizer_pngs
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(40) % 2
+    flagged = torch.arange(40) >= 36
+    common = {"scores": torch.rand(40, generator=g), "flagged": flagged, "attacked_labels": [0, 1], "per_label": {}}
+    spec = SpectralResult(**common, params={"mode": "auto"})
+    clus = ClusteringResult(**common, clusters=(torch.arange(40) // 20), reduced=torch.rand(40, 3, generator=g))
+    prov = ProvenanceResult(scores=torch.rand(40, generator=g), flagged=flagged, groups=torch.arange(40) // 10,
+                            flagged_segments=[3], per_segment={s: {"score": 0.1 * s} for s in range(4)},
+                            variant="trusted")
+    assert [Path(p).name for p in sanitizer_pngs(spec, y, tmp_path / "s", name="spectral")] == \
+        ["label_0_spectral.png", "label_1_spectral.png"]
+    assert len(sanitizer_pngs(clus, y, tmp_path / "c", name="clustering")) == 2
+    assert [Path(p).name for p in sanitizer_pngs(prov, y, tmp_path / "p", name="provenance")] == \
+        ["provenance_segments.png"]
+    assert all(p.stat().st_size > 1000 for p in tmp_path.rglob("*.png"))

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ._utils.batching import DeviceLike, predict
-from ._utils.results import Result
+from ._utils.results import Result, not_serialised
 from .data.dataset import ImageDataset
 from .defenses import DEFENSES, DataSanitizer, Defense, InputFilter, ModelDetector, Repair
 from .errors import ConfigError, DataError
@@ -120,9 +120,9 @@ class PipelineResult(Result):
         seconds: wall time.
     """
 
-    model: nn.Module = dataclasses.field(repr=False)
-    filters: list[InputFilter] = dataclasses.field(default_factory=list, repr=False)
-    train_data: ImageDataset | None = dataclasses.field(default=None, repr=False)
+    model: nn.Module = not_serialised()
+    filters: list[InputFilter] = not_serialised(default_factory=list)
+    train_data: ImageDataset | None = not_serialised(default=None)
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     params: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -29,7 +29,7 @@ from torch import nn
 
 from .._utils.batching import eval_mode, generator, model_device
 from .._utils.hooks import capture, resolve_layer
-from .._utils.results import Result
+from .._utils.results import Result, not_serialised
 from .._utils.validation import Interval, Options, check_params
 from ..data.dataset import ImageDataset
 from ..errors import ConfigError, DataError, UnsupportedModelError
@@ -270,7 +270,7 @@ class TrojanResult(Result):
         seconds: wall time.
     """
 
-    model: nn.Module = field(repr=False)
+    model: nn.Module = not_serialised()
     trigger: Trigger
     neurons: list[int]
     layer: str

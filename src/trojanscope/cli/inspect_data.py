@@ -12,7 +12,6 @@ import click
 import numpy as np
 import torch
 
-from ..data.dataset import ImageDataset
 from ..errors import ConfigError, DataError
 from . import cli
 from ._common import POSITIVE_INT, NON_NEGATIVE_INT, OPEN_UNIT, common_options, fit_to_model, model_options, open_data, parse_trigger, pick_device, table, write_json
@@ -85,66 +84,6 @@ def ground_truth(spec: str, n: int) -> np.ndarray | None:
     if arr.ndim != 1 or arr.shape[0] != n or not (arr.dtype == bool or np.isin(arr, (0, 1)).all()):
         raise DataError(f"{p}: is_poison must hold one 0/1 value per sample ({n}), got shape {arr.shape}")
     return arr.astype(bool)
-
-
-def _plots(result: Any, method: str, data: ImageDataset, out: Path) -> list[str]:
-    """One figure per flagged label (spectral: score histogram; clustering: the two clusters in
-    2-D), or the segments' scores for provenance. Returns the files written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    files: list[str] = []
-    y = data.y
-    if method == "provenance":
-        segs = sorted(result.per_segment)
-        fig, ax = plt.subplots(figsize=(5, 3))
-        ax.bar([str(s) for s in segs], [result.per_segment[s]["score"] for s in segs],
-               color=["tab:red" if s in result.flagged_segments else "tab:blue" for s in segs])
-        ax.set_xlabel("provenance segment")
-        ax.set_ylabel("score")
-        ax.set_title("provenance segments (red: flagged)")
-        p = out / "provenance_segments.png"
-        fig.tight_layout()
-        fig.savefig(p, dpi=100)
-        plt.close(fig)
-        return [str(p)]
-    for k in result.attacked_labels:
-        idx = (y == k).nonzero().flatten()
-        flagged = result.flagged[idx].numpy()
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        if method == "spectral":
-            s = result.scores[idx].numpy()
-            if result.params.get("mode") == "auto":  # undo the flagged offset for the histogram
-                s = s - flagged * (float(result.scores.max()) - float(s[~flagged].max() if (~flagged).any() else 0))
-            bins = np.histogram_bin_edges(s, bins=40)
-            ax.hist(s[~flagged], bins=bins, color="tab:blue", alpha=0.7, label="kept")
-            ax.hist(s[flagged], bins=bins, color="tab:red", alpha=0.7, label="flagged")
-            ax.set_xlabel("spectral score")
-            ax.set_ylabel("samples")
-        else:
-            r = result.reduced[idx].double()
-            r = r - r.mean(0)
-            _, _, vh = torch.linalg.svd(r, full_matrices=False)
-            xy = (r @ vh[:2].T).numpy() if vh.shape[0] >= 2 else np.c_[r[:, 0].numpy(), np.zeros(len(r))]
-            c = result.clusters[idx].numpy()
-            for cid, colour in ((0, "tab:blue"), (1, "tab:orange")):
-                sel = c == cid
-                ax.scatter(xy[sel, 0], xy[sel, 1], s=6, c=colour, label=f"cluster {cid} ({int(sel.sum())})")
-            ax.scatter(xy[flagged, 0], xy[flagged, 1], s=14, facecolors="none", edgecolors="tab:red", linewidths=0.5,
-                       label="flagged")
-            ax.set_xlabel("component 1")
-            ax.set_ylabel("component 2")
-        ax.set_title(f"label {k}: {int(flagged.sum())} of {len(idx)} flagged")
-        ax.legend(fontsize=7)
-        p = out / f"label_{k}_{method}.png"
-        fig.tight_layout()
-        fig.savefig(p, dpi=100)
-        plt.close(fig)
-        files.append(str(p))
-    return files
 
 
 @cli.command("inspect-data")
@@ -279,7 +218,9 @@ def inspect_data(model_path: Path, data_spec: str, method: str, mode: str, epsil
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "flagged.json", {"flagged_indices": result.flagged_indices, "scores": result.scores,
                                           **({"flagged_segments": result.flagged_segments} if method == "provenance" else {})})
-        summary["plots"] = _plots(result, method, data, out)
+        from ..report.files import sanitizer_pngs
+
+        summary["plots"] = sanitizer_pngs(result, data.y, out, name=method)
     summary["seconds"] = time.perf_counter() - t0
     click.echo(table([summary], [c for c in summary if c != "plots"]))
     report["summary"] = summary

@@ -9,7 +9,7 @@ import trojanscope as ts
 from trojanscope.defenses.model.heatmap import (MovingWindowSearch, accumulate_heatmap, default_window, hot_region,
                                                 locate_trigger, save_heatmap_png, window_positions, window_regions)
 
-from models import PrototypeNet
+from _models import PrototypeNet
 
 ORIGIN = (1, 4)  # top-left corner of the planted 3x3 patch
 

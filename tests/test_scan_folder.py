@@ -14,7 +14,7 @@ from trojanscope import population
 from trojanscope.cli import cli
 from trojanscope.population import SCAN_COLUMNS, export_program, scan_population
 
-from nc_models import CornerPatchNet
+from _models import CornerPatchNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TARGET = 2

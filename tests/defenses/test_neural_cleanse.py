@@ -14,7 +14,7 @@ from trojanscope.defenses.model.neural_cleanse import (NeuralCleanse, NeuralClea
                                                        mad_anomaly_index, reverse_engineer_triggers)
 from trojanscope.errors import ConfigError, DataError
 
-from nc_models import CornerPatchNet
+from _models import CornerPatchNet
 
 TARGET = 2
 #: A small optimisation budget: enough for 8x8 digits.

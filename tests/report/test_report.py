@@ -157,9 +157,10 @@ def test_scan_report_flag(run_dir, tmp_path):
     page = tmp_path / "scan.html"
     r = CliRunner().invoke(cli, ["scan", str(run_dir / "models" / "badnets-patch__s0"), "--data", "digits:val",
                                  "--epochs", "3", "--report", str(page), "--device", "cpu"])
-    assert r.exit_code in (0, 1), r.output
+    # 3 epochs of reverse engineering are too few to find the patch: exit 0, and the page says so
+    assert r.exit_code == 0, r.output
     text = page.read_text()
-    assert "Neural Cleanse" in text and ("backdoor found" in text or "no backdoor found" in text)
+    assert "Neural Cleanse: no backdoor found." in text
     probe, console = browse(page, tmp_path)
     assert probe["errors"] == [] and console == "" and probe["broken"] == [] and probe["images"] >= 11
 

@@ -423,8 +423,8 @@ def test_onnx_export_gives_the_same_evaluate_and_scan_results(tmp_path):
         sc = CliRunner().invoke(cli, ["scan", str(path), "--data", "digits:val", "--epochs", "2", "--n-samples",
                                       "32", "--out", str(tmp_path / f"scan_{name}"), "--device", "cpu"],
                                 catch_exceptions=False)
-        assert sc.exit_code == 0, sc.output  # an untrained net: no backdoor found
         scan = json.loads((tmp_path / f"scan_{name}" / "scan.json").read_text())
+        assert sc.exit_code == (1 if scan["infected"] else 0), sc.output
         results[name] = (json.loads((tmp_path / f"{name}.json").read_text()), sc.exit_code, scan)
     (ev_n, code_n, scan_n), (ev_o, code_o, scan_o) = results["native"], results["onnx"]
     numbers = [k for k in ev_n if isinstance(ev_n[k], (int, float))]

@@ -2,8 +2,8 @@
 
 ``cases(root)`` builds the files under ``root`` (from tiny models made here, never from files made
 elsewhere) and returns one :class:`corpus.Case` per file: a ``trojanscope evaluate`` run whose
-payload, if it ran, would create the case's canary file. Run by ``tests/test_hostile_models.py``
-and ``benchmarks/hostile_corpus.py`` through ``tests/corpus.py``.
+payload, if it ran, would create the case's canary file. Run by
+``tests/models/test_hostile_models.py`` and ``benchmarks/hostile_corpus.py`` through ``tests/corpus.py``.
 """
 
 from __future__ import annotations

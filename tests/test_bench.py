@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 
 import pytest
 import torch
@@ -35,7 +36,9 @@ def tiny(attacks=("badnets-patch", "badnets-blended"), defenses=("_t-confidence"
 
 
 def test_tiny_bench_produces_the_table(tmp_path, test_defenses):
+    t0 = time.perf_counter()
     res = run_bench(tiny(), tmp_path, progress=False)
+    wall = time.perf_counter() - t0
     assert len(res.rows) == 4 and not res.failed
     assert {(r["attack"], r["defense"]) for r in res.rows} == {
         (a, d) for a in ("badnets-patch", "badnets-blended") for d in ("_t-confidence", "_t-finetune")}
@@ -45,7 +48,7 @@ def test_tiny_bench_produces_the_table(tmp_path, test_defenses):
     data = json.loads((tmp_path / "results.json").read_text())
     assert [r["attack"] for r in data] == [r["attack"] for r in res.rows]
     for r in res.rows:
-        assert 0 <= r["ca_before"] <= 1 and 0 <= r["asr_before"] <= 1 and r["seconds"] > 0
+        assert 0 <= r["ca_before"] <= 1 and 0 <= r["asr_before"] <= 1 and 0 < r["seconds"] < wall
         if r["family"] == "input":
             assert 0 <= r["far"] <= 1 and 0 <= r["frr"] <= 1 and r["auroc"] is not None
         else:
@@ -64,11 +67,12 @@ def test_every_family_glue(tmp_path, test_defenses):
     by = {(r["attack"], r["defense"]): r for r in res.rows}
     # model detector: a verdict, flagged labels, target found (None on the clean model)
     det = by[("badnets-patch", "_t-logit")]
-    assert det["verdict"] in ("infected", "clean") and det["target_found"] in (True, False)
+    assert det["verdict"] == "infected" and det["target_found"] is True
     assert by[("clean", "_t-logit")]["target_found"] is None and by[("clean", "_t-logit")]["asr_before"] is None
     # data sanitiser: poison / clean removed, then a retrained model
     san = by[("badnets-patch", "_t-distance")]
-    assert 0 <= san["poison_removed"] <= 1 and 0 <= san["clean_removed"] <= 1 and san["asr_after"] is not None
+    # the top 10% by distance are flagged: measured 87% of the poison and 5.9% of the clean images
+    assert san["poison_removed"] > 0.8 and san["clean_removed"] < 0.07 and san["asr_after"] is not None
     assert by[("clean", "_t-distance")]["poison_removed"] is None
     # input filter on the clean model: FRR only
     assert by[("clean", "_t-confidence")]["far"] is None and by[("clean", "_t-confidence")]["frr"] is not None

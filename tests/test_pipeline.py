@@ -15,7 +15,7 @@ from trojanscope.errors import ConfigError
 from trojanscope.pipeline import Pipeline, evaluator, reinitialise
 from trojanscope.training import train
 
-from models import PlantedPatchNet, Tempered
+from _models import PlantedPatchNet, Tempered
 
 
 class BrightCorner(DataSanitizer):

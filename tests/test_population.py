@@ -17,7 +17,7 @@ from trojanscope.models import load_model
 from trojanscope.population import population_scores
 from trojanscope.rounds import MODES, RoundSpec, draw_config, generate_round, load_truth, make_trigger, round_plan
 
-from nc_models import CornerPatchNet
+from _models import CornerPatchNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TARGET = 2

@@ -15,7 +15,7 @@ from trojanscope.cli import cli
 from trojanscope.population import SCAN_COLUMNS, scan_population
 from trojanscope.rounds import export_program
 
-from nc_models import CornerPatchNet
+from _models import CornerPatchNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TARGET = 2

@@ -134,6 +134,10 @@ def threshold_for_rate(clean_scores: torch.Tensor, rate: float) -> float:
     Inputs with ``score > threshold`` are flagged, so about ``rate`` of clean inputs are
     rejected: the ``(1 - rate)`` quantile of the clean scores (linear interpolation, numpy's
     default).
+
+    Example:
+        >>> threshold_for_rate(torch.arange(11.0), 0.1)  # only the clean score 10 lies above
+        9.0
     """
     return float(torch.quantile(clean_scores.double(), 1.0 - rate))
 

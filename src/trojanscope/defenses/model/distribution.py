@@ -255,10 +255,10 @@ class TriggerDistribution(Defense):
         >>> import torch
         >>> from trojanscope.data import load_digits
         >>> import sys; sys.path.insert(0, "tests")
-        >>> from models import PlantedPatchNet
+        >>> from _models import PlantedPatchNet  # tests/_models.py: a hand-weighted planted net
         >>> d = load_digits("val")
         >>> net = PlantedPatchNet(d.x, d.y, 10, target=0, patch=3)
-        >>> dist = TriggerDistribution(n_levels=2, trigger_size=3, position=(5, 5), steps=20).fit(net, d, 0)
+        >>> dist = TriggerDistribution(n_levels=2, trigger_size=3, position=(5, 5), steps=2).fit(net, d, 0)
         >>> dist.sample_tensors(4).patterns.shape
         torch.Size([4, 1, 8, 8])
 

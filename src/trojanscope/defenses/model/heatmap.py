@@ -208,7 +208,7 @@ class MovingWindowSearch(Defense):
 
     Example:
         >>> import sys; sys.path.insert(0, "tests")
-        >>> from models import PlantedPatchNet
+        >>> from _models import PlantedPatchNet  # tests/_models.py: a hand-weighted planted net
         >>> from trojanscope.data import load_digits
         >>> d = load_digits("val")
         >>> res = MovingWindowSearch(epochs=2, final_epochs=2).search(PlantedPatchNet(d.x, d.y, 10, patch=3), d, 0)

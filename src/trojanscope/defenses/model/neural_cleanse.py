@@ -92,7 +92,12 @@ def mad_anomaly_index(norms: torch.Tensor | Sequence[float] | np.ndarray) -> tor
 
 
 def flag_outliers(norms: torch.Tensor | Sequence[float], threshold: float = 2.0) -> torch.Tensor:
-    """``(K,)`` bool: the norm is below the median **and** its anomaly index exceeds ``threshold``."""
+    """``(K,)`` bool: the norm is below the median **and** its anomaly index exceeds ``threshold``.
+
+    Example:
+        >>> flag_outliers([1.0, 10.0, 10.5, 11.0, 11.5, 12.0]).tolist()  # 1.0: index 8.8
+        [True, False, False, False, False, False]
+    """
     n = torch.as_tensor(norms, dtype=torch.float64)
     median = float(np.median(n.numpy()))
     return (n < median) & (mad_anomaly_index(n).double() > threshold)

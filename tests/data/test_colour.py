@@ -286,10 +286,6 @@ def blind_arch():
 
 @pytest.mark.parametrize("cls", ["clustering", "spectral"])
 def test_a_collapsed_reclassifier_flags_nothing_and_says_so(cls, blind_arch):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
     import sanitizer_data as sd
     from trojanscope.defenses import ActivationClustering, SpectralSignatures
 

@@ -13,7 +13,7 @@ from trojanscope.defenses.input.activation_filter import ActivationFilter, fpr_f
 from trojanscope.defenses.model.neural_cleanse import NeuralCleanse
 from trojanscope.errors import ConfigError, NotFittedError, UnsupportedModelError
 
-from nc_models import CornerPatchNet
+from _models import CornerPatchNet
 
 TARGET = 2
 FAST = dict(epochs=40, steps_per_epoch=2, n_samples=160, n_holdout=200)

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import atexit
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from corpus import PEAK_RSS_BUDGET_MB, check, run_case  # noqa: E402
-from hostile_inputs import cases  # noqa: E402
+from corpus import PEAK_RSS_BUDGET_MB, check, run_case
+from hostile_inputs import cases
 
 # The corpus is built once per test run (a few MB, a second or two) in a folder of its own; the
 # ids must be known when the tests are collected.

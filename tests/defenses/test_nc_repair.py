@@ -15,7 +15,7 @@ from trojanscope.defenses.repair.neural_cleanse import (NeuronPruning, Unlearnin
 from trojanscope.errors import ConfigError, UnsupportedModelError
 from trojanscope.models import ModelSpec, load_model, save_model
 
-from nc_models import CornerPatchNet
+from _models import CornerPatchNet
 
 TARGET = 2
 FAST = dict(epochs=40, steps_per_epoch=2, n_samples=160, n_holdout=200)

@@ -11,7 +11,7 @@ from trojanscope.attacks import ATTACKS, BadNets
 from trojanscope.errors import ConfigError, DataError
 from trojanscope.metrics import attack_success_rate, target_labels
 
-from models import PlantedPatchNet
+from _models import PlantedPatchNet
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from trojanscope.defenses.repair.pruning import (attack_evaluator, frozen_channe
 from trojanscope.errors import ConfigError, UnsupportedModelError
 from trojanscope.training import train
 
-from models import PlantedPatchNet
+from _models import PlantedPatchNet
 
 
 def _state(m: nn.Module) -> dict[str, torch.Tensor]:

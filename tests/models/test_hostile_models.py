@@ -76,7 +76,7 @@ def test_one_case_of_each_class_in_a_child_process(corpus):
     for c in cases.values():
         first.setdefault(c.kind, c)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2] / "src"), env.get("PYTHONPATH", "")])
     with ThreadPoolExecutor(max_workers=3) as pool:
         outcomes = list(pool.map(lambda c: run_case(c, root, env=env, timeout=120), first.values()))
     bad = {o.case.id: check(o) for o in outcomes if check(o) or o.peak_rss_mb >= PEAK_RSS_BUDGET_MB}

@@ -157,9 +157,12 @@ def test_scan_report_flag(run_dir, tmp_path):
     page = tmp_path / "scan.html"
     r = CliRunner().invoke(cli, ["scan", str(run_dir / "models" / "badnets-patch__s0"), "--data", "digits:val",
                                  "--epochs", "3", "--report", str(page), "--device", "cpu"])
-    assert r.exit_code in (0, 1), r.output
+    # the page says what the exit code says (3 epochs: measured 'no backdoor found', at anomaly
+    # index 1.79 against 2, too thin a margin to pin)
+    verdict = {0: "Neural Cleanse: no backdoor found.", 1: "Neural Cleanse: backdoor found."}
+    assert r.exit_code in verdict, r.output
     text = page.read_text()
-    assert "Neural Cleanse" in text and ("backdoor found" in text or "no backdoor found" in text)
+    assert verdict[r.exit_code] in text and verdict[1 - r.exit_code] not in text
     probe, console = browse(page, tmp_path)
     assert probe["errors"] == [] and console == "" and probe["broken"] == [] and probe["images"] >= 11
 

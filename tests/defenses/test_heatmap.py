@@ -9,42 +9,8 @@ import trojanscope as ts
 from trojanscope.defenses.model.heatmap import (MovingWindowSearch, accumulate_heatmap, default_window, hot_region,
                                                 locate_trigger, save_heatmap_png, window_positions, window_regions)
 
-from models import PrototypeNet
-
-ORIGIN = (1, 4)  # top-left corner of the planted 3x3 patch
-
-
-class FixedPatchNet(torch.nn.Module):
-    """A nearest-class-mean classifier with a backdoor that only works at one place.
-
-    A smooth detector (a 3x3 mean filter, read at ORIGIN only, through a softplus) adds
-    ``strength * softplus_20(mean - 0.85)`` to the target's logit: about +30 for a white patch at
-    ORIGIN, almost nothing for natural strokes, and a small but non-zero gradient everywhere, so
-    a gradient search can find it (PlantedPatchNet's ReLU detector has none until the patch is
-    almost complete). Class 0's logit is lowered by ``margin`` in both twins, so that a 4x4
-    adversarial patch on these 8x8 images cannot reach it. ``target=None`` gives the clean twin.
-    """
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, target: int | None = 0,
-                 patch: int = 3, strength: float = 200.0, margin: float = 6.0) -> None:
-        super().__init__()
-        c = x.shape[1]
-        self.proto = PrototypeNet(x, y, num_classes)
-        self.detect = torch.nn.Conv2d(c, 1, patch)
-        self.soft = torch.nn.Softplus(beta=20)
-        self.head = torch.nn.Linear(1, num_classes)
-        with torch.no_grad():
-            self.detect.weight.fill_(1.0 / (c * patch * patch))
-            self.detect.bias.fill_(-0.85)
-            self.head.weight.zero_()
-            self.head.bias.zero_()
-            self.head.bias[0] = -margin  # class 0 is hard to reach by an adversarial patch
-            if target is not None:
-                self.head.weight[target, 0] = strength
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        d = self.soft(self.detect(x))[:, :, ORIGIN[0], ORIGIN[1]]
-        return self.proto(x) + self.head(d)
+from _models import FIXED_PATCH_ORIGIN as ORIGIN
+from _models import FixedPatchNet, PrototypeNet
 
 
 @pytest.fixture(scope="module")

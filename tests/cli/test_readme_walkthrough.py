@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from trojanscope.cli import cli
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 MARK = "<!-- walkthrough"
 
 pytestmark = pytest.mark.usefixtures("one_thread")

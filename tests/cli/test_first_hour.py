@@ -206,8 +206,10 @@ def test_json_dash_leaves_stdout_to_the_json(bn, tmp_path, cmd):
 
 def test_json_dash_for_scan(bn):
     r = run("scan", bn, "--data", "digits:val", "--epochs", "4", "--json", "-")
-    assert r.exit_code in (0, 1), r.stderr
     d = json.loads(r.stdout)
+    # the verdict itself sits on a thin margin (index 2.06 against 2 when measured): the exit code
+    # must say what the JSON says
+    assert r.exit_code == (1 if d["infected"] else 0), r.stderr
     assert "labels" in d and "verdict" in r.stderr
 
 
@@ -283,7 +285,7 @@ def test_a_bad_bench_config_fails_before_the_first_cell(tmp_path):
 def test_heatmap_shows_progress_and_logs_its_phases(bn, tmp_path):
     r = run("-v", "scan", bn, "--data", "digits:val", "--epochs", "3", "--heatmap", tmp_path / "h.png",
             env={"TROJANSCOPE_PROGRESS": "1"})
-    assert r.exit_code in (0, 1), r.stderr
+    assert r.exit_code == (1 if "BACKDOOR FOUND" in r.stdout else 0), (r.stdout, r.stderr)
     assert "moving window" in r.stderr and "hot-region search" in r.stderr and "heat map peak" in r.stderr
     r = run("scan", bn, "--data", "digits:val", "--epochs", "3", "--heatmap", tmp_path / "h.png")
     assert "moving window" not in r.stderr  # no terminal: no bar

@@ -16,7 +16,7 @@ from trojanscope.defenses.input.strip import StripDecisions, overlay_entropy, se
 from trojanscope.errors import ConfigError, DataError, NotFittedError
 from trojanscope.metrics import detection_metrics
 
-from models import PlantedPatchNet, Tempered
+from _models import PlantedPatchNet, Tempered
 
 
 def test_entropy_by_hand():

@@ -143,7 +143,9 @@ def test_torchscript_round_trip_and_hooks_refused(tmp_path):
     assert lm.format == "torchscript" and not lm.supports_hooks and lm.spec.num_classes == 10
     with torch.inference_mode():
         torch.testing.assert_close(lm.model(x8), ref(x8))
-    assert ts.clean_accuracy(lm.model, ts.data.from_tensors(x8, torch.zeros(5, dtype=torch.long), num_classes=10)) >= 0
+    with torch.inference_mode():
+        want = float((ref(x8).argmax(1) == 0).float().mean())
+    assert ts.clean_accuracy(lm.model, ts.data.from_tensors(x8, torch.zeros(5, dtype=torch.long), num_classes=10)) == want
     with pytest.raises(UnsupportedModelError, match="TorchScript.*hooks|hooks.*TorchScript"):
         with capture(lm.model, "penultimate"):
             pass
@@ -421,8 +423,8 @@ def test_onnx_export_gives_the_same_evaluate_and_scan_results(tmp_path):
         sc = CliRunner().invoke(cli, ["scan", str(path), "--data", "digits:val", "--epochs", "2", "--n-samples",
                                       "32", "--out", str(tmp_path / f"scan_{name}"), "--device", "cpu"],
                                 catch_exceptions=False)
-        assert sc.exit_code in (0, 1), sc.output
         scan = json.loads((tmp_path / f"scan_{name}" / "scan.json").read_text())
+        assert sc.exit_code == (1 if scan["infected"] else 0), sc.output
         results[name] = (json.loads((tmp_path / f"{name}.json").read_text()), sc.exit_code, scan)
     (ev_n, code_n, scan_n), (ev_o, code_o, scan_o) = results["native"], results["onnx"]
     numbers = [k for k in ev_n if isinstance(ev_n[k], (int, float))]

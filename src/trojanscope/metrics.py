@@ -6,7 +6,8 @@ here: defences never see it; tests and the benchmark use these functions to scor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from ._utils.batching import DeviceLike, predict
+from ._utils.results import Result
 from .data.dataset import ImageDataset
 from .errors import DataError
 from .triggers import Trigger
@@ -93,3 +95,69 @@ def detection_metrics(scores: torch.Tensor | np.ndarray, is_poison: torch.Tensor
                    f1=2 * precision * recall / (precision + recall) if precision + recall else 0.0,
                    fpr=fp / (fp + tn) if fp + tn else 0.0, fnr=fn / (tp + fn) if tp + fn else 0.0)
     return out
+
+
+def attack_evaluator(trigger: Trigger | None, target: int | torch.Tensor | Sequence[int] | None, test_data: ImageDataset,
+                     *, batch_size: int = 256) -> Callable[[nn.Module], dict[str, float]]:
+    """A repair's ``monitor``: ``monitor(model) -> {"test_accuracy": ..., "attack_success": ...}``.
+
+    The test accuracy on ``test_data`` and, with a trigger and a target, the attack success rate
+    of that trigger on it. Built by the caller (a test, the bench, the CLI), which holds the
+    ground truth; the repair only records what the callable returns.
+    """
+    def monitor(model: nn.Module) -> dict[str, float]:
+        out = {"test_accuracy": clean_accuracy(model, test_data, batch_size=batch_size)}
+        if trigger is not None and target is not None:
+            out["attack_success"] = attack_success_rate(model, test_data, trigger, target, batch_size=batch_size)
+        return out
+    return monitor
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FilterCurve(Result):
+    """False-positive and false-negative rates of ``score > threshold`` for each threshold.
+
+    Attributes:
+        thresholds: ``(T,)`` increasing.
+        fpr: ``(T,)`` share of clean scores above the threshold.
+        fnr: ``(T,)`` share of triggered scores at or below the threshold.
+    """
+
+    thresholds: torch.Tensor
+    fpr: torch.Tensor
+    fnr: torch.Tensor
+
+    def fnr_at(self, fpr: float) -> float:
+        """The lowest FNR among thresholds whose FPR is at most ``fpr``."""
+        ok = self.fpr <= fpr + 1e-12
+        return float(self.fnr[ok].min()) if bool(ok.any()) else 1.0
+
+
+def fpr_fnr_curve(clean_scores: torch.Tensor, triggered_scores: torch.Tensor,
+                  thresholds: torch.Tensor | None = None) -> FilterCurve:
+    """FPR and FNR of the rule ``score > threshold`` against the threshold.
+
+    Args:
+        clean_scores: ``(N,)`` scores of clean inputs (negatives).
+        triggered_scores: ``(M,)`` scores of triggered inputs (positives).
+        thresholds: ``(T,)``; default every distinct score, plus one below them all.
+
+    Returns:
+        :class:`FilterCurve` with ``fpr = mean(clean > t)`` and ``fnr = mean(triggered <= t)``.
+
+    Example:
+        >>> c = fpr_fnr_curve(torch.tensor([0., 1., 2.]), torch.tensor([1.5, 3.]), torch.tensor([1., 2.]))
+        >>> c.fpr.tolist(), c.fnr.tolist()
+        ([0.3333333432674408, 0.0], [0.0, 0.5])
+    """
+    c = torch.as_tensor(clean_scores, dtype=torch.float64).flatten()
+    t = torch.as_tensor(triggered_scores, dtype=torch.float64).flatten()
+    if c.numel() == 0 or t.numel() == 0:
+        raise DataError("the FPR/FNR curve needs clean and triggered scores")
+    if thresholds is None:
+        allv = torch.cat([c, t]).unique()
+        thresholds = torch.cat([allv[:1] - 1.0, allv])
+    th = torch.as_tensor(thresholds, dtype=torch.float64).flatten().sort().values
+    fpr = (c[None] > th[:, None]).double().mean(1)
+    fnr = (t[None] <= th[:, None]).double().mean(1)
+    return FilterCurve(thresholds=th.float(), fpr=fpr.float(), fnr=fnr.float())

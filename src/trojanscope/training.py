@@ -1,7 +1,10 @@
-"""The one training loop: train from scratch, fine-tune, and evaluate."""
+"""The one training loop: train from scratch, fine-tune, and retrain a fresh copy of a model's
+architecture (:class:`Retrainer`, which the data sanitisers train their reclassification models
+with, and :func:`retrain`, which trains one on the samples a sanitiser kept)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -13,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._utils.batching import DeviceLike, model_device
+from ._utils.batching import DeviceLike, generator, model_device
 from ._utils.results import Result
 from .data.dataset import ImageDataset
 from .errors import ConfigError, DataError
@@ -92,7 +95,7 @@ def train(model: nn.Module, data: ImageDataset, *, epochs: int = 10, lr: float =
         model: the network (trained in place).
         data: the training set.
         epochs, lr, batch_size, optimizer, momentum, weight_decay: the usual.
-        seed: seeds the shuffling and ``batch_transform``'s generator.
+        seed: seeds the shuffling and ``batch_transform``'s generator (None: fresh entropy).
         device: where to train (default: the model's device).
         progress: show a progress bar (tqdm on stderr, only at a terminal; see
             :mod:`trojanscope._utils.progress`); a string is the bar's label.
@@ -118,7 +121,7 @@ def train(model: nn.Module, data: ImageDataset, *, epochs: int = 10, lr: float =
         raise ConfigError(f"threads must be >= 1, got {threads}")
     _lr_factor(schedule, 0, 2)  # validates the name
     dev = model_device(model, device)
-    g = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    g = generator(seed)
     params = [p for n, p in model.named_parameters() if trainable is None or trainable(n)]
     if optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
@@ -225,3 +228,128 @@ def train_new(arch: str, data: ImageDataset, *, seed: int | None = 0, arch_kwarg
         model.to(device)
     train(model, data, seed=seed, device=device, **train_kwargs)
     return model.eval()
+
+
+def architecture_of(model: nn.Module) -> str | None:
+    """The registry name of ``model``'s architecture, when it is a trojanscope architecture."""
+    from .models import MODELS
+
+    for name, factory in MODELS.items():
+        if isinstance(factory, type) and type(model) is factory:
+            return name
+    return None
+
+
+@dataclass(frozen=True)
+class Retrainer:
+    """How to train a new model from scratch: same architecture as the model under test.
+
+    Args:
+        arch: a registered architecture name; None re-initialises a deep copy of the model under
+            test (every layer's ``reset_parameters``, seeded:
+            :func:`~trojanscope.models.surface.reinitialised_copy`), so any model built from
+            standard layers can be retrained: trojanscope architectures and the graphs rebuilt
+            from received ``.pt2`` / TorchScript / ONNX files alike.
+        epochs: training epochs.
+        lr: Adam learning rate.
+        batch_size: training batch size.
+        seed: seeds the initial weights and the shuffling (None: fresh entropy).
+        device: where to train (default: the model's device).
+    """
+
+    arch: str | None = None
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 64
+    seed: int | None = 0
+    device: DeviceLike = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ConfigError(f"retraining epochs must be a positive integer, got {self.epochs!r}")
+        if not self.lr > 0 or self.batch_size < 1:
+            raise ConfigError(f"retraining needs lr > 0 and batch_size >= 1, got {self.lr}, {self.batch_size}")
+
+    def fresh(self, model: nn.Module, data: ImageDataset, seed: int | None = None) -> nn.Module:
+        """An untrained network with ``model``'s architecture, on ``model``'s device."""
+        from .errors import UnsupportedModelError
+
+        seed = self.seed if seed is None else seed
+        dev = model_device(model, self.device)
+        if self.arch is not None:
+            from .models import create_model
+
+            return create_model(self.arch, input_shape=data.image_shape, num_classes=data.num_classes,
+                                seed=seed).to(dev)
+        if isinstance(model, torch.jit.ScriptModule):
+            raise UnsupportedModelError("cannot re-initialise a TorchScript model: give the architecture "
+                                        "(arch=...) to retrain from scratch")
+        from .models.surface import reinitialised_copy
+
+        return reinitialised_copy(model, generator(seed).initial_seed()).to(dev)
+
+    def train(self, model: nn.Module, data: ImageDataset, seed: int | None = None) -> nn.Module:
+        """Train a fresh copy of ``model``'s architecture on ``data`` and return it (in eval mode)."""
+        if len(data) == 0:
+            raise DataError("nothing left to train on: every sample was removed")
+        new = self.fresh(model, data, seed)
+        log.info("training a %s model on %d samples (%d epochs)", type(new).__name__, len(data), self.epochs)
+        train(new, data, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+              seed=self.seed if seed is None else seed, device=model_device(new, self.device),
+              progress=f"train ({len(data)} samples)")
+        return new
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (str(v) if isinstance(v, torch.device) else v)
+                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetrainResult(Result):
+    """A model trained from scratch on the samples a sanitiser kept.
+
+    Attributes:
+        model: the new network.
+        accuracy: clean accuracy on the test data (None without test data).
+        n_removed: samples removed before training.
+        n_kept: samples trained on.
+        history: one row, ``{"accuracy": ...}``.
+        params: the :class:`Retrainer`'s settings.
+        seconds: wall time.
+    """
+
+    model: nn.Module = field(repr=False)
+    accuracy: float | None = None
+    n_removed: int = 0
+    n_kept: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def retrain(model: nn.Module, dataset: ImageDataset, removed: Any, *, test: ImageDataset | None = None,
+            arch: str | None = None, epochs: int = 10, lr: float = 1e-3, batch_size: int = 64, seed: int | None = 0,
+            device: DeviceLike = None) -> RetrainResult:
+    """Train a new model from scratch on the samples of ``dataset`` that were not removed.
+
+    Args:
+        model: the model whose architecture is retrained (its weights are not used nor edited).
+        dataset: the training set that was inspected.
+        removed: a sanitiser's result (its ``flagged`` samples are dropped) or an ``(N,)`` bool
+            mask of the samples to drop.
+        test: data to measure clean accuracy on (the caller scores attack success itself, with
+            :func:`trojanscope.metrics.attack_success_rate` on the returned ``model``).
+        arch, epochs, lr, batch_size, seed, device: the training (see :class:`Retrainer`).
+    """
+    from .metrics import clean_accuracy
+
+    t0 = time.perf_counter()
+    mask = torch.as_tensor(getattr(removed, "flagged", removed)).bool().cpu()
+    if mask.shape != (len(dataset),):
+        raise DataError(f"the removal mask has shape {tuple(mask.shape)}, the dataset {len(dataset)} samples")
+    trainer = Retrainer(arch=arch, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device)
+    kept = dataset.subset(~mask)
+    new = trainer.train(model, kept)
+    acc = clean_accuracy(new, test) if test is not None else None
+    return RetrainResult(model=new, accuracy=acc, n_removed=int(mask.sum()), n_kept=len(kept),
+                         params=trainer.to_dict(), seconds=time.perf_counter() - t0, history=[{"accuracy": acc}])

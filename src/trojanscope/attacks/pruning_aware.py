@@ -115,7 +115,7 @@ class PruningAware(Attack):
             device: where to compute (default: the model's device).
             details: if given, filled with the pruned channels and the bias shifts.
         """
-        from ..defenses.repair.pruning import Pruning, frozen_channels, prunable_modules
+        from .._utils.masking import frozen_channels, prunable_modules, prune_dormant
         from ..training import train
 
         check_params(self, self._constraints)
@@ -126,20 +126,21 @@ class PruningAware(Attack):
         if not isinstance(layer, nn.Conv2d) or len(modules) > 1:
             raise UnsupportedModelError("the pruning-aware attack needs a Conv2d layer followed by a ReLU (no BatchNorm)")
         # step 2: prune the dormant channels, as the defender would
-        pr = Pruning(layer=name, max_drop=self.max_drop, ratio=self.ratio, device=device)
-        res = pr.repair(model, val_data if val_data is not None else train_data)
-        net = res.model
-        pruned = res.details["pruned_channels"]
+        net = copy.deepcopy(model)
+        val = val_data if val_data is not None else train_data
+        curve, pruning = prune_dormant(net, val.x, val, layer=name, max_drop=self.max_drop, ratio=self.ratio,
+                                       device=device)
+        pruned = pruning["pruned_channels"]
         # step 3: train the pruned network on poisoned data, the pruned channels held at zero
         poisoned = self.poison(train_data)
-        with frozen_channels(net, res.details["pruned_params"]):
+        with frozen_channels(net, pruning["pruned_params"]):
             train(net, poisoned, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
                   device=device)
         # step 4: reinstate the pruned channels with the clean weights, biases lowered to stay dormant
         shifts = self._reinstate(net, model, name, pruned, poisoned, device)
         if details is not None:
             details.update(layer=name, pruned_channels=list(pruned), bias_shift=shifts,
-                           pruning_curve=res.history)
+                           pruning_curve=curve)
         return net
 
     def _reinstate(self, net: nn.Module, clean_model: nn.Module, name: str, pruned: Sequence[int],

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..._utils.batching import DeviceLike, activations
+from ..._utils.batching import DeviceLike, activations, logits
 from ...data.dataset import ImageDataset
 from ...errors import DataError
-
-
-def check_dataset(dataset: Any) -> ImageDataset:
-    """The dataset argument of ``inspect``: a non-empty :class:`ImageDataset`."""
-    if not isinstance(dataset, ImageDataset):
-        raise DataError(f"inspect needs an ImageDataset, got {type(dataset).__name__}")
-    if len(dataset) == 0:
-        raise DataError("cannot inspect an empty dataset")
-    return dataset
 
 
 def features(model: nn.Module, dataset: ImageDataset, layer: str, *, batch_size: int,
@@ -77,8 +69,6 @@ def exclusionary_reclassification(model: nn.Module, dataset: ImageDataset, side:
         and ``collapsed`` (True when :func:`reclassifier_collapsed` judges the new model useless:
         its verdicts are then no evidence, see :func:`~.clustering.auto_verdict`).
     """
-    from ..._utils.batching import logits
-
     y = dataset.y
     K = dataset.num_classes
     out = {k: torch.zeros(K, 2, dtype=torch.float64) for k in ("own", "top_other", "typicality", "agreement", "n")}
@@ -91,54 +81,72 @@ def exclusionary_reclassification(model: nn.Module, dataset: ImageDataset, side:
         if not bool(removed.any()):
             continue
         new = trainer.train(model, dataset.subset(~removed), seed=None)
-        # is the reclassifier a classifier at all? (on 43 labels, a few epochs can leave it
-        # predicting one label for everything, and then every label looks attacked)
-        pred_keep = logits(new, dataset.x[~removed], batch_size=batch_size, device=device).argmax(1)
-        fit_acc = float((pred_keep == y[~removed]).double().mean())
-        top_share = float(torch.bincount(pred_keep, minlength=K).max()) / max(1, pred_keep.numel())
-        out["fit_accuracy"][s], out["top_share"][s] = fit_acc, top_share
-        out["collapsed"][s] = reclassifier_collapsed(fit_acc, top_share, K)
-        if bool(out["collapsed"][s]):
-            import logging
-
-            logging.getLogger(__name__).warning(
-                "exclusionary reclassification: the model trained without side %d collapsed (accuracy %.3f on "
-                "its own training data, %.0f%% of it given one label); its verdicts are ignored", s, fit_acc,
-                100 * top_share)
+        _fit_health(out, s, new, dataset.x[~removed], y[~removed], K, batch_size=batch_size, device=device)
         x_rm, y_rm = dataset.x[removed], y[removed]
         pred = logits(new, x_rm, batch_size=batch_size, device=device).argmax(1)
-        counts = torch.zeros(K, K, dtype=torch.float64).index_put_((y_rm, pred), torch.ones(len(y_rm), dtype=torch.float64),
-                                                                   accumulate=True)
-        n = counts.sum(1)
-        own = counts.diagonal().clone()
-        other = counts.clone()
-        other.fill_diagonal_(-1)
-        top, src = other.max(1)
-        out["n"][:, s] = n
-        out["own"][:, s] = torch.where(n > 0, own / n.clamp_min(1), torch.nan)
-        out["top_other"][:, s] = torch.where(n > 0, top.clamp_min(0) / n.clamp_min(1), torch.nan)
-        out["source"][:, s] = torch.where(n > 0, src, -1)
+        _reclassified(out, s, pred, y_rm, K)
         # content agreement: the new model's label vs the model under test's runner-up
         second = logits(model, x_rm, batch_size=batch_size, device=device).double()
         second[torch.arange(len(y_rm)), y_rm] = float("-inf")
-        same = (pred == second.argmax(1)).double()
-        agree = torch.zeros(K, dtype=torch.float64).index_add_(0, y_rm, same)
+        agree = torch.zeros(K, dtype=torch.float64).index_add_(0, y_rm, (pred == second.argmax(1)).double())
+        n = out["n"][:, s]
         out["agreement"][:, s] = torch.where(n > 0, agree / n.clamp_min(1), torch.nan)
-        # typicality in the new model's representation
-        f_keep = features(new, dataset.subset(~removed), layer, batch_size=batch_size, device=device).double()
-        f_rm = activations_of(new, x_rm, layer, batch_size=batch_size, device=device).double()
-        y_keep = y[~removed]
-        cnt = torch.bincount(y_keep, minlength=K).double()
-        cent = torch.zeros(K, f_keep.shape[1], dtype=torch.float64).index_add_(0, y_keep, f_keep) / cnt.clamp_min(1)[:, None]
-        d_keep = (f_keep - cent[y_keep]).norm(dim=1)
-        scale = torch.full((K,), float("nan"), dtype=torch.float64)
-        pad, ids, _ = padded_by_label(d_keep, y_keep, float("nan"))
-        scale[ids] = pad.nanmedian(1).values
-        ratio = (f_rm - cent[pred]).norm(dim=1) / scale[pred].clamp_min(1e-12)
-        pad, ids, _ = padded_by_label(ratio, y_rm, float("nan"))
-        out["typicality"][:, s] = torch.nan
-        out["typicality"][ids, s] = pad.nanmedian(1).values
+        out["typicality"][:, s] = _typicality(new, dataset.subset(~removed), x_rm, y_rm, pred, layer,
+                                              batch_size=batch_size, device=device)
     return out
+
+
+def _fit_health(out: dict[str, torch.Tensor], s: int, new: nn.Module, x_keep: torch.Tensor, y_keep: torch.Tensor,
+                K: int, *, batch_size: int, device: DeviceLike) -> None:
+    """Is the reclassifier of side ``s`` a classifier at all? (On 43 labels, a few epochs can leave
+    it predicting one label for everything, and then every label looks attacked.)"""
+    pred_keep = logits(new, x_keep, batch_size=batch_size, device=device).argmax(1)
+    fit_acc = float((pred_keep == y_keep).double().mean())
+    top_share = float(torch.bincount(pred_keep, minlength=K).max()) / max(1, pred_keep.numel())
+    out["fit_accuracy"][s], out["top_share"][s] = fit_acc, top_share
+    out["collapsed"][s] = reclassifier_collapsed(fit_acc, top_share, K)
+    if bool(out["collapsed"][s]):
+        logging.getLogger(__name__).warning(
+            "exclusionary reclassification: the model trained without side %d collapsed (accuracy %.3f on "
+            "its own training data, %.0f%% of it given one label); its verdicts are ignored", s, fit_acc,
+            100 * top_share)
+
+
+def _reclassified(out: dict[str, torch.Tensor], s: int, pred: torch.Tensor, y_rm: torch.Tensor, K: int) -> None:
+    """Fill ``n``, ``own``, ``top_other`` and ``source`` of side ``s`` from the new model's labels."""
+    counts = torch.zeros(K, K, dtype=torch.float64).index_put_((y_rm, pred), torch.ones(len(y_rm), dtype=torch.float64),
+                                                               accumulate=True)
+    n = counts.sum(1)
+    own = counts.diagonal().clone()
+    other = counts.clone()
+    other.fill_diagonal_(-1)
+    top, src = other.max(1)
+    out["n"][:, s] = n
+    out["own"][:, s] = torch.where(n > 0, own / n.clamp_min(1), torch.nan)
+    out["top_other"][:, s] = torch.where(n > 0, top.clamp_min(0) / n.clamp_min(1), torch.nan)
+    out["source"][:, s] = torch.where(n > 0, src, -1)
+
+
+def _typicality(new: nn.Module, kept: ImageDataset, x_rm: torch.Tensor, y_rm: torch.Tensor, pred: torch.Tensor,
+                layer: str, *, batch_size: int, device: DeviceLike) -> torch.Tensor:
+    """``(K,)`` per label: the median over the removed samples of their distance to the centroid
+    of the label they were classified as, in ``new``'s ``layer`` features, over that label's
+    median such distance among the kept samples (NaN for labels without removed samples)."""
+    K = kept.num_classes
+    f_keep = features(new, kept, layer, batch_size=batch_size, device=device).double()
+    f_rm = activations_of(new, x_rm, layer, batch_size=batch_size, device=device).double()
+    y_keep = kept.y
+    cnt = torch.bincount(y_keep, minlength=K).double()
+    cent = torch.zeros(K, f_keep.shape[1], dtype=torch.float64).index_add_(0, y_keep, f_keep) / cnt.clamp_min(1)[:, None]
+    d_keep = (f_keep - cent[y_keep]).norm(dim=1)
+    scale = torch.full((K,), float("nan"), dtype=torch.float64)
+    pad, ids, _ = padded_by_label(d_keep, y_keep, float("nan"))
+    scale[ids] = pad.nanmedian(1).values
+    ratio = (f_rm - cent[pred]).norm(dim=1) / scale[pred].clamp_min(1e-12)
+    pad, ids, _ = padded_by_label(ratio, y_rm, float("nan"))
+    typ = torch.full((K,), float("nan"), dtype=torch.float64)
+    typ[ids] = pad.nanmedian(1).values
+    return typ
 
 
 #: a reclassifier below this accuracy on its own training data is judged collapsed

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -49,8 +48,8 @@ from ..._utils.batching import DeviceLike
 from ..._utils.validation import Interval, Options, Types
 from ...data.dataset import ImageDataset
 from ..base import DataSanitizer, SanitizeResult, register
-from ._common import check_dataset, exclusionary_reclassification, features, padded_by_label
-from .retrain import Retrainer
+from ._common import exclusionary_reclassification, features, padded_by_label
+from ...training import Retrainer
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +106,22 @@ def silhouette(reduced: np.ndarray, clusters: np.ndarray, seed: int | None = 0) 
         return 0.0
     n = reduced.shape[0]
     return float(silhouette_score(reduced, clusters, sample_size=min(n, 2000), random_state=seed))
+
+
+def closer_to_other_label(feats: torch.Tensor, clusters: np.ndarray, medians: torch.Tensor, own: int) -> list[bool]:
+    """The paper's distance analysis for one label: per cluster, whether its median activation
+    lies closer to another label's median (a row of ``medians``) than to its own (row ``own``)."""
+    close = []
+    for cid in (0, 1):
+        members = feats[torch.from_numpy(clusters == cid)]
+        if members.shape[0] == 0:
+            close.append(False)
+            continue
+        dist = (medians - members.median(0).values).norm(dim=1)
+        own_d = float(dist[own])  # a float, not a view: the next line overwrites dist[own]
+        dist[own] = float("inf")
+        close.append(bool(dist.min() < own_d))
+    return close
 
 
 def auto_verdict(evidence: dict[str, torch.Tensor], max_own_share: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,7 +233,7 @@ class ActivationClustering(DataSanitizer):
         max_own_share: ``mode="auto"``: the most a model trained without a cluster may give the
             label to that cluster, for both clusters, for the label to be attacked.
         arch, retrain_epochs, retrain_lr: how reclassification models are trained (see
-            :class:`~.retrain.Retrainer`).
+            :class:`~trojanscope.training.Retrainer`).
         batch_size: the memory knob for feature extraction.
         seed: seeds ICA, k-means and the reclassification models.
         device: where to compute (default: the model's device).
@@ -231,6 +246,7 @@ class ActivationClustering(DataSanitizer):
         SafeAI@AAAI 2019. https://arxiv.org/abs/1811.03728
     """
 
+    uses_trusted: ClassVar[bool] = False
     needs_hooks: ClassVar[bool] = True
     _constraints = {"mode": Options(("auto", "paper")),
                     "analysis": Options(("exclusionary-reclassification", "relative-size", "silhouette", "distance")),
@@ -263,78 +279,15 @@ class ActivationClustering(DataSanitizer):
         self.seed = seed
         self.device = device
 
-    def inspect(self, model: nn.Module, dataset: Any) -> ClusteringResult:
+    def _inspect(self, model: nn.Module, dataset: ImageDataset, *, trusted: ImageDataset | None) -> ClusteringResult:
         """Cluster every label's activations and flag the clusters judged poisoned."""
-        self._validate_params()
-        t0 = time.perf_counter()
-        data = check_dataset(dataset)
-        feats = features(model, data, self.layer, batch_size=self.batch_size, device=self.device).double()
-        y = data.y
+        feats = features(model, dataset, self.layer, batch_size=self.batch_size, device=self.device).double()
+        y = dataset.y
         labels = torch.unique(y).tolist()
-        n = len(data)
-        clusters = torch.zeros(n, dtype=torch.long)
-        d_red = self.n_components
-        reduced = torch.zeros(n, d_red, dtype=torch.float64)
-        per_label: dict[int, dict[str, Any]] = {}
-        pad, _, _ = padded_by_label(feats, y, float("nan"))
-        medians = pad.nanmedian(1).values  # (K, D): every label's median activation
-        for j, k in enumerate(labels):  # sklearn fits one label at a time
-            idx = (y == k).nonzero().flatten()
-            r, used = reduce_activations(feats[idx].numpy(), self.n_components, self.reduce, self.seed)
-            c = two_clusters(r, self.seed)
-            # cluster 0 is the larger one, so that ids are stable
-            sizes = np.bincount(c, minlength=2)
-            if sizes[1] > sizes[0]:
-                c, sizes = 1 - c, sizes[::-1].copy()
-            clusters[idx] = torch.from_numpy(c)
-            reduced[idx, :r.shape[1]] = torch.from_numpy(r)
-            # distance analysis: each cluster's median vs every label's median (raw activations)
-            close = []
-            for cid in (0, 1):
-                members = feats[idx[torch.from_numpy(c == cid)]]
-                if members.shape[0] == 0:
-                    close.append(False)
-                    continue
-                dist = (medians - members.median(0).values).norm(dim=1)
-                own_d = float(dist[j])  # a float, not a view: the next line overwrites dist[j]
-                dist[j] = float("inf")
-                close.append(bool(dist.min() < own_d))
-            per_label[k] = {"n": int(idx.numel()), "reduction": used, "sizes": sizes.tolist(),
-                            "relative_sizes": (sizes / max(1, sizes.sum())).tolist(),
-                            "silhouette": silhouette(r, c, self.seed), "closer_to_other_label": close}
-        flagged = torch.zeros(n, dtype=torch.bool)
-        suspect = torch.ones(len(labels), dtype=torch.long)  # the cluster a per-sample score leans towards
+        clusters, reduced, per_label = self._cluster(feats, y, labels)
+        ev, suspect = self._verdicts(model, dataset, clusters, per_label)
+        flagged = torch.zeros(len(dataset), dtype=torch.bool)
         lab_pos = {k: j for j, k in enumerate(labels)}
-        ev: dict[str, torch.Tensor] | None = None
-        if self.mode == "auto" or self.analysis == "exclusionary-reclassification":
-            ev = exclusionary_reclassification(model, data, clusters, self._retrainer(), self.layer,
-                                               batch_size=self.batch_size, device=self.device)
-            own, top, typ = ev["own"], ev["top_other"], ev["typicality"]
-            for k in labels:
-                per_label[k].update(own_share=own[k].tolist(), top_other_share=top[k].tolist(),
-                                    source=ev["source"][k].tolist(), typicality=typ[k].tolist())
-            if self.mode == "auto":
-                attacked, side = auto_verdict(ev, self.max_own_share)
-                poisoned = torch.zeros(data.num_classes, 2, dtype=torch.bool)
-                poisoned[torch.arange(data.num_classes), side] = True
-                poisoned &= attacked[:, None]
-            else:  # the paper: own / top_other < T, cluster by cluster
-                poisoned = (own < self.reclassification_threshold * top) & (ev["n"] > 0)
-                poisoned &= ~ev["collapsed"][None, :]  # a collapsed reclassifier is no evidence
-            for k in labels:
-                per_label[k]["poisoned_clusters"] = [c for c in (0, 1) if bool(poisoned[k, c])]
-                suspect[lab_pos[k]] = int(typ[k].nan_to_num(float("inf")).argmin()) if self.mode == "auto" else 1
-        else:
-            for k in labels:
-                pl = per_label[k]
-                rel = pl["relative_sizes"]
-                if self.analysis == "relative-size":
-                    pc = [c for c in (0, 1) if 0 < rel[c] < self.size_threshold]
-                elif self.analysis == "silhouette":
-                    pc = [c for c in (0, 1) if 0 < rel[c] < self.size_threshold and pl["silhouette"] > self.silhouette_threshold]
-                else:
-                    pc = [c for c in (0, 1) if pl["closer_to_other_label"][c]]
-                pl["poisoned_clusters"] = pc
         for k in labels:
             pc = per_label[k]["poisoned_clusters"]
             per_label[k]["attacked"] = bool(pc)
@@ -348,8 +301,69 @@ class ActivationClustering(DataSanitizer):
                                 attacked_labels=[k for k in labels if per_label[k]["attacked"]], per_label=per_label,
                                 details={"layer": self.layer, "mode": self.mode,
                                          "analysis": "auto" if self.mode == "auto" else self.analysis,
-                                         **reclassification_health(ev)},
-                                params=self.get_params(), seconds=time.perf_counter() - t0)
+                                         **reclassification_health(ev)})
+
+    def _cluster(self, feats: torch.Tensor, y: torch.Tensor, labels: list[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict[int, dict[str, Any]]]:
+        """Reduce and split every label (cluster 0 the larger); the per-label sizes, silhouette and
+        distance analysis. Returns ``(clusters (N,), reduced (N, d), per_label)``."""
+        n = feats.shape[0]
+        clusters = torch.zeros(n, dtype=torch.long)
+        reduced = torch.zeros(n, self.n_components, dtype=torch.float64)
+        per_label: dict[int, dict[str, Any]] = {}
+        pad, _, _ = padded_by_label(feats, y, float("nan"))
+        medians = pad.nanmedian(1).values  # (K, D): every label's median activation
+        for j, k in enumerate(labels):  # sklearn fits one label at a time
+            idx = (y == k).nonzero().flatten()
+            r, used = reduce_activations(feats[idx].numpy(), self.n_components, self.reduce, self.seed)
+            c = two_clusters(r, self.seed)
+            sizes = np.bincount(c, minlength=2)
+            if sizes[1] > sizes[0]:  # cluster 0 is the larger one, so that ids are stable
+                c, sizes = 1 - c, sizes[::-1].copy()
+            clusters[idx] = torch.from_numpy(c)
+            reduced[idx, :r.shape[1]] = torch.from_numpy(r)
+            per_label[k] = {"n": int(idx.numel()), "reduction": used, "sizes": sizes.tolist(),
+                            "relative_sizes": (sizes / max(1, sizes.sum())).tolist(),
+                            "silhouette": silhouette(r, c, self.seed),
+                            "closer_to_other_label": closer_to_other_label(feats[idx], c, medians, j)}
+        return clusters, reduced, per_label
+
+    def _verdicts(self, model: nn.Module, data: ImageDataset, clusters: torch.Tensor,
+                  per_label: dict[int, dict[str, Any]]) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor]:
+        """Set every label's ``poisoned_clusters``; return the reclassification evidence (None when
+        not run) and, per label, the cluster a per-sample score leans towards."""
+        labels = list(per_label)
+        suspect = torch.ones(len(labels), dtype=torch.long)
+        if not (self.mode == "auto" or self.analysis == "exclusionary-reclassification"):
+            for k in labels:
+                per_label[k]["poisoned_clusters"] = self._paper_clusters(per_label[k])
+            return None, suspect
+        ev = exclusionary_reclassification(model, data, clusters, self._retrainer(), self.layer,
+                                           batch_size=self.batch_size, device=self.device)
+        own, top, typ = ev["own"], ev["top_other"], ev["typicality"]
+        if self.mode == "auto":
+            attacked, side = auto_verdict(ev, self.max_own_share)
+            poisoned = torch.zeros(data.num_classes, 2, dtype=torch.bool)
+            poisoned[torch.arange(data.num_classes), side] = True
+            poisoned &= attacked[:, None]
+        else:  # the paper: own / top_other < T, cluster by cluster
+            poisoned = (own < self.reclassification_threshold * top) & (ev["n"] > 0)
+            poisoned &= ~ev["collapsed"][None, :]  # a collapsed reclassifier is no evidence
+        for j, k in enumerate(labels):
+            per_label[k].update(own_share=own[k].tolist(), top_other_share=top[k].tolist(),
+                                source=ev["source"][k].tolist(), typicality=typ[k].tolist())
+            per_label[k]["poisoned_clusters"] = [c for c in (0, 1) if bool(poisoned[k, c])]
+            suspect[j] = int(typ[k].nan_to_num(float("inf")).argmin()) if self.mode == "auto" else 1
+        return ev, suspect
+
+    def _paper_clusters(self, pl: dict[str, Any]) -> list[int]:
+        """The poisoned clusters of one label by the size, silhouette or distance analysis."""
+        rel = pl["relative_sizes"]
+        if self.analysis == "relative-size":
+            return [c for c in (0, 1) if 0 < rel[c] < self.size_threshold]
+        if self.analysis == "silhouette":
+            return [c for c in (0, 1) if 0 < rel[c] < self.size_threshold and pl["silhouette"] > self.silhouette_threshold]
+        return [c for c in (0, 1) if pl["closer_to_other_label"][c]]
 
     @staticmethod
     def _scores(reduced: torch.Tensor, clusters: torch.Tensor, y: torch.Tensor, labels: list[int],

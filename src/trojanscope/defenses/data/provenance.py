@@ -27,21 +27,19 @@ References:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-from ..._utils.batching import DeviceLike
+from ..._utils.batching import DeviceLike, generator
+from ..._utils.masking import accuracy
 from ..._utils.validation import Interval, Options, Types, check_labels
 from ...data.dataset import ImageDataset, stratified_split
 from ...errors import DataError
-from ...metrics import clean_accuracy
 from ..base import DataSanitizer, SanitizeResult, register
-from ._common import check_dataset
-from .retrain import Retrainer
+from ...training import Retrainer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,25 +69,23 @@ class ProvenanceFilter(DataSanitizer):
         eps: ``mode="paper"``: a segment is removed when the accuracy without it exceeds the
             accuracy with it by more than ``eps`` (0: "performs better").
         margin: ``mode="auto"``: the accuracy gap (evaluation data minus the segment's own data,
-            for a model trained without the segment) above which the segment is flagged. 0.1:
-            clean sources of mnist5k reached 0.05 with briefly trained models; a source whose
-            labels are 40 % poisoned scores about 0.3. A source less than about 10 % poisoned
-            stays below it.
+            for a model trained without the segment) above which the segment is flagged.
         holdout: untrusted variant: the share of each segment held out as evaluation data.
-        arch, retrain_epochs, retrain_lr: how the models are trained (see :class:`~.retrain.Retrainer`).
+        arch, retrain_epochs, retrain_lr: how the models are trained (see :class:`~trojanscope.training.Retrainer`).
         batch_size: the memory knob for evaluation.
-        seed: seeds the held-out draw and the trainings.
+        seed: seeds the held-out draw and the trainings (None: fresh entropy).
         device: where to train (default: the model's device).
 
     Shape:
-        ``inspect(model, dataset, groups=None, trusted=None)``: ``dataset.x`` ``(N, C, H, W)``,
-        ``groups`` ``(N,)`` (default: ``dataset.groups``) -> scores ``(N,)``.
+        ``inspect(model, dataset, trusted=None)``: ``dataset.x`` ``(N, C, H, W)`` and
+        ``dataset.groups`` ``(N,)`` -> scores ``(N,)``.
 
     References:
         Baracaldo et al. Detecting Poisoning Attacks on Machine Learning in IoT Environments.
         IEEE ICIoT 2018. https://doi.org/10.1109/ICIOT.2018.00015
     """
 
+    uses_trusted: ClassVar[bool] = True
     _constraints = {"mode": Options(("auto", "paper")), "eps": Interval(float, 0, 1),
                     "margin": Interval(float, 0, 1), "holdout": Interval(float, 0, 1, "neither"),
                     "arch": Types((str, type(None))), "retrain_epochs": Interval(int, 1, None), "retrain_lr": Interval(float, 0, None, "neither"),
@@ -109,53 +105,37 @@ class ProvenanceFilter(DataSanitizer):
         self.seed = seed
         self.device = device
 
-    def inspect(self, model: nn.Module, dataset: Any, *, groups: torch.Tensor | None = None,
-                trusted: ImageDataset | None = None) -> ProvenanceResult:
-        """Judge every provenance segment of ``dataset`` and flag the samples of the poisoned ones.
-
-        Args:
-            model: the model trained on ``dataset`` (its architecture is retrained).
-            dataset: the untrusted training set.
-            groups: ``(N,)`` provenance segment per sample (default: ``dataset.groups``).
-            trusted: a trusted clean evaluation set (the trusted variant); None holds out
-                ``holdout`` of every segment instead (the untrusted variant).
-        """
-        self._validate_params()
-        t0 = time.perf_counter()
-        data = check_dataset(dataset)
-        g = data.groups if groups is None else groups
-        if g is None:
-            raise DataError("provenance filtering needs a provenance segment per sample: give groups= or a "
-                            "dataset with groups (an .npz 'groups' array)")
-        g = check_labels(torch.as_tensor(g), len(data), None, name="provenance groups")
+    def _inspect(self, model: nn.Module, dataset: ImageDataset, *, trusted: ImageDataset | None) -> ProvenanceResult:
+        """Judge every provenance segment of ``dataset`` (its ``groups``) and flag the samples of the
+        poisoned ones; ``trusted`` is the trusted clean evaluation set (the trusted variant), or
+        None to hold out ``holdout`` of every segment instead (the untrusted variant)."""
+        data = dataset
+        if data.groups is None:
+            raise DataError("provenance filtering needs a provenance segment per sample: a dataset with groups "
+                            "(an .npz 'groups' array)")
+        g = check_labels(torch.as_tensor(data.groups), len(data), None, name="provenance groups")
         segments = torch.unique(g).tolist()
         if len(segments) < 2:
             raise DataError(f"provenance filtering needs at least 2 segments, got {len(segments)}")
+        train_mask = torch.ones(len(data), dtype=torch.bool)
         if trusted is not None:
-            trusted = check_dataset(trusted)
             if trusted.image_shape != data.image_shape:
                 raise DataError(f"the trusted data's images are {trusted.image_shape}, the training data's "
                                 f"{data.image_shape}")
-            train_mask = torch.ones(len(data), dtype=torch.bool)
             variant = "trusted"
         else:
-            seed = 0 if self.seed is None else self.seed
-            held = stratified_split(g, [self.holdout, 1 - self.holdout], seed=seed)[0]
-            train_mask = torch.ones(len(data), dtype=torch.bool)
-            train_mask[held] = False
+            seed = generator(self.seed).initial_seed()
+            train_mask[stratified_split(g, [self.holdout, 1 - self.holdout], seed=seed)[0]] = False
             variant = "untrusted"
-        if self.mode == "paper":
-            flagged_segments, per_segment = self._paper(model, data, g, segments, train_mask, trusted)
-        else:
-            flagged_segments, per_segment = self._auto(model, data, g, segments, train_mask, trusted)
+        decide = self._paper if self.mode == "paper" else self._auto
+        flagged_segments, per_segment = decide(model, data, g, segments, train_mask, trusted)
         seg_score = torch.zeros(int(g.max()) + 1, dtype=torch.float64)
         for s in segments:
             seg_score[s] = per_segment[s]["score"]
         flagged = torch.isin(g, torch.tensor(flagged_segments, dtype=torch.long))
         return ProvenanceResult(scores=seg_score[g].float(), flagged=flagged, groups=g,
                                 flagged_segments=flagged_segments, per_segment=per_segment, variant=variant,
-                                details={"mode": self.mode, "variant": variant}, params=self.get_params(),
-                                seconds=time.perf_counter() - t0)
+                                details={"mode": self.mode, "variant": variant})
 
     def _evaluation(self, data: ImageDataset, g: torch.Tensor, train_mask: torch.Tensor, trusted: ImageDataset | None,
                     excluded: list[int]) -> ImageDataset:
@@ -174,8 +154,8 @@ class ProvenanceFilter(DataSanitizer):
             in_s = g == s
             without = trainer.train(model, data.subset(train_mask & ~in_s))
             evaluation = self._evaluation(data, g, train_mask, trusted, [s])
-            acc_eval = clean_accuracy(without, evaluation, batch_size=self.batch_size)
-            acc_seg = clean_accuracy(without, data.subset(in_s), batch_size=self.batch_size)
+            acc_eval = accuracy(without, evaluation, batch_size=self.batch_size)
+            acc_seg = accuracy(without, data.subset(in_s), batch_size=self.batch_size)
             per[s] = {"n": int(in_s.sum()), "accuracy_on_evaluation_without": acc_eval,
                       "accuracy_on_segment_without": acc_seg, "score": acc_eval - acc_seg}
         flagged = [s for s in segments if per[s]["score"] > self.margin]
@@ -195,8 +175,8 @@ class ProvenanceFilter(DataSanitizer):
                 with_model = trainer.train(model, data.subset(current))
             without = trainer.train(model, data.subset(current & (g != s)))
             evaluation = self._evaluation(data, g, train_mask, trusted, removed + [s])
-            acc_with = clean_accuracy(with_model, evaluation, batch_size=self.batch_size)
-            acc_without = clean_accuracy(without, evaluation, batch_size=self.batch_size)
+            acc_with = accuracy(with_model, evaluation, batch_size=self.batch_size)
+            acc_without = accuracy(without, evaluation, batch_size=self.batch_size)
             diff = acc_without - acc_with
             per[s] = {"n": int((g == s).sum()), "accuracy_with": acc_with, "accuracy_without": acc_without,
                       "score": diff, "flagged": diff > self.eps}

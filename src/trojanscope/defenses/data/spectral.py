@@ -28,7 +28,6 @@ re-implant the backdoor.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -37,10 +36,11 @@ from torch import nn
 
 from ..._utils.batching import DeviceLike
 from ..._utils.validation import Interval, Options, Types
+from ...data.dataset import ImageDataset
 from ...errors import DataError
+from ...training import Retrainer
 from ..base import DataSanitizer, SanitizeResult, register
-from ._common import check_dataset, features, gaussian_split, padded_by_label
-from .retrain import Retrainer
+from ._common import features, gaussian_split, padded_by_label
 
 
 def spectral_projection(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -200,7 +200,7 @@ class SpectralSignatures(DataSanitizer):
             (the two sides are mutually exclusive explanations of the label; the rule of
             :func:`~.clustering.auto_verdict`).
         arch, retrain_epochs, retrain_lr: how the reclassification models are trained (architecture: the
-            model's own by default; see :class:`~.retrain.Retrainer`).
+            model's own by default; see :class:`~trojanscope.training.Retrainer`).
         batch_size: the memory knob for feature extraction.
         seed: seeds the reclassification models.
         device: where to compute (default: the model's device).
@@ -213,6 +213,7 @@ class SpectralSignatures(DataSanitizer):
         https://arxiv.org/abs/1811.00636
     """
 
+    uses_trusted: ClassVar[bool] = False
     needs_hooks: ClassVar[bool] = True
     _constraints = {"mode": Options(("auto", "paper")), "epsilon": Interval(float, 0, 1, "neither"),
                     "removal_factor": Interval(float, 0, None, "neither"), "layer": Types((str,)),
@@ -237,41 +238,43 @@ class SpectralSignatures(DataSanitizer):
         self.seed = seed
         self.device = device
 
-    def inspect(self, model: nn.Module, dataset: Any) -> SpectralResult:
-        """Score every sample of ``dataset`` and flag the ones judged poisoned."""
-        self._validate_params()
-        t0 = time.perf_counter()
-        data = check_dataset(dataset)
-        feats = features(model, data, self.layer, batch_size=self.batch_size, device=self.device)
-        proj = spectral_projection(feats, data.y)
-        scores = (proj ** 2).float()
-        labels = torch.unique(data.y).tolist()
+    def _inspect(self, model: nn.Module, dataset: ImageDataset, *, trusted: ImageDataset | None) -> SpectralResult:
+        """Score every sample by :func:`spectral_scores` and flag the ones judged poisoned."""
+        feats = features(model, dataset, self.layer, batch_size=self.batch_size, device=self.device)
+        scores = spectral_scores(feats, dataset.y)
         health: dict[str, Any] = {}
         if self.mode == "paper":
-            flagged = top_share_per_label(scores, data.y, min(1.0, self.removal_factor * self.epsilon))
-            n_removed = torch.bincount(data.y[flagged], minlength=data.num_classes)
-            n_label = torch.bincount(data.y, minlength=data.num_classes)
-            per_label = {k: {"n": int(n_label[k]), "removed": int(n_removed[k]), "attacked": bool(n_removed[k] > 0)}
-                         for k in labels}
-            attacked = [k for k in labels if per_label[k]["attacked"]]
+            flagged, per_label = self._paper(scores, dataset)
         else:
-            sub = spectral_subspace(feats, data.y, self.n_directions)
-            sub[:, 0] = proj  # the signed projection on v comes first
-            side = torch.zeros(len(data), dtype=torch.long)
-            split: dict[int, float] = {}
-            for k in labels:  # one small mixture per label (sklearn)
-                idx = (data.y == k).nonzero().flatten()
-                side[idx], split[k] = gaussian_split(sub[idx].numpy(), self.seed)
-            flagged, per_label, attacked = decide_by_agreement(model, data, side, self._retrainer(), self.layer,
-                                                               self.max_own_share, batch_size=self.batch_size,
-                                                               device=self.device, health=health)
-            for k in per_label:
-                per_label[k]["separation"] = split[k]
-            # the score ranks samples: the flagged side first, then by the paper's score
-            scores = scores + flagged.float() * (float(scores.max()) + 1.0)
+            flagged, per_label = self._auto(model, dataset, feats, health)
+        attacked = [k for k in per_label if per_label[k]["attacked"]]
         return SpectralResult(scores=scores, flagged=flagged, attacked_labels=attacked, per_label=per_label,
-                              details={"layer": self.layer, "mode": self.mode, **health}, params=self.get_params(),
-                              seconds=time.perf_counter() - t0)
+                              details={"layer": self.layer, "mode": self.mode, **health})
+
+    def _paper(self, scores: torch.Tensor, data: ImageDataset) -> tuple[torch.Tensor, dict[int, dict[str, Any]]]:
+        """Algorithm 1: the ``removal_factor * epsilon`` highest scores of every label."""
+        flagged = top_share_per_label(scores, data.y, min(1.0, self.removal_factor * self.epsilon))
+        n_removed = torch.bincount(data.y[flagged], minlength=data.num_classes)
+        n_label = torch.bincount(data.y, minlength=data.num_classes)
+        return flagged, {k: {"n": int(n_label[k]), "removed": int(n_removed[k]), "attacked": bool(n_removed[k] > 0)}
+                         for k in torch.unique(data.y).tolist()}
+
+    def _auto(self, model: nn.Module, data: ImageDataset, feats: torch.Tensor,
+              health: dict[str, Any]) -> tuple[torch.Tensor, dict[int, dict[str, Any]]]:
+        """Split every label in its top singular subspace, then decide by agreement."""
+        sub = spectral_subspace(feats, data.y, self.n_directions)
+        sub[:, 0] = spectral_projection(feats, data.y)  # the signed projection on v comes first
+        side = torch.zeros(len(data), dtype=torch.long)
+        split: dict[int, float] = {}
+        for k in torch.unique(data.y).tolist():  # one small mixture per label (sklearn)
+            idx = (data.y == k).nonzero().flatten()
+            side[idx], split[k] = gaussian_split(sub[idx].numpy(), self.seed)
+        flagged, per_label, _ = decide_by_agreement(model, data, side, self._retrainer(), self.layer,
+                                                    self.max_own_share, batch_size=self.batch_size,
+                                                    device=self.device, health=health)
+        for k in per_label:
+            per_label[k]["separation"] = split[k]
+        return flagged, per_label
 
     def _retrainer(self) -> Retrainer:
         return Retrainer(arch=self.arch, epochs=self.retrain_epochs, lr=self.retrain_lr, seed=self.seed, device=self.device)

@@ -37,12 +37,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..._utils.batching import DeviceLike, eval_mode, model_device
+from ..._utils.batching import DeviceLike, eval_mode, generator, model_device
 from ..._utils.results import Result
 from ..._utils.validation import Interval, Types, check_images
 from ...data.dataset import ImageDataset
 from ...errors import ConfigError, DataError
-from ..base import InputFilter, register, threshold_for_rate
+from ..base import InputFilter, ScanUse, register, threshold_for_rate
 
 #: Inputs per block of overlay draws: input ``i``'s overlays depend only on ``seed`` and ``i``
 #: (not on how the inputs are batched, chunked or streamed).
@@ -205,12 +205,11 @@ class STRIP(InputFilter):
             but for at most ``frr / 10`` of the replays (``min_std_``). A run of near-identical low entropies then cannot decide a clean input
             whose rarer overlays would have lifted its mean.
         channels_last: run the forward passes on a ``channels_last`` copy of the model (the
-            caller's is untouched); None (default) does so on a CPU, where it made the mnist_cnn
-            forward about 1.5x faster (``benchmarks/strip_speed.py``), for plain modules only.
-        batch_size: perturbed copies per forward pass (256: faster per copy than 1024 on a CPU),
-            rounded down to whole rounds of inputs and
+            caller's is untouched); None (default) does so on a CPU, for plain modules only.
+        batch_size: perturbed copies per forward pass, rounded down to whole rounds of inputs and
             at least one round (results do not depend on it).
-        seed: seeds the overlay draws: input ``i`` of a call or stream always gets the same ones.
+        seed: seeds the overlay draws: input ``i`` of a call or stream always gets the same ones
+            (None: fresh entropy, drawn once per ``fit``).
         device: where to compute (default: the model's device).
 
     Attributes:
@@ -239,6 +238,7 @@ class STRIP(InputFilter):
         Neural Networks. ACSAC 2019. https://arxiv.org/abs/1902.06531
     """
 
+    uses_scan: ClassVar[ScanUse] = "never"
     needs_hooks: ClassVar[bool] = False
     _constraints: ClassVar[dict[str, Any]] = {
         "n_overlays": Interval(int, 1, None),
@@ -276,8 +276,8 @@ class STRIP(InputFilter):
 
     # --- the InputFilter template ---------------------------------------------------------------
 
-    def _fit(self, model: nn.Module, clean_data: Any) -> None:
-        x = clean_data.x if isinstance(clean_data, ImageDataset) else check_images(clean_data, name="clean data")
+    def _fit(self, model: nn.Module, clean_data: ImageDataset, *, scan: Any) -> None:
+        x = clean_data.x
         n = x.shape[0]
         if self.min_std is not None and not (math.isfinite(self.min_std) and self.min_std >= 0):
             raise ConfigError(f"min_std must be None or a number >= 0, got {self.min_std!r}")
@@ -393,9 +393,8 @@ class STRIP(InputFilter):
     # --- the computation -------------------------------------------------------------------------
 
     def _base_seed(self) -> int:
-        if self.seed is None:
-            return int(torch.randint(0, 2**31 - 1, (1,)).item())
-        return int(self.seed)
+        """``seed``, or fresh entropy when it is None."""
+        return int(generator(self.seed).initial_seed())
 
     def _draws(self, start: int, n: int) -> torch.Tensor:
         """``(n, S)`` overlay indices of inputs ``start .. start + n - 1``: block ``k`` of

@@ -7,8 +7,8 @@
   samples carry the reversed trigger with their true label, so the model unlearns the shortcut.
 
 Both work on a deep copy and return a :class:`~trojanscope.defenses.base.RepairResult`. Both
-take the reversed trigger(s) as ``repair(..., triggers=...)`` (a Neural Cleanse scan result, a
-``{label: Trigger}`` dict, a list of triggers or one trigger); without them they run a Neural
+take the reversed trigger(s) as ``repair(..., scan=...)`` (a Neural Cleanse scan result, a
+``{label: Trigger}`` dict, a list of triggers or one trigger); without one they run a Neural
 Cleanse scan on the clean data first. They never receive the attacker's trigger.
 
 **How a neuron is pruned** (the architecture is kept, so the repaired model is a plain state
@@ -32,10 +32,8 @@ References:
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import time
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -43,71 +41,45 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..._utils.batching import DeviceLike, activations, predict
+from ..._utils.batching import DeviceLike, activations, generator, predict
+from ..._utils.masking import unit_layer
 from ..._utils.hooks import resolve_layer
 from ..._utils.validation import Interval, Options, Types
 from ...data.dataset import ImageDataset, stratified_split
-from ...errors import ConfigError, DataError, UnsupportedModelError
+from ...errors import DataError, UnsupportedModelError
 from ...training import fine_tune
 from ...triggers import Trigger
-from ..base import Repair, RepairResult, register
+from .._triggers import label_triggers, resolve_triggers
+from ..base import Monitor, Repair, RepairResult, ScanUse, register
 
 log = logging.getLogger(__name__)
 
-TriggersArg = Any  # NeuralCleanseResult | Mapping[int, Trigger] | Sequence[Trigger] | Trigger | None
-
-
-def _params(defence: Repair) -> dict[str, Any]:
-    return {k: str(v) if isinstance(v, torch.device) else v for k, v in defence.get_params().items()}
-
-
-def _check_data(data: Any) -> ImageDataset:
-    if not isinstance(data, ImageDataset):
-        raise DataError(f"clean_data must be an ImageDataset, got {type(data).__name__}")
-    if len(data) == 0:
-        raise DataError("clean_data is empty")
-    return data
-
-
-def resolve_triggers(model: nn.Module, clean_data: ImageDataset, triggers: TriggersArg, *, seed: int | None = 0,
-                     device: DeviceLike = None, batch_size: int = 256) -> tuple[dict[int, Trigger], Any]:
-    """The reversed triggers to repair against, as ``{target label: Trigger}``.
-
-    Args:
-        triggers: a Neural Cleanse result (its flagged labels), a ``{label: Trigger}`` dict, a
-            list of triggers or one trigger (the label of a bare trigger is the one the model
-            gives most often to clean inputs stamped with it), or None to run a Neural Cleanse
-            scan on ``clean_data``.
-
-    Returns:
-        ``(triggers by label, the scan result or None)``; the dict is empty when the scan
-        flagged no label.
-    """
-    scan = None
-    if triggers is None:
+def _reversed_triggers(net: nn.Module, data: ImageDataset, scan: Any, *, seed: int | None, device: DeviceLike,
+                       batch_size: int = 256) -> tuple[dict[int, Trigger], Any]:
+    """``({target label: reversed Trigger}, the scan run here or None)``: from ``scan`` (see
+    :func:`~trojanscope.defenses._triggers.resolve_triggers`), or from a Neural Cleanse scan of
+    ``net`` on ``data`` when it is None (empty when that scan flags no label)."""
+    own = None
+    if scan is None:
         from ..model.neural_cleanse import NeuralCleanse
 
-        scan = NeuralCleanse(seed=seed, device=device).scan(model, clean_data)
-        triggers = scan
-    if hasattr(triggers, "flagged_labels") and hasattr(triggers, "triggers"):
-        return {int(k): triggers.triggers[int(k)] for k in triggers.flagged_labels}, scan
-    if isinstance(triggers, Trigger):
-        triggers = [triggers]
-    if isinstance(triggers, Mapping):
-        out = {}
-        for k, t in triggers.items():
-            if not isinstance(t, Trigger):
-                raise ConfigError(f"triggers[{k!r}] must be a Trigger, got {type(t).__name__}")
-            out[int(k)] = t
-        return out, scan
-    if isinstance(triggers, Sequence) and all(isinstance(t, Trigger) for t in triggers):
-        out = {}
-        for t in triggers:
-            pred = predict(model, t.apply(clean_data.x), batch_size=batch_size, device=device)
-            out[int(torch.bincount(pred).argmax())] = t
-        return out, scan
-    raise ConfigError("triggers must be a Neural Cleanse result, a {label: Trigger} dict, a list of triggers, a "
-                      f"Trigger or None; got {type(triggers).__name__}")
+        own = scan = NeuralCleanse(seed=seed, device=device).scan(net, data)
+    pairs = resolve_triggers(scan)
+    return label_triggers(net, data, pairs, batch_size=batch_size, device=device), own
+
+
+def _not_repaired(net: nn.Module, details: dict[str, Any]) -> RepairResult:
+    details.update(repaired=False, reason="no reversed trigger: the scan flagged no label")
+    return RepairResult(model=net, history=[], details=details)
+
+
+class _NCRepair(Repair):
+    """What the two Neural Cleanse repairs share: the scan they take and the params they record."""
+
+    uses_scan: ClassVar[ScanUse] = "optional"
+
+    def _recorded_params(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, torch.device) else v for k, v in self.get_params().items()}
 
 
 def reversed_attack_success(model: nn.Module, data: ImageDataset, triggers: Mapping[int, Trigger], *,
@@ -178,7 +150,7 @@ def _zero(slices: list[tuple[nn.Parameter, int]], idx: torch.Tensor) -> None:
 
 
 @register("nc-prune")
-class NeuronPruning(Repair):
+class NeuronPruning(_NCRepair):
     """Neural Cleanse neuron pruning: prune the neurons the reversed trigger activates most.
 
     Neurons of ``layer`` are ranked by their activation gap (mean on clean inputs stamped with
@@ -238,46 +210,17 @@ class NeuronPruning(Repair):
         self.seed = seed
         self.device = device
 
-    def repair(self, model: nn.Module, clean_data: ImageDataset, *, triggers: TriggersArg = None,
-               **kwargs: Any) -> RepairResult:
-        """Prune a copy of ``model``.
-
-        Args:
-            model: the model to repair (left untouched).
-            clean_data: the defender's clean data (ranking and the history's figures).
-            triggers: the reversed trigger(s) (see :func:`resolve_triggers`); None runs a scan.
-
-        Returns:
-            :class:`RepairResult`; ``history`` holds ``ratio``, ``n_pruned``, ``accuracy`` and
-            ``attack_success`` (the reversed trigger's) after each step, the first row before
-            pruning.
-        """
-        if kwargs:
-            raise ConfigError(f"unexpected arguments: {', '.join(kwargs)}")
-        t0 = time.perf_counter()
-        self._validate_params()
-        data = _check_data(clean_data)
-        net = copy.deepcopy(model)
-        trig, scan = resolve_triggers(net, data, triggers, seed=self.seed, device=self.device,
-                                      batch_size=self.batch_size)
-        details: dict[str, Any] = {"labels": sorted(trig), "scan": None if scan is None else scan.to_dict()}
+    def _repair(self, net: nn.Module, clean_data: ImageDataset, *, scan: Any, val_data: ImageDataset,
+                monitor: Monitor | None) -> RepairResult:
+        """Prune ``net``: ``history`` holds ``ratio``, ``n_pruned``, ``accuracy`` and ``attack_success``
+        (the reversed trigger's, on ``clean_data``) and the monitor's figures after each step, the
+        first row before pruning."""
+        data = clean_data
+        trig, own = _reversed_triggers(net, data, scan, seed=self.seed, device=self.device, batch_size=self.batch_size)
+        details: dict[str, Any] = {"labels": sorted(trig), "scan": None if own is None else own.to_dict()}
         if not trig:
-            details["repaired"] = False
-            details["reason"] = "no reversed trigger: the scan flagged no label"
-            return RepairResult(model=net, history=[], details=details, params=_params(self),
-                                seconds=time.perf_counter() - t0)
-        kw = dict(batch_size=self.batch_size, device=self.device)
-        layer = self.layer or ("last_conv" if self.granularity == "unit" else "penultimate")
-        if self.granularity == "unit":
-            from .pruning import unit_layer
-
-            layer = f"{unit_layer(net, layer)[0]}:input"
-        clean_acts = activations(net, data.x, layer, flatten=False, **kw)
-        gaps = []
-        for k, t in trig.items():
-            trig_acts = activations(net, t.apply(data.x[data.y != k]), layer, flatten=False, **kw)
-            gaps.append(activation_gap(clean_acts, trig_acts))
-        gap = torch.stack(gaps).mean(0)
+            return _not_repaired(net, details)
+        layer, gap = self._ranking(net, data, trig)
         order = gap.argsort(descending=True, stable=True)
         d = order.numel()
         name, slices = _prune_targets(net, layer, d)
@@ -285,8 +228,10 @@ class NeuronPruning(Repair):
         limit = max(1, math.floor(self.max_ratio * d + 1e-9))
 
         def point(k: int) -> dict[str, Any]:
-            return {"ratio": k / d, "n_pruned": k, "accuracy": _accuracy(net, data, self.batch_size, self.device),
-                    "attack_success": reversed_attack_success(net, data, trig, **kw)}
+            row = {"ratio": k / d, "n_pruned": k, "accuracy": _accuracy(net, data, self.batch_size, self.device),
+                   "attack_success": reversed_attack_success(net, data, trig, batch_size=self.batch_size,
+                                                             device=self.device)}
+            return {**row, **monitor(net)} if monitor is not None else row
 
         history = [point(0)]
         k = 0
@@ -299,8 +244,18 @@ class NeuronPruning(Repair):
                      history[-1]["accuracy"], history[-1]["attack_success"])
         details.update(repaired=True, layer=name, n_neurons=d, pruned=order[:k].tolist(), gap=gap.tolist(),
                        reached_stop=history[-1]["attack_success"] < self.stop_asr)
-        return RepairResult(model=net, history=history, details=details, params=_params(self),
-                            seconds=time.perf_counter() - t0)
+        return RepairResult(model=net, history=history, details=details)
+
+    def _ranking(self, net: nn.Module, data: ImageDataset, trig: Mapping[int, Trigger]) -> tuple[str, torch.Tensor]:
+        """The layer whose neurons are pruned and their activation gap, averaged over the triggers."""
+        kw = dict(batch_size=self.batch_size, device=self.device)
+        layer = self.layer or ("last_conv" if self.granularity == "unit" else "penultimate")
+        if self.granularity == "unit":
+            layer = f"{unit_layer(net, layer)[0]}:input"
+        clean_acts = activations(net, data.x, layer, flatten=False, **kw)
+        gaps = [activation_gap(clean_acts, activations(net, t.apply(data.x[data.y != k]), layer, flatten=False, **kw))
+                for k, t in trig.items()]
+        return layer, torch.stack(gaps).mean(0)
 
 
 # --- unlearning --------------------------------------------------------------------------------
@@ -320,9 +275,9 @@ def unlearning_set(data: ImageDataset, triggers: Sequence[Trigger], *, share: fl
     Returns:
         ``(dataset, stamped)`` with ``stamped`` the ``(M,)`` bool mask of stamped samples.
     """
-    g = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    g = generator(seed)
     if share < 1.0:
-        idx = stratified_split(data.y, [share, 1 - share], seed=0 if seed is None else int(seed))[0]
+        idx = stratified_split(data.y, [share, 1 - share], seed=g.initial_seed())[0]
     else:
         idx = torch.arange(len(data))
     if idx.numel() == 0:
@@ -340,7 +295,7 @@ def unlearning_set(data: ImageDataset, triggers: Sequence[Trigger], *, share: fl
 
 
 @register("unlearn")
-class Unlearning(Repair):
+class Unlearning(_NCRepair):
     """Neural Cleanse unlearning: fine-tune on clean data where some samples carry the reversed
     trigger with their true label.
 
@@ -393,37 +348,21 @@ class Unlearning(Repair):
         self.seed = seed
         self.device = device
 
-    def repair(self, model: nn.Module, clean_data: ImageDataset, *, triggers: TriggersArg = None,
-               **kwargs: Any) -> RepairResult:
-        """Unlearn the reversed trigger(s) on a copy of ``model``.
-
-        Args:
-            model: the model to repair (left untouched).
-            clean_data: the defender's clean data (e.g. the training set: a ``share`` is used).
-            triggers: the reversed trigger(s) (see :func:`resolve_triggers`); None runs a scan.
-
-        Returns:
-            :class:`RepairResult`; ``history`` has a ``before`` and an ``after`` row with the
-            accuracy on ``clean_data`` and the reversed trigger's attack success.
-        """
-        if kwargs:
-            raise ConfigError(f"unexpected arguments: {', '.join(kwargs)}")
-        t0 = time.perf_counter()
-        self._validate_params()
-        data = _check_data(clean_data)
-        net = copy.deepcopy(model)
-        trig, scan = resolve_triggers(net, data, triggers, seed=self.seed, device=self.device)
-        details: dict[str, Any] = {"labels": sorted(trig), "scan": None if scan is None else scan.to_dict()}
+    def _repair(self, net: nn.Module, clean_data: ImageDataset, *, scan: Any, val_data: ImageDataset,
+                monitor: Monitor | None) -> RepairResult:
+        """Unlearn the reversed trigger(s) on ``net``: ``history`` has a ``before`` and an ``after``
+        row with the accuracy on ``clean_data``, the reversed trigger's attack success and the
+        monitor's figures."""
+        data = clean_data
+        trig, own = _reversed_triggers(net, data, scan, seed=self.seed, device=self.device)
+        details: dict[str, Any] = {"labels": sorted(trig), "scan": None if own is None else own.to_dict()}
         if not trig:
-            details["repaired"] = False
-            details["reason"] = "no reversed trigger: the scan flagged no label"
-            return RepairResult(model=net, history=[], details=details, params=_params(self),
-                                seconds=time.perf_counter() - t0)
-        kw = dict(batch_size=256, device=self.device)
+            return _not_repaired(net, details)
 
         def point(step: str) -> dict[str, Any]:
-            return {"step": step, "accuracy": _accuracy(net, data, 256, self.device),
-                    "attack_success": reversed_attack_success(net, data, trig, **kw)}
+            row = {"step": step, "accuracy": _accuracy(net, data, 256, self.device),
+                   "attack_success": reversed_attack_success(net, data, trig, batch_size=256, device=self.device)}
+            return {**row, **monitor(net)} if monitor is not None else row
 
         history = [point("before")]
         ds, stamped = unlearning_set(data, list(trig.values()), share=self.share, poison_ratio=self.poison_ratio,
@@ -432,5 +371,4 @@ class Unlearning(Repair):
                           optimizer=self.optimizer, seed=self.seed, device=self.device)  # type: ignore[arg-type]
         history.append(point("after"))
         details.update(repaired=True, n_finetune=len(ds), n_stamped=int(stamped.sum()), train=train.history)
-        return RepairResult(model=net, history=history, details=details, params=_params(self),
-                            seconds=time.perf_counter() - t0)
+        return RepairResult(model=net, history=history, details=details)

@@ -78,7 +78,7 @@ from ._utils.results import to_jsonable
 from .attacks import ATTACKS, Attack, BadNets
 from .data import ImageDataset, PoisonedDataset, load_data
 from .data.loaders import BUNDLED
-from .defenses import DEFENSES, Defense, list_defenses
+from .defenses import DEFENSES, Defense, ModelDetector, list_defenses
 from .defenses.repair.neural_cleanse import SMALL_SET_UNLEARNING
 from .errors import ConfigError, TrojanscopeError
 from .metrics import attack_success_rate, clean_accuracy, detection_metrics, target_labels
@@ -417,7 +417,7 @@ def _check_defense_params(d: DefenseSpec) -> None:
             _check_defense_params(DefenseSpec(n, n, p))
         return
     cls = DEFENSES.get(d.defense)
-    names = cls._param_names()
+    names = list(cls.param_defaults())
     bad = sorted(set(d.params) - set(names))
     if bad:
         raise ConfigError(f"defence {d.name!r} ({d.defense}) takes no parameter {', '.join(map(repr, bad))}; "
@@ -542,13 +542,13 @@ def quick_config() -> BenchConfig:
             continue
         cls = DEFENSES.get(n)
         params = {k: v for k, v in {**BENCH_PARAMS.get(n, {}), **QUICK_PARAMS.get(n, {})}.items()
-                  if k in cls._param_names()}
+                  if k in cls.param_defaults()}
         defenses.append(DefenseSpec(n, n, params))
         defenses += [DefenseSpec(row, n, {**params, **extra}) for row, base, extra in VARIANTS if base == n]
     steps = ["activation-clustering", "fine-prune"]  # one chain: Milakovic's order, pruned channels kept
     if set(steps) <= set(DEFENSES.names()) and importlib.util.find_spec("trojanscope.pipeline") is not None:
         defenses.append(DefenseSpec(" > ".join(steps), CHAIN, {
-            "steps": [[n, {k: v for k, v in QUICK_PARAMS.get(n, {}).items() if k in DEFENSES.get(n)._param_names()}]
+            "steps": [[n, {k: v for k, v in QUICK_PARAMS.get(n, {}).items() if k in DEFENSES.get(n).param_defaults()}]
                       for n in steps], "retrain": "continue"}))
     return BenchConfig(epochs=2, seeds=(0,), attacks=tuple(attacks), defenses=tuple(defenses), eval_samples=300,
                        sources=5)
@@ -1135,26 +1135,18 @@ class SharedScan:
                    trigs, bool(res.get("infected")))
 
 
-def _verb(cls: type) -> Callable[..., Any] | None:
-    for name in ("scan", "inspect", "repair", "search", "fit"):
-        if hasattr(cls, name):
-            return getattr(cls, name)
-    return None
-
-
 def consumes_scan(spec: DefenseSpec) -> bool:
-    """True when the defence of ``spec`` builds on the provider's scan (see :data:`SCAN_PROVIDER`)."""
+    """True when the defence of ``spec`` builds on the provider's scan (see :data:`SCAN_PROVIDER`):
+    an explainer (it explains the label the scan suspects), a defence whose ``uses_scan`` is
+    ``"required"``, or ``"optional"`` unless the config sets its own ``target``."""
     if spec.defense in (SCAN_PROVIDER, CHAIN):
         return False
     cls = DEFENSES.get(spec.defense)
-    init = cls._param_names()
-    verb = _verb(cls)
-    vparams = inspect.signature(verb).parameters if verb is not None else {}
-    if "trigger" in init and spec.params.get("trigger") is None:
+    if cls.family == "explain" or (cls.family == "model" and not issubclass(cls, ModelDetector)):
         return True
-    if "triggers" in vparams:
+    if cls.uses_scan == "required":
         return True
-    return "target" in vparams and spec.params.get("target") is None
+    return cls.uses_scan == "optional" and spec.params.get("target") is None
 
 
 @dataclasses.dataclass
@@ -1196,23 +1188,21 @@ def mask_box(mask: torch.Tensor, size: int) -> tuple[int, int]:
 
 
 def make_defense(spec: DefenseSpec, seed: int, shared: SharedScan | None = None) -> Defense:
-    """Build the defence of ``spec``; its ``seed`` follows the cell's seed unless set, and a
-    ``trigger`` parameter left unset takes the provider's scan when there is one."""
+    """Build the defence of ``spec``; its ``seed`` follows the cell's seed unless set (the scan
+    itself goes to the verb, as ``scan=``)."""
     cls = DEFENSES.get(spec.defense)
     params = dict(spec.params)
-    names = cls._param_names()
-    if "seed" in names and "seed" not in params:
+    defaults = cls.param_defaults()
+    if "seed" in defaults and "seed" not in params:
         params["seed"] = seed
-    if shared is not None and "trigger" in names and params.get("trigger") is None:
-        params["trigger"] = shared
-    if shared is not None and {"position", "trigger_size"} <= set(names) and params.get("position") is None:
+    if shared is not None and {"position", "trigger_size"} <= set(defaults) and params.get("position") is None:
         # trigger-distribution tools: size and place the trigger from the scan's reversed mask,
         # instead of a moving-window search per cell (about 10x slower on a CPU); a size left to
         # the class default (3) under-covers the bench's 4x4 patches, and the repair then leaves
         # the real trigger working (quick badnets-patch model, 1 epoch: ASR 27% with size 4, 41% with 3)
         if "trigger_size" not in params and (guess := shared.suspected_size()) is not None:
             params["trigger_size"] = guess
-        size = params.get("trigger_size", inspect.signature(cls.__init__).parameters["trigger_size"].default)
+        size = params.get("trigger_size", defaults["trigger_size"])
         params["position"] = shared.suspected_position(int(size))
     try:
         return cls(**params)
@@ -1326,10 +1316,8 @@ def _eval_explainer(defense: Any, c: Cell) -> None:
 def _eval_sanitizer(defense: Any, c: Cell) -> None:
     am = c.am
     data = am.poisoned.clean if isinstance(am.poisoned, PoisonedDataset) else am.poisoned
-    kwargs: dict[str, Any] = {}
-    if "trusted" in inspect.signature(defense.inspect).parameters:
-        kwargs["trusted"] = c.val  # the defender's clean data, as every family gets
-    res = defense.inspect(am.model, data, **kwargs)
+    trusted = c.val if defense.uses_trusted else None  # the defender's clean data, as every family gets
+    res = defense.inspect(am.model, data, trusted=trusted)
     is_poison = am.is_poison
     flagged = torch.as_tensor(res.flagged).bool()
     m = detection_metrics(res.scores, is_poison, flagged)
@@ -1343,7 +1331,7 @@ def _eval_sanitizer(defense: Any, c: Cell) -> None:
         raise ConfigError(f"{defense!r} flagged every training sample; nothing left to retrain on")
     kept = am.poisoned.subset(keep)
     if am.received:  # a fresh copy of the received graph (there is no architecture to build)
-        from .defenses.data.retrain import Retrainer
+        from .training import Retrainer
 
         model = Retrainer(epochs=max(c.cfg.epochs, 1), lr=c.cfg.lr, batch_size=c.cfg.batch_size, seed=c.seed,
                           device=c.device).train(am.model, kept)
@@ -1402,7 +1390,7 @@ def _eval_chain(spec: DefenseSpec, c: Cell) -> None:
     from .pipeline import Pipeline, rejected
 
     am = c.am
-    steps = [(n, {**({"seed": c.seed} if "seed" in DEFENSES.get(n)._param_names() and "seed" not in p else {}), **p})
+    steps = [(n, {**({"seed": c.seed} if "seed" in DEFENSES.get(n).param_defaults() and "seed" not in p else {}), **p})
              for n, p in spec.params["steps"]]
     pipe = Pipeline(steps, retrain=spec.params.get("retrain", "scratch"), epochs=c.cfg.epochs, lr=c.cfg.lr,
                     batch_size=c.cfg.batch_size, seed=c.seed, device=c.device)
@@ -1435,7 +1423,7 @@ def _eval_chain(spec: DefenseSpec, c: Cell) -> None:
 
 def _eval_filter(defense: Any, c: Cell) -> None:
     am, test, device = c.am, c.test, c.device
-    defense.fit(am.model, c.val)
+    defense.fit(am.model, c.val, scan=c.shared if defense.uses_scan != "never" else None)
     clean_s = defense.score(test.x).float().cpu()
     thr = float(defense.threshold_)
     clean_f = clean_s > thr
@@ -1470,23 +1458,17 @@ def _small(v: Any) -> bool:
 
 def _eval_repair(defense: Any, c: Cell) -> None:
     am, test = c.am, c.test
-    kwargs: dict[str, Any] = {}
-    vparams = inspect.signature(defense.repair).parameters
-    c.record["extras"]["evaluated"] = "evaluate" in vparams  # curves carry the planted trigger's ASR
-    if "evaluate" in vparams:
-        def evaluate(model: nn.Module) -> dict[str, float]:
-            """Figures along the repair's curve (ground truth stays here, in the glue)."""
-            out = {"test_accuracy": clean_accuracy(model, test)}
-            asr = am.success_rate(model, test)
-            if asr is not None:
-                out["attack_success"] = asr
-            return out
-        kwargs["evaluate"] = evaluate
-    if c.shared is not None and "triggers" in vparams:
-        kwargs["triggers"] = c.shared
-    if c.shared is not None and "target" in vparams and getattr(defense, "target", None) is None:
-        kwargs["target"] = c.shared.suspected_target
-    res = defense.repair(am.model, c.val, **kwargs)
+    c.record["extras"]["evaluated"] = True  # histories carry the planted trigger's ASR
+
+    def monitor(model: nn.Module) -> dict[str, float]:
+        """Figures along the repair's history (ground truth stays here, in the glue)."""
+        out = {"test_accuracy": clean_accuracy(model, test)}
+        asr = am.success_rate(model, test)
+        if asr is not None:
+            out["attack_success"] = asr
+        return out
+
+    res = defense.repair(am.model, c.val, scan=c.shared if defense.uses_scan != "never" else None, monitor=monitor)
     model = res.model
     c.row["ca_after"] = clean_accuracy(model, test)
     c.row["asr_after"] = am.success_rate(model, test)

@@ -85,7 +85,7 @@ def step_train(ctx: DemoContext) -> None:
 def step_sanitize_data(ctx: DemoContext) -> None:
     """Data sanitising: Activation Clustering and Spectral Signatures on the poisoned training set, then retrain."""
     from .defenses.data.clustering import ActivationClustering
-    from .defenses.data.retrain import retrain
+    from .training import retrain
     from .defenses.data.spectral import SpectralSignatures
     from .metrics import detection_metrics
 
@@ -127,7 +127,7 @@ def step_neural_cleanse(ctx: DemoContext) -> None:
     # the paper's 10% share of the bundled 4,000 images is 400: its one epoch is too few steps
     # to unlearn reliably, so the demo uses the small-set settings (3 epochs of SGD)
     u = Unlearning(seed=ctx.seed, device=ctx.device, **SMALL_SET_UNLEARNING).repair(
-        ctx.backdoored_model, ctx.train, triggers=scans["badnets"])
+        ctx.backdoored_model, ctx.train, scan=scans["badnets"])
     ctx.results["neural_cleanse_unlearning"] = u.to_dict()
     ctx.row("badnets", "nc unlearning (10%, 3 epochs SGD)", u.model, seconds=u.seconds)
 

@@ -200,9 +200,6 @@ class Pipeline:
             evaluate: ``f(model, filters) -> dict`` of figures recorded after each step (see
                 :func:`evaluator`).
         """
-        from .defenses.repair.pruning import frozen_channels
-        from .training import train
-
         t0 = time.perf_counter()
         if self.retrain not in ("scratch", "continue"):
             raise ConfigError(f"retrain must be 'scratch' or 'continue', got {self.retrain!r}")
@@ -213,75 +210,98 @@ class Pipeline:
             raise ConfigError("a pipeline needs at least one step")
         if any(isinstance(d, DataSanitizer) for d in defenses) and train_data is None:
             raise ConfigError("a data sanitiser in the pipeline needs train_data")
-        net = copy.deepcopy(model)
-        filters: list[InputFilter] = []
-        frozen: dict[str, list[int]] = {}
-        frozen_dims: dict[str, int] = {}
-        data = train_data
+        st = _State(net=copy.deepcopy(model), data=train_data)
         history: list[dict[str, Any]] = []
-        results: list[dict[str, Any]] = []
 
         def record(i: int, d: Defense | None, info: dict[str, Any], seconds: float) -> None:
             row: dict[str, Any] = {"step": i, "defense": getattr(type(d), "registry_name", type(d).__name__)
                                    if d is not None else "(start)", "family": d.family if d is not None else "",
                                    **info}
             if evaluate is not None:
-                row.update(evaluate(net, filters))
+                row.update(evaluate(st.net, st.filters))
             row["seconds"] = seconds
             history.append(row)
 
         record(0, None, {}, 0.0)
         for i, d in enumerate(defenses, 1):
             t_step = time.perf_counter()
-            info: dict[str, Any] = {}
-            changed = False
-            if isinstance(d, InputFilter):
-                d.fit(net, clean_data)
-                filters.append(d)
-                info["threshold"] = float(d.threshold_)
-                results.append({"threshold": float(d.threshold_), "params": d.get_params()})
-            elif isinstance(d, Repair):
-                res = d.repair(net, clean_data)
-                net, changed = res.model, True
-                dims = res.details.get("pruned_dims") or {}
-                for name, chans in (res.details.get("pruned_params") or {}).items():
-                    if frozen_dims.get(name, dims.get(name, 0)) != dims.get(name, 0):
-                        raise ConfigError(f"two pruning steps mask {name!r} along different dimensions; "
-                                          "use one granularity in a pipeline")
-                    frozen[name] = sorted(set(frozen.get(name, [])) | set(chans))
-                    frozen_dims[name] = dims.get(name, 0)
-                if "n_pruned" in res.details:
-                    info["n_pruned"] = res.details["n_pruned"]
-                results.append(res.to_dict())
-            elif isinstance(d, DataSanitizer):
-                assert data is not None
-                res = d.inspect(net, data)
-                keep = ~res.flagged.cpu().bool()
-                if not bool(keep.any()):
-                    raise DataError(f"{type(d).__name__} flagged every training sample; nothing left to retrain on")
-                info.update(n_removed=int((~keep).sum()), n_kept=int(keep.sum()))
-                data = data.subset(keep.nonzero().flatten())
-                if self.retrain == "scratch":
-                    net, frozen, frozen_dims = reinitialise(net, self.seed), {}, {}
-                    train(net, data, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
-                          device=self.device)
-                else:
-                    with frozen_channels(net, frozen, frozen_dims):
-                        train(net, data, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                              seed=self.seed, device=self.device)
-                changed = True
-                results.append({**res.to_dict(), "flagged_indices": res.flagged_indices.tolist()})
-            elif isinstance(d, ModelDetector):
-                res = d.scan(net, clean_data)
-                info.update(infected=bool(res.infected), flagged_labels=list(res.flagged_labels))
-                results.append(res.to_dict())
-            else:
-                raise ConfigError(f"{type(d).__name__} is not a defence of a known family")
-            if changed and filters:  # each filter is calibrated on the model it guards
-                for f in filters:
-                    f.fit(net, clean_data)
-                info["refitted_filters"] = len(filters)
+            info, changed = self._step(d, st, clean_data)
+            if changed and st.filters:  # each filter is calibrated on the model it guards
+                for f in st.filters:
+                    f.fit(st.net, clean_data)
+                info["refitted_filters"] = len(st.filters)
             log.info("pipeline step %d (%s) done in %.1f s", i, type(d).__name__, time.perf_counter() - t_step)
             record(i, d, info, time.perf_counter() - t_step)
-        return PipelineResult(model=net, filters=filters, train_data=data, history=history, results=results,
+        return PipelineResult(model=st.net, filters=st.filters, train_data=st.data, history=history, results=st.results,
                               params=self.get_params(), seconds=time.perf_counter() - t0)
+
+    def _step(self, d: Defense, st: "_State", clean_data: ImageDataset) -> tuple[dict[str, Any], bool]:
+        """Run one defence on the state; ``(figures for the history, whether the model changed)``."""
+        info: dict[str, Any] = {}
+        if isinstance(d, InputFilter):
+            d.fit(st.net, clean_data)
+            st.filters.append(d)
+            info["threshold"] = float(d.threshold_)
+            st.results.append({"threshold": float(d.threshold_), "params": d.get_params()})
+            return info, False
+        if isinstance(d, Repair):
+            res = d.repair(st.net, clean_data)
+            st.net = res.model
+            st.freeze(res.details)
+            if "n_pruned" in res.details:
+                info["n_pruned"] = res.details["n_pruned"]
+            st.results.append(res.to_dict())
+            return info, True
+        if isinstance(d, DataSanitizer):
+            return self._sanitize(d, st), True
+        if isinstance(d, ModelDetector):
+            res = d.scan(st.net, clean_data)
+            info.update(infected=bool(res.infected), flagged_labels=list(res.flagged_labels))
+            st.results.append(res.to_dict())
+            return info, False
+        raise ConfigError(f"{type(d).__name__} is not a defence of a known family")
+
+    def _sanitize(self, d: DataSanitizer, st: "_State") -> dict[str, Any]:
+        """Drop the flagged samples and retrain (from scratch, or on with pruned channels held)."""
+        from ._utils.masking import frozen_channels
+        from .training import train
+
+        assert st.data is not None
+        res = d.inspect(st.net, st.data)
+        keep = ~res.flagged.cpu().bool()
+        if not bool(keep.any()):
+            raise DataError(f"{type(d).__name__} flagged every training sample; nothing left to retrain on")
+        info = {"n_removed": int((~keep).sum()), "n_kept": int(keep.sum())}
+        st.data = st.data.subset(keep.nonzero().flatten())
+        if self.retrain == "scratch":
+            st.net, st.frozen, st.frozen_dims = reinitialise(st.net, self.seed), {}, {}
+            train(st.net, st.data, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
+                  device=self.device)
+        else:
+            with frozen_channels(st.net, st.frozen, st.frozen_dims):
+                train(st.net, st.data, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                      seed=self.seed, device=self.device)
+        st.results.append({**res.to_dict(), "flagged_indices": res.flagged_indices.tolist()})
+        return info
+
+
+@dataclasses.dataclass
+class _State:
+    """What a pipeline carries from step to step."""
+
+    net: nn.Module
+    data: ImageDataset | None
+    filters: list[InputFilter] = dataclasses.field(default_factory=list)
+    frozen: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    frozen_dims: dict[str, int] = dataclasses.field(default_factory=dict)
+    results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def freeze(self, details: dict[str, Any]) -> None:
+        """Remember the channels a repair pruned (``details["pruned_params"]``)."""
+        dims = details.get("pruned_dims") or {}
+        for name, chans in (details.get("pruned_params") or {}).items():
+            if self.frozen_dims.get(name, dims.get(name, 0)) != dims.get(name, 0):
+                raise ConfigError(f"two pruning steps mask {name!r} along different dimensions; "
+                                  "use one granularity in a pipeline")
+            self.frozen[name] = sorted(set(self.frozen.get(name, [])) | set(chans))
+            self.frozen_dims[name] = dims.get(name, 0)

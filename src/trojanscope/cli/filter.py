@@ -16,7 +16,6 @@ and resized to its input size.
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import sys
 import zipfile
@@ -220,60 +219,10 @@ def decide_chunk(filt: Any, x: torch.Tensor, start: int) -> tuple[torch.Tensor, 
     return s, s > filt.threshold_, torch.ones(s.shape[0], dtype=torch.long)
 
 
-@cli.command(name="filter")
-@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
-@click.option("--fit", "fit_spec", required=True,
-              help="The defender's clean data to fit the filter on: bundled name[:split] (default split: val), .npz or folder.")
-@click.option("--data", "data_spec", required=True,
-              help="The inputs to score: bundled name[:split] (default split: test), or an .npz (array x) or a folder "
-                   "of images, streamed.")
-@click.option("--method", type=click.Choice(list_defenses("input")), default="strip", show_default=True,
-              help="The input filter.")
-@click.option("--frr", type=OPEN_UNIT, default=0.01, show_default=True, help="Target false-rejection rate on clean inputs.")
-@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
-              help="Another constructor argument of the filter (e.g. -p n_overlays=50, -p early_stop=false); repeatable.")
-@click.option("--truth", type=click.Path(path_type=Path), default=None,
-              help="0/1 per input (1 = triggered): .npy, .json list or text; default: an array 'triggered' or "
-                   "'is_poison' in the --data .npz.")
-@click.option("--chunk-size", type=POSITIVE_INT, default=1024, show_default=True,
-              help="Inputs read and decided at a time (bounds memory; results do not depend on it).")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write one row per input (index, score, flagged, overlays, [path], [triggered]) as the inputs are decided.")
-@click.option("--threads", type=POSITIVE_INT, default=None, help="CPU threads for torch (default: torch's).")
-@click.option("--quiet", is_flag=True, help="No progress bar (there is none when stderr is not a terminal).")
-@click.option("--show", type=NON_NEGATIVE_INT, default=20, show_default=True, help="Inputs listed on screen (all are in --json).")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write a self-contained HTML report (score histograms and the threshold).")
-@model_options
-@common_options
-def filter_(model_path: Path, fit_spec: str, data_spec: str, method: str, frr: float, params: tuple[str, ...],
-            truth: Path | None, chunk_size: int, csv_path: Path | None, threads: int | None, quiet: bool, show: int,
-            report_path: Path | None, arch: str | None, input_shape: str | None, num_classes: int | None,
-            json_path: Path | None, seed: int, device: str | None) -> None:
-    """Fit an input filter on clean data and flag the suspicious inputs of --data."""
-    if chunk_size < 1:
-        raise ConfigError(f"--chunk-size must be >= 1, got {chunk_size}")
-    if threads is not None:
-        if threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-    if truth is not None:
-        from .._utils.limits import require_regular_file
-
-        require_regular_file(truth, "--truth file")  # before the filter is fitted
-    lm = open_model(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device)
-    clean = open_data(fit_spec, default_split="val", model=lm)
-    source = open_stream(data_spec, lm)
-    is_trig = read_truth(truth, data_spec, source.n)
-    kwargs = defence_params(method, params)
-    sig = inspect.signature(DEFENSES.get(method).__init__).parameters
-    for k, v in (("frr", frr), ("seed", seed)):
-        if k in sig:
-            kwargs.setdefault(k, v)
-    filt = create(method, **kwargs)
-    filt.fit(lm.model, clean)  # type: ignore[attr-defined]
-    thr = float(filt.threshold_)  # type: ignore[attr-defined]
-
+def _decide_stream(filt: Any, source: Any, method: str, chunk_size: int, csv_path: Path | None,
+                   is_trig: np.ndarray | None, quiet: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """Decide every input of ``source``, chunk by chunk, writing the CSV rows as they come.
+    Returns ``(scores, flagged, forward passes, paths)`` (paths empty for in-memory data)."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=source.n, desc=method, unit="input", file=sys.stderr, disable=quiet or not sys.stderr.isatty())
@@ -305,7 +254,61 @@ def filter_(model_path: Path, fit_spec: str, data_spec: str, method: str, frr: f
         bar.close()
         if csv_file is not None:
             csv_file.close()
-    scores, flagged, passes = torch.cat(scores_l), torch.cat(flagged_l), torch.cat(passes_l)
+    return torch.cat(scores_l), torch.cat(flagged_l), torch.cat(passes_l), paths
+
+
+@cli.command(name="filter")
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("--fit", "fit_spec", required=True,
+              help="The defender's clean data to fit the filter on: bundled name[:split] (default split: val), .npz or folder.")
+@click.option("--data", "data_spec", required=True,
+              help="The inputs to score: bundled name[:split] (default split: test), or an .npz (array x) or a folder "
+                   "of images, streamed.")
+@click.option("--method", type=click.Choice(list_defenses("input")), default="strip", show_default=True,
+              help="The input filter.")
+@click.option("--frr", type=OPEN_UNIT, default=0.01, show_default=True, help="Target false-rejection rate on clean inputs.")
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Another constructor argument of the filter (e.g. -p n_overlays=50, -p early_stop=false); repeatable.")
+@click.option("--truth", type=click.Path(path_type=Path), default=None,
+              help="0/1 per input (1 = triggered): .npy, .json list or text; default: an array 'triggered' or "
+                   "'is_poison' in the --data .npz.")
+@click.option("--chunk-size", type=POSITIVE_INT, default=1024, show_default=True,
+              help="Inputs read and decided at a time (bounds memory; results do not depend on it).")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write one row per input (index, score, flagged, overlays, [path], [triggered]) as the inputs are decided.")
+@click.option("--threads", type=POSITIVE_INT, default=None, help="CPU threads for torch (default: torch's).")
+@click.option("--quiet", is_flag=True, help="No progress bar (there is none when stderr is not a terminal).")
+@click.option("--show", type=NON_NEGATIVE_INT, default=20, show_default=True, help="Inputs listed on screen (all are in --json).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write a self-contained HTML report (score histograms and the threshold).")
+@model_options
+@common_options
+def filter_(model_path: Path, fit_spec: str, data_spec: str, method: str, frr: float, params: tuple[str, ...],
+            truth: Path | None, chunk_size: int, csv_path: Path | None, threads: int | None, quiet: bool, show: int,
+            report_path: Path | None, arch: str | None, input_shape: str | None, num_classes: int | None,
+            json_path: Path | None, seed: int, device: str | None) -> None:
+    """Fit an input filter on clean data and flag the suspicious inputs of --data."""
+    if chunk_size < 1 or (threads is not None and threads < 1):
+        raise ConfigError(f"--chunk-size and --threads must be >= 1, got {chunk_size} and {threads}")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if truth is not None:
+        from .._utils.limits import require_regular_file
+
+        require_regular_file(truth, "--truth file")  # before the filter is fitted
+    lm = open_model(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device)
+    clean = open_data(fit_spec, default_split="val", model=lm)
+    source = open_stream(data_spec, lm)
+    is_trig = read_truth(truth, data_spec, source.n)
+    kwargs = defence_params(method, params)
+    defaults = DEFENSES.get(method).param_defaults()
+    for k, v in (("frr", frr), ("seed", seed)):
+        if k in defaults:
+            kwargs.setdefault(k, v)
+    filt = create(method, **kwargs)
+    filt.fit(lm.model, clean)  # type: ignore[attr-defined]
+    thr = float(filt.threshold_)  # type: ignore[attr-defined]
+    scores, flagged, passes, paths = _decide_stream(filt, source, method, chunk_size, csv_path, is_trig, quiet)
     n = int(scores.shape[0])
     result: dict[str, Any] = {"model": str(model_path), "method": method, "params": filt.get_params(),
                               "fit": clean.name, "data": source.name, "n": n, "threshold": thr,

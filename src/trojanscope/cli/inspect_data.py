@@ -3,6 +3,7 @@ Clustering, provenance filtering), optionally retrain on the rest and report wha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -122,9 +123,6 @@ def inspect_data(model_path: Path, data_spec: str, method: str, mode: str, epsil
                  batch_size: int, report_path: Path | None, arch: str | None, input_shape: str | None,
                  num_classes: int | None, json_path: Path | None, seed: int, device: str | None) -> None:
     """Find the poisoned samples of a training set; optionally retrain without them."""
-    from ..defenses import create
-    from ..defenses.data.retrain import retrain
-
     import logging
 
     log = logging.getLogger("trojanscope.inspect_data")
@@ -143,77 +141,23 @@ def inspect_data(model_path: Path, data_spec: str, method: str, mode: str, epsil
         raise ConfigError("--trigger and --target go together")
     if (trigger is not None or test_spec is not None) and not do_retrain:
         raise ConfigError("--trigger, --target and --test only apply with --retrain")
-    params: dict[str, Any] = dict(mode=mode, batch_size=batch_size, seed=seed, retrain_epochs=retrain_epochs)
-    if method != "provenance":
-        params["layer"] = layer
-    if method == "spectral":
-        params["epsilon"] = epsilon
-    if method == "clustering":
-        params["analysis"] = analysis
-    sanitizer = create(METHODS[method], **params)
-    if method == "provenance":
-        groups = read_groups(provenance_file, len(data)) if provenance_file is not None else data.groups
-        if groups is None:
-            raise DataError("--method provenance needs --provenance FILE or an .npz with a 'groups' array")
-        trusted = open_data(trusted_spec, default_split="val", model=lm) if trusted_spec else None
-        log.info("provenance: %d segments, %s", int(groups.unique().numel()),
-                 "a trusted set" if trusted is not None else "held-out shares of each segment")
-        result = sanitizer.inspect(net, data, groups=groups, trusted=trusted)  # type: ignore[call-arg]
-    else:
-        if provenance_file is not None or trusted_spec is not None:
-            raise ConfigError("--provenance and --trusted only apply to --method provenance")
-        log.info("%s (mode %s) on the %r representation", METHODS[method], mode, layer)
-        result = sanitizer.inspect(net, data)
+    sanitizer = _sanitizer(method, mode, epsilon, analysis, layer, batch_size, seed, retrain_epochs)
+    data, trusted = _inputs(method, data, provenance_file, trusted_spec, lm, log)
+    log.info("%s (mode %s)%s", METHODS[method], mode, "" if method == "provenance" else f" on the {layer!r} representation")
+    result = sanitizer.inspect(net, data, trusted=trusted)
     log.info("%s: %d of %d samples flagged in %.1f s", method, int(result.flagged.sum()), len(data), result.seconds)
     report: dict[str, Any] = {"model": str(model_path), "format": surface.format, "data": data.name, "method": method,
                               "mode": mode, "n": len(data), "fresh_model": fresh_model_kind(surface, method, mode, analysis),
                               **result.to_dict()}
-    if method == "provenance":
-        rows = [{"segment": s, "n": v["n"], "score": v["score"], "flagged": v["flagged"]}
-                for s, v in sorted(result.per_segment.items())]
-    else:
-        rows = [{"label": k, "n": v["n"], "attacked": v["attacked"],
-                 "flagged": int(result.flagged[data.y == k].sum())} for k, v in sorted(result.per_label.items())]
-    click.echo(table(rows))
+    _print_verdicts(result, method, data)
     summary: dict[str, Any] = {"flagged": int(result.flagged.sum()), "of": len(data),
                                "attacked_labels": getattr(result, "attacked_labels", None),
                                "flagged_segments": getattr(result, "flagged_segments", None),
                                "seconds": result.seconds}
-    truth = ground_truth(data_spec, len(data))
-    if truth is not None:  # scoring only: the method never saw it
-        from ..metrics import detection_metrics
-
-        det = detection_metrics(result.scores, truth, result.flagged)
-        report["detection"] = det
-        click.echo(f"\nagainst is_poison in {data_spec}: {det['n_poison']} poisoned of {det['n']}")
-        click.echo(table([{"precision": det["precision"], "recall": det["recall"], "clean_removed": det["fpr"],
-                           "auroc": det["auroc"], "poison_flagged": int((result.flagged.numpy() & truth).sum()),
-                           "clean_flagged": int((result.flagged.numpy() & ~truth).sum())}],
-                         headers={"recall": "recall (poison removed)", "clean_removed": "clean removed"},
-                         percent=["precision", "recall", "clean_removed"]))
-        click.echo()
+    _score_against_truth(result, data_spec, data, report)
     if do_retrain:
-        test = None
-        if test_spec is not None:
-            test = open_data(test_spec, model=lm)
-        else:
-            from .core import _test_split
-
-            test = _test_split(data_spec)
-            if test is None:
-                click.echo(f"warning: no test data for {data.name}, so the retrained model's CA and ASR are not "
-                           f"measured; give --test (e.g. --test digits:test)", err=True)
-        log.info("retraining on the %d samples kept (%d epochs)", len(data) - int(result.flagged.sum()), epochs)
-        trig = parse_trigger(trigger, data.image_shape) if trigger is not None else None
-        if target is not None and not 0 <= target < data.num_classes:
-            raise ConfigError(f"--target {target} is out of range for {data.num_classes} classes")
-        rr = retrain(net, data, result, test=test, trigger=trig, target=target, epochs=epochs, seed=seed,
-                     device=pick_device(device))
-        summary.update(retrained_accuracy=rr.accuracy, retrained_attack_success=rr.attack_success, n_kept=rr.n_kept)
-        report["retrain"] = {**rr.to_dict(), "fresh_model": _fresh_kind(surface)}
-        if out is not None:
-            written = surface.write(rr.model, out / "retrained", extra={"retrained_after": method})
-            summary["retrained_model"] = str(written)
+        _retrain(net, data, result, surface, lm, data_spec, test_spec, trigger, target, epochs, seed, device, out,
+                 method, summary, report, log)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "flagged.json", {"flagged_indices": result.flagged_indices, "scores": result.scores,
@@ -229,3 +173,91 @@ def inspect_data(model_path: Path, data_spec: str, method: str, mode: str, epsil
         from ..report import write_report
 
         click.echo(f"report: {write_report(report_path, [(method, result)], title=f'{method} on {data.name}')}")
+
+
+def _sanitizer(method: str, mode: str, epsilon: float, analysis: str, layer: str, batch_size: int, seed: int,
+               retrain_epochs: int) -> Any:
+    """The sanitiser of ``--method`` with the options that apply to it."""
+    from ..defenses import create
+
+    params: dict[str, Any] = dict(mode=mode, batch_size=batch_size, seed=seed, retrain_epochs=retrain_epochs)
+    if method != "provenance":
+        params["layer"] = layer
+    if method == "spectral":
+        params["epsilon"] = epsilon
+    if method == "clustering":
+        params["analysis"] = analysis
+    return create(METHODS[method], **params)
+
+
+def _inputs(method: str, data: ImageDataset, provenance_file: Path | None, trusted_spec: str | None, lm: Any,
+            log: Any) -> tuple[ImageDataset, ImageDataset | None]:
+    """The dataset to inspect (with ``--provenance``'s groups) and the trusted set, if any."""
+    if method != "provenance":
+        if provenance_file is not None or trusted_spec is not None:
+            raise ConfigError("--provenance and --trusted only apply to --method provenance")
+        return data, None
+    groups = read_groups(provenance_file, len(data)) if provenance_file is not None else data.groups
+    if groups is None:
+        raise DataError("--method provenance needs --provenance FILE or an .npz with a 'groups' array")
+    trusted = open_data(trusted_spec, default_split="val", model=lm) if trusted_spec else None
+    log.info("provenance: %d segments, %s", int(groups.unique().numel()),
+             "a trusted set" if trusted is not None else "held-out shares of each segment")
+    return dataclasses.replace(data, groups=groups), trusted
+
+
+def _print_verdicts(result: Any, method: str, data: ImageDataset) -> None:
+    if method == "provenance":
+        rows = [{"segment": s, "n": v["n"], "score": v["score"], "flagged": v["flagged"]}
+                for s, v in sorted(result.per_segment.items())]
+    else:
+        rows = [{"label": k, "n": v["n"], "attacked": v["attacked"],
+                 "flagged": int(result.flagged[data.y == k].sum())} for k, v in sorted(result.per_label.items())]
+    click.echo(table(rows))
+
+
+def _score_against_truth(result: Any, data_spec: str, data: ImageDataset, report: dict[str, Any]) -> None:
+    """Detection figures against the data file's ``is_poison`` (scoring only: the method never saw it)."""
+    truth = ground_truth(data_spec, len(data))
+    if truth is None:
+        return
+    from ..metrics import detection_metrics
+
+    det = detection_metrics(result.scores, truth, result.flagged)
+    report["detection"] = det
+    click.echo(f"\nagainst is_poison in {data_spec}: {det['n_poison']} poisoned of {det['n']}")
+    click.echo(table([{"precision": det["precision"], "recall": det["recall"], "clean_removed": det["fpr"],
+                       "auroc": det["auroc"], "poison_flagged": int((result.flagged.numpy() & truth).sum()),
+                       "clean_flagged": int((result.flagged.numpy() & ~truth).sum())}],
+                     headers={"recall": "recall (poison removed)", "clean_removed": "clean removed"},
+                     percent=["precision", "recall", "clean_removed"]))
+    click.echo()
+
+
+def _retrain(net: Any, data: ImageDataset, result: Any, surface: Any, lm: Any, data_spec: str, test_spec: str | None,
+             trigger: str | None, target: int | None, epochs: int, seed: int, device: str | None, out: Path | None,
+             method: str, summary: dict[str, Any], report: dict[str, Any], log: Any) -> None:
+    """``--retrain``: train a new model on what was kept; its CA and, with ``--trigger``, ASR."""
+    from ..metrics import attack_success_rate
+    from ..training import retrain
+
+    if test_spec is not None:
+        test = open_data(test_spec, model=lm)
+    else:
+        from .core import _test_split
+
+        test = _test_split(data_spec)
+        if test is None:
+            click.echo(f"warning: no test data for {data.name}, so the retrained model's CA and ASR are not "
+                       f"measured; give --test (e.g. --test digits:test)", err=True)
+    log.info("retraining on the %d samples kept (%d epochs)", len(data) - int(result.flagged.sum()), epochs)
+    trig = parse_trigger(trigger, data.image_shape) if trigger is not None else None
+    if target is not None and not 0 <= target < data.num_classes:
+        raise ConfigError(f"--target {target} is out of range for {data.num_classes} classes")
+    rr = retrain(net, data, result, test=test, epochs=epochs, seed=seed, device=pick_device(device))
+    asr = attack_success_rate(rr.model, test, trig, int(target)) if (test is not None and trig is not None) else None  # type: ignore[arg-type]
+    summary.update(retrained_accuracy=rr.accuracy, retrained_attack_success=asr, n_kept=rr.n_kept)
+    report["retrain"] = {**rr.to_dict(), "attack_success": asr, "fresh_model": _fresh_kind(surface)}
+    if out is not None:
+        written = surface.write(rr.model, out / "retrained", extra={"retrained_after": method})
+        summary["retrained_model"] = str(written)

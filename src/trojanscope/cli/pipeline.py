@@ -69,7 +69,7 @@ def pipeline(model_path: Path, steps: tuple[str, ...], fit_spec: str, train_spec
     specs = []
     for s in steps:
         name, params = parse_step(s)
-        if "seed" in DEFENSES.get(name)._param_names():
+        if "seed" in DEFENSES.get(name).param_defaults():
             params.setdefault("seed", seed)
         specs.append((name, params))
     pipe = Pipeline(specs, retrain=retrain, epochs=epochs, lr=lr, seed=seed)  # type: ignore[arg-type]

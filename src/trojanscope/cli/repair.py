@@ -6,7 +6,6 @@ The ``--method`` choices are the registry's repair family, so every repair modul
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -118,7 +117,8 @@ def repair(model_path: Path, method: str, data_spec: str, out: Path, train_bn_st
 
     log = logging.getLogger("trojanscope.repair")
     kwargs0 = defence_params(method, params)
-    names = inspect.signature(DEFENSES.get(method).__init__).parameters
+    cls = DEFENSES.get(method)
+    names = cls.param_defaults()
     if "seed" in names:
         kwargs0.setdefault("seed", seed)
     if "position" in kwargs0 and kwargs0["position"] is not None:
@@ -132,8 +132,8 @@ def repair(model_path: Path, method: str, data_spec: str, out: Path, train_bn_st
             kwargs0.update(scan_placement(load_scan(scan_path), kwargs0, data.num_classes))
             log.info("from the scan: target %s, a %sx%s trigger at %s", kwargs0["target"], kwargs0["trigger_size"],
                      kwargs0["trigger_size"], kwargs0["position"])
-        elif "triggers" in inspect.signature(DEFENSES.get(method).repair).parameters:
-            kwargs["triggers"] = load_scan_triggers(scan_path)
+        elif cls.uses_scan != "never":
+            kwargs["scan"] = load_scan_triggers(scan_path)
         else:
             raise ConfigError(f"--scan is not used by {method!r}; it takes no reversed trigger")
     defence = create(method, **kwargs0)
@@ -175,7 +175,7 @@ def scan_placement(scan: Any, given: dict[str, Any], num_classes: int) -> dict[s
         if size is not None:
             out["trigger_size"] = size
         else:
-            size = inspect.signature(DEFENSES.get("distribution-unlearn").__init__).parameters["trigger_size"].default
+            size = DEFENSES.get("distribution-unlearn").param_defaults()["trigger_size"]
     if given.get("position") is None:
         from ..bench import mask_box
 

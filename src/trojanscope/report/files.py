@@ -71,12 +71,8 @@ def _provenance_segments(result: Any) -> plt.Figure:
 
 
 def _score_histogram(ax: plt.Axes, result: Any, idx: torch.Tensor, flagged: np.ndarray) -> None:
-    """The label's scores, kept vs flagged. In ``mode="auto"`` Spectral Signatures lifts the flagged
-    samples' scores above every kept one (so a threshold on the scores gives its verdict); that
-    offset is taken off here so the histogram shows the scores themselves."""
+    """The label's scores (Spectral Signatures': the paper's score), kept vs flagged."""
     s = result.scores[idx].numpy()
-    if result.params.get("mode") == "auto":
-        s = s - flagged * (float(result.scores.max()) - float(s[~flagged].max() if (~flagged).any() else 0))
     bins = np.histogram_bin_edges(s, bins=40)
     ax.hist(s[~flagged], bins=bins, color="tab:blue", alpha=0.7, label="kept")
     ax.hist(s[flagged], bins=bins, color="tab:red", alpha=0.7, label="flagged")

@@ -28,7 +28,7 @@ import torch
 
 import trojanscope as ts
 from trojanscope.defenses import STRIP, ActivationClustering, FinePruning, NeuralCleanse, SpectralSignatures, Unlearning
-from trojanscope.defenses.repair.pruning import attack_evaluator
+from trojanscope.metrics import attack_evaluator
 from trojanscope.metrics import attack_success_rate, clean_accuracy, detection_metrics
 from trojanscope.training import train_new
 
@@ -109,15 +109,15 @@ def sanitiser_figures(model, poisoned, name: str, sanitiser) -> dict:
 
 
 def repair_figures(model, val, test, trig, nc_res, ca0: float) -> dict:
-    ev = attack_evaluator(test, trig, TARGET)
+    ev = attack_evaluator(trig, TARGET, test)
     rows = {}
     t0 = time.perf_counter()
-    fp = FinePruning().repair(model, val, evaluate=ev)
+    fp = FinePruning().repair(model, val, monitor=ev)
     rows["fine-pruning"] = (clean_accuracy(fp.model, test), attack_success_rate(fp.model, test, trig, TARGET),
                             time.perf_counter() - t0)
     if nc_res is not None and nc_res.flagged_labels:
         t0 = time.perf_counter()
-        un = Unlearning().repair(model, val, triggers=nc_res)
+        un = Unlearning().repair(model, val, scan=nc_res)
         rows["nc-unlearning"] = (clean_accuracy(un.model, test), attack_success_rate(un.model, test, trig, TARGET),
                                  time.perf_counter() - t0)
     ok = {k: v for k, v in rows.items() if ca0 - v[0] <= 0.03}

@@ -160,7 +160,7 @@ def compare_repairs(model, clean, target, dist, nc_trigger, pos, seeds, score, a
         print(f"\nrepair seed {seed}")
         t0 = time.perf_counter()
         single = create("unlearn", share=1.0, poison_ratio=BUDGET["rate"], epochs=BUDGET["epochs"], lr=BUDGET["lr"],
-                        batch_size=BUDGET["batch_size"], seed=seed).repair(model, clean, triggers={target: nc_trigger})
+                        batch_size=BUDGET["batch_size"], seed=seed).repair(model, clean, scan={target: nc_trigger})
         score("single-trigger unlearn (NC)", single.model)
         t1 = time.perf_counter()
         mesa = DistributionUnlearning(min_beta=0.5, seed=seed, **BUDGET).repair(model, clean, target=target,

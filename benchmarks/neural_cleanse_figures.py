@@ -138,24 +138,24 @@ def main() -> None:
         for label, kw in UNLEARNING:
             for useed in (seed, seed + 10):
                 t0 = time.perf_counter()
-                un = Unlearning(seed=useed, **kw).repair(model, train, triggers=r)
+                un = Unlearning(seed=useed, **kw).repair(model, train, scan=r)
                 m = un.model
                 note = f"{un.details['n_finetune']} images, seed {useed}, {time.perf_counter() - t0:.1f} s"
                 print(f"{kind + str(seed):<10} {label:<22} {ca0:9.3f} {ts.clean_accuracy(m, test):9.3f} {asr0:10.3f} "
                       f"{attack.success_rate(m, test):9.3f} {note:<30}", flush=True)
         for label, kw in (("penultimate", {}), ("last-conv units", {"granularity": "unit"})):
             t0 = time.perf_counter()
-            pr = NeuronPruning(**kw).repair(model, val, triggers=r)
+            pr = NeuronPruning(**kw).repair(model, val, scan=r)
             m = pr.model
             note = f"{pr.history[-1]['ratio']:.0%} pruned, {time.perf_counter() - t0:.1f} s"
             print(f"{kind + str(seed):<10} {'pruning ' + label:<22} {ca0:9.3f} {ts.clean_accuracy(m, test):9.3f} "
                   f"{asr0:10.3f} {attack.success_rate(m, test):9.3f} {note:<30}", flush=True)
-        filt = ActivationFilter(trigger=r).fit(model, val)
+        filt = ActivationFilter().fit(model, val, scan=r)
         trig = attack.triggers[0]
         keep = test.y != attack.targets[0]
         fpr = float(filt.flag(test.x).float().mean())
         fnr = 1 - float(filt.flag(trig.apply(test.x[keep])).float().mean())
-        curve = filt.curve(trig.apply(test.x[keep]), test.x)
+        curve = ts.metrics.fpr_fnr_curve(filt.score(test.x), filt.score(trig.apply(test.x[keep])))
         print(f"{kind + str(seed):<10} {'activation filter':<22} FPR on test {fpr:.3f}, FNR {fnr:.3f} at the val-calibrated "
               f"threshold; curve: FNR {curve.fnr_at(0.05):.3f} at FPR <= 5%", flush=True)
 

@@ -13,6 +13,7 @@ Ground truth enters only through ``trojanscope.metrics``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -21,7 +22,7 @@ import torch
 
 import trojanscope as ts
 from trojanscope.defenses import ActivationClustering, ProvenanceFilter, SpectralSignatures
-from trojanscope.defenses.data.retrain import retrain
+from trojanscope.training import retrain
 from trojanscope.metrics import attack_success_rate, clean_accuracy, detection_metrics
 from trojanscope.models import create_model
 from trojanscope.training import train_new
@@ -72,8 +73,8 @@ def attack_rows(kind: str, rates: list[float], epochs: int, train, test, clean_a
                    "poison_removed": dm["recall"], "clean_removed": dm["fpr"], "auroc": dm["auroc"],
                    "n_flagged": dm["n_flagged"], "seconds": secs}
             if again:
-                rr = retrain(model, poisoned, res, test=test, trigger=trig, target=0, epochs=epochs, seed=0)
-                row.update(accuracy=rr.accuracy, attack_success=rr.attack_success,
+                rr = retrain(model, poisoned, res, test=test, epochs=epochs, seed=0)
+                row.update(accuracy=rr.accuracy, attack_success=attack_success_rate(rr.model, test, trig, 0),
                            accuracy_vs_clean=rr.accuracy - clean_acc)
             rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
@@ -96,7 +97,7 @@ def provenance_rows(epochs: int, train, val, rate: float = 0.1) -> list[dict]:
             if mode == "paper" and setting != "poison all in source 3":
                 continue  # the paper's rule is only measured where it has something to find (CPU time)
             t0 = time.perf_counter()
-            res = ProvenanceFilter(mode=mode, retrain_epochs=epochs).inspect(model, data, groups=groups,
+            res = ProvenanceFilter(mode=mode, retrain_epochs=epochs).inspect(model, dataclasses.replace(data, groups=groups),
                                                                              trusted=trusted)
             rows.append({"setting": setting, "mode": mode, "variant": variant,
                          "flagged_segments": res.flagged_segments,

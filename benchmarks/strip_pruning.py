@@ -20,7 +20,7 @@ import torch
 import trojanscope as ts
 from trojanscope.attacks import PruningAware
 from trojanscope.defenses import STRIP, FinePruning, Pruning
-from trojanscope.defenses.repair.pruning import attack_evaluator
+from trojanscope.metrics import attack_evaluator
 from trojanscope.demo import DEMO_EPOCHS, DEMO_RATE, DEMO_TARGET, DEMO_TRIGGER
 from trojanscope.metrics import detection_metrics
 from trojanscope.training import train_new
@@ -122,11 +122,11 @@ def show_curve(curve: list[dict]) -> None:
 def run_prune(name: str = "badnets", model=None, attack=None) -> None:
     model = model if model is not None else badnets_model()
     attack = attack or BADNETS
-    ev = attack_evaluator(TEST, attack.triggers[0], DEMO_TARGET)
+    ev = attack_evaluator(attack.triggers[0], DEMO_TARGET, TEST)
     for granularity in ("channel", "unit"):
         what = "last conv's channels (the paper)" if granularity == "channel" else "last conv block's units"
         print(f"\n== Pruning alone on the {name} model ({what}; stop at > 4 points val drop): the curve")
-        res = Pruning(granularity=granularity).repair(model, VAL, evaluate=ev)
+        res = Pruning(granularity=granularity).repair(model, VAL, monitor=ev)
         show_curve(res.history if granularity == "channel" else res.history[::4] + res.history[-1:])
         k = res.details["n_pruned"]
         at_k = next(r for r in res.history if r["pruned"] == k)
@@ -134,7 +134,7 @@ def run_prune(name: str = "badnets", model=None, attack=None) -> None:
               f"ASR {pct(at_k['attack_success'])}")
         print(f"\n== Fine-Pruning on the {name} model ({granularity}s)")
         t0 = time.perf_counter()
-        fp = FinePruning(granularity=granularity).repair(model, VAL, evaluate=ev)
+        fp = FinePruning(granularity=granularity).repair(model, VAL, monitor=ev)
         for r in fp.history:
             print(f"  {r['stage']:10s}  val {pct(r['accuracy'])}  test CA {pct(r['test_accuracy'])}  "
                   f"ASR {pct(r['attack_success'])}")

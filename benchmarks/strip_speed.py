@@ -156,14 +156,14 @@ def main() -> None:
         if not args.no_activation:
             t0 = time.perf_counter()
             scan = NeuralCleanse(seed=0).scan(model, val)
-            af = ActivationFilter(trigger=scan, fpr=0.01).fit(model, val)
+            af = ActivationFilter(frr=0.01).fit(model, val, scan=scan)
             fit_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             s = af.score(x)
             secs = time.perf_counter() - t0
             r = {"model": name, "filter": "activation filter", "overlays/input": 1.0, "ms/input": 1000 * secs / len(x),
                  **figures(s, s > af.threshold_, truth), "fit s": fit_s,
-                 "note": f"NC flagged {scan.flagged_labels}, fpr=0.01"}
+                 "note": f"NC flagged {scan.flagged_labels}, frr=0.01"}
             rows.append(r)
             print("  " + show(r), flush=True)
         if not args.no_art:

@@ -9,7 +9,8 @@ import torch
 
 import trojanscope as ts
 from trojanscope.defenses import create, list_defenses
-from trojanscope.defenses.input.activation_filter import ActivationFilter, fpr_fnr_curve
+from trojanscope.defenses.input.activation_filter import ActivationFilter
+from trojanscope.metrics import fpr_fnr_curve
 from trojanscope.defenses.model.neural_cleanse import NeuralCleanse
 from trojanscope.errors import ConfigError, NotFittedError, UnsupportedModelError
 
@@ -45,13 +46,13 @@ def test_curve_against_hand_computation():
 
 def test_filter_rejects_triggered_inputs(setup, digits):
     planted, scan, trigger = setup
-    f = ActivationFilter(trigger=scan).fit(planted, digits["val"])
+    f = ActivationFilter().fit(planted, digits["val"], scan=scan)
     assert f.neurons_.numel() == 1  # 1% of 65 neurons, at least one
     test = digits["test"]
     fpr = float(f.flag(test.x).float().mean())
     fnr = 1 - float(f.flag(trigger.apply(test.x)).float().mean())
     assert fpr <= 0.12 and fnr <= 0.1
-    curve = f.curve(trigger.apply(test.x), test.x)
+    curve = fpr_fnr_curve(f.score(test.x), f.score(trigger.apply(test.x)))
     assert curve.fnr_at(0.05) <= 0.1
     # calibrated at 5% of the fitting data
     n = f.clean_scores_.numel()
@@ -70,25 +71,25 @@ def test_clean_model_scores_triggered_inputs_like_clean_ones(digits):
     clean = CornerPatchNet(tr.x, tr.y, 10, target=None)
     scan = NeuralCleanse(**FAST).scan(clean, digits["val"])
     assert not scan.infected
-    f = ActivationFilter(trigger=scan).fit(clean, digits["val"])  # most anomalous label's trigger
+    f = ActivationFilter().fit(clean, digits["val"], scan=scan)  # most anomalous label's trigger
     assert float(f.flag(digits["test"].x).float().mean()) <= 0.12
 
 
 def test_contract(setup, digits):
     planted, scan, _ = setup
     assert "activation-filter" in list_defenses("input")
-    f = create("activation-filter", trigger=scan.triggers[TARGET])
+    f = create("activation-filter")
     with pytest.raises(NotFittedError):
         f.score(digits["test"].x)
     with pytest.raises(ConfigError):
-        ActivationFilter(trigger=scan, top_ratio=0.0).fit(planted, digits["val"])
+        ActivationFilter(top_ratio=0.0).fit(planted, digits["val"], scan=scan)
     with pytest.raises(ConfigError):
-        ActivationFilter(trigger="square").fit(planted, digits["val"])
+        ActivationFilter().fit(planted, digits["val"], scan="square")
     traced = torch.jit.trace(planted, digits["val"].x[:2])
     with pytest.raises(UnsupportedModelError):
-        ActivationFilter(trigger=scan).fit(traced, digits["val"])
+        ActivationFilter().fit(traced, digits["val"], scan=scan)
     planted.train()
-    f.fit(planted, digits["val"])
+    f.fit(planted, digits["val"], scan=scan.triggers[TARGET])
     assert planted.training
     planted.eval()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in planted.modules())

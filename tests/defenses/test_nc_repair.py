@@ -10,8 +10,8 @@ import torch
 import trojanscope as ts
 from trojanscope.defenses import create, list_defenses
 from trojanscope.defenses.model.neural_cleanse import NeuralCleanse
-from trojanscope.defenses.repair.neural_cleanse import (NeuronPruning, Unlearning, activation_gap, resolve_triggers,
-                                                        unlearning_set)
+from trojanscope.defenses._triggers import label_triggers, resolve_triggers
+from trojanscope.defenses.repair.neural_cleanse import NeuronPruning, Unlearning, activation_gap, unlearning_set
 from trojanscope.errors import ConfigError, UnsupportedModelError
 from trojanscope.models import ModelSpec, load_model, save_model
 
@@ -59,7 +59,7 @@ def test_activation_gap():
 def test_pruning_removes_the_backdoor(setup, digits):
     planted, scan, trigger = setup
     snap = _snapshot(planted)
-    r = NeuronPruning(stop_asr=0.05).repair(planted, digits["val"], triggers=scan)
+    r = NeuronPruning(stop_asr=0.05).repair(planted, digits["val"], scan=scan)
     assert _unchanged(planted, snap) and r.model is not planted
     h = r.history
     assert h[0]["ratio"] == 0 and h[0]["attack_success"] > 0.9
@@ -79,17 +79,17 @@ def test_pruning_removes_the_backdoor(setup, digits):
 
 def test_pruning_an_output_layer_zeroes_its_rows(setup, digits):
     planted, scan, _ = setup
-    r = NeuronPruning(layer="detect", step=1.0).repair(planted, digits["val"], triggers={TARGET: scan.triggers[TARGET]})
+    r = NeuronPruning(layer="detect", step=1.0).repair(planted, digits["val"], scan={TARGET: scan.triggers[TARGET]})
     assert float(r.model.detect.weight.detach().abs().sum()) == 0.0
     assert float(r.model.detect.bias.detach().abs().sum()) == 0.0
     with pytest.raises(UnsupportedModelError):  # flatten feeds fc together with the detector: not prunable
-        NeuronPruning(layer="flatten").repair(planted, digits["val"], triggers=scan)
+        NeuronPruning(layer="flatten").repair(planted, digits["val"], scan=scan)
 
 
 def test_unlearning_unlearns_the_reversed_trigger(setup, digits):
     planted, scan, trigger = setup
     snap = _snapshot(planted)
-    r = Unlearning(share=1.0, epochs=3, lr=0.05).repair(planted, digits["train"], triggers=scan)
+    r = Unlearning(share=1.0, epochs=3, lr=0.05).repair(planted, digits["train"], scan=scan)
     assert _unchanged(planted, snap)
     before, after = r.history
     assert before["attack_success"] > 0.9 and after["attack_success"] < 0.1
@@ -119,12 +119,12 @@ def test_repairs_run_the_scan_themselves_and_spare_a_clean_model(digits, tmp_pat
 
 def test_trigger_arguments(setup, digits):
     planted, scan, _ = setup
-    trig, _ = resolve_triggers(planted, digits["val"], [scan.triggers[TARGET]])
+    trig = label_triggers(planted, digits["val"], resolve_triggers([scan.triggers[TARGET]]))
     assert list(trig) == [TARGET]  # a bare trigger's label is the one it sends inputs to
     with pytest.raises(ConfigError):
-        resolve_triggers(planted, digits["val"], "nope")
+        resolve_triggers("nope")
     with pytest.raises(ConfigError):
-        NeuronPruning(step=0.0).repair(planted, digits["val"], triggers=scan)
+        NeuronPruning(step=0.0).repair(planted, digits["val"], scan=scan)
 
 
 def test_repaired_model_saves_and_loads(digits, tmp_path):
@@ -132,26 +132,26 @@ def test_repaired_model_saves_and_loads(digits, tmp_path):
     model = ts.create_model("mnist_cnn", input_shape=(1, 8, 8), num_classes=10, seed=0)
     trig = {0: ts.Trigger.square((1, 8, 8), 2, "white", "bottom-right")}
     r = NeuronPruning(layer="last_conv", step=0.1, max_ratio=0.2, stop_asr=0.0).repair(model, digits["val"],
-                                                                                       triggers=trig)
+                                                                                       scan=trig)
     assert r.history[-1]["n_pruned"] == 6  # 20% of 32 channels, 3 at a time
     # flatten: each position of the last feature map is a neuron, pruned by zeroing fc1's columns
     f = NeuronPruning(layer="flatten", step=0.25, max_ratio=0.5, stop_asr=0.0).repair(model, digits["val"],
-                                                                                     triggers=trig)
+                                                                                     scan=trig)
     cols = torch.tensor(f.details["pruned"])
     assert cols.numel() == 64 and float(f.model.fc1.weight.detach()[:, cols].abs().sum()) == 0.0
     # granularity="unit" names the same neurons on any architecture: the units the head reads
     u = NeuronPruning(granularity="unit", layer="last_conv", step=0.25, max_ratio=0.5,
-                      stop_asr=0.0).repair(model, digits["val"], triggers=trig)
+                      stop_asr=0.0).repair(model, digits["val"], scan=trig)
     assert u.details["layer"] == "fc1" and u.details["pruned"] == f.details["pruned"]
     # without a layer, units mean the last convolutional block's (the penultimate layer's units
     # are its channels), channels mean the paper's penultimate layer
     d = NeuronPruning(granularity="unit", step=0.25, max_ratio=0.5, stop_asr=0.0).repair(model, digits["val"],
-                                                                                         triggers=trig)
+                                                                                         scan=trig)
     assert d.details["layer"] == "fc1" and d.details["pruned"] == f.details["pruned"]
     assert NeuronPruning(step=0.5, max_ratio=0.5, stop_asr=0.0).repair(
-        model, digits["val"], triggers=trig).details["layer"] == "fc2"
+        model, digits["val"], scan=trig).details["layer"] == "fc2"
     v = NeuronPruning(layer="fc1:input", step=0.25, max_ratio=0.5, stop_asr=0.0).repair(model, digits["val"],
-                                                                                       triggers=trig)
+                                                                                       scan=trig)
     assert v.details["pruned"] == f.details["pruned"]
     spec = ModelSpec("mnist_cnn", (1, 8, 8), 10)
     save_model(r.model, tmp_path / "m", spec)

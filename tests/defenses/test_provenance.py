@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import sanitizer_data as sd
 from trojanscope.data import ImageDataset
 from trojanscope.defenses import ProvenanceFilter, create
-from trojanscope.defenses.data.retrain import Retrainer, architecture_of, retrain
+from trojanscope.training import Retrainer, architecture_of, retrain
 from trojanscope.errors import DataError
 
 
@@ -55,7 +56,7 @@ def test_errors():
     with pytest.raises(DataError, match="provenance"):
         ProvenanceFilter().inspect(model, data)
     with pytest.raises(DataError, match="2 segments"):
-        ProvenanceFilter().inspect(model, data, groups=torch.zeros(len(data), dtype=torch.long))
+        ProvenanceFilter().inspect(model, dataclasses.replace(data, groups=torch.zeros(len(data), dtype=torch.long)))
 
 
 def test_retrain_removes_and_reports(mnist):
@@ -67,4 +68,4 @@ def test_retrain_removes_and_reports(mnist):
     test = _trusted()
     r = retrain(model, data, data.is_poison, test=test, epochs=20, lr=0.05)
     assert r.n_removed == data.poison_indices.numel() and r.n_kept == len(data) - r.n_removed
-    assert r.accuracy is not None and r.accuracy > 0.95 and r.attack_success is None
+    assert r.accuracy is not None and r.accuracy > 0.95

@@ -11,9 +11,9 @@ from torch import nn
 import trojanscope as ts
 from trojanscope.attacks import ATTACKS, PruningAware
 from trojanscope.defenses import FinePruning, Pruning, create
-from trojanscope.defenses.repair.pruning import (attack_evaluator, frozen_channels, mean_channel_activation,
-                                                 mean_unit_activation, unit_layer,
-                                                 prunable_modules, pruning_order, zero_channels)
+from trojanscope._utils.masking import (frozen_channels, mean_channel_activation, mean_unit_activation, unit_layer,
+                                        prunable_modules, pruning_order, zero_channels)
+from trojanscope.metrics import attack_evaluator
 from trojanscope.errors import ConfigError, UnsupportedModelError
 from trojanscope.training import train
 
@@ -66,9 +66,9 @@ def test_pruning_removes_planted_backdoor(planted, mnist):
     bad, _, trig = planted
     val, test = mnist["val"], mnist["test"]
     before = _state(bad)
-    ev = attack_evaluator(test, trig, 0)
+    ev = attack_evaluator(trig, 0, test)
     assert ev(bad)["attack_success"] > 0.95
-    res = Pruning().repair(bad, val, evaluate=ev)
+    res = Pruning().repair(bad, val, monitor=ev)
     # the detector channel is dormant on clean data: pruned first, at no accuracy cost
     assert res.details["pruned_channels"] == [0]
     assert res.history[-1]["attack_success"] < 0.05
@@ -88,7 +88,7 @@ def test_pruning_clean_model_keeps_accuracy(planted, mnist):
 def test_pruning_curve_and_stop_rule(digits_net, digits):
     _, bad, atk = digits_net
     val, test = digits["val"], digits["test"]
-    res = Pruning(layer="3").repair(bad, val, trigger=atk.triggers[0], target=0, test_data=test)
+    res = Pruning(layer="3").repair(bad, val, monitor=attack_evaluator(atk.triggers[0], 0, test))
     h = res.history
     assert h[0]["pruned"] == 0 and "attack_success" in h[0] and "test_accuracy" in h[0]
     assert [r["pruned"] for r in h] == list(range(len(h)))
@@ -120,7 +120,7 @@ def test_fine_pruning_tiny(digits_net, digits):
     val, test = digits["val"], digits["test"]
     before = _state(bad)
     fp = FinePruning(epochs=2, lr=1e-3)
-    res = fp.repair(bad, val, evaluate=attack_evaluator(test, atk.triggers[0], 0))
+    res = fp.repair(bad, val, monitor=attack_evaluator(atk.triggers[0], 0, test))
     assert [r["stage"] for r in res.history] == ["before", "pruned", "fine-tuned"]
     assert all("attack_success" in r and "accuracy" in r for r in res.history)
     pruned = res.details["pruned_channels"]
@@ -192,10 +192,10 @@ def test_unit_helpers_by_hand():
 def test_unit_fine_pruning_removes_corner_patch(trained):
     """The demo's corner patch rides on ordinary channels at the corner's positions: units there are
     dark on clean digits, so unit pruning removes them first, and fine-tuning cannot bring them back."""
-    ev = attack_evaluator(trained.test.subset(torch.arange(200)), trained.trigger, 0)
+    ev = attack_evaluator(trained.trigger, 0, trained.test.subset(torch.arange(200)))
     before = _state(trained.backdoored)
     res = FinePruning(granularity="unit", step=48, epochs=1, lr=1e-3).repair(trained.backdoored, trained.val,
-                                                                              evaluate=ev)
+                                                                              monitor=ev)
     h = {r["stage"]: r for r in res.history}
     assert h["before"]["attack_success"] > 0.9
     assert h["pruned"]["attack_success"] < 0.05 and h["fine-tuned"]["attack_success"] < 0.05

@@ -19,9 +19,7 @@ Two modes:
 This mode exists because the paper's rule breaks down when a label is half poison: the score is
 high on *both* sides of the split, and a ``1.5 * epsilon`` budget cannot reach the poison. The
 split uses several singular directions because at low poison rates the top one is often the
-label's natural variation rather than the poison (on mnist5k at 2 % poisoned, the signed
-projection on ``v`` alone separates poison from clean with an AUROC between 0.54 and 0.90,
-depending on the training seed), and the verdict needs a clean split: a few clean samples on the
+label's natural variation rather than the poison, and the verdict needs a clean split: a few clean samples on the
 poisoned side teach the reclassification model the label, a few poisoned ones on the clean side
 re-implant the backdoor.
 """
@@ -191,10 +189,7 @@ class SpectralSignatures(DataSanitizer):
             ``"last_conv"``.
         n_directions: ``mode="auto"``: the split is a two-component Gaussian mixture on the
             projections onto the label's top ``n_directions`` singular vectors (the signed
-            projection on ``v`` first; 10, the dimension Activation Clustering reduces to). With
-            fewer (1 to 5) the split of a label 2 % to 10 % poisoned on mnist5k leaks poisoned
-            samples to the clean side or clean ones to the poisoned side, which the verdict cannot
-            survive.
+            projection on ``v`` first; 10, the dimension Activation Clustering reduces to).
         max_own_share: ``mode="auto"``: a label is attacked when, for *both* sides of its split,
             a model trained without that side gives the label to at most this share of it
             (the two sides are mutually exclusive explanations of the label; the rule of
@@ -206,7 +201,8 @@ class SpectralSignatures(DataSanitizer):
         device: where to compute (default: the model's device).
 
     Shape:
-        ``inspect(model, dataset)``: ``dataset.x`` ``(N, C, H, W)`` -> scores ``(N,)``.
+        ``inspect(model, dataset)``: ``dataset.x`` ``(N, C, H, W)`` -> scores ``(N,)``, the
+        paper's :func:`spectral_scores` in both modes (the decision is ``flagged``).
 
     References:
         Tran, Li, Madry. Spectral Signatures in Backdoor Attacks. NeurIPS 2018.

@@ -167,16 +167,10 @@ class NeuronPruning(_NCRepair):
         granularity: ``"channel"``: a neuron is an output channel of ``layer`` (or a unit of a
             dense layer). ``"unit"``: one channel at one position of the last convolutional
             block, as the dense head reads it (``layer`` is then ``"last_conv"`` or the Linear
-            layer whose input units are pruned; see ``Pruning(granularity="unit")``). On the
-            mnist5k BadNets models this matches the paper's last-convolution figures (4% of
-            the units pruned, CA within 0.4 points, original-trigger ASR at most 1.3% on five
-            models), where channels and the penultimate layer cost 9-13 points.
+            layer whose input units are pruned; see ``Pruning(granularity="unit")``).
         stop_asr: stop once the reversed trigger's attack success is below this (0.005: the
             paper stops when the model "is no longer responsive to the reversed trigger"). The
-            reversed trigger is usually a part of the real one, so the real one outlasts it: on
-            one mnist5k BadNets model, stopping at 0.01 (4 of 450 stamped images still flipped)
-            left the original trigger at 6.0%; one more step, at 0.005, left 0.4% for no
-            accuracy cost.
+            reversed trigger is usually a part of the real one, so the real one outlasts it.
         step: share of the layer's neurons pruned per step (0.01).
         max_ratio: never prune more than this share (0.9).
         batch_size: memory knob.
@@ -302,22 +296,15 @@ class Unlearning(_NCRepair):
     **Small clean sets.** The paper's one epoch over 10% of MNIST is about 190 steps of 32
     images; 10% of a few thousand images is a few dozen steps at most, and the reversed
     trigger (usually a part of the real one) is then not unlearned well enough for the real
-    one to stop working. On five mnist5k BadNets models (4,000 training images, so 400 for
-    unlearning) and two unlearning seeds each, the defaults left the original trigger's ASR
-    above 5% in 8 of the 10 runs (up to 23%); :data:`SMALL_SET_UNLEARNING`
-    (``epochs=3, optimizer="sgd", lr=0.01, batch_size=32``: 39 steps) brought it to at most
-    2.7% with at most 1.6 points of clean accuracy lost in all 10
-    (``benchmarks/neural_cleanse_figures.py --seeds 0 1 2 3 4``). With momentum SGD, one or
-    two epochs were erratic (clean accuracy fell by up to 19 points in some runs); Adam for
-    three epochs still left up to 13%.
+    one to stop working. :data:`SMALL_SET_UNLEARNING` (``epochs=3, optimizer="sgd", lr=0.01,
+    batch_size=32``) are the settings for such sets (figures in ``benchmarks/README.md``).
 
     Args:
         share: share of the clean data used for fine-tuning (paper: 10% of the training data).
         poison_ratio: share of those samples stamped with the reversed trigger (paper: 20%).
         epochs: fine-tuning epochs (paper: 1).
         lr: learning rate (Adam, 1e-3: the training default here; the paper gives none).
-        batch_size: fine-tuning batch size (16: on the mnist5k BadNets models it removed the
-            backdoor more reliably than 32 for the same clean-accuracy cost).
+        batch_size: fine-tuning batch size.
         optimizer: ``"adam"`` or ``"sgd"`` (momentum 0.9).
         seed: seeds the subset, the stamped samples, the shuffling and a scan run without triggers.
         device: where to compute (default: the model's).

@@ -8,8 +8,6 @@ tests that run over it) never sees them.
 from __future__ import annotations
 
 import contextlib
-import copy
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,8 +27,7 @@ class LogitShiftDetector(ModelDetector):
     def __init__(self, *, threshold: float = 2.0) -> None:
         self.threshold = threshold
 
-    def scan(self, model: nn.Module, clean_data: Any) -> ScanResult:
-        t0 = time.perf_counter()
+    def _scan(self, model: nn.Module, clean_data: Any, *, callback: Any) -> ScanResult:
         z = logits(model, clean_data.x)
         k = z.shape[1]
         other = torch.stack([z[clean_data.y != j, j].mean() for j in range(k)])
@@ -39,7 +36,7 @@ class LogitShiftDetector(ModelDetector):
         trig = [Trigger(torch.full(clean_data.image_shape[1:], 0.1 * j / k), torch.ones(clean_data.image_shape))
                 for j in range(k)]
         return ScanResult(infected=bool(flagged), flagged_labels=flagged, scores=score.float(),
-                          details={"triggers": trig}, params=self.get_params(), seconds=time.perf_counter() - t0)
+                          details={"triggers": trig})
 
 
 class DistanceSanitizer(DataSanitizer):
@@ -49,13 +46,13 @@ class DistanceSanitizer(DataSanitizer):
     def __init__(self, *, rate: float = 0.1) -> None:
         self.rate = rate
 
-    def inspect(self, model: nn.Module, dataset: Any) -> SanitizeResult:
+    def _inspect(self, model: nn.Module, dataset: Any, *, trusted: Any) -> SanitizeResult:
         a = activations(model, dataset.x, "penultimate")
         mu = torch.zeros(dataset.num_classes, a.shape[1]).index_add_(0, dataset.y, a)
         mu /= torch.bincount(dataset.y, minlength=dataset.num_classes).clamp(min=1)[:, None]
         s = (a - mu[dataset.y]).norm(dim=1)
         flagged = s > torch.quantile(s, 1 - self.rate)
-        return SanitizeResult(scores=s, flagged=flagged, params=self.get_params())
+        return SanitizeResult(scores=s, flagged=flagged)
 
 
 class ConfidenceFilter(InputFilter):
@@ -64,7 +61,7 @@ class ConfidenceFilter(InputFilter):
     def __init__(self, *, frr: float = 0.05) -> None:
         self.frr = frr
 
-    def _fit(self, model: nn.Module, clean_data: Any) -> None:
+    def _fit(self, model: nn.Module, clean_data: Any, *, scan: Any) -> None:
         self.model_ = model
         self.clean_scores_ = self._score(clean_data.x)
         self.threshold_ = threshold_for_rate(self.clean_scores_, self.frr)
@@ -80,13 +77,12 @@ class FineTuneRepair(Repair):
         self.epochs = epochs
         self.lr = lr
 
-    def repair(self, model: nn.Module, clean_data: Any, *, evaluate: Any = None, **kwargs: Any) -> RepairResult:
-        net = copy.deepcopy(model)
-        hist = [{"epoch": 0, **(evaluate(net) if evaluate else {})}]
+    def _repair(self, net: nn.Module, clean_data: Any, *, scan: Any, val_data: Any, monitor: Any) -> RepairResult:
+        hist = [{"epoch": 0, **(monitor(net) if monitor else {})}]
         for e in range(self.epochs):
             fine_tune(net, clean_data, epochs=1, lr=self.lr, seed=e)
-            hist.append({"epoch": e + 1, **(evaluate(net) if evaluate else {})})
-        return RepairResult(model=net, history=hist, params=self.get_params())
+            hist.append({"epoch": e + 1, **(monitor(net) if monitor else {})})
+        return RepairResult(model=net, history=hist)
 
 
 TEST_DEFENSES = {"_t-logit": LogitShiftDetector, "_t-distance": DistanceSanitizer, "_t-confidence": ConfidenceFilter,

@@ -111,6 +111,32 @@ def train(model: nn.Module, data: ImageDataset, *, epochs: int = 10, lr: float =
     Returns:
         A :class:`TrainResult` with per-epoch loss and accuracy, the wall time and images per second.
     """
+    _check_train_args(data, epochs, lr, batch_size, augment, threads, schedule)
+    dev = model_device(model, device)
+    g = generator(seed)
+    opt, frozen = _optimizer(model, optimizer, lr, momentum, weight_decay, trainable)
+    req = [p.requires_grad for p in frozen]
+    for p in frozen:
+        p.requires_grad_(False)
+    was_training = model.training
+    model.train()
+    n = len(data)
+    try:
+        history, seconds = _epochs(model, data, opt, g, dev, epochs=epochs, batch_size=batch_size, lr=lr,
+                                   schedule=schedule, batch_transform=batch_transform, augment=augment,
+                                   progress=progress, threads=threads)
+    finally:
+        for p, r in zip(frozen, req):
+            p.requires_grad_(r)
+        model.train(was_training)
+    _summary_line(progress, epochs, n, seconds)
+    return TrainResult(history=history, seconds=seconds, images_per_second=epochs * n / max(seconds, 1e-9),
+                       params=dict(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
+                                   weight_decay=weight_decay, seed=seed, schedule=schedule, augment=augment))
+
+
+def _check_train_args(data: ImageDataset, epochs: int, lr: float, batch_size: int, augment: Augment | None,
+                      threads: int | None, schedule: str) -> None:
     if len(data) == 0:
         raise DataError("cannot train on an empty dataset")
     if epochs < 0 or lr <= 0 or batch_size < 1:
@@ -120,8 +146,11 @@ def train(model: nn.Module, data: ImageDataset, *, epochs: int = 10, lr: float =
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be >= 1, got {threads}")
     _lr_factor(schedule, 0, 2)  # validates the name
-    dev = model_device(model, device)
-    g = generator(seed)
+
+
+def _optimizer(model: nn.Module, optimizer: str, lr: float, momentum: float, weight_decay: float,
+               trainable: Callable[[str], bool] | None) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
+    """The optimiser over the trainable parameters, and the parameters ``trainable`` freezes."""
     params = [p for n, p in model.named_parameters() if trainable is None or trainable(n)]
     if optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
@@ -129,16 +158,18 @@ def train(model: nn.Module, data: ImageDataset, *, epochs: int = 10, lr: float =
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     else:
         raise ConfigError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-    frozen = [p for n, p in model.named_parameters() if trainable is not None and not trainable(n)]
-    req = [p.requires_grad for p in frozen]
-    for p in frozen:
-        p.requires_grad_(False)
-    was_training = model.training
-    model.train()
+    return opt, [p for n, p in model.named_parameters() if trainable is not None and not trainable(n)]
+
+
+def _epochs(model: nn.Module, data: ImageDataset, opt: torch.optim.Optimizer, g: torch.Generator, dev: torch.device,
+            *, epochs: int, batch_size: int, lr: float, schedule: str,
+            batch_transform: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None, augment: Augment | None,
+            progress: bool | str, threads: int | None) -> tuple[list[dict[str, float]], float]:
+    """The epochs of :func:`train` (progress bar, thread count, torch's global RNG forked and seeded
+    from ``g``); ``(per-epoch history, wall seconds)``."""
     history: list[dict[str, float]] = []
     n = len(data)
-    steps = (n + batch_size - 1) // batch_size
-    total_steps, step = epochs * steps, 0
+    total_steps, step = epochs * ((n + batch_size - 1) // batch_size), 0
     bar = None
     if progress:
         from ._utils.progress import progress as progress_bar
@@ -151,31 +182,10 @@ def train(model: nn.Module, data: ImageDataset, *, epochs: int = 10, lr: float =
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
             for epoch in range(epochs):
-                perm = torch.randperm(n, generator=g)
-                total_loss, correct = 0.0, 0
                 t_epoch = time.perf_counter()
-                for i in range(0, n, batch_size):
-                    idx = perm[i:i + batch_size]
-                    xb, yb = data.x[idx], data.y[idx]
-                    if batch_transform is not None:
-                        xb, yb = batch_transform(xb, yb, g)
-                    if augment is not None:
-                        xb = random_crop_flip(xb, g, crop="crop" in augment, flip="flip" in augment)
-                    xb, yb = xb.to(dev), yb.to(dev)
-                    if schedule != "constant":
-                        f = _lr_factor(schedule, step, total_steps)
-                        for group in opt.param_groups:
-                            group["lr"] = lr * f
-                    step += 1
-                    out = model(xb)
-                    loss = F.cross_entropy(out, yb)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total_loss += float(loss.detach()) * len(idx)
-                    correct += int((out.argmax(1) == yb).sum())
-                    if bar is not None:
-                        bar.update(1)
+                total_loss, correct, step = _epoch(model, data, opt, g, dev, batch_size=batch_size, lr=lr,
+                                                   schedule=schedule, step=step, total_steps=total_steps,
+                                                   batch_transform=batch_transform, augment=augment, bar=bar)
                 ips = n / max(time.perf_counter() - t_epoch, 1e-9)
                 history.append({"epoch": epoch + 1, "loss": total_loss / n, "accuracy": correct / n})
                 if bar is not None:
@@ -187,19 +197,50 @@ def train(model: nn.Module, data: ImageDataset, *, epochs: int = 10, lr: float =
             bar.close()
         if threads is not None:
             torch.set_num_threads(old_threads)
-        for p, r in zip(frozen, req):
-            p.requires_grad_(r)
-        model.train(was_training)
-    seconds = time.perf_counter() - t_start
+    return history, time.perf_counter() - t_start
+
+
+def _epoch(model: nn.Module, data: ImageDataset, opt: torch.optim.Optimizer, g: torch.Generator, dev: torch.device, *,
+           batch_size: int, lr: float, schedule: str, step: int, total_steps: int,
+           batch_transform: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None, augment: Augment | None,
+           bar: Any) -> tuple[float, int, int]:
+    """One pass over ``data`` in a fresh random order; ``(summed loss, correct, steps so far)``."""
+    n = len(data)
+    perm = torch.randperm(n, generator=g)
+    total_loss, correct = 0.0, 0
+    for i in range(0, n, batch_size):
+        idx = perm[i:i + batch_size]
+        xb, yb = data.x[idx], data.y[idx]
+        if batch_transform is not None:
+            xb, yb = batch_transform(xb, yb, g)
+        if augment is not None:
+            xb = random_crop_flip(xb, g, crop="crop" in augment, flip="flip" in augment)
+        xb, yb = xb.to(dev), yb.to(dev)
+        if schedule != "constant":
+            f = _lr_factor(schedule, step, total_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr * f
+        step += 1
+        out = model(xb)
+        loss = F.cross_entropy(out, yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total_loss += float(loss.detach()) * len(idx)
+        correct += int((out.argmax(1) == yb).sum())
+        if bar is not None:
+            bar.update(1)
+    return total_loss, correct, step
+
+
+def _summary_line(progress: bool | str, epochs: int, n: int, seconds: float) -> None:
+    """The one summary line of a run with a progress bar, even without a TTY."""
     from ._utils import progress as _progress
 
-    if progress and epochs and not _progress._quiet:  # the one summary line, even without a TTY
+    if progress and epochs and not _progress._quiet:
         import sys
         print(f"trained {epochs} epoch(s) of {n} images in {seconds:.1f} s ({epochs * n / max(seconds, 1e-9):.0f} "
               "images/s)", file=sys.stderr)
-    return TrainResult(history=history, seconds=seconds, images_per_second=epochs * n / max(seconds, 1e-9),
-                       params=dict(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
-                                   weight_decay=weight_decay, seed=seed, schedule=schedule, augment=augment))
 
 
 def fine_tune(model: nn.Module, data: ImageDataset, *, epochs: int = 1, lr: float = 1e-4, **kwargs: Any) -> TrainResult:

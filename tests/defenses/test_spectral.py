@@ -10,7 +10,7 @@ import torch
 
 import sanitizer_data as sd
 from trojanscope.defenses import SpectralSignatures, create
-from trojanscope.defenses.data._common import gaussian_split, padded_by_label
+from trojanscope.defenses.data._common import features, gaussian_split, padded_by_label
 from trojanscope.defenses.data.spectral import (spectral_projection, spectral_scores, spectral_subspace,
                                                 top_share_per_label)
 from trojanscope.errors import ConfigError, DataError
@@ -89,7 +89,11 @@ def test_auto_mode_finds_planted_poison(share):
     res = SpectralSignatures(**FIT).inspect(model, data)
     m = detection_metrics(res.scores, data.is_poison, res.flagged)
     assert res.attacked_labels == [0]
-    assert m["recall"] >= 0.9 and m["fpr"] <= 0.01 and m["auroc"] >= 0.99
+    # the decision is ``flagged``; the scores are the paper's (spectral_scores), whose ranking a
+    # half-poisoned label defeats (both sides score high), which is why the verdict does not use it
+    assert m["recall"] >= 0.9 and m["fpr"] <= 0.01
+    assert torch.equal(res.scores, spectral_scores(features(model, data, "penultimate", batch_size=256, device=None),
+                                                   data.y))
     ev = res.per_label[0]
     assert ev["attacked"] and not res.per_label[1]["attacked"]
     p = ev["poisoned_side"]

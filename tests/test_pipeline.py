@@ -24,7 +24,7 @@ class BrightCorner(DataSanitizer):
     def __init__(self) -> None:
         pass
 
-    def inspect(self, model: nn.Module, dataset: Any) -> SanitizeResult:
+    def _inspect(self, model: nn.Module, dataset: Any, *, trusted: Any) -> SanitizeResult:
         s = dataset.x[:, :, -2:, -2:].flatten(1).min(1).values
         return SanitizeResult(scores=s, flagged=s > 0.99)
 
@@ -35,7 +35,7 @@ class Verdict(ModelDetector):
     def __init__(self) -> None:
         pass
 
-    def scan(self, model: nn.Module, clean_data: Any) -> ScanResult:
+    def _scan(self, model: nn.Module, clean_data: Any, *, callback: Any) -> ScanResult:
         x = clean_data.x.clone()
         x[:, :, -2:, -2:] = 1.0
         counts = torch.bincount(model(x).argmax(1), minlength=clean_data.num_classes).float()

@@ -53,7 +53,7 @@ def test_small_set_unlearning_on_trained_pair(trained):
 
     scan = NeuralCleanse(epochs=60, seed=0).scan(trained.backdoored, trained.val)
     u = Unlearning(seed=0, **SMALL_SET_UNLEARNING).repair(trained.backdoored, trained.train,
-                                                          triggers={0: scan.triggers[0]})
+                                                          scan={0: scan.triggers[0]})
     trigger = trained.attack.triggers[0]
     assert ts.attack_success_rate(trained.backdoored, trained.test, trigger, 0) > 0.9
     assert ts.attack_success_rate(u.model, trained.test, trigger, 0) <= 0.05

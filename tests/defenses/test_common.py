@@ -68,7 +68,7 @@ def test_registry_machinery_with_a_dummy():
             self.threshold = threshold
             self.seed = seed
 
-        def scan(self, model, clean_data) -> ScanResult:
+        def _scan(self, model, clean_data, *, callback) -> ScanResult:
             import torch
 
             return ScanResult(infected=False, flagged_labels=[], scores=torch.zeros(2), params=self.get_params())
@@ -78,7 +78,11 @@ def test_registry_machinery_with_a_dummy():
     d = reg.create("dummy", threshold=3.0)
     assert d.get_params() == {"threshold": 3.0, "seed": 0}
     assert repr(d) == "Dummy(threshold=3.0, seed=0)"
-    assert d.scan(None, None).to_dict()["params"] == {"threshold": 3.0, "seed": 0}
+    import torch
+    from trojanscope.data.dataset import ImageDataset
+
+    data = ImageDataset(torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long), 2)
+    assert d.scan(torch.nn.Linear(4, 2), data).to_dict()["params"] == {"threshold": 3.0, "seed": 0}
     with pytest.raises(ValueError, match="twice"):
         reg.register("dummy")(Dummy)
     from trojanscope.errors import ConfigError

@@ -39,8 +39,8 @@ class DistributionUnlearning(Repair):
     first flagged label; with none flagged, the constructor's ``target``, else its most
     suspicious label), or an already fitted :class:`TriggerDistribution` or the
     :class:`DistributionReport` its ``explain`` returned (reused as it is, no refit). Without a
-    scan the constructor's ``target`` is used. ``val_data`` is not used (no stopping rule);
-    ``monitor``'s figures are added to the last history row.
+    scan the constructor's ``target`` is used. ``val_data`` and ``monitor`` are not used (no
+    stopping rule; the history is the fine-tuning's own, one row per epoch).
 
     Args:
         target: the target label, when no scan names one.
@@ -97,17 +97,12 @@ class DistributionUnlearning(Repair):
         tr = train(net, clean_data, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
                    device=self.device, batch_transform=_carrier(dist, self.rate, self.min_beta, places),
                    progress="fine-tune")
-        history = [dict(row) for row in tr.history]
-        if monitor is not None:
-            if not history:
-                history.append({})
-            history[-1].update(monitor(net))
         details = {"target": int(dist.target_), "position": list(dist.position_), "trigger_size": dist.trigger_size,
                    "betas": dist.betas_.tolist(), "entropies": dist.entropies_.tolist(),
                    "weights": dist.weights_.tolist(), "places": places.tolist(),
                    "place_success": None if place_asr is None else
                    {f"{int(a)},{int(b)}": float(v) for (a, b), v in zip(cands.tolist(), place_asr)}}
-        return RepairResult(model=net, history=history, details=details)
+        return RepairResult(model=net, history=tr.history, details=details)
 
     def _distribution(self, net: nn.Module, clean_data: ImageDataset, scan: Any) -> TriggerDistribution:
         """The fitted distribution: the scan's own, or one fitted here for the target."""

@@ -283,7 +283,7 @@ def test_result_save_load_round_trip_and_bad_files(scans, tmp_path):
     save_file(t, str(bad / "scan.safetensors"), metadata={"format": "trojanscope.neural-cleanse-result"})
     with pytest.raises(DataError, match="trigger_masks"):
         NeuralCleanseResult.load(bad)
-    t["trigger_masks"] = t["trigger_masks"][:, :4]
+    t["trigger_masks"] = t["trigger_masks"][:, :4].contiguous()
     save_file(t, str(bad / "scan.safetensors"), metadata={"format": "trojanscope.neural-cleanse-result"})
     with pytest.raises(DataError, match="trigger_masks"):
         NeuralCleanseResult.load(bad)

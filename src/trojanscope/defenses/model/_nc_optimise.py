@@ -203,9 +203,8 @@ def reverse_engineer_triggers(
 ) -> ReversedTriggers:
     """Reverse-engineer the smallest trigger towards each target, all targets in one batch.
 
-    The optimisation and its settings (``init_cost`` ... ``batch_size``) are described in the
-    module docstring and :class:`OptimiserSettings`; :func:`optimise_triggers` takes them as one
-    object.
+    The optimisation and its settings (``init_cost`` ... ``batch_size``) are described in the module
+    docstring and :class:`OptimiserSettings` (:func:`optimise_triggers` takes them as one object).
 
     Args:
         model: the classifier (any module mapping ``(N, C, H, W)`` to logits ``(N, K)``). Its

@@ -187,4 +187,7 @@ def test_distribution_repair_removes_backdoor(fitted, planted, digits):
     assert ts.clean_accuracy(res.model, test) >= ca0 - 0.05
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert res.details["target"] == 0 and DEFENSES.get("distribution-unlearn") is DistributionUnlearning
+    # the report of a fitted distribution is a scan too: reused as it is, no refit
+    again = DistributionUnlearning(epochs=0, shift=0).repair(model, digits["val"], scan=fitted.report(model, digits["val"], n=4))
+    assert again.details["target"] == 0 and again.details["betas"] == fitted.betas_.tolist()
     assert DEFENSES.get("trigger-distribution") is TriggerDistribution and TriggerDistribution.family == "explain"

@@ -249,7 +249,7 @@ class TriggerDistribution(Explainer):
         self.entropies_ = ent.cpu()
         self.weights_ = ensemble_weights(self.entropies_, self.betas_, self.shape_power)
         self.history_ = history
-        return dataclasses.replace(self.report(model, clean_data, seed=self.seed), distribution=self)
+        return self.report(model, clean_data, seed=self.seed)
 
     def _setup(self, model: nn.Module, clean_data: ImageDataset, target: int) -> torch.Tensor:
         """Check the target and the patch, set ``position_`` / ``image_shape_`` / ``target_``;
@@ -452,7 +452,7 @@ class TriggerDistribution(Explainer):
         asr = asr.reshape(self.n_levels, n)
         return DistributionReport(target=self.target_, betas=self.betas_, entropies=self.entropies_,
                                   weights=self.weights_, asr=asr, valid_share=(asr > self.betas_[:, None]).float().mean(1),
-                                  position=self.position_, trigger_size=self.trigger_size)
+                                  position=self.position_, trigger_size=self.trigger_size, distribution=self)
 
 
 __all__ = ["BatchedMLP", "DistributionReport", "SampledTriggers", "TriggerDistribution", "dv_bound",

@@ -38,10 +38,12 @@ import _issue6_models as M  # noqa: E402
 
 import trojanscope as ts  # noqa: E402
 from trojanscope.defenses import create  # noqa: E402
-from trojanscope.defenses.model.distribution import DistributionUnlearning, TriggerDistribution  # noqa: E402
+from trojanscope.defenses.model.distribution import TriggerDistribution  # noqa: E402
 from trojanscope.defenses.model.heatmap import locate_trigger  # noqa: E402
 from trojanscope.defenses.model.neural_cleanse import NeuralCleanse  # noqa: E402
+from trojanscope.defenses.repair.distribution_unlearning import DistributionUnlearning  # noqa: E402
 from trojanscope.defenses.repair.neural_cleanse import unlearning_set  # noqa: E402
+from trojanscope.report._explain_plots import save_distribution_grid  # noqa: E402
 from trojanscope.training import fine_tune  # noqa: E402
 
 BUDGET = dict(rate=0.2, epochs=2, lr=1e-3, batch_size=64)   # the same for every repair
@@ -120,7 +122,8 @@ def fit_staircase(model, clean, test, target, pos, size, args, grid_path: Path) 
     100 samples on ``test``, the share above beta and the samples' per-pixel std; save the grid."""
     t0 = time.perf_counter()
     dist = TriggerDistribution(n_levels=args.levels, trigger_size=size, position=pos, steps=args.steps,
-                               samples_per_step=8, images_per_step=8, seed=args.fit_seed).fit(model, clean, target)
+                               samples_per_step=8, images_per_step=8, seed=args.fit_seed)
+    dist.explain(model, clean, target)
     print(f"fitted {args.levels} generators ({args.steps} steps, seed {args.fit_seed}) in "
           f"{time.perf_counter() - t0:.0f} s")
     rep = dist.report(model, test, n=100)
@@ -131,7 +134,7 @@ def fit_staircase(model, clean, test, target, pos, size, args, grid_path: Path) 
         print(f"{i:5d}  {float(rep.betas[i]):.2f}  {float(rep.entropies[i]):7.2f}  {float(rep.weights[i]):6.3f}"
               f"  {100 * float(rep.asr[i].mean()):7.1f}%  {100 * float(rep.valid_share[i]):6.1f}%"
               f"  {float(p.std(0).mean()):9.3f}")
-    grid = dist.save_grid(grid_path, report=rep)
+    grid = save_distribution_grid(dist, grid_path, report=rep)
     print(f"grid of samples: {grid}")
     return dist
 
@@ -163,8 +166,7 @@ def compare_repairs(model, clean, target, dist, nc_trigger, pos, seeds, score, a
                         batch_size=BUDGET["batch_size"], seed=seed).repair(model, clean, scan={target: nc_trigger})
         score("single-trigger unlearn (NC)", single.model)
         t1 = time.perf_counter()
-        mesa = DistributionUnlearning(min_beta=0.5, seed=seed, **BUDGET).repair(model, clean, target=target,
-                                                                                 distribution=dist)
+        mesa = DistributionUnlearning(min_beta=0.5, seed=seed, **BUDGET).repair(model, clean, scan=dist)
         score("distribution unlearn (MESA)", mesa.model)
         places = mesa.details["places"]
         print(f"  (NC {t1 - t0:.0f} s, MESA {time.perf_counter() - t1:.0f} s; MESA valid places {len(places)}: "
@@ -173,10 +175,10 @@ def compare_repairs(model, clean, target, dist, nc_trigger, pos, seeds, score, a
             continue
         score("ablation: MESA, located place only",
               DistributionUnlearning(min_beta=0.5, shift=0, seed=seed, **BUDGET).repair(
-                  model, clean, target=target, distribution=dist).model)
+                  model, clean, scan=dist).model)
         score("ablation: one point G_top(0), places",
               DistributionUnlearning(min_beta=float(dist.betas_[-1]), seed=seed, **BUDGET).repair(
-                  model, clean, target=target, distribution=point).model)
+                  model, clean, scan=point).model)
         offsets = [(a - r, b - q) for a, b in places]
         score("ablation: NC trigger moved, places", unlearn_moved(model, clean, nc_trigger, offsets, seed))
 

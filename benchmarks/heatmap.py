@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _issue6_models as M  # noqa: E402
 
 import trojanscope as ts  # noqa: E402
-from trojanscope.defenses.model.heatmap import MovingWindowSearch, save_heatmap_png  # noqa: E402
+from trojanscope.defenses.model.heatmap import MovingWindowSearch  # noqa: E402
+from trojanscope.report._explain_plots import save_heatmap_png  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +44,7 @@ def main() -> None:
         print(f"  same patch at {pos}: ASR {100 * ts.attack_success_rate(model, test, t, 0):.1f}%")
     t0 = time.perf_counter()
     search = MovingWindowSearch(epochs=args.epochs, final_epochs=args.final_epochs, n_images=args.n_images)
-    res = search.search(model, val, 0)
+    res = search.explain(model, val, 0)
     pr, pc = res.peak
     on = r <= pr < r + 4 and c <= pc < c + 4
     asr = ts.attack_success_rate(model, test, res.trigger, 0)

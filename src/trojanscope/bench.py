@@ -80,7 +80,7 @@ from .data import ImageDataset, PoisonedDataset, load_data
 from .data.loaders import BUNDLED
 from .defenses import DEFENSES, Defense, ModelDetector, list_defenses
 from .defenses.repair.neural_cleanse import SMALL_SET_UNLEARNING
-from .errors import ConfigError, TrojanscopeError
+from .errors import ConfigError, DataError, TrojanscopeError
 from .metrics import attack_success_rate, clean_accuracy, detection_metrics, target_labels
 from .models import ModelSpec, load_model, save_model
 from .training import train_new
@@ -899,12 +899,13 @@ def _run_locked(config: BenchConfig, out: Path, train: ImageDataset, val: ImageD
             cfp = _fingerprint({"model": mfp, "defense": dspec.to_dict(), "eval_samples": config.eval_samples,
                                 "builds_on": provider.to_dict() if uses and provider is not None else None})
             cached = _read_cell(out / "cells" / f"{cid}.json", cfp)
+            if cached is not None and dspec is provider:
+                scans[key] = _stored_scan(out / "cells" / f"{cid}.scan")
+                if scans[key] is None:
+                    cached = None  # a cell of an older run, without its stored scan: computed again
             if cached is not None:
                 rows.append(cached["row"])
                 reused.append(cid)
-                if dspec is provider:
-                    tens = _load_tensors(out / "cells" / cached["tensor_file"]) if cached.get("tensor_file") else {}
-                    scans[key] = SharedScan.from_record(cached, tens)
                 if bar is not None:
                     bar.update(1)
                 continue
@@ -919,8 +920,11 @@ def _run_locked(config: BenchConfig, out: Path, train: ImageDataset, val: ImageD
             am = models[key]
             record = evaluate_cell(am, dspec, config, val=val, test=test_eval, seed=seed, device=device,
                                    shared=scans.get(key) if uses else None)
+            scan_result = record.pop(SCAN_KEY, None)
             if dspec is provider:
-                scans[key] = SharedScan.from_record(record, record.get("tensors", {}))
+                if scan_result is not None:
+                    scan_result.save(out / "cells" / f"{cid}.scan")
+                scans[key] = None if scan_result is None else SharedScan.from_result(scan_result)
             record["fingerprint"] = cfp
             record["id"] = cid
             _save_cell(out / "cells", cid, record)
@@ -1083,6 +1087,21 @@ def _received_model(spec: AttackSpec, seed: int, train: ImageDataset, test: Imag
 #: that take reversed ``triggers`` / a ``trigger``, and the explainers that need a suspected
 #: ``target``, get this detector's scan of the same model instead of running their own.
 SCAN_PROVIDER = "neural-cleanse"
+#: The key under which a cell's record holds a detector's result object until the run stores it
+#: (``cells/<cell id>.scan/``, :meth:`NeuralCleanseResult.save`).
+SCAN_KEY = "scan_result"
+
+
+def _stored_scan(directory: Path) -> "SharedScan | None":
+    """The provider's stored scan of a reused cell, or None (not there, or unreadable: the
+    defences that build on it then fail in their own cells, as for a failed scan)."""
+    if not (directory / "scan.json").is_file():
+        return None
+    try:
+        return SharedScan.load(directory)
+    except DataError as e:
+        log.warning("cannot read the stored scan %s: %s", directory, e)
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1094,6 +1113,8 @@ class SharedScan:
     scores: torch.Tensor
     triggers: list[Trigger]
     infected: bool = False
+    #: the provider's own result, when the scan came from one (what ``scan=`` of a repair takes)
+    result: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def suspected_target(self) -> int:
@@ -1120,19 +1141,17 @@ class SharedScan:
         return mask_box(self.triggers[self.suspected_target].mask, size)
 
     @classmethod
-    def from_record(cls, record: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> "SharedScan | None":
-        res = record.get("result") or {}
-        if record.get("row", {}).get("error") or "scores" not in res:
-            return None
-        k = len(res["scores"])
-        trigs = []
-        for j in range(k):
-            m, p = tensors.get(f"triggers.{j}.mask"), tensors.get(f"triggers.{j}.pattern")
-            if m is None or p is None:
-                return None
-            trigs.append(Trigger(m, p, f"{SCAN_PROVIDER}:label{j}"))
-        return cls([int(v) for v in res.get("flagged_labels", [])], torch.tensor(res["scores"], dtype=torch.float32),
-                   trigs, bool(res.get("infected")))
+    def from_result(cls, result: Any) -> "SharedScan":
+        """The shared view of a Neural Cleanse result (every label's reversed trigger)."""
+        return cls([int(v) for v in result.flagged_labels], result.scores.float(), list(result.triggers),
+                   bool(result.infected), result)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "SharedScan":
+        """A scan written by :meth:`NeuralCleanseResult.save` (``scan --out``, the bench's provider cells)."""
+        from .defenses.model.neural_cleanse import NeuralCleanseResult
+
+        return cls.from_result(NeuralCleanseResult.load(directory))
 
 
 def consumes_scan(spec: DefenseSpec) -> bool:
@@ -1248,7 +1267,7 @@ def evaluate_cell(am: AttackedModel, spec: DefenseSpec, cfg: BenchConfig, *, val
         cell = Cell(am, cfg, val, test, seed, device, record, use)
         if defense.family == "model" and hasattr(defense, "scan"):
             _eval_detector(defense, cell)
-        elif defense.family == "model" and (hasattr(defense, "search") or hasattr(defense, "fit")):
+        elif defense.family == "explain":
             _eval_explainer(defense, cell)
         elif defense.family == "data":
             _eval_sanitizer(defense, cell)
@@ -1276,6 +1295,8 @@ def _eval_detector(defense: Any, c: Cell) -> None:
     c.record["result"] = res.to_dict()
     c.record["extras"]["true_targets"] = sorted(targets)
     c.record["tensors"].update(_trigger_tensors(res))
+    if hasattr(res, "save"):
+        c.record[SCAN_KEY] = res  # stored by the run with its own save(), not in the cell's JSON
 
 
 def _eval_explainer(defense: Any, c: Cell) -> None:
@@ -1286,31 +1307,25 @@ def _eval_explainer(defense: Any, c: Cell) -> None:
     c.row["flagged_labels"] = str(target)
     c.row["target_found"] = (target in targets) if targets else None
     c.record["extras"].update(true_targets=sorted(targets), searched_target=target)
-    if hasattr(defense, "search"):
-        res = defense.search(c.am.model, c.val, target)
-        c.record["result"] = res.to_dict()
-        c.record["tensors"].update(_trigger_tensors(res))
-        peak = getattr(res, "peak", None)
-        if peak is not None and c.am.triggers and c.am.triggers[0].shape[1:] == tuple(res.heatmap.shape):
+    res = defense.explain(c.am.model, c.val, target)
+    c.record["result"] = res.to_dict()
+    c.record["tensors"].update(_trigger_tensors(res))
+    peak = getattr(res, "peak", None)
+    heat = getattr(res, "heatmap", None)
+    if peak is not None and heat is not None:
+        if c.am.triggers and c.am.triggers[0].shape[1:] == tuple(heat.shape):
             on = bool(c.am.triggers[0].mask[int(peak[0]), int(peak[1])] > 0.05)
             c.row["verdict"] = f"label {target}: peak {'on' if on else 'off'} the trigger"
         else:
             c.row["verdict"] = f"label {target} searched"
-        return
-    defense.fit(c.am.model, c.val, target)
-    out: dict[str, Any] = {}
-    if hasattr(defense, "report"):
-        rep = defense.report(c.am.model, c.val, n=50, seed=c.seed)
-        out = rep.to_dict()
-        vs = getattr(rep, "valid_share", None)
-        if vs is not None:
-            c.row["verdict"] = f"label {target}: {100 * float(torch.as_tensor(vs).mean()):.0f}% valid samples"
+    vs = getattr(res, "valid_share", None)
+    if vs is not None:
+        c.row["verdict"] = f"label {target}: {100 * float(torch.as_tensor(vs).mean()):.0f}% valid samples"
     if hasattr(defense, "sample_tensors"):
         smp = defense.sample_tensors(24, generator=torch.Generator().manual_seed(c.seed))
         imgs = (smp.masks[:, None] * smp.patterns).clamp(0, 1)
         c.record["tensors"]["samples.images"] = imgs
-        out["samples"] = imgs.tolist()
-    c.record["result"] = out
+        c.record["result"]["samples"] = imgs.tolist()
 
 
 def _eval_sanitizer(defense: Any, c: Cell) -> None:
@@ -1519,14 +1534,6 @@ def _save_cell(folder: Path, cid: str, record: dict[str, Any]) -> None:
         os.replace(tmp, folder / f"{cid}.safetensors")
         record["tensor_file"] = f"{cid}.safetensors"
     _write_json(folder / f"{cid}.json", {k: v for k, v in record.items() if k != "tensors"})  # last: marks it done
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        return {}
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 def _read_cell(path: Path, fingerprint: str) -> dict[str, Any] | None:

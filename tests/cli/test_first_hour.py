@@ -129,13 +129,16 @@ def test_every_registered_attack_is_a_poison_choice():
 # --- distribution-unlearn from the CLI ------------------------------------------------------------
 
 def _scan_dir(out: Path, target: int, mask: torch.Tensor, k: int = 10) -> Path:
-    """A scan directory as `scan --out` writes it, flagging ``target`` with ``mask``."""
-    out.mkdir(parents=True, exist_ok=True)
-    for j in range(k):
-        m = mask if j == target else torch.full_like(mask, 0.3)
-        ts.Trigger(m, torch.ones(1, *mask.shape), f"label{j}").save(out / f"trigger_{j}.safetensors")
-    scores = [3.0 if j == target else 0.1 for j in range(k)]
-    (out / "scan.json").write_text(json.dumps({"flagged_labels": [target], "scores": scores, "infected": True}))
+    """A scan directory as `scan --out` writes it (NeuralCleanseResult.save), flagging ``target`` with ``mask``."""
+    from trojanscope.defenses.model.neural_cleanse import NeuralCleanseResult
+
+    trigs = [ts.Trigger(mask if j == target else torch.full_like(mask, 0.3), torch.ones(1, *mask.shape), f"label{j}")
+             for j in range(k)]
+    scores = torch.tensor([3.0 if j == target else 0.1 for j in range(k)])
+    flagged = torch.arange(k) == target
+    NeuralCleanseResult(infected=True, flagged_labels=[target], scores=scores, l1_norms=torch.stack([t.l1_norm for t in trigs]).float(),
+                        anomaly_indices=scores.abs(), attack_success=torch.ones(k), per_source_attack_success=torch.ones(k, k),
+                        flagged=flagged, reached=torch.ones(k, dtype=torch.bool), triggers=trigs).save(out)
     return out
 
 

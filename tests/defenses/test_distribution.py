@@ -11,9 +11,10 @@ import torch.nn.functional as F
 import trojanscope as ts
 from trojanscope.defenses import DEFENSES
 from trojanscope.defenses.model import distribution as mesa
-from trojanscope.defenses.model.distribution import (BatchedMLP, DistributionUnlearning, TriggerDistribution,
-                                                     dv_bound, ensemble_weights, stamp, staircase_levels,
-                                                     trigger_success)
+from trojanscope.defenses.model.distribution import (BatchedMLP, DistributionReport, TriggerDistribution, dv_bound,
+                                                     ensemble_weights, stamp, staircase_levels, trigger_success)
+from trojanscope.defenses.repair.distribution_unlearning import DistributionUnlearning
+from trojanscope.report._explain_plots import save_distribution_grid
 from trojanscope.training import train_new
 
 POS = (4, 4)  # the planted 3x3 square's top-left corner on the 8x8 digits
@@ -33,8 +34,12 @@ def planted(digits, device):
 @pytest.fixture(scope="module")
 def fitted(planted, digits):
     model, _ = planted
-    return TriggerDistribution(n_levels=4, trigger_size=3, position=POS, steps=80, samples_per_step=8,
-                               images_per_step=8).fit(model, digits["val"], 0)
+    dist = TriggerDistribution(n_levels=4, trigger_size=3, position=POS, steps=80, samples_per_step=8,
+                               images_per_step=8)
+    report = dist.explain(model, digits["val"], 0)  # the fitted state stays on dist
+    assert isinstance(report, DistributionReport) and report.distribution is dist and report.seconds > 0
+    assert report.params == dist.get_params() and "distribution" not in report.to_dict()
+    return dist
 
 
 def test_levels_and_weights_by_hand():
@@ -147,7 +152,7 @@ def test_sampling_shapes_and_seeds(fitted, tmp_path):
     assert set(fitted.sample_tensors(50, min_beta=0.5).levels.tolist()) <= {2, 3}
     trigs = fitted.sample(3)
     assert len(trigs) == 3 and all(isinstance(t, ts.Trigger) for t in trigs)
-    png = fitted.save_grid(tmp_path / "grid.png", n_per_level=4)
+    png = save_distribution_grid(fitted, tmp_path / "grid.png", n_per_level=4)
     assert png.stat().st_size > 1000
 
 
@@ -156,11 +161,11 @@ def test_not_fitted_and_bad_args(digits):
         TriggerDistribution().sample(2)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
     with pytest.raises(ts.ConfigError):
-        TriggerDistribution(position=(7, 7), trigger_size=3).fit(net, digits["val"], 0)
+        TriggerDistribution(position=(7, 7), trigger_size=3).explain(net, digits["val"], 0)
     with pytest.raises(ts.ConfigError, match="row, col"):
-        TriggerDistribution(position=(5,), trigger_size=3).fit(net, digits["val"], 0)  # was an IndexError
+        TriggerDistribution(position=(5,), trigger_size=3).explain(net, digits["val"], 0)  # was an IndexError
     with pytest.raises(ts.ConfigError):
-        TriggerDistribution(n_levels=0).fit(net, digits["val"], 0)
+        TriggerDistribution(n_levels=0).explain(net, digits["val"], 0)
     with pytest.raises(ts.ConfigError):
         DistributionUnlearning().repair(net, digits["val"])  # no target
 
@@ -171,14 +176,18 @@ def test_distribution_repair_removes_backdoor(fitted, planted, digits):
     ca0, asr0 = ts.clean_accuracy(model, test), ts.attack_success_rate(model, test, trig, 0)
     assert asr0 > 0.9
     before = [p.detach().clone() for p in model.parameters()]
-    res = DistributionUnlearning(rate=0.3, epochs=4).repair(model, digits["train"], distribution=fitted)
+    res = DistributionUnlearning(rate=0.3, epochs=4).repair(model, digits["train"], scan=fitted)
     assert ts.attack_success_rate(res.model, test, trig, 0) < 0.2
     places = res.details["places"]                  # the located place and the valid ones near it
     assert places[0] == list(POS) and len(places) >= 1
     assert all(abs(r - POS[0]) <= 3 and abs(q - POS[1]) <= 3 for r, q in places)
     assert len(res.details["place_success"]) == len(fitted.places_within(3))
-    fixed = DistributionUnlearning(rate=0.3, epochs=1, shift=0).repair(model, digits["train"], distribution=fitted)
+    fixed = DistributionUnlearning(rate=0.3, epochs=1, shift=0).repair(model, digits["train"], scan=fitted)
     assert fixed.details["places"] == [list(POS)] and fixed.details["place_success"] is None
     assert ts.clean_accuracy(res.model, test) >= ca0 - 0.05
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert res.details["target"] == 0 and DEFENSES.get("distribution-unlearn") is DistributionUnlearning
+    # the report of a fitted distribution is a scan too: reused as it is, no refit
+    again = DistributionUnlearning(epochs=0, shift=0).repair(model, digits["val"], scan=fitted.report(model, digits["val"], n=4))
+    assert again.details["target"] == 0 and again.details["betas"] == fitted.betas_.tolist()
+    assert DEFENSES.get("trigger-distribution") is TriggerDistribution and TriggerDistribution.family == "explain"

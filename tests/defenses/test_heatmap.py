@@ -7,7 +7,8 @@ import torch
 
 import trojanscope as ts
 from trojanscope.defenses.model.heatmap import (MovingWindowSearch, accumulate_heatmap, default_window, hot_region,
-                                                locate_trigger, save_heatmap_png, window_positions, window_regions)
+                                                locate_trigger, window_positions, window_regions)
+from trojanscope.report._explain_plots import save_heatmap_png
 
 from _models import FIXED_PATCH_ORIGIN as ORIGIN
 from _models import FixedPatchNet, PrototypeNet
@@ -52,7 +53,7 @@ def test_planted_fixed_trigger_lights_up_heatmap(fixed_net, digits, tmp_path):
     assert ts.attack_success_rate(fixed_net, d, at, 0) == 1.0
     assert ts.attack_success_rate(fixed_net, d, away, 0) < 0.3
     assert ts.clean_accuracy(fixed_net, d) > 0.8
-    res = MovingWindowSearch(window=4, stride=1, epochs=12, final_epochs=12, n_images=100).search(fixed_net, d, 0)
+    res = MovingWindowSearch(window=4, stride=1, epochs=12, final_epochs=12, n_images=100).explain(fixed_net, d, 0)
     r, c = res.peak
     assert ORIGIN[0] <= r < ORIGIN[0] + 3 and ORIGIN[1] <= c < ORIGIN[1] + 3
     r0, c0, r1, c1 = res.bbox
@@ -78,6 +79,6 @@ def test_clean_twin_has_no_strong_window(digits):
 
 def test_bad_arguments(fixed_net, digits):
     with pytest.raises(ts.ConfigError):
-        MovingWindowSearch().search(fixed_net, digits["val"], 12)
+        MovingWindowSearch().explain(fixed_net, digits["val"], 12)
     with pytest.raises(ts.ConfigError):
-        MovingWindowSearch(hot=0.0).search(fixed_net, digits["val"], 0)
+        MovingWindowSearch(hot=0.0).explain(fixed_net, digits["val"], 0)

@@ -261,3 +261,43 @@ def test_cli_scan_and_repair(nets, digits, tmp_path):
     assert json.loads((tmp_path / "rep" / "repair.json").read_text())["details"]["labels"] == [TARGET]
     r = runner.invoke(cli, ["repair", "--help"])
     assert "nc-prune" in r.output and "unlearn" in r.output
+
+
+def test_result_save_load_round_trip_and_bad_files(scans, tmp_path):
+    res = scans["planted"]
+    res.save(tmp_path / "scan")
+    back = NeuralCleanseResult.load(tmp_path / "scan")
+    assert NeuralCleanseResult.load(tmp_path / "scan" / "scan.json").flagged_labels == res.flagged_labels
+    assert back.flagged_labels == res.flagged_labels and back.infected == res.infected
+    assert back.params == res.params and back.evidence == res.evidence and back.details == res.details
+    for name in ("scores", "l1_norms", "anomaly_indices", "attack_success", "flagged", "reached"):
+        assert torch.equal(getattr(back, name), getattr(res, name).cpu()), name
+    assert torch.equal(back.per_source_attack_success.nan_to_num(-1), res.per_source_attack_success.nan_to_num(-1))
+    assert all(torch.equal(a.mask, b.mask) and torch.equal(a.pattern, b.pattern) and a.name == b.name
+               for a, b in zip(back.triggers, res.triggers))
+    assert json.loads((tmp_path / "scan" / "scan.json").read_text())["labels"] == res.labels()
+    # a damaged tensor file, a bad label, a foreign JSON: one DataError each, nothing unpickled
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    res.save(bad)
+    t = load_file(str(bad / "scan.safetensors"))
+    t["trigger_masks"] = t["trigger_masks"] * float("nan")
+    save_file(t, str(bad / "scan.safetensors"), metadata={"format": "trojanscope.neural-cleanse-result"})
+    with pytest.raises(DataError, match="trigger_masks"):
+        NeuralCleanseResult.load(bad)
+    t["trigger_masks"] = t["trigger_masks"][:, :4].contiguous()
+    save_file(t, str(bad / "scan.safetensors"), metadata={"format": "trojanscope.neural-cleanse-result"})
+    with pytest.raises(DataError, match="trigger_masks"):
+        NeuralCleanseResult.load(bad)
+    res.save(bad)
+    d = json.loads((bad / "scan.json").read_text())
+    d["flagged_labels"] = [10]
+    (bad / "scan.json").write_text(json.dumps(d))
+    with pytest.raises(DataError, match="flagged labels"):
+        NeuralCleanseResult.load(bad)
+    (bad / "scan.json").write_text(json.dumps({"flagged_labels": [2], "scores": [0.0] * 10}))
+    with pytest.raises(DataError, match="not a scan result"):
+        NeuralCleanseResult.load(bad)
+    with pytest.raises(DataError):
+        NeuralCleanseResult.load(tmp_path / "missing")

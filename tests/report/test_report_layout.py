@@ -81,7 +81,8 @@ def test_single_scan_report_does_not_mention_a_planted_trigger(tmp_path):
 
 
 def test_heatmap_png_quotes_the_attack_success_of_the_text(monkeypatch, tmp_path):
-    from trojanscope.defenses.model.heatmap import HeatmapResult, save_heatmap_png
+    from trojanscope.defenses.model.heatmap import HeatmapResult
+    from trojanscope.report._explain_plots import save_heatmap_png
 
     saved = _capture_figures(monkeypatch)
     hm = HeatmapResult(target=0, heatmap=torch.rand(8, 8), window=3, stride=1, positions=torch.zeros(1, 2),

@@ -24,39 +24,23 @@ from ._common import common_options, defence_params, fit_to_model, model_options
 def load_scan_triggers(path: Path) -> dict[int, Trigger]:
     """The flagged labels' reversed triggers from a directory written by ``scan --out`` (or its
     ``scan.json``), as ``{label: Trigger}``."""
-    p = Path(path)
-    js = p / "scan.json" if p.is_dir() else p
-    if not js.is_file():
-        raise DataError(f"{path}: not a scan directory (no scan.json); write one with `trojanscope scan --out DIR`")
-    try:
-        d = json.loads(js.read_text())
-        labels = [int(k) for k in d["flagged_labels"]]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{js}: not a scan result ({e})") from None
-    return {k: Trigger.load(js.parent / f"trigger_{k}.safetensors") for k in labels}
+    from ..defenses.model.neural_cleanse import NeuralCleanseResult
+
+    res = NeuralCleanseResult.load(path)
+    if len(res.triggers) != res.num_classes:
+        raise DataError(f"{path}: the scan holds no reversed triggers")
+    return {k: res.triggers[k] for k in res.flagged_labels}
 
 
 def load_scan(path: Path):
     """A directory written by ``scan --out`` as the bench's shared scan (flagged labels, the
     scores and every label's reversed trigger), for the repairs that place a trigger from it."""
-    import torch
-
     from ..bench import SharedScan
 
-    p = Path(path)
-    js = p / "scan.json" if p.is_dir() else p
-    if not js.is_file():
-        raise DataError(f"{path}: not a scan directory (no scan.json); write one with `trojanscope scan --out DIR`")
-    try:
-        d = json.loads(js.read_text())
-        labels = [int(k) for k in d["flagged_labels"]]
-        scores = torch.tensor([float(v) for v in d["scores"]], dtype=torch.float32)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{js}: not a scan result ({e})") from None
-    if scores.numel() == 0 or any(not 0 <= k < scores.numel() for k in labels):
-        raise DataError(f"{js}: its flagged labels {labels} do not fit its {scores.numel()} labels")
-    triggers = [Trigger.load(js.parent / f"trigger_{k}.safetensors") for k in range(scores.numel())]
-    return SharedScan(labels, scores, triggers, bool(d.get("infected", bool(labels))))
+    shared = SharedScan.load(path)
+    if len(shared.triggers) != shared.scores.numel():
+        raise DataError(f"{path}: the scan holds no reversed triggers")
+    return shared
 
 
 def parse_position(value: Any) -> tuple[int, int]:

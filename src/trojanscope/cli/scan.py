@@ -7,7 +7,6 @@ Exit codes: 0 no backdoor found, 1 a backdoor was found (so a CI pipeline can ga
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import sys
@@ -17,7 +16,6 @@ from typing import Any
 
 import click
 
-from .._utils.results import to_jsonable
 from ..defenses.model.neural_cleanse import NeuralCleanse, NeuralCleanseResult
 from ..triggers import save_png
 from . import cli
@@ -92,15 +90,16 @@ def _scan_population(models: list[Path], data: Any, params: dict[str, Any], *, o
 
 
 def write_scan_dir(result: NeuralCleanseResult, out: Path, example) -> None:
-    """Write ``scan.json``, each label's reversed trigger (``trigger_K.safetensors``) and PNGs of
-    its mask, pattern and a stamped example (``label_K_{mask,pattern,stamped}.png``)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the result (:meth:`NeuralCleanseResult.save`: ``scan.json`` and ``scan.safetensors``,
+    what ``repair --scan`` reads), each label's reversed trigger as a trigger file
+    (``trigger_K.safetensors``, for ``evaluate --trigger``) and PNGs of its mask, pattern and a
+    stamped example (``label_K_{mask,pattern,stamped}.png``)."""
+    result.save(out)
     for k, t in enumerate(result.triggers):
         t.save(out / f"trigger_{k}.safetensors")
         save_png(t.mask[None], out / f"label_{k}_mask.png", scale=8)
         save_png(t.pattern, out / f"label_{k}_pattern.png", scale=8)
         save_png(t.apply(example), out / f"label_{k}_stamped.png", scale=8)
-    (out / "scan.json").write_text(json.dumps(to_jsonable(result.to_dict()), indent=2) + "\n")
 
 
 @cli.command()
@@ -224,15 +223,16 @@ def scan(model_paths: tuple[str, ...], data_spec: str, out: Path | None, workers
 def _heatmap(model, data, result: NeuralCleanseResult, path: Path, target: int | None, out: Path | None,
              batch_size: int, seed: int) -> dict:
     """``--heatmap``: the moving-window search on one label, its PNG and its final trigger."""
-    from ..defenses.model.heatmap import MovingWindowSearch, save_heatmap_png
+    from ..defenses.model.heatmap import MovingWindowSearch
     from ..errors import ConfigError
     from ..metrics import attack_success_rate
+    from ..report._explain_plots import save_heatmap_png
 
     if target is None:
         target = result.flagged_labels[0] if result.flagged_labels else int(result.scores.argmax())
     if not 0 <= target < data.num_classes:
         raise ConfigError(f"--heatmap-target {target} is out of range for {data.num_classes} classes")
-    hm = MovingWindowSearch(batch_size=batch_size, seed=seed).search(model, data, target)
+    hm = MovingWindowSearch(batch_size=batch_size, seed=seed).explain(model, data, target)
     asr = attack_success_rate(model, data, hm.trigger, target)
     save_heatmap_png(hm, path, background=data.x[0], asr=asr)  # the figure printed below, not the search's own
     r0, c0, r1, c1 = hm.bbox

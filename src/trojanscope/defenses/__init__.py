@@ -5,7 +5,7 @@
 
 from typing import Any
 
-from .base import (DEFENSES, DataSanitizer, Defense, InputFilter, ModelDetector, Repair, RepairResult,
+from .base import (DEFENSES, DataSanitizer, Defense, Explainer, InputFilter, ModelDetector, Repair, RepairResult,
                    SanitizeResult, ScanResult, register, threshold_for_rate)
 
 # Defence modules (one import line each; keep sorted by family):
@@ -14,9 +14,10 @@ from .data.provenance import ProvenanceFilter  # noqa: E402
 from .data.spectral import SpectralSignatures  # noqa: E402
 from .input.activation_filter import ActivationFilter  # noqa: E402
 from .input.strip import STRIP  # noqa: E402
-from .model.distribution import DistributionUnlearning, TriggerDistribution  # noqa: E402
+from .model.distribution import TriggerDistribution  # noqa: E402
 from .model.heatmap import MovingWindowSearch  # noqa: E402
 from .model.neural_cleanse import NeuralCleanse  # noqa: E402
+from .repair.distribution_unlearning import DistributionUnlearning  # noqa: E402
 from .repair.neural_cleanse import NeuronPruning, Unlearning  # noqa: E402
 from .repair.pruning import FinePruning, Pruning  # noqa: E402
 

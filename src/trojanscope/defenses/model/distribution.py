@@ -28,8 +28,8 @@ generator step the statistics networks take ``critic_steps`` MINE steps on ``min
 noise samples (cheap: no model in the loop), so the MI estimate, and with it the entropy
 gradient, is there from the first few dozen steps.
 
-:class:`DistributionUnlearning` (registered as the repair ``"distribution-unlearn"``) fine-tunes
-the model on clean data where a share of the samples carry triggers sampled from the
+:class:`~trojanscope.defenses.repair.distribution_unlearning.DistributionUnlearning` (the
+repair ``"distribution-unlearn"``) fine-tunes the model on clean data where a share of the samples carry triggers sampled from the
 distribution, with their true labels. The patches are fitted at one place, found by a
 moving-window search to a pixel or two; taking the place as part of the trigger, the repair
 stamps each sampled trigger at a place drawn uniformly from those near the located one where the
@@ -43,138 +43,27 @@ References:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
-import math
-import time
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..._utils.batching import DeviceLike, eval_mode, model_device
+from ..._utils.batching import DeviceLike, eval_mode, generator, model_device
 from ..._utils.results import Result
 from ..._utils.validation import Interval, Types, check_images
 from ...data.dataset import ImageDataset
 from ...errors import ConfigError, DataError, NotFittedError
-from ...training import train
 from ...triggers import Trigger
-from ..base import Defense, Repair, RepairResult, register
+from ..base import Explainer, register
+from ._mesa_kernels import (BatchedMLP, _Networks, dv_bound, ensemble_weights, stamp, staircase_levels,
+                            testing_function, trigger_success)
 
 log = logging.getLogger(__name__)
-
-
-# --- pure kernels -----------------------------------------------------------------------------
-
-def staircase_levels(n_levels: int) -> torch.Tensor:
-    """The staircase thresholds ``beta_i = i / N`` for ``i = 0 .. N-1``.
-
-    Example:
-        >>> staircase_levels(4).tolist()
-        [0.0, 0.25, 0.5, 0.75]
-    """
-    if n_levels < 1:
-        raise ConfigError(f"n_levels must be >= 1, got {n_levels}")
-    return torch.arange(n_levels, dtype=torch.float32) / n_levels
-
-
-def ensemble_weights(entropies: torch.Tensor, betas: torch.Tensor, shape_power: float = 1.0) -> torch.Tensor:
-    """Mixture weights of the staircase generators.
-
-    With the density ``p(x) ∝ psi(ASR(x))``, ``psi(a) = a ** shape_power``, the staircase puts
-    height ``psi(beta_{i+1}) - psi(beta_i)`` (``beta_N = 1``) on the set ``X_i``, whose volume is
-    ``exp(h_i)`` when ``G_i`` is uniform on it. So ``pi_i ∝ (psi(beta_{i+1}) - psi(beta_i)) exp(h_i)``,
-    computed in log space (float64).
-
-    Args:
-        entropies: ``(N,)`` the entropies ``h_i`` reached (nats).
-        betas: ``(N,)`` increasing thresholds.
-        shape_power: the exponent of ``psi``.
-
-    Example:
-        >>> ensemble_weights(torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.5])).tolist()
-        [0.5, 0.5]
-        >>> w = ensemble_weights(torch.tensor([math.log(3), 0.0]), torch.tensor([0.0, 0.5]))
-        >>> [round(v, 4) for v in w.tolist()]
-        [0.75, 0.25]
-    """
-    h = torch.as_tensor(entropies, dtype=torch.float64)
-    b = torch.as_tensor(betas, dtype=torch.float64)
-    if h.shape != b.shape or h.ndim != 1:
-        raise ConfigError(f"entropies {tuple(h.shape)} and betas {tuple(b.shape)} must be (N,) vectors")
-    edges = torch.cat([b, torch.ones(1, dtype=torch.float64)])
-    steps = edges.clamp(0, 1).pow(shape_power).diff()
-    logw = steps.clamp_min(1e-300).log() + h
-    return torch.softmax(logw, 0).float()
-
-
-def stamp(x: torch.Tensor, masks: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
-    """Stamp ``n`` triggers onto ``B`` images in one broadcast: ``(1 - m) x + m p``.
-
-    Shape:
-        x: ``(B, C, H, W)``; masks: ``(n, H, W)``; patterns: ``(n, C, H, W)``;
-        returns ``(n, B, C, H, W)``.
-    """
-    m = masks[:, None, None]                                   # (n, 1, 1, H, W)
-    return (1 - m) * x[None] + m * patterns[:, None]
-
-
-def testing_function(model: nn.Module, x: torch.Tensor, masks: torch.Tensor, patterns: torch.Tensor,
-                     target: int) -> torch.Tensor:
-    """The testing function ``F``: a differentiable stand-in for each trigger's attack success.
-
-    ``F(trigger) = mean_b exp(-CE(f(stamp(x_b)), target))``, the mean probability of the target
-    over the stamped images (one forward pass over all ``n * B`` stamped images). It lies in
-    [0, 1] like ASR and meets it when the model is confident.
-
-    Shape:
-        x: ``(B, C, H, W)`` clean images (of labels other than ``target``); masks ``(n, H, W)``;
-        patterns ``(n, C, H, W)``; returns ``(n,)``.
-    """
-    xs = stamp(x, masks, patterns)
-    n, b = xs.shape[:2]
-    logp = F.log_softmax(model(xs.reshape(n * b, *x.shape[1:])).float(), 1)[:, target]
-    return logp.reshape(n, b).exp().mean(1)
-
-
-def dv_bound(t_joint: torch.Tensor, t_marginal: torch.Tensor) -> torch.Tensor:
-    """MINE's Donsker-Varadhan lower bound ``E_joint[T] - log E_marginal[exp T]`` along the last dim.
-
-    Example:
-        >>> float(dv_bound(torch.zeros(5), torch.zeros(5)))
-        0.0
-    """
-    m = t_marginal.shape[-1]
-    return t_joint.mean(-1) - (torch.logsumexp(t_marginal, -1) - math.log(m))
-
-
-class BatchedMLP(nn.Module):
-    """``N`` independent MLPs evaluated in one batched matrix product.
-
-    Shape:
-        input ``(N, M, d_in)``, output ``(N, M, d_out)``.
-    """
-
-    def __init__(self, n: int, sizes: Sequence[int], *, generator: torch.Generator | None = None) -> None:
-        super().__init__()
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
-        for a, b in zip(sizes[:-1], sizes[1:]):
-            bound = 1 / math.sqrt(a)
-            self.weights.append(nn.Parameter((torch.rand(n, a, b, generator=generator) * 2 - 1) * bound))
-            self.biases.append(nn.Parameter((torch.rand(n, 1, b, generator=generator) * 2 - 1) * bound))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        last = len(self.weights) - 1
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            h = torch.baddbmm(b, h, w)
-            if i < last:
-                h = F.elu(h)
-        return h
+_generator = generator  # sample_tensors' own argument is called generator
 
 
 # --- the distribution -------------------------------------------------------------------------
@@ -207,7 +96,10 @@ class DistributionReport(Result):
     Attributes:
         betas: ``(N,)`` thresholds; entropies: ``(N,)`` entropies reached (MINE estimates, nats);
         weights: ``(N,)`` ensemble weights; asr: ``(N, n)`` attack success of ``n`` samples per
-        level on the given clean data; valid_share: ``(N,)`` share of samples with ASR > beta.
+        level on the given clean data; valid_share: ``(N,)`` share of samples with ASR > beta;
+        position, trigger_size: where and how large the fitted patch is; params: the estimator's
+        settings; seconds: wall time of :meth:`TriggerDistribution.explain`; distribution: the
+        fitted :class:`TriggerDistribution` itself (not part of :meth:`to_dict`).
     """
 
     target: int
@@ -218,10 +110,19 @@ class DistributionReport(Result):
     valid_share: torch.Tensor
     position: tuple[int, int]
     trigger_size: int
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+    #: the fitted estimator (not serialised), so that a repair can reuse it without refitting
+    distribution: "TriggerDistribution | None" = dataclasses.field(default=None, repr=False, compare=False)
 
 
-class TriggerDistribution(Defense):
+@register("trigger-distribution")
+class TriggerDistribution(Explainer):
     """The max-entropy staircase approximator (MESA) of the valid triggers for one target.
+
+    ``explain(model, clean_data, target)`` fits it (the state stays on the estimator, so that
+    :meth:`sample`, :meth:`sample_tensors`, :meth:`report` ... work afterwards) and returns its
+    :class:`DistributionReport`.
 
     Args:
         n_levels: ``N``, the number of staircase levels ``beta_i = i / N``.
@@ -244,11 +145,11 @@ class TriggerDistribution(Defense):
         mine_batch: noise samples per level and step for the MI term (the joint and the shuffled
             marginal pairs). The generators and statistics networks are small MLPs, so this costs
             little; only the first ``samples_per_step`` of them are stamped and tested on the model.
-        critic_steps: statistics-network updates per generator step. With one update on a batch
-            of 8 the statistics networks never learn in a few hundred steps: the MI estimate stays
-            at 0, the entropy term has no gradient and the generators collapse to a point.
+        critic_steps: statistics-network updates per generator step (the statistics networks
+            must learn faster than the generators move, or the MI estimate, and with it the
+            entropy gradient, stays at 0 and the generators collapse to a point).
         batch_size: the most stamped images in one forward pass (the memory knob).
-        seed: seeds the networks, the noise and the image batches.
+        seed: seeds the networks, the noise and the image batches (None: fresh entropy).
         device: where to compute (default: the model's device).
 
     Example:
@@ -258,7 +159,9 @@ class TriggerDistribution(Defense):
         >>> from _models import PlantedPatchNet  # tests/_models.py: a hand-weighted planted net
         >>> d = load_digits("val")
         >>> net = PlantedPatchNet(d.x, d.y, 10, target=0, patch=3)
-        >>> dist = TriggerDistribution(n_levels=2, trigger_size=3, position=(5, 5), steps=2).fit(net, d, 0)
+        >>> dist = TriggerDistribution(n_levels=2, trigger_size=3, position=(5, 5), steps=2)
+        >>> dist.explain(net, d, 0).valid_share.shape
+        torch.Size([2])
         >>> dist.sample_tensors(4).patterns.shape
         torch.Size([4, 1, 8, 8])
 
@@ -267,7 +170,6 @@ class TriggerDistribution(Defense):
         NeurIPS 2019. https://arxiv.org/abs/1910.04749
     """
 
-    family: ClassVar[str] = "model"
     needs_gradients: ClassVar[bool] = True
     _constraints: ClassVar[dict[str, Any]] = {
         "n_levels": Interval(int, 1, None), "alpha": Interval(float, 0, None),
@@ -305,14 +207,52 @@ class TriggerDistribution(Defense):
         self.device = device
 
     # --- fitting ------------------------------------------------------------------------------
-    def fit(self, model: nn.Module, clean_data: ImageDataset, target: int) -> "TriggerDistribution":
-        """Train the ``N`` generators (and their statistics networks) for ``target``; returns self.
+    def _explain(self, model: nn.Module, clean_data: ImageDataset, target: int, *,
+                 callback: Callable[[dict[str, Any]], None] | None) -> DistributionReport:
+        """Fit the distribution for ``target`` (the state stays on ``self``) and report it.
 
         Sets ``betas_``, ``generators_``, ``statistics_``, ``entropies_``, ``weights_``,
         ``position_``, ``image_shape_``, ``target_`` and ``history_`` (one dict per step with
-        the mean testing function and MI estimate per level).
+        the mean testing function and MI estimate per level), then returns :meth:`report` (100
+        samples per level, seeded with ``seed``).
         """
-        self._validate_params()
+        x = self._setup(model, clean_data, target)
+        nets = _Networks.build(self, model_device(model, self.device))
+        log.info("fitting %d generators for label %d: a %dx%d trigger at %s, %d steps", self.n_levels, target,
+                 self.trigger_size, self.trigger_size, self.position_, self.steps)
+        req = [p.requires_grad for p in model.parameters()]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        from ..._utils.progress import progress
+
+        bar = progress(total=self.steps, desc=f"trigger distribution (label {target})", unit="step")
+        history: list[dict[str, Any]] = []
+        try:
+            with eval_mode(model):
+                for step in range(self.steps):
+                    history.append(self._step(model, x, nets, step))
+                    bar.update(1)
+                    if callback is not None:
+                        callback(history[-1])
+                    if (step + 1) % 50 == 0:
+                        log.info("step %d: F %s, I %s", step + 1, [round(v, 3) for v in history[-1]["F"]],
+                                 [round(v, 2) for v in history[-1]["mi"]])
+                ent = nets.entropies()
+        finally:
+            bar.close()
+            for p, r in zip(model.parameters(), req):
+                p.requires_grad_(r)
+        self.generators_ = nets.gen.eval()
+        self.statistics_ = nets.stat.eval()
+        self.betas_ = nets.betas.cpu()
+        self.entropies_ = ent.cpu()
+        self.weights_ = ensemble_weights(self.entropies_, self.betas_, self.shape_power)
+        self.history_ = history
+        return self.report(model, clean_data, seed=self.seed)
+
+    def _setup(self, model: nn.Module, clean_data: ImageDataset, target: int) -> torch.Tensor:
+        """Check the target and the patch, set ``position_`` / ``image_shape_`` / ``target_``;
+        returns the clean images of other labels."""
         x_all = check_images(clean_data.x, name="clean images")
         c, h, w = clean_data.image_shape
         k = clean_data.num_classes
@@ -324,12 +264,11 @@ class TriggerDistribution(Defense):
         s = self.trigger_size
         if s > min(h, w):
             raise ConfigError(f"a {s}x{s} trigger does not fit in {h}x{w} images")
-        dev = model_device(model, self.device)
         if self.position is None:
             from .heatmap import locate_trigger
 
             log.info("no position given: locating the trigger for label %d with a moving-window search", target)
-            pos = locate_trigger(model, clean_data, target, s, seed=self.seed, device=dev)
+            pos = locate_trigger(model, clean_data, target, s, seed=self.seed, device=model_device(model, self.device))
         else:
             if len(self.position) != 2:
                 raise ConfigError(f"position must be (row, col), got {self.position!r}")
@@ -339,89 +278,35 @@ class TriggerDistribution(Defense):
         self.position_ = pos
         self.image_shape_ = (c, h, w)
         self.target_ = target
+        return x
+
+    def _step(self, model: nn.Module, x: torch.Tensor, nets: "_Networks", step: int) -> dict[str, Any]:
+        """One generator step (after ``critic_steps`` statistics-network steps); its history row."""
+        # statistics networks: maximise the DV bound on I(G(z); z) with MINE's moving-average
+        # (bias-corrected) gradient; the generators are fixed and cheap, so the networks take
+        # several steps on fresh noise per generator step
+        for _ in range(self.critic_steps):
+            nets.critic_step(self.ema_rate)
+        # generators: -alpha * I + max(0, beta_i - F(G_i(z))); the MI term on the whole noise
+        # batch (same corrected gradient), F on its first M samples
         n, m, d = self.n_levels, self.samples_per_step, self.noise_dim
-        out_dim = (c + int(self.transparency)) * s * s
-        g = torch.Generator().manual_seed(0 if self.seed is None else int(self.seed))
-        gen = BatchedMLP(n, [d, self.hidden, self.hidden, out_dim], generator=g).to(dev)
-        stat = BatchedMLP(n, [out_dim + d, self.hidden, self.hidden, 1], generator=g).to(dev)
-        betas = staircase_levels(n).to(dev)
-        opt_g = torch.optim.Adam(gen.parameters(), lr=self.lr)
-        opt_t = torch.optim.Adam(stat.parameters(), lr=self.lr)
-        ema = torch.ones(n, device=dev)
-        mb = max(self.mine_batch, m)
-        history: list[dict[str, Any]] = []
-        req = [p.requires_grad for p in model.parameters()]
-        for p in model.parameters():
-            p.requires_grad_(False)
-
-        def critic(out: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """``T`` on joint pairs ``(G(z), z)`` and on marginal pairs (``z`` shuffled within the batch)."""
-            z_marg = z[:, torch.randperm(z.shape[1], generator=g).to(dev)]
-            return stat(torch.cat([out, z], -1))[..., 0], stat(torch.cat([out, z_marg], -1))[..., 0]
-
-        from ..._utils.progress import progress
-
-        log.info("fitting %d generators for label %d: a %dx%d trigger at %s, %d steps", n, target, s, s, pos,
-                 self.steps)
-        bar = progress(total=self.steps, desc=f"trigger distribution (label {target})", unit="step")
-        try:
-            with eval_mode(model):
-                for step in range(self.steps):
-                    # statistics networks: maximise the DV bound on I(G(z); z) with MINE's
-                    # moving-average (bias-corrected) gradient; the generators are fixed and cheap,
-                    # so the networks take several steps on fresh noise per generator step
-                    for _ in range(self.critic_steps):
-                        zc = torch.randn(n, mb, d, generator=g).to(dev)
-                        with torch.no_grad():
-                            oc = torch.sigmoid(gen(zc))
-                        tj, tm = critic(oc, zc)
-                        et = tm.exp().mean(1)
-                        ema = (1 - self.ema_rate) * ema + self.ema_rate * et.detach()
-                        loss_t = -(tj.mean(1) - et / ema).sum()
-                        opt_t.zero_grad(set_to_none=True)
-                        loss_t.backward()
-                        opt_t.step()
-                    # generators: -alpha * I + max(0, beta_i - F(G_i(z))); the MI term on the whole
-                    # noise batch (same corrected gradient), F on its first M samples
-                    z = torch.randn(n, mb, d, generator=g).to(dev)
-                    out = torch.sigmoid(gen(z))                                     # (N, mb, D)
-                    tj, tm = critic(out, z)
-                    et = tm.exp().mean(1)
-                    mi = dv_bound(tj, tm)
-                    mi_grad = tj.mean(1) - et / ema
-                    idx = torch.randint(0, x.shape[0], (self.images_per_step,), generator=g)
-                    xb = x[idx].to(dev)
-                    masks, patterns = self._expand(out[:, :m].reshape(n * m, -1))
-                    f = self._testing(model, xb, masks, patterns).reshape(n, m)
-                    penalty = F.relu(betas[:, None] - f).mean(1)
-                    loss_g = (-self.alpha * mi_grad + penalty).sum()
-                    opt_g.zero_grad(set_to_none=True)
-                    loss_g.backward()
-                    opt_g.step()
-                    history.append({"step": step + 1, "F": f.detach().mean(1).cpu().tolist(),
-                                    "mi": mi.detach().cpu().tolist(), "penalty": penalty.detach().cpu().tolist()})
-                    bar.update(1)
-                    if (step + 1) % 50 == 0:
-                        log.info("step %d: F %s, I %s", step + 1, [round(v, 3) for v in history[-1]["F"]],
-                                 [round(v, 2) for v in history[-1]["mi"]])
-                with torch.no_grad():
-                    # the entropies reached: the bound on fresh noise, averaged over a few batches
-                    ests = []
-                    for _ in range(4):
-                        ze = torch.randn(n, 512, d, generator=g).to(dev)
-                        ests.append(dv_bound(*critic(torch.sigmoid(gen(ze)), ze)))
-                    ent = torch.stack(ests).mean(0)
-        finally:
-            bar.close()
-            for p, r in zip(model.parameters(), req):
-                p.requires_grad_(r)
-        self.generators_ = gen.eval()
-        self.statistics_ = stat.eval()
-        self.betas_ = betas.cpu()
-        self.entropies_ = ent.cpu()
-        self.weights_ = ensemble_weights(self.entropies_, self.betas_, self.shape_power)
-        self.history_ = history
-        return self
+        z = torch.randn(n, nets.mb, d, generator=nets.g).to(nets.dev)
+        out = torch.sigmoid(nets.gen(z))                                     # (N, mb, D)
+        tj, tm = nets.critic(out, z)
+        et = tm.exp().mean(1)
+        mi = dv_bound(tj, tm)
+        mi_grad = tj.mean(1) - et / nets.ema
+        idx = torch.randint(0, x.shape[0], (self.images_per_step,), generator=nets.g)
+        xb = x[idx].to(nets.dev)
+        masks, patterns = self._expand(out[:, :m].reshape(n * m, -1))
+        f = self._testing(model, xb, masks, patterns).reshape(n, m)
+        penalty = F.relu(nets.betas[:, None] - f).mean(1)
+        loss_g = (-self.alpha * mi_grad + penalty).sum()
+        nets.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        nets.opt_g.step()
+        return {"step": step + 1, "F": f.detach().mean(1).cpu().tolist(), "mi": mi.detach().cpu().tolist(),
+                "penalty": penalty.detach().cpu().tolist()}
 
     def _testing(self, model: nn.Module, xb: torch.Tensor, masks: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
         per = max(1, self.batch_size // xb.shape[0])
@@ -470,11 +355,11 @@ class TriggerDistribution(Defense):
     # --- sampling -----------------------------------------------------------------------------
     def _check_fitted(self) -> None:
         if not hasattr(self, "generators_"):
-            raise NotFittedError("TriggerDistribution is not fitted yet: call fit(model, clean_data, target) first")
+            raise NotFittedError("TriggerDistribution is not fitted yet: call explain(model, clean_data, target) first")
 
     def sample_tensors(self, n: int, *, level: int | None = None, min_beta: float = 0.0,
                        places: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                       seed: int | None = None) -> SampledTriggers:
+                       seed: int | None = 0) -> SampledTriggers:
         """Draw ``n`` triggers as tensors (CPU).
 
         Args:
@@ -484,7 +369,7 @@ class TriggerDistribution(Defense):
             min_beta: the lowest level the ensemble may draw from.
             places: ``(k, 2)`` top-left corners; each trigger goes to one drawn uniformly (e.g.
                 :meth:`places_within` or :meth:`valid_places`). None puts all at ``position_``.
-            generator, seed: the random source (a generator wins over a seed).
+            generator, seed: the random source (a generator wins over a seed; seed None: fresh entropy).
         """
         self._check_fitted()
         if n < 0:
@@ -495,7 +380,7 @@ class TriggerDistribution(Defense):
             s = self.trigger_size
             if places.shape[0] == 0 or places.min() < 0 or (places[:, 0] > h - s).any() or (places[:, 1] > w - s).any():
                 raise ConfigError(f"places must be a non-empty (k, 2) set of corners of {s}x{s} patches in {h}x{w} images")
-        g = generator if generator is not None else torch.Generator().manual_seed(0 if seed is None else int(seed))
+        g = generator if generator is not None else _generator(seed)
         nl = self.n_levels
         if level is not None:
             if not 0 <= level < nl:
@@ -539,7 +424,7 @@ class TriggerDistribution(Defense):
         x = clean_data.x[clean_data.y != self.target_]
         if x.shape[0] == 0:
             raise DataError(f"no clean image has a label other than the target {self.target_}")
-        g = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        g = generator(seed)
         x = x[torch.randperm(x.shape[0], generator=g)[:n_images]]
         st = self.sample_tensors(n, min_beta=min_beta, generator=g)
         c, _, _ = self.image_shape_
@@ -558,7 +443,7 @@ class TriggerDistribution(Defense):
         x = clean_data.x[clean_data.y != self.target_]
         if x.shape[0] == 0:
             raise DataError(f"no clean image has a label other than the target {self.target_}")
-        g = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        g = generator(seed)
         rows = [self.sample_tensors(n, level=i, generator=g) for i in range(self.n_levels)]
         masks = torch.cat([r.masks for r in rows])
         patterns = torch.cat([r.patterns for r in rows])
@@ -566,191 +451,8 @@ class TriggerDistribution(Defense):
         asr = asr.reshape(self.n_levels, n)
         return DistributionReport(target=self.target_, betas=self.betas_, entropies=self.entropies_,
                                   weights=self.weights_, asr=asr, valid_share=(asr > self.betas_[:, None]).float().mean(1),
-                                  position=self.position_, trigger_size=self.trigger_size)
-
-    def save_grid(self, path: str | Path, *, n_per_level: int = 10, seed: int | None = 0,
-                  report: DistributionReport | None = None) -> Path:
-        """Write a PNG grid of samples: one row per level (its beta, weight and, with a report,
-        the share of valid samples), one column per sample; each cell shows the patch."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        self._check_fitted()
-        g = torch.Generator().manual_seed(0 if seed is None else int(seed))
-        c, _, _ = self.image_shape_
-        s, (r, q) = self.trigger_size, self.position_
-        fig, axes = plt.subplots(self.n_levels, n_per_level, figsize=(n_per_level * 0.8 + 1.6, self.n_levels * 0.8 + 0.4),
-                                 squeeze=False)
-        for i in range(self.n_levels):
-            st = self.sample_tensors(n_per_level, level=i, generator=g)
-            for j in range(n_per_level):
-                ax = axes[i, j]
-                a = st.masks[j, r:r + s, q:q + s]
-                p = st.patterns[j, :, r:r + s, q:q + s]
-                img = (1 - a) * 0.5 + a * p                                   # on a grey background
-                img = img[0] if c == 1 else img[:3].permute(1, 2, 0)
-                ax.imshow(img.numpy(), cmap="gray" if c == 1 else None, vmin=0, vmax=1, interpolation="nearest")
-                ax.set_xticks([])
-                ax.set_yticks([])
-            label = f"β={float(self.betas_[i]):.2f}\nw={float(self.weights_[i]):.2f}"
-            if report is not None:
-                label += f"\nvalid {100 * float(report.valid_share[i]):.0f}%"
-            axes[i, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
-        fig.suptitle(f"MESA trigger samples, target {self.target_}, {s}x{s} at {self.position_}", fontsize=9)
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        return out
+                                  position=self.position_, trigger_size=self.trigger_size, distribution=self)
 
 
-def trigger_success(model: nn.Module, x: torch.Tensor, masks: torch.Tensor, patterns: torch.Tensor, target: int,
-                    *, batch_size: int = 4096, device: DeviceLike = None) -> torch.Tensor:
-    """Attack success (argmax = ``target``) of each of ``n`` triggers over the images ``x``.
-
-    Shape:
-        x ``(B, C, H, W)``, masks ``(n, H, W)``, patterns ``(n, C, H, W)``; returns ``(n,)``.
-    """
-    dev = model_device(model, device)
-    b = x.shape[0]
-    per_img = max(1, min(b, batch_size))
-    per_trig = max(1, batch_size // per_img)
-    hits = torch.zeros(masks.shape[0])
-    with eval_mode(model), torch.inference_mode():
-        for i in range(0, masks.shape[0], per_trig):
-            m, p = masks[i:i + per_trig].to(dev), patterns[i:i + per_trig].to(dev)
-            for j in range(0, b, per_img):
-                xb = x[j:j + per_img].to(dev)
-                xs = stamp(xb, m, p)
-                pred = model(xs.reshape(-1, *xb.shape[1:])).argmax(1).reshape(m.shape[0], -1)
-                hits[i:i + per_trig] += (pred == target).sum(1).float().cpu()
-    return hits / b
-
-
-# --- the repair -------------------------------------------------------------------------------
-
-@register("distribution-unlearn")
-class DistributionUnlearning(Repair):
-    """Unlearn a backdoor against the whole distribution of valid triggers (MESA's defence).
-
-    Fits a :class:`TriggerDistribution` for the target (from a scan or the user), then
-    fine-tunes a copy of the model on clean data where a share ``rate`` of every batch carries
-    a trigger sampled from the distribution (levels with ``beta >= min_beta``) and keeps its
-    true label.
-
-    Args:
-        target: the target label (may also be given to :meth:`repair`).
-        n_levels, alpha, trigger_size, transparency, position, steps: the distribution's
-            settings (see :class:`TriggerDistribution`).
-        min_beta: the lowest staircase level whose triggers are used.
-        shift: where the sampled triggers are stamped. None (default): at the places within
-            ``trigger_size`` pixels of the located one where they stay valid (their mean attack
-            success there exceeds ``min_beta``, :meth:`TriggerDistribution.place_success`), each
-            drawn uniformly (the maximum-entropy choice over the valid set; the paper stamps at
-            random places). An int: every place within ``shift`` pixels; 0: the located place only.
-        rate: share of each fine-tuning batch stamped with a sampled trigger.
-        epochs, lr, batch_size: the fine-tuning (Adam).
-        seed: seeds the distribution and the fine-tuning.
-        device: where to compute.
-
-    References:
-        Qiao, Yang, Li. "Defending Neural Backdoors via Generative Distribution Modeling".
-        NeurIPS 2019. https://arxiv.org/abs/1910.04749
-    """
-
-    needs_gradients: ClassVar[bool] = True
-    _constraints: ClassVar[dict[str, Any]] = {
-        "target": Types((int, type(None))), "min_beta": Interval(float, 0, 1), "shift": Types((int, type(None))),
-        "rate": Interval(float, 0, 1, "right"), "epochs": Interval(int, 0, None),
-        "lr": Interval(float, 0, None, "neither"), "batch_size": Interval(int, 1, None),
-    }
-
-    def __init__(self, *, target: int | None = None, n_levels: int = 10, alpha: float = 0.1, trigger_size: int = 3,
-                 transparency: bool = False, position: tuple[int, int] | None = None, steps: int = 400,
-                 min_beta: float = 0.5, shift: int | None = None, rate: float = 0.2, epochs: int = 2, lr: float = 1e-3,
-                 batch_size: int = 64, seed: int | None = 0, device: DeviceLike = None) -> None:
-        self.target = target
-        self.n_levels = n_levels
-        self.alpha = alpha
-        self.trigger_size = trigger_size
-        self.transparency = transparency
-        self.position = position
-        self.steps = steps
-        self.min_beta = min_beta
-        self.shift = shift
-        self.rate = rate
-        self.epochs = epochs
-        self.lr = lr
-        self.batch_size = batch_size
-        self.seed = seed
-        self.device = device
-
-    def repair(self, model: nn.Module, clean_data: Any, *, target: int | None = None,
-               distribution: TriggerDistribution | None = None, **kwargs: Any) -> RepairResult:
-        """Return a repaired copy of ``model``.
-
-        Args:
-            model: the backdoored network (left untouched).
-            clean_data: clean labelled data for the distribution and the fine-tuning.
-            target: the target label (overrides the constructor's).
-            distribution: an already fitted distribution to sample from (skips fitting).
-        """
-        t0 = time.perf_counter()
-        self._validate_params()
-        if not isinstance(clean_data, ImageDataset) or len(clean_data) == 0:
-            raise DataError("distribution-unlearn needs non-empty clean labelled data (an ImageDataset)")
-        t = target if target is not None else (distribution.target_ if distribution is not None and
-                                               hasattr(distribution, "target_") else self.target)
-        if t is None:
-            raise ConfigError("distribution-unlearn needs the target label: from a scan (e.g. Neural Cleanse's "
-                              "flagged label) or given by the user")
-        if distribution is None:
-            distribution = TriggerDistribution(n_levels=self.n_levels, alpha=self.alpha, trigger_size=self.trigger_size,
-                                               transparency=self.transparency, position=self.position,
-                                               steps=self.steps, seed=self.seed,
-                                               device=self.device).fit(model, clean_data, int(t))
-        else:
-            distribution._check_fitted()
-        repaired = copy.deepcopy(model)
-        if self.shift is not None and self.shift < 0:
-            raise ConfigError(f"shift must be None or an int >= 0, got {self.shift}")
-        dist, rate, min_beta = distribution, self.rate, self.min_beta
-        if self.shift is None:
-            log.info("testing the sampled triggers at the places near %s", tuple(dist.position_))
-            cands = dist.places_within(dist.trigger_size)
-            place_asr = dist.place_success(model, clean_data, cands, min_beta=min_beta, seed=self.seed)
-            keep = place_asr > min_beta
-            keep[0] = True                                              # the located place itself
-            places = cands[keep]
-        else:
-            cands = places = dist.places_within(self.shift)
-            place_asr = None
-
-        def carry_triggers(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-            k = int(round(rate * x.shape[0]))
-            if k == 0:
-                return x, y
-            idx = torch.randperm(x.shape[0], generator=g)[:k]
-            st = dist.sample_tensors(k, min_beta=min_beta, places=places, generator=g)
-            x = x.clone()
-            m = st.masks[:, None]
-            x[idx] = (1 - m) * x[idx] + m * st.patterns
-            return x, y
-
-        log.info("fine-tuning on %d clean images, %.0f%% of each batch carrying a sampled trigger at one of %d "
-                 "places (%d epochs)", len(clean_data), 100 * rate, len(places), self.epochs)
-        tr = train(repaired, clean_data, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                   seed=self.seed, device=self.device, batch_transform=carry_triggers, progress="fine-tune")
-        details = {"target": int(t), "position": list(dist.position_), "trigger_size": dist.trigger_size,
-                   "betas": dist.betas_.tolist(), "entropies": dist.entropies_.tolist(),
-                   "weights": dist.weights_.tolist(), "places": places.tolist(),
-                   "place_success": None if place_asr is None else
-                   {f"{int(a)},{int(b)}": float(v) for (a, b), v in zip(cands.tolist(), place_asr)}}
-        return RepairResult(model=repaired, history=tr.history, details=details, params=self.get_params(),
-                            seconds=time.perf_counter() - t0)
-
-
-__all__ = ["BatchedMLP", "DistributionReport", "DistributionUnlearning", "SampledTriggers", "TriggerDistribution",
-           "dv_bound", "ensemble_weights", "stamp", "staircase_levels", "testing_function", "trigger_success"]
+__all__ = ["BatchedMLP", "DistributionReport", "SampledTriggers", "TriggerDistribution", "dv_bound",
+           "ensemble_weights", "stamp", "staircase_levels", "testing_function", "trigger_success"]

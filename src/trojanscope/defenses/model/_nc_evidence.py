@@ -1,0 +1,214 @@
+"""Neural Cleanse's evidence: the MAD outlier test, the attack success of the reversed triggers
+and the calibrated trojan probability (pure functions over one scan's per-label figures).
+
+References:
+    Wang, Yao, Shan, Li, Viswanath, Zheng, Zhao. "Neural Cleanse: Identifying and Mitigating
+    Backdoor Attacks in Neural Networks". IEEE S&P 2019. https://doi.org/10.1109/SP.2019.00031
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..._utils.batching import DeviceLike, eval_mode, model_device, predict
+from ...data.dataset import ImageDataset
+from ...errors import DataError
+
+#: Consistency constant that makes the MAD estimate the standard deviation of a normal law.
+CONSISTENCY_CONSTANT = 1.4826
+
+
+# --- outlier detection ----------------------------------------------------------------------
+
+def mad_anomaly_index(norms: torch.Tensor | Sequence[float] | np.ndarray) -> torch.Tensor:
+    """Anomaly index of each value: ``|norm - median| / (1.4826 * MAD)``.
+
+    The median is numpy's (:func:`numpy.median`: the mean of the two middle values for an even
+    count), both for the centre and for the MAD, ``MAD = median(|norm - median(norm)|)``, as in
+    the authors' ``mad_outlier_detection.py``. Computed in float64.
+
+    When the MAD is 0 (more than half of the values equal), a value equal to the median gets
+    index 0 and any other value an infinite index.
+
+    Args:
+        norms: ``(K,)`` the L1 norms of the K reversed masks.
+
+    Returns:
+        ``(K,)`` float32 anomaly indices (non-negative). A label is flagged (see
+        :func:`flag_outliers`) when its norm is below the median and its index exceeds 2.
+
+    Example:
+        >>> [round(v, 3) for v in mad_anomaly_index([1.0, 2.0, 3.0, 4.0, 100.0]).tolist()]
+        [1.349, 0.674, 0.0, 0.674, 65.426]
+    """
+    n = np.asarray(torch.as_tensor(norms, dtype=torch.float64).detach().cpu(), dtype=np.float64)
+    if n.ndim != 1 or n.size == 0:
+        raise DataError(f"anomaly index needs a non-empty (K,) vector of norms, got shape {n.shape}")
+    if not np.isfinite(n).all():
+        raise DataError("anomaly index needs finite norms")
+    median = np.median(n)
+    dev = np.abs(n - median)
+    mad = CONSISTENCY_CONSTANT * np.median(dev)
+    if mad > 0:
+        index = dev / mad
+    else:
+        index = np.where(dev == 0, 0.0, np.inf)
+    return torch.from_numpy(index).float()
+
+
+def flag_outliers(norms: torch.Tensor | Sequence[float], threshold: float = 2.0) -> torch.Tensor:
+    """``(K,)`` bool: the norm is below the median **and** its anomaly index exceeds ``threshold``.
+
+    Example:
+        >>> flag_outliers([1.0, 10.0, 10.5, 11.0, 11.5, 12.0]).tolist()  # 1.0: index 8.8
+        [True, False, False, False, False, False]
+    """
+    n = torch.as_tensor(norms, dtype=torch.float64)
+    median = float(np.median(n.numpy()))
+    return (n < median) & (mad_anomaly_index(n).double() > threshold)
+
+
+# --- the trojan probability ------------------------------------------------------------------
+
+#: The evidence the probability is computed from (see :func:`scan_evidence`).
+EVIDENCE = ("log_gap", "log_index", "log_ratio", "holdout_asr")
+
+#: Logistic calibration of :func:`trojan_probability` for each label schedule: ``p = sigmoid(
+#: intercept + sum(coef[f] * evidence[f]))``. Fitted by ``benchmarks/population.py --calibrate``
+#: (logistic regression, C=10, features with a negative coefficient dropped) on a training
+#: round of 18 digits models (``trojanscope bench round --data digits --seed 1``) and checked
+#: on held-out rounds (seeds 2 and 3); see ``benchmarks/README.md``. On other data or much
+#: larger models, recalibrate with that script. Every coefficient is non-negative, so the
+#: probability never falls when the evidence grows.
+CALIBRATION: dict[str, dict[str, Any]] = {
+    "halving": {"intercept": -2.4964,
+                "coef": {"log_gap": 3.5039, "log_index": 0.511, "log_ratio": 0.0611, "holdout_asr": 0.0}},
+    "all": {"intercept": -2.4443,
+            "coef": {"log_gap": 0.6878, "log_index": 0.0, "log_ratio": 3.8788, "holdout_asr": 0.6292}},
+}
+
+
+def matched_norms(norms: torch.Tensor, trace: torch.Tensor | None, stop_epochs: torch.Tensor) -> torch.Tensor:
+    """Each label's norm as if it had run as long as the smallest-norm label ``k``.
+
+    A label that stopped early (dropped by the schedule, or the early stop) kept a larger mask
+    than it would have reached; comparing it with ``k``'s final norm would make ``k`` look
+    anomalous in a clean model. Its norm is scaled by ``k``'s own shrink over the epochs it
+    missed: ``norm_j * norm_k(final) / norm_k(epoch_j)``, with ``norm_k(e)`` from ``trace``
+    (:attr:`ReversedTriggers.norm_trace`). A backdoor target shrinks faster than a clean
+    label, so the correction can only make it look *less* anomalous. Without a trace, the
+    norms are returned as they are.
+    """
+    n = torch.as_tensor(norms, dtype=torch.float64).clone()
+    if trace is None or trace.numel() == 0:
+        return n
+    k = int(torch.argmin(n))
+    tk = trace[:, k]
+    last = float(tk[-1]) if math.isfinite(float(tk[-1])) else float(n[k])
+    for j in range(n.numel()):
+        e = int(stop_epochs[j]) - 1
+        if j == k or e < 0 or e >= trace.shape[0] - 1:
+            continue
+        at = float(tk[e])
+        if math.isfinite(at) and at > 0 and last > 0:
+            n[j] = n[j] * min(1.0, last / at)
+    return n
+
+
+def scan_evidence(norms: torch.Tensor | Sequence[float], holdout_asr: torch.Tensor | Sequence[float],
+                  raw_norms: torch.Tensor | Sequence[float] | None = None) -> dict[str, Any]:
+    """The evidence of a backdoor in one scan's per-label results.
+
+    * ``log_gap``: ``log(second smallest / smallest)`` of the ``raw_norms`` (default: ``norms``),
+      the smallest trigger against the runner-up. Some labels are naturally easy to reach (on
+      digits, 2 and 4 take a trigger about 3x smaller than the others in every clean model), so
+      a clean model's smallest norm is often far below the median but close to the runner-up,
+      while a backdoor target is far below both. Under the halving schedule the two are the
+      last labels kept, which ran the same budget;
+
+    * ``log_index``: the anomaly index (:func:`mad_anomaly_index`) of the smallest norm on the
+      log scale, i.e. of norm *ratios*, which the spread of the clean labels' norms inflates
+      far less than the L1 scale (a single-pixel trigger 20x below every other label gets a
+      large index even when the clean norms spread from 48 to 131); 0 when the smallest
+      norm is the median;
+    * ``log_ratio``: ``log(median norm / smallest norm)``;
+    * ``holdout_asr``: the smallest-norm label's reversed trigger's attack success on held-out
+      clean images (its transfer to images it was not optimised on);
+    * ``label``: the smallest-norm label.
+    """
+    n = torch.as_tensor(norms, dtype=torch.float64).clamp_min(1e-6)
+    logn = n.log()
+    k = int(torch.argmin(n))
+    med = float(np.median(logn.numpy()))
+    idx = float(mad_anomaly_index(logn)[k])
+    if not math.isfinite(idx):
+        idx = 50.0
+    raw = (torch.as_tensor(raw_norms, dtype=torch.float64) if raw_norms is not None else n).clamp_min(1e-6)
+    two = torch.sort(raw).values
+    gap = float((two[1] / two[0]).log()) if two.numel() > 1 else 0.0
+    return {"label": k, "log_gap": gap, "log_index": min(idx, 50.0) if float(logn[k]) < med else 0.0,
+            "log_ratio": max(0.0, med - float(logn[k])),
+            "holdout_asr": float(torch.as_tensor(holdout_asr, dtype=torch.float64)[k])}
+
+
+def trojan_probability(evidence: dict[str, float], calibration: dict[str, Any]) -> float:
+    """``sigmoid(intercept + sum_f coef[f] * evidence[f])``, in [0, 1]; non-decreasing in each
+    piece of evidence whose coefficient is non-negative (all of :data:`CALIBRATION`'s are)."""
+    z = float(calibration["intercept"]) + sum(float(c) * float(evidence[f]) for f, c in calibration["coef"].items())
+    return float(1.0 / (1.0 + math.exp(-z))) if z > -700 else 0.0
+
+
+def per_source_attack_success(model: nn.Module, masks: torch.Tensor, patterns: torch.Tensor, data: ImageDataset,
+                              num_classes: int, *, batch_size: int = 4096, device: DeviceLike = None) -> torch.Tensor:
+    """``(J, K)`` share of ``data``'s inputs of each true label sent to each trigger's label.
+
+    Trigger ``j`` (mask ``masks[j]``, pattern ``patterns[j]``) is taken to target label ``j``.
+    Entry ``[j, s]`` is the share of inputs of true label ``s`` stamped with trigger ``j`` that
+    the model classifies as ``j``; NaN where ``data`` holds no input of label ``s`` and on the
+    diagonal. All triggers are applied in one batched pass (chunked by ``batch_size``).
+    """
+    jn = masks.shape[0]
+    n = len(data)
+    dev = model_device(model, device)
+    m = masks[:, None, None].float()                                    # (J, 1, 1, H, W)
+    p = patterns[:, None].float()                                       # (J, 1, C, H, W)
+    hits = torch.zeros(jn, n, dtype=torch.bool)
+    per = max(1, batch_size // max(1, n))
+    with eval_mode(model), torch.inference_mode():
+        for s in range(0, jn, per):
+            e = min(jn, s + per)
+            stamped = ((1 - m[s:e]) * data.x[None] + m[s:e] * p[s:e]).reshape(-1, *data.x.shape[1:])
+            pred = predict(model, stamped, batch_size=batch_size, device=dev).reshape(e - s, n)
+            hits[s:e] = pred == torch.arange(s, e)[:, None]
+    onehot = F.one_hot(data.y, num_classes).double()                    # (N, K)
+    counts = onehot.sum(0)                                              # (K,)
+    rate = (hits.double() @ onehot) / counts.clamp_min(1)               # (J, K)
+    rate[:, counts == 0] = float("nan")
+    diag = torch.arange(min(jn, num_classes))
+    rate[diag, diag] = float("nan")
+    return rate.float()
+
+
+def overall_attack_success(per_source: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``(J,)`` attack success over all inputs of other labels, from the per-source rates."""
+    counts = torch.bincount(y, minlength=num_classes).double()
+    r = per_source.double()
+    ok = ~torch.isnan(r)
+    w = counts[None].expand_as(r) * ok
+    return ((torch.nan_to_num(r) * w).sum(1) / w.sum(1).clamp_min(1)).float()
+
+
+def signed_anomaly_index(norms: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """``(K,)`` float32 :func:`mad_anomaly_index`, positive for values below the median (the
+    suspicious side: a smaller trigger) and negative above it, so higher means more suspicious."""
+    n = torch.as_tensor(norms, dtype=torch.float64)
+    index = mad_anomaly_index(n).double()
+    median = float(np.median(n.numpy()))
+    return torch.where(n < median, index, -index).float()

@@ -1,4 +1,16 @@
-"""Attacks poison data (or weights); they never train: training lives in ``training.py``."""
+"""The attack families, for evaluation.
+
+==========  ================================================  =============================
+``kind``    verb                                              result
+==========  ================================================  =============================
+``data``    ``poison(dataset) -> PoisonedDataset``            the caller trains on it
+``model``   ``attack(model, clean_data) -> Result``           ``.model``: a backdoored copy
+==========  ================================================  =============================
+
+Every attack also has ``triggers`` (or ``trigger_`` once run) and ``success_rate(model, data)``.
+Data attacks never train: training lives in ``training.py``. Model attacks start from the
+caller's trained model and return a new one; the caller's is never edited.
+"""
 
 from __future__ import annotations
 

@@ -19,6 +19,8 @@ inputs to 0), as in the paper's networks and in ``mnist_cnn``.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +29,7 @@ from torch import nn
 
 from .._utils.batching import DeviceLike, eval_mode, model_device
 from .._utils.hooks import capture
+from .._utils.results import Result, not_serialised
 from .._utils.validation import Interval, check_params
 from ..data.dataset import ImageDataset
 from ..data.poisoned import PoisonedDataset
@@ -34,6 +37,23 @@ from ..errors import ConfigError, UnsupportedModelError
 from ..triggers import Trigger
 from .badnets import BadNets
 from .base import Attack, register_attack
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ImplantResult(Result):
+    """A backdoored copy of a clean-trained model (the caller's is untouched) and how it was made.
+
+    Attributes:
+        model: the backdoored network.
+        details: the pruned channels, the bias shifts and the attacker's pruning curve.
+        params: the attack's settings.
+        seconds: wall time.
+    """
+
+    model: nn.Module = not_serialised()
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
 
 
 @register_attack("pruning-aware")
@@ -103,6 +123,14 @@ class PruningAware(Attack):
     def poison(self, dataset: ImageDataset) -> PoisonedDataset:
         """The poisoned training set of step 3 (BadNets with this attack's trigger and rate)."""
         return self.badnets.poison(dataset)
+
+    def attack(self, model: nn.Module, clean_data: ImageDataset) -> "ImplantResult":
+        """The model-level attack verb: :meth:`implant` on ``clean_data`` (also the pruning rule's
+        validation data), with the pruned channels and bias shifts as ``details``."""
+        t0 = time.perf_counter()
+        details: dict[str, Any] = {}
+        net = self.implant(model, clean_data, details=details)
+        return ImplantResult(model=net, details=details, params=self.to_dict(), seconds=time.perf_counter() - t0)
 
     def implant(self, model: nn.Module, train_data: ImageDataset, *, val_data: ImageDataset | None = None,
                 device: DeviceLike = None, details: dict[str, Any] | None = None) -> nn.Module:

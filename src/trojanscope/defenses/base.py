@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from .._utils.registry import Registry
-from .._utils.results import Result
+from .._utils.results import Result, not_serialised
 from .._utils.validation import check_params
 from ..data.dataset import ImageDataset
 from ..errors import ConfigError, DataError, NotFittedError
@@ -369,7 +369,7 @@ class RepairResult(Result):
         seconds: wall time.
     """
 
-    model: nn.Module = dataclasses.field(repr=False)
+    model: nn.Module = not_serialised(repr=False)
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
     params: dict[str, Any] = dataclasses.field(default_factory=dict)

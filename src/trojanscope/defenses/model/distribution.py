@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..._utils.batching import DeviceLike, eval_mode, generator, model_device
-from ..._utils.results import Result
+from ..._utils.results import Result, not_serialised
 from ..._utils.validation import Interval, Types, check_images
 from ...data.dataset import ImageDataset
 from ...errors import ConfigError, DataError, NotFittedError
@@ -113,7 +113,7 @@ class DistributionReport(Result):
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
     #: the fitted estimator (not serialised), so that a repair can reuse it without refitting
-    distribution: "TriggerDistribution | None" = dataclasses.field(default=None, repr=False, compare=False)
+    distribution: "TriggerDistribution | None" = not_serialised(default=None, repr=False, compare=False)
 
 
 @register("trigger-distribution")

@@ -33,9 +33,22 @@ class Attack(abc.ABC):
 
     kind: ClassVar[str] = "data"  #: "data" (poisons a training set) or "model" (edits a trained model)
 
+    @classmethod
+    def param_names(cls) -> list[str]:
+        """The constructor's parameter names (the one place an attack's signature is read)."""
+        sig = inspect.signature(cls.__init__)
+        return [p.name for p in sig.parameters.values()
+                if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+    @classmethod
+    def param_defaults(cls) -> dict[str, Any]:
+        """The constructor's defaults, by parameter name; a parameter of :meth:`param_names`
+        missing here has no default (the caller must give it)."""
+        sig = inspect.signature(cls.__init__).parameters
+        return {n: sig[n].default for n in cls.param_names() if sig[n].default is not sig[n].empty}
+
     def get_params(self) -> dict[str, Any]:
-        sig = inspect.signature(type(self).__init__)
-        return {n: getattr(self, n) for n in sig.parameters if n != "self"}
+        return {n: getattr(self, n) for n in self.param_names()}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"

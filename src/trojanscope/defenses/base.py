@@ -26,6 +26,8 @@ What a verb may receive is declared by class attributes, which generic code read
   :class:`ScanResult`, or what the family documents, such as reversed triggers): ``"never"``,
   ``"optional"`` (without one it runs its own) or ``"required"``.
 * ``uses_trusted``: whether a data sanitiser takes a trusted clean set (``trusted=``).
+* ``places_trigger``: whether the constructor takes a trigger ``position`` / ``trigger_size``
+  that a caller may fill from a scan's reversed mask.
 * ``needs_hooks`` / ``needs_gradients``: whether it reads internal layers / back-propagates
   through the model (the conformance suite checks that hooks are gone and gradients untouched).
 
@@ -100,6 +102,9 @@ class Defense(abc.ABC):
     uses_scan: ClassVar[ScanUse] = "never"
     needs_gradients: ClassVar[bool] = False
     needs_hooks: ClassVar[bool] = False  #: True when the method reads internal layers
+    #: True when the constructor takes a trigger ``position`` and ``trigger_size`` that a scan's
+    #: reversed mask can supply (the trigger-distribution tools)
+    places_trigger: ClassVar[bool] = False
     _constraints: ClassVar[dict[str, Any]] = {}
 
     @classmethod

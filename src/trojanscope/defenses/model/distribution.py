@@ -171,6 +171,7 @@ class TriggerDistribution(Explainer):
     """
 
     needs_gradients: ClassVar[bool] = True
+    places_trigger: ClassVar[bool] = True
     _constraints: ClassVar[dict[str, Any]] = {
         "n_levels": Interval(int, 1, None), "alpha": Interval(float, 0, None),
         "trigger_size": Interval(int, 1, None), "transparency": Types((bool,)),

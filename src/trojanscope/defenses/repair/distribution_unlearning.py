@@ -60,6 +60,7 @@ class DistributionUnlearning(Repair):
 
     uses_scan: ClassVar[ScanUse] = "optional"
     needs_gradients: ClassVar[bool] = True
+    places_trigger: ClassVar[bool] = True
     _constraints: ClassVar[dict[str, Any]] = {
         "target": Types((int, type(None))), "min_beta": Interval(float, 0, 1), "shift": Types((int, type(None))),
         "rate": Interval(float, 0, 1, "right"), "epochs": Interval(int, 0, None),

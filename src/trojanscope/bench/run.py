@@ -236,7 +236,8 @@ class _Run:
             self.scans[key] = None if scored.scan is None else SharedScan.from_result(scored.scan)
         record = dataclasses.replace(scored.record, id=cid, fingerprint=cfp)
         save_cell(self.out / "cells", record)
-        self.rows.append(record.row)  # type: ignore[arg-type]
+        row = dict(record.row)
+        self.rows.append(row)
         self.computed.append(cid)
         if on_cell is not None:
-            on_cell(cid, record.row)  # type: ignore[arg-type]
+            on_cell(cid, row)

@@ -34,18 +34,21 @@ class Attack(abc.ABC):
     kind: ClassVar[str] = "data"  #: "data" (poisons a training set) or "model" (edits a trained model)
 
     @classmethod
-    def param_names(cls) -> list[str]:
-        """The constructor's parameter names (the one place an attack's signature is read)."""
-        sig = inspect.signature(cls.__init__)
-        return [p.name for p in sig.parameters.values()
+    def _init_params(cls) -> list[inspect.Parameter]:
+        """The constructor's named parameters (the one place an attack's signature is read)."""
+        return [p for p in inspect.signature(cls.__init__).parameters.values()
                 if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        """The constructor's parameter names."""
+        return [p.name for p in cls._init_params()]
 
     @classmethod
     def param_defaults(cls) -> dict[str, Any]:
         """The constructor's defaults, by parameter name; a parameter of :meth:`param_names`
         missing here has no default (the caller must give it)."""
-        sig = inspect.signature(cls.__init__).parameters
-        return {n: sig[n].default for n in cls.param_names() if sig[n].default is not sig[n].empty}
+        return {p.name: p.default for p in cls._init_params() if p.default is not p.empty}
 
     def get_params(self) -> dict[str, Any]:
         return {n: getattr(self, n) for n in self.param_names()}

@@ -44,11 +44,12 @@ def describe_architecture(name: str) -> dict[str, Any]:
     import inspect
 
     from ..models import MODELS, create_model
+    from ._options import factory_defaults
 
     factory = MODELS.get(name)
-    sig = inspect.signature(factory)
-    shape = tuple(sig.parameters["input_shape"].default) if "input_shape" in sig.parameters else (1, 28, 28)
-    k = int(sig.parameters["num_classes"].default) if "num_classes" in sig.parameters else 10
+    defaults = factory_defaults(factory)
+    shape = tuple(defaults.get("input_shape", (1, 28, 28)))
+    k = int(defaults.get("num_classes", 10))
     net = create_model(name, input_shape=shape, num_classes=k)
     doc = (inspect.getdoc(factory) or "").strip().splitlines()
     return {"name": name, "input": "x".join(str(v) for v in shape),
@@ -136,10 +137,9 @@ def train_and_test(data_spec: str, test_spec: str | None, seed: int, *, what: st
 
 def attack_params(name: str, items: tuple[str, ...]) -> dict[str, Any]:
     """``-p KEY=VALUE`` settings of the registered attack ``name``; an unknown key is an error."""
-    from ..attacks import ATTACKS
-    from ._common import checked_params
+    from ._options import attack_params as params
 
-    return checked_params(ATTACKS.get(name), items, f"attack {name}")
+    return params(name, items)
 
 
 def build_cli_attack(attack: str, triggers: list[Any], targets: list[int], *, rate: float, mode: str,
@@ -147,12 +147,11 @@ def build_cli_attack(attack: str, triggers: list[Any], targets: list[int], *, ra
     """The attack object of ``poison``'s options: the common flags fill the constructor arguments
     the attack has (trigger, target, rate, seed), ``-p`` settings override them or set the rest
     (an attack's own training, e.g. ``-p epochs=3`` for pruning-aware's retraining)."""
-    import inspect
-
     from ..attacks import ATTACKS
+    from ._options import settings
 
     cls = ATTACKS.get(attack)
-    sig = inspect.signature(cls.__init__).parameters
+    sig = settings(cls)
     if attack == "badnets":
         kw: dict[str, Any] = dict(trigger=triggers if len(triggers) > 1 else triggers[0],
                                   target=targets if len(targets) > 1 else targets[0], rate=rate, mode=mode,

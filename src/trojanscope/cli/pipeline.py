@@ -14,8 +14,9 @@ from ..errors import ConfigError
 from ..pipeline import Pipeline, evaluator
 from . import cli
 from ._common import POSITIVE_INT, POSITIVE_FLOAT, NON_NEGATIVE_INT, common_options, fit_to_model, model_options, open_data, parse_trigger, table, write_json
-from ._surface import open_surface
 from ._common import parse_params
+from ._options import fill
+from ._surface import open_surface
 
 
 def parse_step(spec: str) -> tuple[str, dict[str, Any]]:
@@ -69,9 +70,7 @@ def pipeline(model_path: Path, steps: tuple[str, ...], fit_spec: str, train_spec
     specs = []
     for s in steps:
         name, params = parse_step(s)
-        if "seed" in DEFENSES.get(name).param_defaults():
-            params.setdefault("seed", seed)
-        specs.append((name, params))
+        specs.append((name, fill(DEFENSES.get(name), params, seed=seed)))
     pipe = Pipeline(specs, retrain=retrain, epochs=epochs, lr=lr, seed=seed)  # type: ignore[arg-type]
     res = pipe.run(surface.module, clean, train_data=train, evaluate=evaluator(test, trig, target))
     if out is not None:

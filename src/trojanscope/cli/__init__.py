@@ -153,6 +153,8 @@ class _StderrHandler(logging.StreamHandler):
 # Command modules (one import line each):
 from . import inspect_data  # noqa: E402,F401
 from . import core  # noqa: E402,F401
+from . import poison  # noqa: E402,F401
+from . import evaluate  # noqa: E402,F401
 from . import demo  # noqa: E402,F401
 from . import filter  # noqa: E402,F401
 from . import pipeline  # noqa: E402,F401

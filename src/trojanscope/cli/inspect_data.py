@@ -88,7 +88,8 @@ def inspect_data(model_path: Path, data_spec: str, method: str, params: dict[str
     data = fit_to_model(data, lm)
     log.info("model %s (%s), data %s: %d samples", model_path, lm.format, data.name, len(data))
     data, trusted = _inputs(data, provenance_file, trusted_spec, lm)
-    log.info("%s with %s", _registry_name(method), sanitizer.get_params())
+    layer = sanitizer.get_params().get("layer")
+    log.info("%s (mode %s)%s", _registry_name(method), params["mode"], "" if layer is None else f" on the {layer!r} representation")
     result = sanitizer.inspect(surface.module, data, trusted=trusted)
     log.info("%s: %d of %d samples flagged in %.1f s", method, int(result.flagged.sum()), len(data), result.seconds)
     report: dict[str, Any] = {"model": str(model_path), "format": surface.format, "data": data.name, "method": method,
@@ -188,9 +189,9 @@ def _retrain(surface: Any, lm: Any, data: ImageDataset, result: Any, data_spec: 
     if test_spec is not None:
         test = open_data(test_spec, model=lm)
     else:
-        from .core import _test_split
+        from .core import test_split
 
-        test = _test_split(data_spec)
+        test = test_split(data_spec)
         if test is None:
             click.echo(f"warning: no test data for {data.name}, so the retrained model's CA and ASR are not "
                        f"measured; give --test (e.g. --test digits:test)", err=True)

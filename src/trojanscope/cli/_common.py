@@ -24,11 +24,12 @@ from ..errors import ConfigError, DataError
 from ..models import LoadedModel, load_model
 from ..triggers import Trigger
 from ._paths import check_output_dir, check_output_file
+from ._table import columns, fmt, table
 from ._types import (DEVICE, MEMORY_SIZE, NON_NEGATIVE_INT, OPEN_UNIT, POSITIVE_FLOAT, POSITIVE_INT, PROBABILITY, SEED,
                      FiniteFloat, pick_device)
 
 __all__ = ["DEVICE", "MEMORY_SIZE", "NON_NEGATIVE_INT", "OPEN_UNIT", "POSITIVE_FLOAT", "POSITIVE_INT", "PROBABILITY",
-           "SEED", "FiniteFloat", "check_output_dir", "check_output_file", "common_options", "debug", "fit_to_model",
+           "SEED", "FiniteFloat", "check_output_dir", "check_output_file", "columns", "common_options", "debug", "fit_to_model",
            "fmt", "model_options", "open_data", "open_model", "parse_params", "parse_shape", "parse_trigger",
            "pick_device", "table", "write_json"]
 
@@ -129,42 +130,6 @@ def write_json(path: Path | None, obj: Any) -> None:
             path.write_text(text)
         except OSError as e:
             raise DataError(f"cannot write {path}: {e.strerror or e}") from None
-
-
-def fmt(v: Any) -> str:
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
-    if v is None:
-        return "-"
-    return str(v)
-
-
-def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
-          headers: dict[str, str] | None = None, percent: Sequence[str] = ()) -> str:
-    """A plain aligned text table; ``percent`` columns are shown as percentages."""
-    if not rows:
-        return "(no rows)"
-    cols = list(columns or rows[0].keys())
-    heads = [(headers or {}).get(c, c) for c in cols]
-    def cell(r: dict[str, Any], c: str) -> str:
-        v = r.get(c)
-        if c in percent and isinstance(v, (int, float)) and not isinstance(v, bool):
-            return f"{100 * v:.1f}%"
-        if c == "seconds" and isinstance(v, (int, float)) and not isinstance(v, bool):
-            return f"{v:.1f}"
-        return fmt(v)
-    body = [[cell(r, c) for c in cols] for r in rows]
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(heads)]
-    line = "  ".join(h.ljust(w) for h, w in zip(heads, widths))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(b, widths)) for b in body]
-    return "\n".join(out)
-
-
-def _numeric(s: str) -> bool:
-    return s.replace(".", "", 1).replace("%", "").replace("-", "", 1).isdigit()
 
 
 def debug() -> bool:

@@ -6,7 +6,6 @@ The ``--method`` choices are the registry's repair family, so every repair modul
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from .._utils.results import to_jsonable
 from ..defenses import DEFENSES, create, list_defenses
 from ..errors import ConfigError, DataError
 from . import cli
-from ._common import common_options, fit_to_model, model_options, open_data, table, write_json
+from ._common import columns, common_options, fit_to_model, model_options, open_data, table, write_json
 from ._options import defence_params, fill, takes
 from ._surface import open_surface
 
@@ -102,11 +101,9 @@ def repair(model_path: Path, method: str, data_spec: str, out: Path, train_bn_st
         "repaired_with": {"method": method, "params": to_jsonable(defence.get_params())}})
     d = {"model": str(model_path), "method": method, "data": data.name, "out": str(out), "format": surface.format,
          "written": str(written), "reloaded": True, "surface": surface.to_dict(), **result.to_dict()}
-    (out / "repair.json").write_text(json.dumps(to_jsonable(d), indent=2) + "\n")
+    write_json(out / "repair.json", d)
     if result.history:
-        cols: list[str] = []
-        for r in result.history:
-            cols += [k for k in r if k not in cols]
+        cols = columns(result.history)
         click.echo(table(result.history, cols, percent=[c for c in ("accuracy", "attack_success") if c in cols]))
     if result.details.get("repaired") is False:
         click.echo(f"nothing repaired: {result.details.get('reason', '')}")

@@ -6,24 +6,18 @@ Exit codes: 0 no backdoor found, 1 a backdoor was found (so a CI pipeline can ga
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
 from ..defenses.model.neural_cleanse import NeuralCleanse, NeuralCleanseResult
-from ..triggers import save_png
 from . import cli
-from ._options import defence_options
 from ._common import NON_NEGATIVE_INT, common_options, fit_to_model, model_options, open_data, open_model, table, write_json
-
-#: Exit code of ``scan`` when a backdoor is found.
-EXIT_INFECTED = 1
+from ._options import defence_options
+from ._scan_extras import EXIT_INFECTED, heatmap, progress, scan_population, write_scan_dir
 
 #: The Neural Cleanse settings ``scan`` exposes, in order (types and defaults come from the class).
 NC_OPTIONS: dict[str, str | None] = {
@@ -45,81 +39,6 @@ NC_OPTIONS: dict[str, str | None] = {
 }
 
 log = logging.getLogger("trojanscope.scan")
-
-
-def _bar_enabled(quiet: bool) -> bool:
-    """Progress bars go to stderr, only on a terminal and without --quiet."""
-    return not quiet and sys.stderr.isatty()
-
-
-@contextlib.contextmanager
-def _progress(nc: NeuralCleanse, quiet: bool) -> Iterator[Any]:
-    """A progress bar over the optimisation's epochs (stderr, a terminal only); yields the callback."""
-    if not _bar_enabled(quiet):
-        yield None
-        return
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=nc.epochs, desc="scan", unit="epoch", file=sys.stderr, leave=False)
-
-    def cb(info: dict[str, Any]) -> None:
-        bar.update(info["epoch"] - bar.n)
-        bar.set_postfix(labels=len(info["targets"]))
-
-    try:
-        yield cb
-    finally:
-        bar.close()
-
-
-def _scan_population(models: list[Path], data: Any, params: dict[str, Any], *, out: Path | None, workers: int,
-                     address: str | None, backend: str, quiet: bool, json_path: Path | None) -> None:
-    """Scan each model, one row per model; exit 2 only when every model failed."""
-    from ..errors import ConfigError
-    from ..population import scan_population
-
-    if backend == "ray" and workers == 1:
-        raise ConfigError("--backend ray needs --workers 2 or more")
-    bar = None
-    if _bar_enabled(quiet):
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(models), desc="scan", unit="model", file=sys.stderr)
-
-    def on_row(row: dict[str, Any]) -> None:
-        if bar is not None:
-            bar.update(1)
-        log.info("%s: %s", row["file"], row["error"] or f"probability {row['probability']:.3f}")
-
-    rows = scan_population(models, data, params, workers=workers, out=out, address=address,
-                           backend="auto" if backend == "auto" else backend, on_row=on_row)
-    if bar is not None:
-        bar.close()
-    echo = click.echo if str(json_path) != "-" else (lambda m: click.echo(m, err=True))
-    echo(table(rows, ["file", "probability", "verdict", "flagged_labels", "seconds", "error"],
-               headers={"flagged_labels": "flagged"}))
-    failed = sum(r["verdict"] == "error" for r in rows)
-    found = sum(r["verdict"] == "backdoor" for r in rows)
-    echo(f"\n{len(rows)} models: {found} backdoored, {len(rows) - found - failed} clean, {failed} failed"
-         + (f"; table in {out / 'scan.csv'}" if out is not None else ""))
-    write_json(json_path, rows)
-    if failed == len(rows):
-        click.echo("error: every model failed to scan", err=True)
-        click.get_current_context().exit(2)
-    if found:
-        click.get_current_context().exit(EXIT_INFECTED)
-
-
-def write_scan_dir(result: NeuralCleanseResult, out: Path, example) -> None:
-    """Write the result (:meth:`NeuralCleanseResult.save`: ``scan.json`` and ``scan.safetensors``,
-    what ``repair --scan`` reads), each label's reversed trigger as a trigger file
-    (``trigger_K.safetensors``, for ``evaluate --trigger``) and PNGs of its mask, pattern and a
-    stamped example (``label_K_{mask,pattern,stamped}.png``)."""
-    result.save(out)
-    for k, t in enumerate(result.triggers):
-        t.save(out / f"trigger_{k}.safetensors")
-        save_png(t.mask[None], out / f"label_{k}_mask.png", scale=8)
-        save_png(t.pattern, out / f"label_{k}_pattern.png", scale=8)
-        save_png(t.apply(example), out / f"label_{k}_stamped.png", scale=8)
 
 
 @cli.command()
@@ -172,7 +91,7 @@ def scan(model_paths: tuple[str, ...], data_spec: str, out: Path | None, workers
     NeuralCleanse(**params)._validate_params()
     single = len(model_paths) == 1 and (Path(model_paths[0]).is_file() or (Path(model_paths[0]) / "model.safetensors").exists())
     if not single:
-        _scan_population(expand_models(list(model_paths)), data, params, out=out, workers=workers, address=address,
+        scan_population(expand_models(list(model_paths)), data, params, out=out, workers=workers, address=address,
                          backend=backend, quiet=quiet, json_path=json_path)
         return
     model_path = Path(model_paths[0])
@@ -180,7 +99,7 @@ def scan(model_paths: tuple[str, ...], data_spec: str, out: Path | None, workers
     data = fit_to_model(data, lm)
     nc = NeuralCleanse(**params, device=None)
     log.info("scan: %s (%s), %d clean images, %s schedule", model_path, lm.format, len(data), nc.schedule)
-    with _progress(nc, quiet) as callback:
+    with progress(nc, quiet) as callback:
         result = nc.scan(lm.model, data, callback=callback)
     _print_result(result, nc, len(data))
     if out is not None:
@@ -188,7 +107,7 @@ def scan(model_paths: tuple[str, ...], data_spec: str, out: Path | None, workers
         click.echo(f"reversed triggers and images written to {out}/")
     d = {"model": str(model_path), "probability": result.probability, "format": lm.format, "data": data.name, **result.to_dict()}
     if heatmap_path is not None:
-        d["heatmap"] = _heatmap(lm.model, data, result, heatmap_path, heatmap_target, out, nc.batch_size, seed)
+        d["heatmap"] = heatmap(lm.model, data, result, heatmap_path, heatmap_target, out, nc.batch_size, seed)
     write_json(json_path, d)
     if report_path is not None:
         from ..report import write_report
@@ -217,27 +136,3 @@ def _print_result(result: NeuralCleanseResult, nc: NeuralCleanse, n: int) -> Non
         click.echo(f"\nverdict: no backdoor found ({rule})\n{evid}")
     click.echo(f"{n} clean images ({result.details['n_optimisation']} optimised on, "
                f"{result.details['n_holdout']} held out), {result.seconds:.1f} s")
-
-
-def _heatmap(model, data, result: NeuralCleanseResult, path: Path, target: int | None, out: Path | None,
-             batch_size: int, seed: int) -> dict:
-    """``--heatmap``: the moving-window search on one label, its PNG and its final trigger."""
-    from ..defenses.model.heatmap import MovingWindowSearch
-    from ..errors import ConfigError
-    from ..metrics import attack_success_rate
-    from ..report._explain_plots import save_heatmap_png
-
-    if target is None:
-        target = result.flagged_labels[0] if result.flagged_labels else int(result.scores.argmax())
-    if not 0 <= target < data.num_classes:
-        raise ConfigError(f"--heatmap-target {target} is out of range for {data.num_classes} classes")
-    hm = MovingWindowSearch(batch_size=batch_size, seed=seed).explain(model, data, target)
-    asr = attack_success_rate(model, data, hm.trigger, target)
-    save_heatmap_png(hm, path, background=data.x[0], asr=asr)  # the figure printed below, not the search's own
-    r0, c0, r1, c1 = hm.bbox
-    click.echo(f"\nheat map for label {target} ({hm.window}x{hm.window} windows, stride {hm.stride}) written to "
-               f"{path}: peak at {hm.peak}, hot region rows {r0}-{r1 - 1}, cols {c0}-{c1 - 1}; the trigger found "
-               f"there has |a|_1 = {float(hm.trigger.l1_norm):.1f} and attack success {100 * asr:.1f}%")
-    if out is not None:
-        hm.trigger.save(out / "heatmap_trigger.safetensors")
-    return {**hm.to_dict(), "attack_success": asr}

@@ -74,7 +74,8 @@ def detection_metrics(scores: torch.Tensor | np.ndarray, is_poison: torch.Tensor
 
     Returns:
         A dict with ``auroc`` (None when only one class is present), ``n``, ``n_poison`` and,
-        with ``flagged``, ``precision``, ``recall``, ``f1``, ``fpr``, ``fnr``, ``n_flagged``.
+        with ``flagged``, ``precision``, ``recall``, ``f1``, ``fpr``, ``fnr``, ``n_flagged`` and
+        ``n_flagged_poison`` / ``n_flagged_clean`` (the flagged samples that are poisoned / clean).
     """
     from sklearn.metrics import roc_auc_score
 
@@ -91,10 +92,28 @@ def detection_metrics(scores: torch.Tensor | np.ndarray, is_poison: torch.Tensor
         fn, tn = int((~f & t).sum()), int((~f & ~t).sum())
         precision = tp / (tp + fp) if tp + fp else 0.0
         recall = tp / (tp + fn) if tp + fn else 0.0
-        out.update(n_flagged=int(f.sum()), precision=precision, recall=recall,
+        out.update(n_flagged=int(f.sum()), n_flagged_poison=tp, n_flagged_clean=fp, precision=precision, recall=recall,
                    f1=2 * precision * recall / (precision + recall) if precision + recall else 0.0,
                    fpr=fp / (fp + tn) if fp + tn else 0.0, fnr=fn / (tp + fn) if tp + fn else 0.0)
     return out
+
+
+def filter_rates(scores: torch.Tensor | np.ndarray, is_triggered: torch.Tensor | np.ndarray,
+                 flagged: torch.Tensor | np.ndarray) -> dict[str, float | None]:
+    """An input filter's decisions against the truth (:func:`detection_metrics`, in a filter's words).
+
+    Returns:
+        ``far``: false acceptance rate, the share of triggered inputs not flagged (None without
+        one); ``frr``: false rejection rate, the share of clean inputs flagged (None without
+        one); ``auroc`` of the scores.
+
+    Example:
+        >>> filter_rates(torch.tensor([0., 3., 1., 2.]), torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 1, 0]))
+        {'far': 0.5, 'frr': 0.5, 'auroc': 1.0}
+    """
+    m = detection_metrics(scores, is_triggered, flagged)
+    return {"far": m["fnr"] if m["n_poison"] else None, "frr": m["fpr"] if m["n"] > m["n_poison"] else None,
+            "auroc": m["auroc"]}
 
 
 def attack_evaluator(trigger: Trigger | None, target: int | torch.Tensor | Sequence[int] | None, test_data: ImageDataset,

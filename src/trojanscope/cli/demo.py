@@ -9,7 +9,7 @@ import click
 
 from ..demo import run_demo
 from . import cli
-from ._common import common_options, pick_device, table, write_json
+from ._common import columns, common_options, pick_device, table, write_json
 
 
 @cli.command()
@@ -20,9 +20,7 @@ def demo(out: Path, json_path: Path | None, seed: int, device: str | None) -> No
     """Train a clean and a BadNets model on mnist5k and run the defences on them."""
     t0 = time.perf_counter()
     ctx = run_demo(out, seed=seed, device=pick_device(device), on_step=lambda s: click.echo(f"... {s}", err=True))
-    cols: list[str] = []
-    for r in ctx.rows:
-        cols += [k for k in r if k not in cols]
+    cols = columns(ctx.rows)
     cols = [c for c in cols if c != "seconds"] + (["seconds"] if "seconds" in cols else [])
     click.echo(table(ctx.rows, cols, headers={"attack_success": "ASR", "accuracy": "CA", "frr": "FRR", "far": "FAR",
                                               "poison_removed": "poison removed", "clean_removed": "clean removed",

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .._utils.results import to_jsonable
 from ..defenses import DEFENSES, list_defenses
 from ..errors import ConfigError
 from ..pipeline import Pipeline, evaluator
 from . import cli
-from ._common import POSITIVE_INT, POSITIVE_FLOAT, NON_NEGATIVE_INT, common_options, fit_to_model, model_options, open_data, parse_trigger, table, write_json
-from ._surface import open_surface
+from ._common import columns, POSITIVE_INT, POSITIVE_FLOAT, NON_NEGATIVE_INT, common_options, fit_to_model, model_options, open_data, parse_trigger, table, write_json
 from ._common import parse_params
+from ._options import fill
+from ._surface import open_surface
 
 
 def parse_step(spec: str) -> tuple[str, dict[str, Any]]:
@@ -69,18 +68,14 @@ def pipeline(model_path: Path, steps: tuple[str, ...], fit_spec: str, train_spec
     specs = []
     for s in steps:
         name, params = parse_step(s)
-        if "seed" in DEFENSES.get(name).param_defaults():
-            params.setdefault("seed", seed)
-        specs.append((name, params))
+        specs.append((name, fill(DEFENSES.get(name), params, seed=seed)))
     pipe = Pipeline(specs, retrain=retrain, epochs=epochs, lr=lr, seed=seed)  # type: ignore[arg-type]
     res = pipe.run(surface.module, clean, train_data=train, evaluate=evaluator(test, trig, target))
     if out is not None:
         written = surface.write(res.model, out, extra={"defended_with": pipe.get_params()})
         click.echo(f"final model written to {written} ({surface.format})")
-        (out / "pipeline.json").write_text(json.dumps(to_jsonable(res.to_dict()), indent=2) + "\n")
-    cols: list[str] = []
-    for r in res.history:
-        cols += [k for k in r if k not in cols and k not in ("family",)]
+        write_json(out / "pipeline.json", res.to_dict())
+    cols = columns(res.history, skip=("family",))
     pct = [c for c in cols if c.startswith(("accuracy", "attack_success", "clean_rejected", "triggered_rejected"))]
     click.echo(table(res.history, cols, percent=pct))
     write_json(json_path, {"model": str(model_path), **res.to_dict()})

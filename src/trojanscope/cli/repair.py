@@ -6,7 +6,7 @@ The ``--method`` choices are the registry's repair family, so every repair modul
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,32 +15,23 @@ import click
 from .._utils.results import to_jsonable
 from ..defenses import DEFENSES, create, list_defenses
 from ..errors import ConfigError, DataError
-from ..triggers import Trigger
 from . import cli
+from ._common import columns, common_options, fit_to_model, model_options, open_data, table, write_json
+from ._options import defence_params, fill, takes
 from ._surface import open_surface
-from ._common import common_options, defence_params, fit_to_model, model_options, open_data, table, write_json
+
+log = logging.getLogger("trojanscope.repair")
 
 
-def load_scan_triggers(path: Path) -> dict[int, Trigger]:
-    """The flagged labels' reversed triggers from a directory written by ``scan --out`` (or its
-    ``scan.json``), as ``{label: Trigger}``."""
+def load_scan(path: Path) -> Any:
+    """A scan written by ``scan --out`` (:meth:`NeuralCleanseResult.load`), refused without its
+    reversed triggers (what a repair builds on)."""
     from ..defenses.model.neural_cleanse import NeuralCleanseResult
 
     res = NeuralCleanseResult.load(path)
     if len(res.triggers) != res.num_classes:
         raise DataError(f"{path}: the scan holds no reversed triggers")
-    return {k: res.triggers[k] for k in res.flagged_labels}
-
-
-def load_scan(path: Path):
-    """A directory written by ``scan --out`` as the bench's shared scan (flagged labels, the
-    scores and every label's reversed trigger), for the repairs that place a trigger from it."""
-    from ..bench import SharedScan
-
-    shared = SharedScan.load(path)
-    if len(shared.triggers) != shared.scores.numel():
-        raise DataError(f"{path}: the scan holds no reversed triggers")
-    return shared
+    return res
 
 
 def parse_position(value: Any) -> tuple[int, int]:
@@ -93,45 +84,26 @@ def repair(model_path: Path, method: str, data_spec: str, out: Path, train_bn_st
            params: tuple[str, ...], arch: str | None, input_shape: str | None, num_classes: int | None, json_path: Path | None, seed: int,
            device: str | None) -> None:
     """Repair MODEL with METHOD on clean data and write the repaired model to OUT."""
+    cls = DEFENSES.get(method)
+    kwargs = fill(cls, defence_params(method, params), seed=seed)
+    if cls.uses_scan == "never" and scan_path is not None:
+        raise ConfigError(f"--scan is not used by {method!r}; it takes no reversed trigger")
     data = open_data(data_spec, default_split="train")
     lm, surface = open_surface(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device,
                                data=data, freeze_bn=not train_bn_stats)
     data = fit_to_model(data, lm)
-    import logging
-
-    log = logging.getLogger("trojanscope.repair")
-    kwargs0 = defence_params(method, params)
-    cls = DEFENSES.get(method)
-    names = cls.param_defaults()
-    if "seed" in names:
-        kwargs0.setdefault("seed", seed)
-    if "position" in kwargs0 and kwargs0["position"] is not None:
-        kwargs0["position"] = parse_position(kwargs0["position"])
-    kwargs: dict[str, Any] = {}
-    if method == "distribution-unlearn":
-        for k, v in DISTRIBUTION_BUDGET.items():
-            kwargs0.setdefault(k, v)
-    if scan_path is not None:
-        if {"target", "position", "trigger_size"} <= set(names):
-            kwargs0.update(scan_placement(load_scan(scan_path), kwargs0, data.num_classes))
-            log.info("from the scan: target %s, a %sx%s trigger at %s", kwargs0["target"], kwargs0["trigger_size"],
-                     kwargs0["trigger_size"], kwargs0["position"])
-        elif cls.uses_scan != "never":
-            kwargs["scan"] = load_scan_triggers(scan_path)
-        else:
-            raise ConfigError(f"--scan is not used by {method!r}; it takes no reversed trigger")
-    defence = create(method, **kwargs0)
-    log.info("%s with %s", method, ", ".join(f"{k}={v}" for k, v in kwargs0.items()))
-    result = defence.repair(surface.module, data, **kwargs)
+    scan = None if scan_path is None else load_scan(scan_path)
+    kwargs, scan = _settings(cls, kwargs, scan, data.num_classes)
+    defence = create(method, **kwargs)
+    log.info("%s with %s", method, ", ".join(f"{k}={v}" for k, v in kwargs.items()))
+    result = defence.repair(surface.module, data, scan=scan)
     written = surface.write(result.model, out, extra={
         "repaired_with": {"method": method, "params": to_jsonable(defence.get_params())}})
     d = {"model": str(model_path), "method": method, "data": data.name, "out": str(out), "format": surface.format,
          "written": str(written), "reloaded": True, "surface": surface.to_dict(), **result.to_dict()}
-    (out / "repair.json").write_text(json.dumps(to_jsonable(d), indent=2) + "\n")
+    write_json(out / "repair.json", d)
     if result.history:
-        cols: list[str] = []
-        for r in result.history:
-            cols += [k for k in r if k not in cols]
+        cols = columns(result.history)
         click.echo(table(result.history, cols, percent=[c for c in ("accuracy", "attack_success") if c in cols]))
     if result.details.get("repaired") is False:
         click.echo(f"nothing repaired: {result.details.get('reason', '')}")
@@ -139,7 +111,26 @@ def repair(model_path: Path, method: str, data_spec: str, out: Path, train_bn_st
     write_json(json_path, d)
 
 
-def scan_placement(scan: Any, given: dict[str, Any], num_classes: int) -> dict[str, Any]:
+def _settings(cls: Any, kwargs: dict[str, Any], scan: Any, num_classes: int) -> tuple[dict[str, Any], Any]:
+    """The repair's settings and its ``scan=``. A repair that places a trigger of its own (it has
+    ``position`` and ``trigger_size`` settings: distribution-unlearn) gets the CLI's budget and,
+    from a scan, its target, size and place (:func:`scan_placement`) instead of the scan itself."""
+    if kwargs.get("position") is not None:
+        kwargs["position"] = parse_position(kwargs["position"])
+    if not (takes(cls, "position") and takes(cls, "trigger_size")):
+        return kwargs, scan
+    kwargs = {**DISTRIBUTION_BUDGET, **kwargs}
+    if scan is not None:
+        from ..bench import SharedScan
+
+        kwargs.update(scan_placement(SharedScan.from_result(scan), kwargs, num_classes,
+                                     cls.param_defaults()["trigger_size"]))
+        log.info("from the scan: target %s, a %sx%s trigger at %s", kwargs["target"], kwargs["trigger_size"],
+                 kwargs["trigger_size"], kwargs["position"])
+    return kwargs, None
+
+
+def scan_placement(scan: Any, given: dict[str, Any], num_classes: int, default_size: int) -> dict[str, Any]:
     """``target``, ``trigger_size`` and ``position`` for a trigger-distribution repair from a
     scan, as the bench takes them: the scan's flagged label, the side of the smallest square
     holding 80% of its reversed mask, and that square's top-left corner. Settings the user gave
@@ -159,7 +150,7 @@ def scan_placement(scan: Any, given: dict[str, Any], num_classes: int) -> dict[s
         if size is not None:
             out["trigger_size"] = size
         else:
-            size = DEFENSES.get("distribution-unlearn").param_defaults()["trigger_size"]
+            size = default_size
     if given.get("position") is None:
         from ..bench import mask_box
 

@@ -6,100 +6,39 @@ Exit codes: 0 no backdoor found, 1 a backdoor was found (so a CI pipeline can ga
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
 from ..defenses.model.neural_cleanse import NeuralCleanse, NeuralCleanseResult
-from ..triggers import save_png
 from . import cli
-from ._common import POSITIVE_INT, NON_NEGATIVE_INT, FiniteFloat, common_options, fit_to_model, model_options, open_data, open_model, table, write_json
+from ._common import NON_NEGATIVE_INT, common_options, fit_to_model, model_options, open_data, open_model, table, write_json
+from ._options import defence_options
+from ._scan_extras import EXIT_INFECTED, heatmap, progress, scan_population, write_scan_dir
 
-#: Exit code of ``scan`` when a backdoor is found.
-EXIT_INFECTED = 1
+#: The Neural Cleanse settings ``scan`` exposes, in order (types and defaults come from the class).
+NC_OPTIONS: dict[str, str | None] = {
+    "schedule": "Label schedule: every label to the end (the paper) or successive halving (labels whose trigger stays "
+                "large stop early: about 3x fewer image passes, but on the held-out digits population it raised "
+                "false positives, see benchmarks/README.md).",
+    "decision": "Verdict from the paper's MAD rule, or from the trojan probability (calibrated on a small generated "
+                "digits population; both are reported).",
+    "threshold": "With --decision probability: the probability above which a model is called backdoored.",
+    "mode": "Optimise all labels in one batch, or one label at a time (the paper's way).",
+    "epochs": "Maximum optimisation epochs per label.",
+    "steps_per_epoch": None,
+    "n_samples": "Clean images driving the optimisation (the rest measure attack success).",
+    "batch_size": "Most images in one forward pass.",
+    "outlier_scale": "The MAD test on the mask norms (the paper) or on their logarithms (wider margins when the clean "
+                     "labels' norms vary a lot, as on MNIST, but clean models' indices grow too: on mnist5k one of 20 "
+                     "clean scans reached 2.12; use it with --anomaly-threshold 3).",
+    "anomaly_threshold": "A label below the median norm is flagged when its anomaly index exceeds this (the paper: 2).",
+}
 
 log = logging.getLogger("trojanscope.scan")
-
-
-def _bar_enabled(quiet: bool) -> bool:
-    """Progress bars go to stderr, only on a terminal and without --quiet."""
-    return not quiet and sys.stderr.isatty()
-
-
-@contextlib.contextmanager
-def _progress(nc: NeuralCleanse, quiet: bool) -> Iterator[Any]:
-    """A progress bar over the optimisation's epochs (stderr, a terminal only); yields the callback."""
-    if not _bar_enabled(quiet):
-        yield None
-        return
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=nc.epochs, desc="scan", unit="epoch", file=sys.stderr, leave=False)
-
-    def cb(info: dict[str, Any]) -> None:
-        bar.update(info["epoch"] - bar.n)
-        bar.set_postfix(labels=len(info["targets"]))
-
-    try:
-        yield cb
-    finally:
-        bar.close()
-
-
-def _scan_population(models: list[Path], data: Any, params: dict[str, Any], *, out: Path | None, workers: int,
-                     address: str | None, backend: str, quiet: bool, json_path: Path | None) -> None:
-    """Scan each model, one row per model; exit 2 only when every model failed."""
-    from ..errors import ConfigError
-    from ..population import scan_population
-
-    if backend == "ray" and workers == 1:
-        raise ConfigError("--backend ray needs --workers 2 or more")
-    bar = None
-    if _bar_enabled(quiet):
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(models), desc="scan", unit="model", file=sys.stderr)
-
-    def on_row(row: dict[str, Any]) -> None:
-        if bar is not None:
-            bar.update(1)
-        log.info("%s: %s", row["file"], row["error"] or f"probability {row['probability']:.3f}")
-
-    rows = scan_population(models, data, params, workers=workers, out=out, address=address,
-                           backend="auto" if backend == "auto" else backend, on_row=on_row)
-    if bar is not None:
-        bar.close()
-    echo = click.echo if str(json_path) != "-" else (lambda m: click.echo(m, err=True))
-    echo(table(rows, ["file", "probability", "verdict", "flagged_labels", "seconds", "error"],
-               headers={"flagged_labels": "flagged"}))
-    failed = sum(r["verdict"] == "error" for r in rows)
-    found = sum(r["verdict"] == "backdoor" for r in rows)
-    echo(f"\n{len(rows)} models: {found} backdoored, {len(rows) - found - failed} clean, {failed} failed"
-         + (f"; table in {out / 'scan.csv'}" if out is not None else ""))
-    write_json(json_path, rows)
-    if failed == len(rows):
-        click.echo("error: every model failed to scan", err=True)
-        click.get_current_context().exit(2)
-    if found:
-        click.get_current_context().exit(EXIT_INFECTED)
-
-
-def write_scan_dir(result: NeuralCleanseResult, out: Path, example) -> None:
-    """Write the result (:meth:`NeuralCleanseResult.save`: ``scan.json`` and ``scan.safetensors``,
-    what ``repair --scan`` reads), each label's reversed trigger as a trigger file
-    (``trigger_K.safetensors``, for ``evaluate --trigger``) and PNGs of its mask, pattern and a
-    stamped example (``label_K_{mask,pattern,stamped}.png``)."""
-    result.save(out)
-    for k, t in enumerate(result.triggers):
-        t.save(out / f"trigger_{k}.safetensors")
-        save_png(t.mask[None], out / f"label_{k}_mask.png", scale=8)
-        save_png(t.pattern, out / f"label_{k}_pattern.png", scale=8)
-        save_png(t.apply(example), out / f"label_{k}_stamped.png", scale=8)
 
 
 @cli.command()
@@ -116,29 +55,8 @@ def write_scan_dir(result: NeuralCleanseResult, out: Path, example) -> None:
 @click.option("--address", default=None, help="Ray cluster to use (ray://HOST:PORT); default: RAY_ADDRESS, else local.")
 @click.option("--backend", type=click.Choice(["auto", "ray", "processes"]), default="auto", show_default=True,
               help="How --workers fans out.")
-@click.option("--schedule", type=click.Choice(["halving", "all"]), default="all", show_default=True,
-              help="Label schedule: every label to the end (the paper) or successive halving (labels whose "
-                   "trigger stays large stop early: about 3x fewer image passes, but on the held-out digits "
-                   "population it raised false positives, see benchmarks/README.md).")
-@click.option("--decision", type=click.Choice(["probability", "mad"]), default="mad", show_default=True,
-              help="Verdict from the paper's MAD rule, or from the trojan probability (calibrated on a small "
-                   "generated digits population; both are reported).")
-@click.option("--threshold", type=FiniteFloat(), default=0.5, show_default=True,
-              help="With --decision probability: the probability above which a model is called backdoored.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@click.option("--mode", type=click.Choice(["batched", "sequential"]), default="batched", show_default=True,
-              help="Optimise all labels in one batch, or one label at a time (the paper's way).")
-@click.option("--epochs", type=POSITIVE_INT, default=80, show_default=True, help="Maximum optimisation epochs per label.")
-@click.option("--steps-per-epoch", type=POSITIVE_INT, default=2, show_default=True)
-@click.option("--n-samples", type=POSITIVE_INT, default=320, show_default=True,
-              help="Clean images driving the optimisation (the rest measure attack success).")
-@click.option("--batch-size", type=POSITIVE_INT, default=4096, show_default=True, help="Most images in one forward pass.")
-@click.option("--outlier-scale", type=click.Choice(["l1", "log"]), default="l1", show_default=True,
-              help="The MAD test on the mask norms (the paper) or on their logarithms (wider margins when the "
-                   "clean labels' norms vary a lot, as on MNIST, but clean models' indices grow too: on mnist5k "
-                   "one of 20 clean scans reached 2.12; use it with --anomaly-threshold 3).")
-@click.option("--anomaly-threshold", type=FiniteFloat(), default=2.0, show_default=True,
-              help="A label below the median norm is flagged when its anomaly index exceeds this (the paper: 2).")
+@defence_options("neural-cleanse", NC_OPTIONS)
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write a self-contained HTML report (anomaly indices, trigger sizes, reversed triggers).")
 @click.option("--heatmap", "heatmap_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -148,11 +66,9 @@ def write_scan_dir(result: NeuralCleanseResult, out: Path, example) -> None:
 @model_options
 @common_options
 def scan(model_paths: tuple[str, ...], data_spec: str, out: Path | None, workers: int, address: str | None,
-         backend: str, schedule: str, decision: str, threshold: float, quiet: bool, mode: str, epochs: int,
-         steps_per_epoch: int, n_samples: int, batch_size: int, outlier_scale: str, anomaly_threshold: float,
-         report_path: Path | None, heatmap_path: Path | None, heatmap_target: int | None, arch: str | None,
-         input_shape: str | None, num_classes: int | None, json_path: Path | None, seed: int,
-         device: str | None) -> None:
+         backend: str, quiet: bool, params: dict[str, Any], report_path: Path | None, heatmap_path: Path | None,
+         heatmap_target: int | None, arch: str | None, input_shape: str | None, num_classes: int | None,
+         json_path: Path | None, seed: int, device: str | None) -> None:
     """Scan MODEL for a backdoor with Neural Cleanse; or each model of a population.
 
     MODEL is a trojanscope model directory, a torch.export .pt2 program or a TorchScript file
@@ -171,24 +87,39 @@ def scan(model_paths: tuple[str, ...], data_spec: str, out: Path | None, workers
     from ..population import expand_models
 
     data = open_data(data_spec, default_split="val")
-    params = dict(epochs=epochs, steps_per_epoch=steps_per_epoch, n_samples=n_samples, mode=mode,
-                  batch_size=batch_size, outlier_scale=outlier_scale, anomaly_threshold=anomaly_threshold, seed=seed,
-                  schedule=schedule, decision=decision, threshold=threshold)
-    NeuralCleanse(**params)._validate_params()  # type: ignore[arg-type]
+    params = {**params, "seed": seed}
+    NeuralCleanse(**params)._validate_params()
     single = len(model_paths) == 1 and (Path(model_paths[0]).is_file() or (Path(model_paths[0]) / "model.safetensors").exists())
     if not single:
-        _scan_population(expand_models(list(model_paths)), data, params, out=out, workers=workers, address=address,
+        scan_population(expand_models(list(model_paths)), data, params, out=out, workers=workers, address=address,
                          backend=backend, quiet=quiet, json_path=json_path)
         return
     model_path = Path(model_paths[0])
     lm = open_model(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device, data=data)
     data = fit_to_model(data, lm)
-    nc = NeuralCleanse(**params, device=None)  # type: ignore[arg-type]
-    log.info("scan: %s (%s), %d clean images, %s schedule", model_path, lm.format, len(data), schedule)
-    with _progress(nc, quiet) as callback:
+    nc = NeuralCleanse(**params, device=None)
+    log.info("scan: %s (%s), %d clean images, %s schedule", model_path, lm.format, len(data), nc.schedule)
+    with progress(nc, quiet) as callback:
         result = nc.scan(lm.model, data, callback=callback)
-    rows = result.labels()
-    click.echo(table(rows, ["label", "l1_norm", "anomaly_index", "attack_success", "flagged"],
+    _print_result(result, nc, len(data))
+    if out is not None:
+        write_scan_dir(result, out, data.x[0])
+        click.echo(f"reversed triggers and images written to {out}/")
+    d = {"model": str(model_path), "probability": result.probability, "format": lm.format, "data": data.name, **result.to_dict()}
+    if heatmap_path is not None:
+        d["heatmap"] = heatmap(lm.model, data, result, heatmap_path, heatmap_target, out, nc.batch_size, seed)
+    write_json(json_path, d)
+    if report_path is not None:
+        from ..report import write_report
+
+        click.echo(f"report: {write_report(report_path, [('Neural Cleanse', result)], title=f'scan of {model_path}')}")
+    if result.infected:
+        click.get_current_context().exit(EXIT_INFECTED)
+
+
+def _print_result(result: NeuralCleanseResult, nc: NeuralCleanse, n: int) -> None:
+    """The per-label table, the verdict and the evidence behind it."""
+    click.echo(table(result.labels(), ["label", "l1_norm", "anomaly_index", "attack_success", "flagged"],
                      headers={"l1_norm": "|m|_1", "anomaly_index": "anomaly index", "attack_success": "attack success"},
                      percent=["attack_success"]))
     ev = result.evidence
@@ -200,45 +131,8 @@ def scan(model_paths: tuple[str, ...], data_spec: str, out: Path | None, workers
         click.echo(f"\nverdict: BACKDOOR FOUND; target label(s): {labels}\n{evid}")
     else:
         below = [float(result.anomaly_indices[k]) for k in range(result.num_classes) if float(result.scores[k]) > 0]
-        rule = (f"probability {result.probability:.3f} <= {threshold:g}" if decision == "probability" else
+        rule = (f"probability {result.probability:.3f} <= {nc.threshold:g}" if nc.decision == "probability" else
                 f"largest anomaly index below the median: {max(below, default=0.0):.2f} <= {nc.anomaly_threshold:g}")
         click.echo(f"\nverdict: no backdoor found ({rule})\n{evid}")
-    click.echo(f"{len(data)} clean images ({result.details['n_optimisation']} optimised on, "
+    click.echo(f"{n} clean images ({result.details['n_optimisation']} optimised on, "
                f"{result.details['n_holdout']} held out), {result.seconds:.1f} s")
-    if out is not None:
-        write_scan_dir(result, out, data.x[0])
-        click.echo(f"reversed triggers and images written to {out}/")
-    d = {"model": str(model_path), "probability": result.probability, "format": lm.format, "data": data.name, **result.to_dict()}
-    if heatmap_path is not None:
-        d["heatmap"] = _heatmap(lm.model, data, result, heatmap_path, heatmap_target, out, batch_size, seed)
-    write_json(json_path, d)
-    if report_path is not None:
-        from ..report import write_report
-
-        click.echo(f"report: {write_report(report_path, [('Neural Cleanse', result)], title=f'scan of {model_path}')}")
-    if result.infected:
-        click.get_current_context().exit(EXIT_INFECTED)
-
-
-def _heatmap(model, data, result: NeuralCleanseResult, path: Path, target: int | None, out: Path | None,
-             batch_size: int, seed: int) -> dict:
-    """``--heatmap``: the moving-window search on one label, its PNG and its final trigger."""
-    from ..defenses.model.heatmap import MovingWindowSearch
-    from ..errors import ConfigError
-    from ..metrics import attack_success_rate
-    from ..report._explain_plots import save_heatmap_png
-
-    if target is None:
-        target = result.flagged_labels[0] if result.flagged_labels else int(result.scores.argmax())
-    if not 0 <= target < data.num_classes:
-        raise ConfigError(f"--heatmap-target {target} is out of range for {data.num_classes} classes")
-    hm = MovingWindowSearch(batch_size=batch_size, seed=seed).explain(model, data, target)
-    asr = attack_success_rate(model, data, hm.trigger, target)
-    save_heatmap_png(hm, path, background=data.x[0], asr=asr)  # the figure printed below, not the search's own
-    r0, c0, r1, c1 = hm.bbox
-    click.echo(f"\nheat map for label {target} ({hm.window}x{hm.window} windows, stride {hm.stride}) written to "
-               f"{path}: peak at {hm.peak}, hot region rows {r0}-{r1 - 1}, cols {c0}-{c1 - 1}; the trigger found "
-               f"there has |a|_1 = {float(hm.trigger.l1_norm):.1f} and attack success {100 * asr:.1f}%")
-    if out is not None:
-        hm.trigger.save(out / "heatmap_trigger.safetensors")
-    return {**hm.to_dict(), "attack_success": asr}

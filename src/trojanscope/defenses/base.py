@@ -176,6 +176,12 @@ class DataSanitizer(Defense):
     family: ClassVar[str] = "data"
     uses_trusted: ClassVar[bool] = False  #: True when ``inspect`` takes a trusted clean set
 
+    @property
+    def trains_models(self) -> bool:
+        """Whether ``inspect``, with these settings, trains models of its own (re-initialised copies
+        of the given one, e.g. for exclusionary reclassification); False unless a sanitiser says so."""
+        return False
+
     def inspect(self, model: nn.Module, dataset: ImageDataset, *,
                 trusted: ImageDataset | None = None) -> "SanitizeResult":
         """Score every sample of ``dataset`` and flag the ones judged poisoned."""

@@ -279,6 +279,11 @@ class ActivationClustering(DataSanitizer):
         self.seed = seed
         self.device = device
 
+    @property
+    def trains_models(self) -> bool:
+        """True when ``inspect`` trains models of its own (the automatic mode and exclusionary reclassification retrain)."""
+        return self.mode == "auto" or self.analysis == "exclusionary-reclassification"
+
     def _inspect(self, model: nn.Module, dataset: ImageDataset, *, trusted: ImageDataset | None) -> ClusteringResult:
         """Cluster every label's activations and flag the clusters judged poisoned."""
         feats = features(model, dataset, self.layer, batch_size=self.batch_size, device=self.device).double()

@@ -105,6 +105,11 @@ class ProvenanceFilter(DataSanitizer):
         self.seed = seed
         self.device = device
 
+    @property
+    def trains_models(self) -> bool:
+        """True when ``inspect`` trains models of its own (each segment is judged by training with and without it)."""
+        return True
+
     def _inspect(self, model: nn.Module, dataset: ImageDataset, *, trusted: ImageDataset | None) -> ProvenanceResult:
         """Judge every provenance segment of ``dataset`` (its ``groups``) and flag the samples of the
         poisoned ones; ``trusted`` is the trusted clean evaluation set (the trusted variant), or

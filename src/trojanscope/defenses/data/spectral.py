@@ -234,6 +234,11 @@ class SpectralSignatures(DataSanitizer):
         self.seed = seed
         self.device = device
 
+    @property
+    def trains_models(self) -> bool:
+        """True when ``inspect`` trains models of its own (the automatic mode confirms each label by reclassification)."""
+        return self.mode == "auto"
+
     def _inspect(self, model: nn.Module, dataset: ImageDataset, *, trusted: ImageDataset | None) -> SpectralResult:
         """Score every sample by :func:`spectral_scores` and flag the ones judged poisoned."""
         feats = features(model, dataset, self.layer, batch_size=self.batch_size, device=self.device)

@@ -31,7 +31,7 @@ def _same(a, b) -> bool:
 
 @pytest.mark.parametrize("name, cls", REGISTERED, ids=IDS)
 def test_default_constructible_and_params_stored_verbatim(name, cls):
-    assert issubclass(cls, Defense) and cls.family in ("model", "data", "input", "repair")
+    assert issubclass(cls, Defense) and cls.family in ("model", "data", "input", "repair", "explain")
     assert name in list_defenses(cls.family)
     defaults = _defaults(cls)
     assert all(v is not inspect.Parameter.empty for v in defaults.values()), f"{name}: every argument needs a default"

@@ -18,7 +18,7 @@ from ._utils.batching import DeviceLike, predict
 from ._utils.results import Result
 from .data.dataset import ImageDataset
 from .errors import DataError
-from .triggers import Trigger
+from .triggers import Trigger, success_rate
 
 
 def clean_accuracy(model: nn.Module, data: ImageDataset, *, batch_size: int = 256, device: DeviceLike = None) -> float:
@@ -57,9 +57,8 @@ def attack_success_rate(model: nn.Module, data: ImageDataset, trigger: Trigger, 
         keep &= torch.isin(data.y, torch.as_tensor(list(source_labels), dtype=torch.long))
     if not bool(keep.any()):
         raise DataError("no test samples to measure attack success on (all are of the target or non-source labels)")
-    x = trigger.apply(data.x[keep])
-    pred = predict(model, x, batch_size=batch_size, device=device)
-    return float((pred == tgt[keep]).float().mean())
+    return float(success_rate(model, data.x, data.y, trigger, tgt, where=keep, batch_size=batch_size,
+                              device=device)[0])
 
 
 def detection_metrics(scores: torch.Tensor | np.ndarray, is_poison: torch.Tensor | np.ndarray,

@@ -48,7 +48,7 @@ from ..._utils.validation import Interval, Options, Types
 from ...data.dataset import ImageDataset, stratified_split
 from ...errors import DataError, UnsupportedModelError
 from ...training import fine_tune
-from ...triggers import Trigger
+from ...triggers import Trigger, TriggerBatch, success_rate
 from .._triggers import label_triggers, resolve_triggers
 from ..base import Monitor, Repair, RepairResult, ScanUse, register
 
@@ -85,14 +85,10 @@ class _NCRepair(Repair):
 def reversed_attack_success(model: nn.Module, data: ImageDataset, triggers: Mapping[int, Trigger], *,
                             batch_size: int = 256, device: DeviceLike = None) -> float:
     """The largest attack success of the reversed triggers on ``data`` (inputs of other labels)."""
-    best = 0.0
-    for label, t in triggers.items():
-        keep = data.y != label
-        if not bool(keep.any()):
-            continue
-        pred = predict(model, t.apply(data.x[keep]), batch_size=batch_size, device=device)
-        best = max(best, float((pred == label).float().mean()))
-    return best
+    batch = TriggerBatch.from_triggers(list(triggers.values()), list(triggers))
+    rates = success_rate(model, data.x, data.y, batch, batch_size=batch_size, device=device)
+    rates = rates[~torch.isnan(rates)]
+    return max(0.0, float(rates.max())) if rates.numel() else 0.0
 
 
 def _accuracy(model: nn.Module, data: ImageDataset, batch_size: int, device: DeviceLike) -> float:

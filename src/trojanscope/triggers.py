@@ -12,8 +12,9 @@ all such pairs.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,7 @@ ImageShape = tuple[int, int, int]
 def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
     """The trigger formula ``x' = (1 - mask) * x + mask * pattern``, broadcast as torch broadcasts.
 
-    The one place the formula is written: :meth:`Trigger.apply`, :class:`TriggerBatch`, the
-    defences' optimisers (differentiable in ``mask`` and ``pattern``) and the attacks use it.
+    The toolkit's one copy of the formula (differentiable in ``mask`` and ``pattern``).
 
     Example:
         >>> stamp(torch.zeros(1, 2, 2), torch.tensor([[1.0, 0.0], [0.0, 0.5]]), torch.ones(1, 2, 2)).tolist()
@@ -274,20 +274,11 @@ class Trigger:
     @classmethod
     def load(cls, path: str | Path) -> "Trigger":
         """Read a trigger written by :meth:`save`."""
-        from safetensors import SafetensorError, safe_open
-
-        from ._utils.limits import require_regular_file
-
-        p = require_regular_file(path, "trigger file")
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                meta = f.metadata() or {}
-                keys = set(f.keys())
-                if not {"mask", "pattern"} <= keys:
-                    raise DataError(f"{p} is not a trigger file (needs tensors 'mask' and 'pattern')")
-                return cls(f.get_tensor("mask"), f.get_tensor("pattern"), meta.get("name", p.stem))
-        except (SafetensorError, OSError, json.JSONDecodeError) as e:
-            raise DataError(f"cannot read trigger file {p}: {e}") from None
+        with _safetensors(path, "trigger file") as (p, f):
+            meta = f.metadata() or {}
+            if not {"mask", "pattern"} <= set(f.keys()):
+                raise DataError(f"{p} is not a trigger file (needs tensors 'mask' and 'pattern')")
+            return cls(f.get_tensor("mask"), f.get_tensor("pattern"), meta.get("name", p.stem))
 
     def save_png(self, path: str | Path, *, scale: int = 8) -> None:
         """Write the trigger as an RGBA PNG (colour = pattern, alpha = mask), upscaled ``scale`` x."""
@@ -375,6 +366,11 @@ class TriggerBatch:
         return cls(torch.stack([t.mask for t in ts]), torch.stack([t.pattern for t in ts]),
                    torch.as_tensor(labels, dtype=torch.long).flatten(), tuple(t.name for t in ts))
 
+    def select(self, index: Sequence[int]) -> "TriggerBatch":
+        """The sub-batch of the triggers at ``index``."""
+        i = torch.as_tensor(list(index), dtype=torch.long)
+        return TriggerBatch(self.masks[i], self.patterns[i], self.labels[i], tuple(self.names[k] for k in i.tolist()))
+
     def _on(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if tuple(x.shape[-3:]) != self.shape:
             raise DataError(f"triggers of shape {self.shape} cannot be applied to inputs of shape {tuple(x.shape[-3:])}")
@@ -405,27 +401,35 @@ class TriggerBatch:
     @classmethod
     def load(cls, path: str | Path) -> "TriggerBatch":
         """Read a batch written by :meth:`save`; a file of another layout, shape or dtype is a DataError."""
-        from safetensors import SafetensorError, safe_open
+        with _safetensors(path, "trigger batch file") as (p, f):
+            meta = f.metadata() or {}
+            if meta.get("format") != _BATCH_FORMAT or set(f.keys()) != {"masks", "patterns", "labels"}:
+                raise DataError(f"{p} is not a trigger batch file (written by TriggerBatch.save)")
+            for k, (dtype, ndim) in {"masks": ("F32", 3), "patterns": ("F32", 4), "labels": ("I64", 1)}.items():
+                sl = f.get_slice(k)
+                if sl.get_dtype() != dtype or len(sl.get_shape()) != ndim:
+                    raise DataError(f"{p}: {k} must be a {ndim}-d {dtype} tensor")
+            names = json.loads(meta.get("names", "[]"))
+            if not isinstance(names, list):
+                raise DataError(f"{p}: its names must be a list")
+            return cls(f.get_tensor("masks"), f.get_tensor("patterns"), f.get_tensor("labels"), tuple(names))
 
-        from ._utils.limits import require_regular_file
 
-        p = require_regular_file(path, "trigger batch file")
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("format") != _BATCH_FORMAT or set(f.keys()) != {"masks", "patterns", "labels"}:
-                    raise DataError(f"{p} is not a trigger batch file (written by TriggerBatch.save)")
-                want = {"masks": ("F32", 3), "patterns": ("F32", 4), "labels": ("I64", 1)}
-                for k, (dtype, ndim) in want.items():
-                    sl = f.get_slice(k)
-                    if sl.get_dtype() != dtype or len(sl.get_shape()) != ndim:
-                        raise DataError(f"{p}: {k} must be a {ndim}-d {dtype} tensor")
-                names = json.loads(meta.get("names", "[]"))
-                if not isinstance(names, list):
-                    raise DataError(f"{p}: its names must be a list")
-                return cls(f.get_tensor("masks"), f.get_tensor("patterns"), f.get_tensor("labels"), tuple(names))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise DataError(f"cannot read trigger batch file {p}: {e}") from None
+@contextlib.contextmanager
+def _safetensors(path: str | Path, what: str) -> Iterator[tuple[Path, Any]]:
+    """``(path, open safetensors file)``; a file that is not regular or not safetensors is a DataError."""
+    from safetensors import SafetensorError, safe_open
+
+    from ._utils.limits import require_regular_file
+
+    p = require_regular_file(path, what)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            yield p, f
+    except DataError:
+        raise
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DataError(f"cannot read {what} {p}: {e}") from None
 
 
 _BATCH_FORMAT = "trojanscope.trigger-batch"
@@ -483,19 +487,14 @@ def success_rate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None
         if where is not None:
             keep &= where
         if bool(keep.any()):
-            pred = stamped_predictions(model, x[keep], _slice(batch, j), batch_size=batch_size, device=device)[0]
+            pred = stamped_predictions(model, x[keep], batch.select([j]), batch_size=batch_size, device=device)[0]
             out[j] = (pred == tgt[keep]).float().mean()
     return out
-
-
-def _slice(batch: TriggerBatch, j: int) -> TriggerBatch:
-    return TriggerBatch(batch.masks[j:j + 1], batch.patterns[j:j + 1], batch.labels[j:j + 1], batch.names[j:j + 1])
 
 
 def _as_batch(triggers: Trigger | TriggerBatch) -> TriggerBatch:
     if isinstance(triggers, TriggerBatch):
         return triggers
     if isinstance(triggers, Trigger):
-        return TriggerBatch(triggers.mask[None], triggers.pattern[None], torch.zeros(1, dtype=torch.long),
-                            (triggers.name,))
+        return TriggerBatch(triggers.mask[None], triggers.pattern[None], torch.zeros(1, dtype=torch.long), (triggers.name,))
     raise DataError(f"expected a Trigger or a TriggerBatch, got {type(triggers).__name__}")

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ._utils.batching import generator
 from ._utils.images import (_to_channels, _resize, parse_color, parse_size, place, read_image, save_png,
                              sticker_size)
 from .errors import ConfigError, DataError
@@ -176,9 +177,9 @@ class Trigger:
         return cls(torch.full((H, W), float(alpha)), img, f"{name}:{alpha:g}")
 
     @classmethod
-    def noise(cls, image_shape: ImageShape, alpha: float = 0.2, *, seed: int = 0) -> "Trigger":
-        """Uniform random noise blended over the whole input with transparency ``alpha``."""
-        g = torch.Generator().manual_seed(int(seed))
+    def noise(cls, image_shape: ImageShape, alpha: float = 0.2, *, seed: int | None = 0) -> "Trigger":
+        """Uniform noise (``seed`` None: fresh) blended over the whole input with transparency ``alpha``."""
+        g = generator(seed)
         return cls.blend(torch.rand(image_shape, generator=g), image_shape, alpha, name="blend:noise")
 
     @classmethod
@@ -339,7 +340,7 @@ class TriggerBatch:
     def __getitem__(self, j: int) -> Trigger:
         return Trigger(self.masks[j], self.patterns[j], self.names[j])
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[Trigger]:
         return (self[j] for j in range(len(self)))
 
     def __repr__(self) -> str:
@@ -433,7 +434,6 @@ def _safetensors(path: str | Path, what: str) -> Iterator[tuple[Path, Any]]:
 
 
 _BATCH_FORMAT = "trojanscope.trigger-batch"
-
 
 # --- attack success -------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._utils.batching import DeviceLike, predict
+from ._utils.batching import DeviceLike, accuracy
 from ._utils.results import Result
 from .data.dataset import ImageDataset
 from .errors import DataError
@@ -25,8 +25,7 @@ def clean_accuracy(model: nn.Module, data: ImageDataset, *, batch_size: int = 25
     """Top-1 accuracy of ``model`` on ``data``."""
     if len(data) == 0:
         raise DataError("cannot compute accuracy on an empty dataset")
-    pred = predict(model, data.x, batch_size=batch_size, device=device)
-    return float((pred == data.y).float().mean())
+    return accuracy(model, data, batch_size=batch_size, device=device)
 
 
 def target_labels(y: torch.Tensor, target: int | torch.Tensor | Sequence[int], num_classes: int) -> torch.Tensor:

@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..._utils.batching import DeviceLike, activations, generator, predict
+from ..._utils.batching import DeviceLike, accuracy, activations, generator
 from ..._utils.masking import unit_layer
 from ..._utils.hooks import resolve_layer
 from ..._utils.validation import Interval, Options, Types
@@ -89,10 +89,6 @@ def reversed_attack_success(model: nn.Module, data: ImageDataset, triggers: Mapp
     rates = success_rate(model, data.x, data.y, batch, batch_size=batch_size, device=device)
     rates = rates[~torch.isnan(rates)]
     return max(0.0, float(rates.max())) if rates.numel() else 0.0
-
-
-def _accuracy(model: nn.Module, data: ImageDataset, batch_size: int, device: DeviceLike) -> float:
-    return float((predict(model, data.x, batch_size=batch_size, device=device) == data.y).float().mean())
 
 
 # --- neuron pruning --------------------------------------------------------------------------
@@ -218,7 +214,7 @@ class NeuronPruning(_NCRepair):
         limit = max(1, math.floor(self.max_ratio * d + 1e-9))
 
         def point(k: int) -> dict[str, Any]:
-            row = {"ratio": k / d, "n_pruned": k, "accuracy": _accuracy(net, data, self.batch_size, self.device),
+            row = {"ratio": k / d, "n_pruned": k, "accuracy": accuracy(net, data, batch_size=self.batch_size, device=self.device),
                    "attack_success": reversed_attack_success(net, data, trig, batch_size=self.batch_size,
                                                              device=self.device)}
             return {**row, **monitor(net)} if monitor is not None else row
@@ -343,7 +339,7 @@ class Unlearning(_NCRepair):
             return _not_repaired(net, details)
 
         def point(step: str) -> dict[str, Any]:
-            row = {"step": step, "accuracy": _accuracy(net, data, 256, self.device),
+            row = {"step": step, "accuracy": accuracy(net, data, batch_size=256, device=self.device),
                    "attack_success": reversed_attack_success(net, data, trig, batch_size=256, device=self.device)}
             return {**row, **monitor(net)} if monitor is not None else row
 

@@ -42,18 +42,27 @@ def target_labels(y: torch.Tensor, target: int | torch.Tensor | Sequence[int], n
     return tmap[y]
 
 
+def attack_inputs(data: ImageDataset, target: int | torch.Tensor | Sequence[int], *,
+                  source_labels: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keep, targets)``: which inputs of ``data`` an attack's success is counted over (true label
+    not its target and, for a source-specific attack, one of ``source_labels``), and the ``(N,)``
+    target of each input (see :func:`target_labels`)."""
+    tgt = target_labels(data.y, target, data.num_classes)
+    keep = data.y != tgt
+    if source_labels is not None:
+        keep &= torch.isin(data.y, torch.as_tensor(list(source_labels), dtype=torch.long))
+    return keep, tgt
+
+
 def attack_success_rate(model: nn.Module, data: ImageDataset, trigger: Trigger, target: int | torch.Tensor | Sequence[int],
                         *, source_labels: Sequence[int] | None = None, batch_size: int = 256,
                         device: DeviceLike = None) -> float:
     """Share of stamped test inputs classified as the attacker's target.
 
-    Counted over samples whose true label differs from their target and, for a source-specific
-    attack, whose true label is one of ``source_labels``.
+    Counted over the inputs :func:`attack_inputs` keeps; the kernel is
+    :func:`trojanscope.triggers.success_rate`.
     """
-    tgt = target_labels(data.y, target, data.num_classes)
-    keep = data.y != tgt
-    if source_labels is not None:
-        keep &= torch.isin(data.y, torch.as_tensor(list(source_labels), dtype=torch.long))
+    keep, tgt = attack_inputs(data, target, source_labels=source_labels)
     if not bool(keep.any()):
         raise DataError("no test samples to measure attack success on (all are of the target or non-source labels)")
     return float(success_rate(model, data.x, data.y, trigger, tgt, where=keep, batch_size=batch_size,

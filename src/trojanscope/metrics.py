@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._utils.batching import DeviceLike, accuracy
+from ._utils.batching import DeviceLike, accuracy, predict  # noqa: F401  (predict: callers reach it as metrics.predict)
 from ._utils.results import Result
 from .data.dataset import ImageDataset
 from .errors import DataError

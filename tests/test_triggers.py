@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from trojanscope.errors import ConfigError, DataError
-from trojanscope.triggers import Trigger, parse_color, place, read_image, save_png
+from trojanscope.triggers import Trigger, TriggerBatch, parse_color, place, read_image, save_png
 
 
 def test_formula_against_a_hand_computation():
@@ -194,3 +194,64 @@ def test_repr_is_short():
     t = Trigger.square((3, 64, 64), 4)
     r = repr(t)
     assert r == "Trigger('square:4:white:bottom-right', shape=(3, 64, 64), l1_norm=16)" and "tensor" not in r
+
+
+# --- TriggerBatch and the success kernels -------------------------------------------------------
+
+def _batch() -> TriggerBatch:
+    g = torch.Generator().manual_seed(0)
+    return TriggerBatch(torch.rand(3, 4, 4, generator=g), torch.rand(3, 2, 4, 4, generator=g), torch.tensor([0, 2, 1]))
+
+
+def test_batch_apply_is_each_trigger_apply():
+    b = _batch()
+    x = torch.rand(5, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    out = b.apply(x)
+    assert out.shape == (3, 5, 2, 4, 4)
+    for j, t in enumerate(b):
+        assert torch.equal(out[j], t.apply(x)) and t.name == f"trigger:label{int(b.labels[j])}"
+    assert torch.equal(b.apply_flat(x), out.reshape(15, 2, 4, 4))
+    assert torch.equal(b.apply_each(x[:3]), torch.stack([b[j].apply(x[j]) for j in range(3)]))
+    back = TriggerBatch.from_triggers(list(b), b.labels)
+    assert torch.equal(back.masks, b.masks) and torch.equal(back.patterns, b.patterns) and back.names == b.names
+    with pytest.raises(DataError):
+        b.apply(torch.zeros(1, 3, 4, 4))
+
+
+def test_batch_save_load_round_trip_and_bad_files(tmp_path):
+    b = _batch()
+    b.save(tmp_path / "b.safetensors")
+    back = TriggerBatch.load(tmp_path / "b.safetensors")
+    assert torch.equal(back.masks, b.masks) and torch.equal(back.labels, b.labels) and back.names == b.names
+    from safetensors.torch import save_file
+
+    bad = {"masks": torch.rand(3, 4, 4), "patterns": torch.rand(3, 2, 4, 5), "labels": torch.zeros(3, dtype=torch.long)}
+    save_file(bad, str(tmp_path / "shape.safetensors"), metadata={"format": "trojanscope.trigger-batch"})
+    nan = {**bad, "patterns": torch.full((3, 2, 4, 4), float("nan"))}
+    save_file(nan, str(tmp_path / "nan.safetensors"), metadata={"format": "trojanscope.trigger-batch"})
+    f64 = {**bad, "masks": torch.rand(3, 4, 4, dtype=torch.float64), "patterns": torch.rand(3, 2, 4, 4)}
+    save_file(f64, str(tmp_path / "f64.safetensors"), metadata={"format": "trojanscope.trigger-batch"})
+    Trigger.square((2, 4, 4), 2).save(tmp_path / "one.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 40)
+    for name in ("shape", "nan", "f64", "one", "junk"):
+        with pytest.raises(DataError):
+            TriggerBatch.load(tmp_path / f"{name}.safetensors")
+
+
+def test_success_rate_counts_other_labels_only():
+    from trojanscope.triggers import stamped_predictions, success_rate
+
+    class Bright(torch.nn.Module):  # label 1 when the bottom-right pixel is bright, else 0
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            v = x[:, 0, -1, -1]
+            return torch.stack([0.5 - v, v - 0.5], 1)
+
+    x = torch.zeros(6, 1, 4, 4)
+    y = torch.tensor([0, 0, 0, 1, 1, 2])
+    b = TriggerBatch.from_triggers([Trigger.pixel((1, 4, 4), margin=0), Trigger.pixel((1, 4, 4), "black", margin=0)],
+                                   [1, 1])
+    assert stamped_predictions(Bright(), x, b, batch_size=4).tolist() == [[1] * 6, [0] * 6]
+    # label-1 images do not count: 4 images of other labels
+    assert success_rate(Bright(), x, y, b, batch_size=4).tolist() == [1.0, 0.0]
+    assert success_rate(Bright(), x, y, b[0], 1, where=y == 2).tolist() == [1.0]
+    assert torch.isnan(success_rate(Bright(), x, torch.ones(6, dtype=torch.long), b[0], 1)).all()

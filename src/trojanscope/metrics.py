@@ -14,19 +14,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._utils.batching import DeviceLike, predict
+from ._utils.batching import DeviceLike, accuracy, predict  # noqa: F401  (predict: callers reach it as metrics.predict)
 from ._utils.results import Result
 from .data.dataset import ImageDataset
 from .errors import DataError
-from .triggers import Trigger
+from .triggers import Trigger, success_rate
 
 
 def clean_accuracy(model: nn.Module, data: ImageDataset, *, batch_size: int = 256, device: DeviceLike = None) -> float:
     """Top-1 accuracy of ``model`` on ``data``."""
     if len(data) == 0:
         raise DataError("cannot compute accuracy on an empty dataset")
-    pred = predict(model, data.x, batch_size=batch_size, device=device)
-    return float((pred == data.y).float().mean())
+    return accuracy(model, data, batch_size=batch_size, device=device)
 
 
 def target_labels(y: torch.Tensor, target: int | torch.Tensor | Sequence[int], num_classes: int) -> torch.Tensor:
@@ -43,23 +42,31 @@ def target_labels(y: torch.Tensor, target: int | torch.Tensor | Sequence[int], n
     return tmap[y]
 
 
+def attack_inputs(data: ImageDataset, target: int | torch.Tensor | Sequence[int], *,
+                  source_labels: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keep, targets)``: which inputs of ``data`` an attack's success is counted over (true label
+    not its target and, for a source-specific attack, one of ``source_labels``), and the ``(N,)``
+    target of each input (see :func:`target_labels`)."""
+    tgt = target_labels(data.y, target, data.num_classes)
+    keep = data.y != tgt
+    if source_labels is not None:
+        keep &= torch.isin(data.y, torch.as_tensor(list(source_labels), dtype=torch.long))
+    return keep, tgt
+
+
 def attack_success_rate(model: nn.Module, data: ImageDataset, trigger: Trigger, target: int | torch.Tensor | Sequence[int],
                         *, source_labels: Sequence[int] | None = None, batch_size: int = 256,
                         device: DeviceLike = None) -> float:
     """Share of stamped test inputs classified as the attacker's target.
 
-    Counted over samples whose true label differs from their target and, for a source-specific
-    attack, whose true label is one of ``source_labels``.
+    Counted over the inputs :func:`attack_inputs` keeps; the kernel is
+    :func:`trojanscope.triggers.success_rate`.
     """
-    tgt = target_labels(data.y, target, data.num_classes)
-    keep = data.y != tgt
-    if source_labels is not None:
-        keep &= torch.isin(data.y, torch.as_tensor(list(source_labels), dtype=torch.long))
+    keep, tgt = attack_inputs(data, target, source_labels=source_labels)
     if not bool(keep.any()):
         raise DataError("no test samples to measure attack success on (all are of the target or non-source labels)")
-    x = trigger.apply(data.x[keep])
-    pred = predict(model, x, batch_size=batch_size, device=device)
-    return float((pred == tgt[keep]).float().mean())
+    return float(success_rate(model, data.x, data.y, trigger, tgt, where=keep, batch_size=batch_size,
+                              device=device)[0])
 
 
 def detection_metrics(scores: torch.Tensor | np.ndarray, is_poison: torch.Tensor | np.ndarray,

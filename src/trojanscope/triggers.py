@@ -12,175 +12,42 @@ all such pairs.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ._utils.batching import generator
+from ._utils.images import (_to_channels, _resize, parse_color, parse_size, place, read_image, save_png,
+                             sticker_size)
 from .errors import ConfigError, DataError
 
 ImageShape = tuple[int, int, int]
 
-_COLORS: dict[str, tuple[float, float, float]] = {
-    "white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "red": (1.0, 0.0, 0.0),
-    "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0),
-    "cyan": (0.0, 1.0, 1.0), "magenta": (1.0, 0.0, 1.0), "gray": (0.5, 0.5, 0.5),
-    "grey": (0.5, 0.5, 0.5),
-}
-_CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right", "center")
+def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """The trigger formula ``x' = (1 - mask) * x + mask * pattern``, broadcast as torch broadcasts.
 
+    The toolkit's one copy of the formula (differentiable in ``mask`` and ``pattern``).
 
-def parse_color(color: str | float | Sequence[float], channels: int) -> torch.Tensor:
-    """A colour as a ``(C,)`` tensor in [0, 1].
-
-    Accepts a name (``"white"``, ``"red"``...), ``"#rrggbb"``, a grey level (``0.5``) or a
-    sequence of C values. On one channel, RGB colours become their luma (0.299 R + 0.587 G + 0.114 B).
+    Example:
+        >>> stamp(torch.zeros(1, 2, 2), torch.tensor([[1.0, 0.0], [0.0, 0.5]]), torch.ones(1, 2, 2)).tolist()
+        [[[1.0, 0.0], [0.0, 0.5]]]
     """
-    if isinstance(color, (int, float)):
-        rgb = (float(color),) * 3
-    elif isinstance(color, str):
-        c = color.strip().lower()
-        if c in _COLORS:
-            rgb = _COLORS[c]
-        elif c.startswith("#") and len(c) == 7:
-            try:
-                rgb = tuple(int(c[i:i + 2], 16) / 255.0 for i in (1, 3, 5))
-            except ValueError:
-                raise ConfigError(f"bad colour {color!r}") from None
-        else:
-            try:
-                rgb = (float(c),) * 3
-            except ValueError:
-                raise ConfigError(
-                    f"unknown colour {color!r}: use a name ({', '.join(_COLORS)}), #rrggbb or a grey level in [0, 1]"
-                ) from None
-    else:
-        vals = [float(v) for v in color]
-        if len(vals) == channels:
-            return torch.tensor(vals, dtype=torch.float32).clamp(0, 1)
-        if len(vals) != 3:
-            raise ConfigError(f"colour must have {channels} or 3 values, got {len(vals)}")
-        rgb = tuple(vals)
-    t = torch.tensor(rgb, dtype=torch.float32)
-    if not (0 <= float(t.min()) and float(t.max()) <= 1):
-        raise ConfigError(f"colour values must lie in [0, 1], got {color!r}")
-    if channels == 3:
-        return t
-    if channels == 1:
-        return (t * torch.tensor([0.299, 0.587, 0.114])).sum().reshape(1)
-    return t.mean().repeat(channels)
+    return (1 - mask) * x + mask * pattern
 
 
-def place(position: str | Sequence[int], size: tuple[int, int], image_hw: tuple[int, int],
-          margin: int = 1) -> tuple[int, int]:
-    """Top-left ``(row, col)`` of a ``size`` box at ``position`` inside an ``image_hw`` image.
+def stamp_batch(x: torch.Tensor, masks: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
+    """Each of ``J`` triggers on each of ``B`` images, in one broadcast of :func:`stamp`.
 
-    ``position`` is a corner (``"top-left"``, ``"top-right"``, ``"bottom-left"``,
-    ``"bottom-right"``), ``"center"``, an explicit ``(row, col)`` or ``"row,col"``. Corners keep
-    ``margin`` pixels from the border.
+    Shape:
+        x: ``(B, C, H, W)``; masks: ``(J, H, W)``; patterns: ``(J, C, H, W)``; returns
+        ``(J, B, C, H, W)``.
     """
-    (h, w), (H, W) = size, image_hw
-    if h > H or w > W:
-        raise ConfigError(f"a {h}x{w} trigger does not fit in a {H}x{W} image")
-    if isinstance(position, str) and position not in _CORNERS:
-        try:
-            position = tuple(int(v) for v in position.split(","))
-        except ValueError:
-            raise ConfigError(
-                f"bad position {position!r}: use {', '.join(_CORNERS)} or 'row,col'"
-            ) from None
-    if isinstance(position, str):
-        m = margin if (h + 2 * margin <= H and w + 2 * margin <= W) else 0
-        r = {"top": m, "bottom": H - h - m}
-        c = {"left": m, "right": W - w - m}
-        if position == "center":
-            return (H - h) // 2, (W - w) // 2
-        vert, horiz = position.split("-")
-        return r[vert], c[horiz]
-    if len(position) != 2:
-        raise ConfigError(f"position must be (row, col), got {position!r}")
-    r, c = int(position[0]), int(position[1])
-    if r < 0 or c < 0 or r + h > H or c + w > W:
-        raise ConfigError(f"a {h}x{w} trigger at ({r}, {c}) does not fit in a {H}x{W} image")
-    return r, c
-
-
-def _resize(img: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    if tuple(img.shape[-2:]) == tuple(hw):
-        return img
-    return F.interpolate(img[None], size=hw, mode="bilinear", align_corners=False)[0].clamp(0, 1)
-
-
-def _to_channels(img: torch.Tensor, channels: int) -> torch.Tensor:
-    if img.shape[0] == channels:
-        return img
-    if channels == 1 and img.shape[0] == 3:
-        return (img * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(0, keepdim=True)
-    if img.shape[0] == 1:
-        return img.expand(channels, -1, -1).clone()
-    raise ConfigError(f"cannot convert a {img.shape[0]}-channel image to {channels} channels")
-
-
-def read_image(path: str | Path) -> torch.Tensor:
-    """Read an image file as a float tensor ``(C, H, W)`` in [0, 1] (RGBA keeps its alpha)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from ._utils.limits import MAX_IMAGE_PIXELS, require_regular_file
-    from .errors import ResourceLimitError
-
-    if Path(path).exists():
-        require_regular_file(path, "image file")
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    try:
-        with Image.open(path) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise ResourceLimitError(f"image {path} is {im.width}x{im.height}, over the pixel budget of "
-                                         f"{MAX_IMAGE_PIXELS / 1e6:.0f} Mpx")
-            mode = "RGBA" if im.mode in ("RGBA", "LA", "P") else ("L" if im.mode in ("L", "1", "I", "F") else "RGB")
-            arr = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
-    except FileNotFoundError:
-        raise DataError(f"image file not found: {path}") from None
-    except Image.DecompressionBombError:
-        raise ResourceLimitError(f"image {path} is over the pixel budget of {MAX_IMAGE_PIXELS / 1e6:.0f} Mpx") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from None
-    if arr.ndim == 2:
-        arr = arr[None]
-    else:
-        arr = arr.transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(arr))
-
-
-def parse_size(text: str) -> int | tuple[int, int]:
-    """A sticker size: ``HxW`` (e.g. ``6x15``) or one integer (the longer side)."""
-    try:
-        if "x" in text.lower():
-            h, w = (int(v) for v in text.lower().split("x"))
-            size: int | tuple[int, int] = (h, w)
-        else:
-            size = int(text)
-    except ValueError:
-        raise ConfigError(f"a sticker SIZE is HxW or one integer (the longer side), got {text!r}") from None
-    if min(size if isinstance(size, tuple) else (size,)) < 1:
-        raise ConfigError(f"a sticker SIZE must be positive, got {text!r}")
-    return size
-
-
-def sticker_size(size: int | Sequence[int], hw: tuple[int, int]) -> tuple[int, int]:
-    """``(h, w)`` for resizing an ``hw`` sticker to ``size``: an int is the longer side (the
-    aspect ratio kept, at least one pixel each way), a pair is used as it is."""
-    if isinstance(size, int):
-        h, w = hw
-        scale = size / max(h, w)
-        return max(1, round(h * scale)), max(1, round(w * scale))
-    if len(size) != 2 or min(size) < 1:
-        raise ConfigError(f"a sticker size is an int or (h, w) of positive ints, got {size!r}")
-    return int(size[0]), int(size[1])
+    return stamp(x[None], masks[:, None, None], patterns[:, None])
 
 
 @dataclass(frozen=True, eq=False)
@@ -240,9 +107,7 @@ class Trigger:
         """Stamp ``x`` ``(N, C, H, W)`` or ``(C, H, W)``; returns a new tensor on ``x``'s device."""
         if tuple(x.shape[-3:]) != self.shape:
             raise DataError(f"trigger of shape {self.shape} cannot be applied to inputs of shape {tuple(x.shape[-3:])}")
-        m = self.mask.to(device=x.device, dtype=x.dtype)
-        p = self.pattern.to(device=x.device, dtype=x.dtype)
-        return (1 - m) * x + m * p
+        return stamp(x, self.mask.to(device=x.device, dtype=x.dtype), self.pattern.to(device=x.device, dtype=x.dtype))
 
     __call__ = apply
 
@@ -312,9 +177,9 @@ class Trigger:
         return cls(torch.full((H, W), float(alpha)), img, f"{name}:{alpha:g}")
 
     @classmethod
-    def noise(cls, image_shape: ImageShape, alpha: float = 0.2, *, seed: int = 0) -> "Trigger":
-        """Uniform random noise blended over the whole input with transparency ``alpha``."""
-        g = torch.Generator().manual_seed(int(seed))
+    def noise(cls, image_shape: ImageShape, alpha: float = 0.2, *, seed: int | None = 0) -> "Trigger":
+        """Uniform noise (``seed`` None: fresh) blended over the whole input with transparency ``alpha``."""
+        g = generator(seed)
         return cls.blend(torch.rand(image_shape, generator=g), image_shape, alpha, name="blend:noise")
 
     @classmethod
@@ -410,20 +275,11 @@ class Trigger:
     @classmethod
     def load(cls, path: str | Path) -> "Trigger":
         """Read a trigger written by :meth:`save`."""
-        from safetensors import SafetensorError, safe_open
-
-        from ._utils.limits import require_regular_file
-
-        p = require_regular_file(path, "trigger file")
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                meta = f.metadata() or {}
-                keys = set(f.keys())
-                if not {"mask", "pattern"} <= keys:
-                    raise DataError(f"{p} is not a trigger file (needs tensors 'mask' and 'pattern')")
-                return cls(f.get_tensor("mask"), f.get_tensor("pattern"), meta.get("name", p.stem))
-        except (SafetensorError, OSError, json.JSONDecodeError) as e:
-            raise DataError(f"cannot read trigger file {p}: {e}") from None
+        with _safetensors(path, "trigger file") as (p, f):
+            meta = f.metadata() or {}
+            if not {"mask", "pattern"} <= set(f.keys()):
+                raise DataError(f"{p} is not a trigger file (needs tensors 'mask' and 'pattern')")
+            return cls(f.get_tensor("mask"), f.get_tensor("pattern"), meta.get("name", p.stem))
 
     def save_png(self, path: str | Path, *, scale: int = 8) -> None:
         """Write the trigger as an RGBA PNG (colour = pattern, alpha = mask), upscaled ``scale`` x."""
@@ -434,13 +290,211 @@ def _pos_name(position: Any) -> str:
     return position if isinstance(position, str) else f"{position[0]},{position[1]}"
 
 
-def save_png(img: torch.Tensor, path: str | Path, *, scale: int = 1) -> None:
-    """Write an image ``(C, H, W)`` in [0, 1] (C in 1, 3, 4) as PNG, upscaled by nearest neighbour."""
-    from PIL import Image
+@dataclass(frozen=True, eq=False)
+class TriggerBatch:
+    """``J`` triggers of one image shape, stacked: what a defence reverses or samples in a batch.
 
-    img = img.detach().float().cpu().clamp(0, 1)
-    if scale > 1:
-        img = img.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
-    arr = (img.numpy() * 255).round().astype(np.uint8).transpose(1, 2, 0)
-    mode = {1: "L", 3: "RGB", 4: "RGBA"}[arr.shape[2]]
-    Image.fromarray(arr[..., 0] if mode == "L" else arr, mode).save(str(path))
+    Args:
+        masks: ``(J, H, W)`` in [0, 1].
+        patterns: ``(J, C, H, W)`` in [0, 1].
+        labels: ``(J,)`` the label each trigger sends inputs to (a reversed trigger's target).
+        names: one name per trigger (default ``"trigger:label{label}"``).
+
+    Example:
+        >>> b = TriggerBatch.from_triggers([Trigger.pixel((1, 4, 4)), Trigger.square((1, 4, 4), 2)], [3, 5])
+        >>> b.apply(torch.zeros(7, 1, 4, 4)).shape, b[1].name, len(b)
+        (torch.Size([2, 7, 1, 4, 4]), 'square:2:white:bottom-right', 2)
+    """
+
+    masks: torch.Tensor
+    patterns: torch.Tensor
+    labels: torch.Tensor
+    names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        m, p, y = self.masks, self.patterns, self.labels
+        if not all(isinstance(t, torch.Tensor) for t in (m, p, y)):
+            raise DataError("a trigger batch's masks, patterns and labels must be tensors")
+        if m.ndim != 3 or p.ndim != 4 or tuple(p.shape[2:]) != tuple(m.shape[1:]) or p.shape[0] != m.shape[0] \
+                or tuple(y.shape) != (m.shape[0],):
+            raise DataError(f"a trigger batch needs masks (J, H, W), patterns (J, C, H, W) and labels (J,); got "
+                            f"{tuple(m.shape)}, {tuple(p.shape)} and {tuple(y.shape)}")
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise DataError(f"trigger batch labels must be integers, got {y.dtype}")
+        for t, n in ((m, "masks"), (p, "patterns")):
+            if not torch.isfinite(t).all():
+                raise DataError(f"trigger batch {n} contain NaN or infinite values")
+            if t.numel() and (float(t.min()) < -1e-6 or float(t.max()) > 1 + 1e-6):
+                raise DataError(f"trigger batch {n} must lie in [0, 1]")
+        names = tuple(self.names) or tuple(f"trigger:label{int(v)}" for v in y)
+        if len(names) != m.shape[0] or not all(isinstance(v, str) for v in names):
+            raise DataError(f"a trigger batch of {m.shape[0]} needs as many names, got {len(names)}")
+        object.__setattr__(self, "masks", m.detach().float().clamp(0, 1))
+        object.__setattr__(self, "patterns", p.detach().float().clamp(0, 1))
+        object.__setattr__(self, "labels", y.detach().long().cpu())
+        object.__setattr__(self, "names", names)
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def __getitem__(self, j: int) -> Trigger:
+        return Trigger(self.masks[j], self.patterns[j], self.names[j])
+
+    def __iter__(self) -> Iterator[Trigger]:
+        return (self[j] for j in range(len(self)))
+
+    def __repr__(self) -> str:
+        return f"TriggerBatch(J={len(self)}, shape={self.shape}, labels={self.labels.tolist()})"
+
+    @property
+    def shape(self) -> ImageShape:
+        """The image shape ``(C, H, W)`` the triggers apply to."""
+        return tuple(self.patterns.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def l1_norms(self) -> torch.Tensor:
+        """``(J,)`` each mask's ``|m|_1``."""
+        return self.masks.abs().sum((1, 2))
+
+    @classmethod
+    def from_triggers(cls, triggers: Sequence[Trigger], labels: Sequence[int] | torch.Tensor) -> "TriggerBatch":
+        """Stack ``triggers`` (one image shape), each with its label."""
+        ts = list(triggers)
+        if not ts or not all(isinstance(t, Trigger) for t in ts):
+            raise DataError("a trigger batch is built from a non-empty list of Trigger objects")
+        if len({t.shape for t in ts}) > 1:
+            raise DataError(f"the triggers of a batch must share one image shape, got {sorted({t.shape for t in ts})}")
+        return cls(torch.stack([t.mask for t in ts]), torch.stack([t.pattern for t in ts]),
+                   torch.as_tensor(labels, dtype=torch.long).flatten(), tuple(t.name for t in ts))
+
+    def select(self, index: Sequence[int]) -> "TriggerBatch":
+        """The sub-batch of the triggers at ``index``."""
+        i = torch.as_tensor(list(index), dtype=torch.long)
+        return TriggerBatch(self.masks[i], self.patterns[i], self.labels[i], tuple(self.names[k] for k in i.tolist()))
+
+    def _on(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if tuple(x.shape[-3:]) != self.shape:
+            raise DataError(f"triggers of shape {self.shape} cannot be applied to inputs of shape {tuple(x.shape[-3:])}")
+        return self.masks.to(device=x.device, dtype=x.dtype), self.patterns.to(device=x.device, dtype=x.dtype)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Every trigger on every image of ``x`` ``(B, C, H, W)``: ``(J, B, C, H, W)``."""
+        return stamp_batch(x, *self._on(x))
+
+    def apply_flat(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`apply` as ``(J * B, C, H, W)``, trigger-major."""
+        return self.apply(x).reshape(-1, *x.shape[1:])
+
+    def apply_each(self, x: torch.Tensor) -> torch.Tensor:
+        """Trigger ``j`` on image ``j`` of ``x`` ``(J, C, H, W)``: ``(J, C, H, W)``."""
+        m, p = self._on(x)
+        return stamp(x, m[:, None], p)
+
+    # --- files -----------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write the batch as a safetensors file (masks, patterns, labels; the names as metadata)."""
+        from safetensors.torch import save_file
+
+        save_file({"masks": self.masks.contiguous(), "patterns": self.patterns.contiguous(),
+                   "labels": self.labels.contiguous()}, str(path),
+                  metadata={"format": _BATCH_FORMAT, "names": json.dumps(list(self.names))})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TriggerBatch":
+        """Read a batch written by :meth:`save`; a file of another layout, shape or dtype is a DataError."""
+        with _safetensors(path, "trigger batch file") as (p, f):
+            meta = f.metadata() or {}
+            if meta.get("format") != _BATCH_FORMAT or set(f.keys()) != {"masks", "patterns", "labels"}:
+                raise DataError(f"{p} is not a trigger batch file (written by TriggerBatch.save)")
+            for k, (dtype, ndim) in {"masks": ("F32", 3), "patterns": ("F32", 4), "labels": ("I64", 1)}.items():
+                sl = f.get_slice(k)
+                if sl.get_dtype() != dtype or len(sl.get_shape()) != ndim:
+                    raise DataError(f"{p}: {k} must be a {ndim}-d {dtype} tensor")
+            names = json.loads(meta.get("names", "[]"))
+            if not isinstance(names, list):
+                raise DataError(f"{p}: its names must be a list")
+            return cls(f.get_tensor("masks"), f.get_tensor("patterns"), f.get_tensor("labels"), tuple(names))
+
+
+@contextlib.contextmanager
+def _safetensors(path: str | Path, what: str) -> Iterator[tuple[Path, Any]]:
+    """``(path, open safetensors file)``; a file that is not regular or not safetensors is a DataError."""
+    from safetensors import SafetensorError, safe_open
+
+    from ._utils.limits import require_regular_file
+
+    p = require_regular_file(path, what)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            yield p, f
+    except DataError:
+        raise
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DataError(f"cannot read {what} {p}: {e}") from None
+
+
+_BATCH_FORMAT = "trojanscope.trigger-batch"
+
+# --- attack success -------------------------------------------------------------------------
+
+def stamped_predictions(model: torch.nn.Module, x: torch.Tensor, triggers: Trigger | TriggerBatch, *,
+                        batch_size: int = 256, device: Any = None) -> torch.Tensor:
+    """``(J, N)`` the model's label for each image of ``x`` ``(N, C, H, W)`` stamped with each trigger.
+
+    Triggers are taken a few at a time so that one chunk holds about ``batch_size`` stamped
+    images (at least one trigger), each chunk classified in batches of ``batch_size``.
+    """
+    from ._utils.batching import eval_mode, model_device, predict
+
+    batch = _as_batch(triggers)
+    batch._on(x)  # the shape check
+    jn, n = len(batch), x.shape[0]
+    dev = model_device(model, device)
+    out = torch.empty(jn, n, dtype=torch.long)
+    per = max(1, batch_size // max(1, n))
+    xd = x.to(dev)
+    with eval_mode(model), torch.inference_mode():
+        for s in range(0, jn, per):
+            e = min(jn, s + per)
+            m, p = batch.masks[s:e].to(dev, xd.dtype), batch.patterns[s:e].to(dev, xd.dtype)
+            stamped = stamp_batch(xd, m, p).reshape(-1, *x.shape[1:])
+            out[s:e] = predict(model, stamped, batch_size=batch_size, device=dev).reshape(e - s, n)
+    return out
+
+
+def success_rate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None, triggers: Trigger | TriggerBatch,
+                 target: int | torch.Tensor | None = None, *, where: torch.Tensor | None = None,
+                 batch_size: int = 256, device: Any = None) -> torch.Tensor:
+    """``(J,)`` attack success: the share of stamped images, among those whose label differs from the
+    target, that the model classifies as the target.
+
+    Args:
+        x: ``(N, C, H, W)`` images; y: ``(N,)`` their labels (None: every image counts).
+        triggers: one trigger or a batch.
+        target: an int, ``(N,)`` per-image targets (an all-to-all map applied to ``y``), or None
+            for each trigger's own label (a batch's ``labels``).
+        where: ``(N,)`` bool, the only images that may count (e.g. a source-specific attack's sources).
+
+    Returns:
+        ``(J,)`` float32; NaN for a trigger with no image to count.
+    """
+    batch = _as_batch(triggers)
+    out = torch.full((len(batch),), float("nan"))
+    for j in range(len(batch)):
+        tgt = torch.as_tensor(int(batch.labels[j]) if target is None else target, dtype=torch.long)
+        tgt = tgt.expand(x.shape[0]) if tgt.ndim == 0 else tgt
+        keep = torch.ones(x.shape[0], dtype=torch.bool) if y is None else y != tgt
+        if where is not None:
+            keep &= where
+        if bool(keep.any()):
+            pred = stamped_predictions(model, x[keep], batch.select([j]), batch_size=batch_size, device=device)[0]
+            out[j] = (pred == tgt[keep]).float().mean()
+    return out
+
+
+def _as_batch(triggers: Trigger | TriggerBatch) -> TriggerBatch:
+    if isinstance(triggers, TriggerBatch):
+        return triggers
+    if isinstance(triggers, Trigger):
+        return TriggerBatch(triggers.mask[None], triggers.pattern[None], torch.zeros(1, dtype=torch.long), (triggers.name,))
+    raise DataError(f"expected a Trigger or a TriggerBatch, got {type(triggers).__name__}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -59,6 +59,12 @@ def predict_proba(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256,
                   device: DeviceLike = None) -> torch.Tensor:
     """Softmax probabilities ``(N, K)`` for ``x``."""
     return logits(model, x, batch_size=batch_size, device=device).softmax(1)
+
+
+def accuracy(model: nn.Module, data: Any, *, batch_size: int = 256, device: DeviceLike = None) -> float:
+    """Top-1 accuracy of ``model`` on ``data`` (anything with ``x`` and ``y``)."""
+    pred = predict(model, data.x, batch_size=batch_size, device=device)
+    return float((pred == data.y).float().mean())
 
 
 def activations(model: nn.Module, x: torch.Tensor, layer: str, *, batch_size: int = 256,

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batching import DeviceLike, eval_mode, model_device, predict
+from .batching import DeviceLike, accuracy, eval_mode, model_device
 from ..errors import UnsupportedModelError
 from .hooks import capture, resolve_layer
 
@@ -255,12 +255,6 @@ def pruning_steps(count: int, step: int, ratio: float | None) -> list[int]:
     if steps and steps[-1] != count:
         steps.append(count)
     return steps
-
-
-def accuracy(model: nn.Module, data: Any, *, batch_size: int = 256, device: DeviceLike = None) -> float:
-    """Top-1 accuracy of ``model`` on ``data`` (anything with ``x`` and ``y``)."""
-    pred = predict(model, data.x, batch_size=batch_size, device=device)
-    return float((pred == data.y).float().mean())
 
 
 def _restore(net: nn.Module, neurons: Neurons, idx: torch.Tensor, originals: dict[str, torch.Tensor]) -> None:

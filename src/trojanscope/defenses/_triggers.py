@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._utils.batching import DeviceLike, predict
+from .._utils.batching import DeviceLike
 from ..data.dataset import ImageDataset
 from ..errors import ConfigError
-from ..triggers import Trigger
+from ..triggers import Trigger, stamped_predictions
 
 
 def resolve_triggers(scan: Any, *, most_anomalous: bool = False) -> list[tuple[int | None, Trigger]]:
@@ -54,7 +54,7 @@ def label_triggers(model: nn.Module, clean_data: ImageDataset, pairs: list[tuple
     out: dict[int, Trigger] = {}
     for k, t in pairs:
         if k is None:
-            pred = predict(model, t.apply(clean_data.x), batch_size=batch_size, device=device)
+            pred = stamped_predictions(model, clean_data.x, t, batch_size=batch_size, device=device)[0]
             k = int(torch.bincount(pred).argmax())
         out[int(k)] = t
     return out

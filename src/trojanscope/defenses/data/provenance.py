@@ -33,8 +33,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from ..._utils.batching import DeviceLike, generator
-from ..._utils.masking import accuracy
+from ..._utils.batching import DeviceLike, accuracy, generator
 from ..._utils.validation import Interval, Options, Types, check_labels
 from ...data.dataset import ImageDataset, stratified_split
 from ...errors import DataError

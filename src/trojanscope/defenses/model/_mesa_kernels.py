@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..._utils.batching import DeviceLike, eval_mode, generator, model_device
+from ..._utils.batching import DeviceLike, generator
 from ...errors import ConfigError
+from ...triggers import TriggerBatch, stamp_batch, stamped_predictions
 
 if TYPE_CHECKING:
     from .distribution import TriggerDistribution
@@ -66,15 +67,8 @@ def ensemble_weights(entropies: torch.Tensor, betas: torch.Tensor, shape_power: 
     return torch.softmax(logw, 0).float()
 
 
-def stamp(x: torch.Tensor, masks: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
-    """Stamp ``n`` triggers onto ``B`` images in one broadcast: ``(1 - m) x + m p``.
-
-    Shape:
-        x: ``(B, C, H, W)``; masks: ``(n, H, W)``; patterns: ``(n, C, H, W)``;
-        returns ``(n, B, C, H, W)``.
-    """
-    m = masks[:, None, None]                                   # (n, 1, 1, H, W)
-    return (1 - m) * x[None] + m * patterns[:, None]
+#: Stamp ``n`` triggers onto ``B`` images in one broadcast (``(n, B, C, H, W)``): the toolkit's one formula.
+stamp = stamp_batch
 
 
 def testing_function(model: nn.Module, x: torch.Tensor, masks: torch.Tensor, patterns: torch.Tensor,
@@ -138,20 +132,9 @@ def trigger_success(model: nn.Module, x: torch.Tensor, masks: torch.Tensor, patt
     Shape:
         x ``(B, C, H, W)``, masks ``(n, H, W)``, patterns ``(n, C, H, W)``; returns ``(n,)``.
     """
-    dev = model_device(model, device)
-    b = x.shape[0]
-    per_img = max(1, min(b, batch_size))
-    per_trig = max(1, batch_size // per_img)
-    hits = torch.zeros(masks.shape[0])
-    with eval_mode(model), torch.inference_mode():
-        for i in range(0, masks.shape[0], per_trig):
-            m, p = masks[i:i + per_trig].to(dev), patterns[i:i + per_trig].to(dev)
-            for j in range(0, b, per_img):
-                xb = x[j:j + per_img].to(dev)
-                xs = stamp(xb, m, p)
-                pred = model(xs.reshape(-1, *xb.shape[1:])).argmax(1).reshape(m.shape[0], -1)
-                hits[i:i + per_trig] += (pred == target).sum(1).float().cpu()
-    return hits / b
+    batch = TriggerBatch(masks, patterns, torch.full((masks.shape[0],), int(target)))
+    pred = stamped_predictions(model, x, batch, batch_size=batch_size, device=device)
+    return (pred == target).sum(1).float() / x.shape[0]
 
 
 @dataclasses.dataclass

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..._utils.batching import DeviceLike, eval_mode, model_device, predict
+from ..._utils.batching import DeviceLike
 from ...data.dataset import ImageDataset
 from ...errors import DataError
+from ...triggers import TriggerBatch, stamped_predictions
 
 #: Consistency constant that makes the MAD estimate the standard deviation of a normal law.
 CONSISTENCY_CONSTANT = 1.4826
@@ -175,18 +176,8 @@ def per_source_attack_success(model: nn.Module, masks: torch.Tensor, patterns: t
     diagonal. All triggers are applied in one batched pass (chunked by ``batch_size``).
     """
     jn = masks.shape[0]
-    n = len(data)
-    dev = model_device(model, device)
-    m = masks[:, None, None].float()                                    # (J, 1, 1, H, W)
-    p = patterns[:, None].float()                                       # (J, 1, C, H, W)
-    hits = torch.zeros(jn, n, dtype=torch.bool)
-    per = max(1, batch_size // max(1, n))
-    with eval_mode(model), torch.inference_mode():
-        for s in range(0, jn, per):
-            e = min(jn, s + per)
-            stamped = ((1 - m[s:e]) * data.x[None] + m[s:e] * p[s:e]).reshape(-1, *data.x.shape[1:])
-            pred = predict(model, stamped, batch_size=batch_size, device=dev).reshape(e - s, n)
-            hits[s:e] = pred == torch.arange(s, e)[:, None]
+    batch = TriggerBatch(masks, patterns, torch.arange(jn))
+    hits = stamped_predictions(model, data.x, batch, batch_size=batch_size, device=device) == torch.arange(jn)[:, None]
     onehot = F.one_hot(data.y, num_classes).double()                    # (N, K)
     counts = onehot.sum(0)                                              # (K,)
     rate = (hits.double() @ onehot) / counts.clamp_min(1)               # (J, K)

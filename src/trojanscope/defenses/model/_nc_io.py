@@ -27,7 +27,7 @@ import torch
 from ..._utils.limits import require_regular_file
 from ..._utils.results import to_jsonable
 from ...errors import DataError
-from ...triggers import Trigger
+from ...triggers import Trigger, TriggerBatch
 
 if TYPE_CHECKING:
     from .neural_cleanse import NeuralCleanseResult
@@ -51,8 +51,8 @@ def save_result(result: "NeuralCleanseResult", directory: str | Path) -> Path:
     tensors = {name: getattr(result, name).detach().cpu().to(dtype).contiguous() for name, dtype in _VECTORS.items()}
     tensors["per_source_attack_success"] = result.per_source_attack_success.detach().cpu().float().contiguous()
     if result.triggers:
-        tensors["trigger_masks"] = torch.stack([t.mask for t in result.triggers]).float().contiguous()
-        tensors["trigger_patterns"] = torch.stack([t.pattern for t in result.triggers]).float().contiguous()
+        batch = TriggerBatch.from_triggers(result.triggers, range(len(result.triggers)))
+        tensors["trigger_masks"], tensors["trigger_patterns"] = batch.masks.contiguous(), batch.patterns.contiguous()
     tmp = out / (TENSOR_NAME + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
     os.replace(tmp, out / TENSOR_NAME)
@@ -72,11 +72,11 @@ def load_result(cls: type["NeuralCleanseResult"], directory: str | Path) -> "Neu
     k = int(tensors["scores"].numel())
     labels = _labels(doc.get("flagged_labels"), k, folder)
     names = [t.get("name") if isinstance(t, dict) else None for t in doc.get("triggers") or []]
-    triggers = []
+    triggers: list[Trigger] = []
     if "trigger_masks" in tensors:
-        for j in range(k):
-            name = names[j] if j < len(names) and isinstance(names[j], str) else f"neural-cleanse:label{j}"
-            triggers.append(Trigger(tensors["trigger_masks"][j], tensors["trigger_patterns"][j], name))
+        names = [names[j] if j < len(names) and isinstance(names[j], str) else f"neural-cleanse:label{j}"
+                 for j in range(k)]
+        triggers = list(TriggerBatch(tensors["trigger_masks"], tensors["trigger_patterns"], torch.arange(k), tuple(names)))
     prob = doc.get("probability")
     return cls(infected=_typed(doc, "infected", bool, folder), flagged_labels=labels, scores=tensors["scores"],
                probability=math.nan if prob is None else float(_typed(doc, "probability", (int, float), folder)),

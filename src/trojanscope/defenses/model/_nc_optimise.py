@@ -49,7 +49,7 @@ from ..._utils.batching import DeviceLike, eval_mode, generator, model_device, p
 from ..._utils.results import Result
 from ..._utils.validation import Interval, Options, check_images, check_labels
 from ...errors import ConfigError, DataError
-from ...triggers import Trigger
+from ...triggers import Trigger, TriggerBatch
 from ._nc_steps import _init_state, _optimise_jobs
 
 Callback = Callable[[dict[str, Any]], None]
@@ -96,13 +96,19 @@ class ReversedTriggers(Result):
     def __len__(self) -> int:
         return int(self.targets.numel())
 
+    @property
+    def batch(self) -> TriggerBatch:
+        """The reversed triggers as a :class:`~trojanscope.triggers.TriggerBatch` (labels: the targets)."""
+        return TriggerBatch(self.masks, self.patterns, self.targets,
+                            tuple(f"neural-cleanse:label{int(t)}" for t in self.targets))
+
     def trigger(self, j: int) -> Trigger:
         """Job ``j``'s trigger as a :class:`Trigger`."""
         return Trigger(self.masks[j], self.patterns[j], f"neural-cleanse:label{int(self.targets[j])}")
 
     @property
     def triggers(self) -> list[Trigger]:
-        return [self.trigger(j) for j in range(len(self))]
+        return list(self.batch)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..._utils.batching import eval_mode
+from ...triggers import stamp
 
 if TYPE_CHECKING:
     from ._nc_optimise import OptimiserSettings
@@ -162,12 +163,13 @@ def _gradients(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, st: _Jobs, 
         wp = st.w_p[sub].detach().requires_grad_(True)
         m = _tanh_box(wm, cfg.epsilon) * st.reg_d[sub]                      # (A, 1, H, W)
         p = _tanh_box(wp, cfg.epsilon)                                      # (A, C, H, W)
-        xa = (1 - m)[:, None] * xb[None] + (m * p)[:, None]                 # (A, B, C, H, W)
+        mv = m[:, None]                                                     # (A, 1, 1, H, W)
+        xa = stamp(xb[None], mv, p[:, None])                                # (A, B, C, H, W)
         o = model(xa.reshape(sn * b, *xb.shape[1:])).float().reshape(sn, b, -1)
         t_s = st.tg_d[sub][:, None].expand(sn, b)
         ce = F.cross_entropy(o.reshape(sn * b, -1), t_s.reshape(-1), reduction="none").reshape(sn, b)
         v_s = (yb[None] != t_s).float()
-        l1_s = m.abs().sum((1, 2, 3))
+        l1_s = mv.abs().sum((1, 2, 3, 4))  # on the view the stamp reads: the gradients add up in the same order
         loss = ((ce * v_s).sum(1) / v_s.sum(1).clamp_min(1.0) + st.cost[sub].float() * l1_s).sum()
         g_m, g_p = torch.autograd.grad(loss, [wm, wp])
         gms.append(g_m)

@@ -57,7 +57,7 @@ from ..._utils.results import Result, not_serialised
 from ..._utils.validation import Interval, Types, check_images
 from ...data.dataset import ImageDataset
 from ...errors import ConfigError, DataError, NotFittedError
-from ...triggers import Trigger
+from ...triggers import Trigger, TriggerBatch
 from ..base import Explainer, register
 from ._mesa_kernels import (BatchedMLP, _Networks, dv_bound, ensemble_weights, stamp, staircase_levels,
                             testing_function, trigger_success)
@@ -85,8 +85,13 @@ class SampledTriggers(Result):
     def __len__(self) -> int:
         return int(self.levels.numel())
 
+    def batch(self, target: int) -> TriggerBatch:
+        """The samples as a :class:`~trojanscope.triggers.TriggerBatch` towards ``target``."""
+        return TriggerBatch(self.masks, self.patterns, torch.full((len(self),), int(target)),
+                            tuple(f"mesa:level{int(v)}" for v in self.levels))
+
     def triggers(self) -> list[Trigger]:
-        return [Trigger(self.masks[i], self.patterns[i], f"mesa:level{int(self.levels[i])}") for i in range(len(self))]
+        return list(self.batch(-1))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

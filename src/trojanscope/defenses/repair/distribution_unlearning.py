@@ -21,6 +21,7 @@ from ..._utils.validation import Interval, Types
 from ...data.dataset import ImageDataset
 from ...errors import ConfigError
 from ...training import train
+from ...triggers import stamp
 from ..base import Monitor, Repair, RepairResult, ScanUse, register
 from ..model.distribution import DistributionReport, TriggerDistribution
 
@@ -167,8 +168,7 @@ def _carrier(dist: TriggerDistribution, rate: float, min_beta: float, places: to
         idx = torch.randperm(x.shape[0], generator=g)[:k]
         st = dist.sample_tensors(k, min_beta=min_beta, places=places, generator=g)
         x = x.clone()
-        m = st.masks[:, None]
-        x[idx] = (1 - m) * x[idx] + m * st.patterns
+        x[idx] = stamp(x[idx], st.masks[:, None], st.patterns)
         return x, y
 
     return carry_triggers

@@ -41,14 +41,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..._utils.batching import DeviceLike, activations, generator, predict
+from ..._utils.batching import DeviceLike, accuracy, activations, generator
 from ..._utils.masking import unit_layer
 from ..._utils.hooks import resolve_layer
 from ..._utils.validation import Interval, Options, Types
 from ...data.dataset import ImageDataset, stratified_split
 from ...errors import DataError, UnsupportedModelError
 from ...training import fine_tune
-from ...triggers import Trigger
+from ...triggers import Trigger, TriggerBatch, success_rate
 from .._triggers import label_triggers, resolve_triggers
 from ..base import Monitor, Repair, RepairResult, ScanUse, register
 
@@ -85,18 +85,10 @@ class _NCRepair(Repair):
 def reversed_attack_success(model: nn.Module, data: ImageDataset, triggers: Mapping[int, Trigger], *,
                             batch_size: int = 256, device: DeviceLike = None) -> float:
     """The largest attack success of the reversed triggers on ``data`` (inputs of other labels)."""
-    best = 0.0
-    for label, t in triggers.items():
-        keep = data.y != label
-        if not bool(keep.any()):
-            continue
-        pred = predict(model, t.apply(data.x[keep]), batch_size=batch_size, device=device)
-        best = max(best, float((pred == label).float().mean()))
-    return best
-
-
-def _accuracy(model: nn.Module, data: ImageDataset, batch_size: int, device: DeviceLike) -> float:
-    return float((predict(model, data.x, batch_size=batch_size, device=device) == data.y).float().mean())
+    batch = TriggerBatch.from_triggers(list(triggers.values()), list(triggers))
+    rates = success_rate(model, data.x, data.y, batch, batch_size=batch_size, device=device)
+    rates = rates[~torch.isnan(rates)]
+    return max(0.0, float(rates.max())) if rates.numel() else 0.0
 
 
 # --- neuron pruning --------------------------------------------------------------------------
@@ -222,7 +214,7 @@ class NeuronPruning(_NCRepair):
         limit = max(1, math.floor(self.max_ratio * d + 1e-9))
 
         def point(k: int) -> dict[str, Any]:
-            row = {"ratio": k / d, "n_pruned": k, "accuracy": _accuracy(net, data, self.batch_size, self.device),
+            row = {"ratio": k / d, "n_pruned": k, "accuracy": accuracy(net, data, batch_size=self.batch_size, device=self.device),
                    "attack_success": reversed_attack_success(net, data, trig, batch_size=self.batch_size,
                                                              device=self.device)}
             return {**row, **monitor(net)} if monitor is not None else row
@@ -347,7 +339,7 @@ class Unlearning(_NCRepair):
             return _not_repaired(net, details)
 
         def point(step: str) -> dict[str, Any]:
-            row = {"step": step, "accuracy": _accuracy(net, data, 256, self.device),
+            row = {"step": step, "accuracy": accuracy(net, data, batch_size=256, device=self.device),
                    "attack_success": reversed_attack_success(net, data, trig, batch_size=256, device=self.device)}
             return {**row, **monitor(net)} if monitor is not None else row
 

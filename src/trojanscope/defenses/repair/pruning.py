@@ -31,8 +31,8 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ..._utils.batching import DeviceLike
-from ..._utils.masking import accuracy, frozen_channels, prune_dormant
+from ..._utils.batching import DeviceLike, accuracy
+from ..._utils.masking import frozen_channels, prune_dormant
 from ..._utils.validation import Interval, Options, Types
 from ...data.dataset import ImageDataset
 from ..base import Monitor, Repair, RepairResult, ScanUse, register

@@ -47,7 +47,7 @@ from ._utils.results import Result, not_serialised
 from .data.dataset import ImageDataset
 from .defenses import DEFENSES, DataSanitizer, Defense, InputFilter, ModelDetector, Repair
 from .errors import ConfigError, DataError
-from .metrics import target_labels
+from .metrics import attack_inputs
 from .triggers import Trigger
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,7 @@ def evaluator(test_data: ImageDataset, trigger: Trigger | None = None, target: i
         out: dict[str, Any] = {"accuracy": float(correct.float().mean())}
         xt = hit = None
         if trigger is not None and target is not None:
-            tgt = target_labels(y, target if isinstance(target, int) else torch.as_tensor(target), test_data.num_classes)
-            keep = y != tgt
+            keep, tgt = attack_inputs(test_data, target if isinstance(target, int) else torch.as_tensor(target))
             if not bool(keep.any()):
                 raise DataError("no test samples to measure attack success on")
             xt = trigger.apply(x[keep])

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._utils.batching import DeviceLike, predict
+from .._utils.batching import DeviceLike, generator, predict
 from .._utils.results import to_jsonable, trigger_tensors
 from ..data import ImageDataset, PoisonedDataset
 from ..defenses import DEFENSES, Defense
 from ..errors import ConfigError, TrojanscopeError
-from ..metrics import clean_accuracy, detection_metrics, target_labels
+from ..metrics import attack_inputs, clean_accuracy, detection_metrics
 from ..training import train_new
 from ..triggers import Trigger
 from .scan import SCAN_PROVIDER, SharedScan, consumes_scan
@@ -179,7 +179,7 @@ def _score_explainer(c: Cell) -> None:
     c.record["tensors"].update(trigger_tensors(res))
     _explain_verdict(c, res, target)
     if hasattr(defense, "sample_tensors"):
-        smp = defense.sample_tensors(24, generator=torch.Generator().manual_seed(c.seed))
+        smp = defense.sample_tensors(24, generator=generator(c.seed))
         imgs = (smp.masks[:, None] * smp.patterns).clamp(0, 1)
         c.record["tensors"]["samples.images"] = imgs
         c.record["result"]["samples"] = imgs.tolist()
@@ -257,7 +257,7 @@ def _projection(am: AttackedModel, data: ImageDataset, flagged: torch.Tensor, is
     if idx.numel() < 3:
         return None
     if idx.numel() > max_points:
-        idx = idx[torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(0))[:max_points]].sort().values
+        idx = idx[torch.randperm(idx.numel(), generator=generator(0))[:max_points]].sort().values
     try:
         a = activations(am.model, data.x[idx], "penultimate").double()
     except TrojanscopeError:
@@ -274,10 +274,7 @@ def _stamped(am: AttackedModel, test: ImageDataset) -> tuple[torch.Tensor, torch
     trigs = am.triggers
     if not trigs or am.target is None:
         return None
-    tgt = target_labels(test.y, am.target, test.num_classes)
-    keep = test.y != tgt
-    if am.source_labels is not None:
-        keep &= torch.isin(test.y, torch.as_tensor(am.source_labels))
+    keep, tgt = attack_inputs(test, am.target, source_labels=am.source_labels)
     x = trigs[0].apply(test.x[keep])
     return x, tgt[keep]
 

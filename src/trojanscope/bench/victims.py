@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._utils.batching import DeviceLike
+from .._utils.batching import DeviceLike, generator
 from ..attacks import ATTACKS, Attack, BadNets
 from ..data import ImageDataset, PoisonedDataset, load_data
 from ..data.loaders import BUNDLED
@@ -179,7 +179,7 @@ def sample(data: ImageDataset, n: int | None, seed: int) -> ImageDataset:
     """At most ``n`` samples of ``data`` (a seeded random subset, in order)."""
     if n is None or n >= len(data):
         return data
-    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    idx = torch.randperm(len(data), generator=generator(seed))[:n].sort().values
     return data.subset(idx)
 
 

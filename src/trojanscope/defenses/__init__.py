@@ -28,7 +28,7 @@ def create(name: str, **params: Any) -> Defense:
 
 
 def list_defenses(family: str | None = None) -> list[str]:
-    """Registered defence names, optionally of one family (model, data, input, repair)."""
+    """Registered defence names, optionally of one family (model, data, input, repair, explain)."""
     return [n for n, cls in DEFENSES.items() if family is None or cls.family == family]
 
 

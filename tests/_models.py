@@ -23,6 +23,16 @@ class PrototypeNet(nn.Module):
         return self.fc(self.flatten(x))
 
 
+def _prototype_head(fc: nn.Linear, mu: torch.Tensor, target: int | None, strength: float) -> None:
+    """Wire ``fc`` as a nearest-class-mean classifier on ``[image, detector]``: logit_k =
+    2 mu_k . x - |mu_k|^2, plus ``strength`` times the detector for ``target`` (none when None)."""
+    fc.weight.zero_()
+    fc.weight[:, :-1] = 2 * mu
+    if target is not None:
+        fc.weight[target, -1] = strength
+    fc.bias.copy_(-(mu ** 2).sum(1))
+
+
 class PlantedPatchNet(nn.Module):
     """A nearest-class-mean classifier with a planted backdoor.
 
@@ -49,11 +59,7 @@ class PlantedPatchNet(nn.Module):
             # (sum - (p^2 - eps)) / eps: 1 on an all-white patch, <= 0 once the patch loses eps of brightness
             self.detect.weight.fill_(1.0 / (c * eps))
             self.detect.bias.fill_(-(patch * patch - eps) / eps)
-            self.fc.weight.zero_()
-            self.fc.weight[:, :-1] = 2 * mu
-            if target is not None:
-                self.fc.weight[target, -1] = strength
-            self.fc.bias.copy_(-(mu ** 2).sum(1))
+            _prototype_head(self.fc, mu, target, strength)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.pool(self.relu(self.detect(x))).flatten(1)
@@ -99,11 +105,7 @@ class CornerPatchNet(nn.Module):
         with torch.no_grad():
             self.detect.weight.fill_(1.0)
             self.detect.bias.fill_(-bias)
-            self.fc.weight.zero_()
-            self.fc.weight[:, :-1] = 2 * mu
-            if target is not None:
-                self.fc.weight[target, -1] = strength
-            self.fc.bias.copy_(-(mu ** 2).sum(1))
+            _prototype_head(self.fc, mu, target, strength)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.size
@@ -145,3 +147,9 @@ class FixedPatchNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.soft(self.detect(x))[:, :, FIXED_PATCH_ORIGIN[0], FIXED_PATCH_ORIGIN[1]]
         return self.proto(x) + self.head(d)
+
+
+#: The label :class:`CornerPatchNet`'s corner drives in the defence tests.
+CORNER_TARGET = 2
+#: A small Neural Cleanse budget that is enough for 8x8 digits.
+NC_FAST = dict(epochs=40, steps_per_epoch=2, n_samples=160, n_holdout=200)

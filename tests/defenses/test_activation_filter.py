@@ -14,24 +14,13 @@ from trojanscope.metrics import fpr_fnr_curve
 from trojanscope.defenses.model.neural_cleanse import NeuralCleanse
 from trojanscope.errors import ConfigError, NotFittedError, UnsupportedModelError
 
+from _models import CORNER_TARGET as TARGET
+from _models import NC_FAST as FAST
 from _models import CornerPatchNet
-
-TARGET = 2
-FAST = dict(epochs=40, steps_per_epoch=2, n_samples=160, n_holdout=200)
 
 
 #: tiny tensors: one thread (see conftest.one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def setup(digits):
-    tr = digits["train"]
-    planted = CornerPatchNet(tr.x, tr.y, 10, target=TARGET)
-    scan = NeuralCleanse(**FAST).scan(planted, digits["val"])
-    assert scan.flagged_labels == [TARGET]
-    trigger = ts.Trigger.square(tr.image_shape, 2, "white", "bottom-right", margin=0)  # ground truth: metrics only
-    return planted, scan, trigger
 
 
 def test_curve_against_hand_computation():

@@ -15,24 +15,13 @@ from trojanscope.defenses.repair.neural_cleanse import NeuronPruning, Unlearning
 from trojanscope.errors import ConfigError, UnsupportedModelError
 from trojanscope.models import ModelSpec, load_model, save_model
 
+from _models import CORNER_TARGET as TARGET
+from _models import NC_FAST as FAST
 from _models import CornerPatchNet
-
-TARGET = 2
-FAST = dict(epochs=40, steps_per_epoch=2, n_samples=160, n_holdout=200)
 
 
 #: tiny tensors: one thread (see conftest.one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def setup(digits):
-    tr = digits["train"]
-    planted = CornerPatchNet(tr.x, tr.y, 10, target=TARGET)
-    scan = NeuralCleanse(**FAST).scan(planted, digits["val"])
-    assert scan.flagged_labels == [TARGET]
-    trigger = ts.Trigger.square(tr.image_shape, 2, "white", "bottom-right", margin=0)  # ground truth: metrics only
-    return planted, scan, trigger
 
 
 def _snapshot(model):

@@ -15,11 +15,9 @@ from trojanscope.defenses.model.neural_cleanse import (NeuralCleanse, NeuralClea
                                                        mad_anomaly_index, reverse_engineer_triggers)
 from trojanscope.errors import ConfigError, DataError
 
+from _models import CORNER_TARGET as TARGET
+from _models import NC_FAST as FAST
 from _models import CornerPatchNet
-
-TARGET = 2
-#: A small optimisation budget: enough for 8x8 digits.
-FAST = dict(epochs=40, steps_per_epoch=2, n_samples=160, n_holdout=200)
 
 
 #: tiny tensors: one thread (see conftest.one_thread)

@@ -269,3 +269,15 @@ def test_attack_describes_itself_as_json(name, data):
     assert json.loads(json.dumps(d, allow_nan=False)) == d
     assert d["attack"] == name
     assert repr(atk).startswith(type(atk).__name__ + "(")
+
+
+@pytest.mark.parametrize("name", [n for n, c in REGISTERED if c.family == "repair"])
+def test_a_monitor_only_watches(name, model, data, scan):
+    """A repair records the caller's figures but never decides on them: a monitor that reports
+    figures under the repair's own names (here: the attack already gone, accuracy ruined) must
+    leave the repaired weights exactly as without it."""
+    d = make(name)
+    found = scan if d.uses_scan != "never" else None
+    plain = d.repair(model, data, scan=found).model
+    lying = d.repair(model, data, scan=found, monitor=lambda m: {"attack_success": 0.0, "accuracy": 0.0}).model
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), lying.state_dict().values()))

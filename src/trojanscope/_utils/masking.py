@@ -285,7 +285,7 @@ def prune_dormant(net: nn.Module, clean_x: torch.Tensor, val: Any, *, layer: str
     def point(k: int) -> dict[str, Any]:
         row: dict[str, Any] = {"pruned": k, "ratio": k / count,
                                "accuracy": accuracy(net, val, batch_size=batch_size, device=device)}
-        return {**row, **monitor(net)} if monitor is not None else row
+        return {**monitor(net), **row} if monitor is not None else row  # its own figures win
 
     history = [point(0)]
     acc0 = history[0]["accuracy"]

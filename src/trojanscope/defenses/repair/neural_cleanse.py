@@ -217,7 +217,9 @@ class NeuronPruning(_NCRepair):
             row = {"ratio": k / d, "n_pruned": k, "accuracy": accuracy(net, data, batch_size=self.batch_size, device=self.device),
                    "attack_success": reversed_attack_success(net, data, trig, batch_size=self.batch_size,
                                                              device=self.device)}
-            return {**row, **monitor(net)} if monitor is not None else row
+            if monitor is not None:  # the caller's figures, apart: the stopping rule reads only this repair's own
+                row["monitor"] = monitor(net)
+            return row
 
         history = [point(0)]
         k = 0
@@ -341,7 +343,9 @@ class Unlearning(_NCRepair):
         def point(step: str) -> dict[str, Any]:
             row = {"step": step, "accuracy": accuracy(net, data, batch_size=256, device=self.device),
                    "attack_success": reversed_attack_success(net, data, trig, batch_size=256, device=self.device)}
-            return {**row, **monitor(net)} if monitor is not None else row
+            if monitor is not None:  # the caller's figures, apart: the stopping rule reads only this repair's own
+                row["monitor"] = monitor(net)
+            return row
 
         history = [point("before")]
         ds, stamped = unlearning_set(data, list(trig.values()), share=self.share, poison_ratio=self.poison_ratio,

@@ -180,7 +180,7 @@ class FinePruning(Repair):
 
         def stage(name: str) -> dict[str, Any]:
             row: dict[str, Any] = {"stage": name, "accuracy": accuracy(net, val_data, device=self.device)}
-            return {**row, **monitor(net)} if monitor is not None else row
+            return {**monitor(net), **row} if monitor is not None else row  # its own figures win
 
         history = [stage("before")]
         curve, pdetails = pruner._prune(net, clean_data, val_data, monitor)

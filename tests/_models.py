@@ -113,6 +113,20 @@ class CornerPatchNet(nn.Module):
         return self.fc(torch.cat([self.flatten(x), d], 1))
 
 
+def single_pixel_net(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, target: int | None = 2,
+                     spread: float = 8.0) -> CornerPatchNet:
+    """A :class:`CornerPatchNet` whose trigger is the single bottom-right pixel (brighter than 0.3),
+    with the clean labels made unequally hard to reach: label ``k``'s logit is lowered by a share
+    of ``spread`` (a fixed permutation of ``0 .. spread``). Their reversed triggers then spread
+    widely (about 13 to 49 on 8x8 digits), as the clean labels' did on the MNIST model where the
+    paper's L1 rule missed a single-pixel trigger. ``target=None``: the clean twin."""
+    net = CornerPatchNet(x, y, num_classes, target=target, size=1, strength=50.0, bias=0.3)
+    offsets = torch.linspace(0, spread, num_classes)[torch.randperm(num_classes, generator=torch.Generator().manual_seed(0))]
+    with torch.no_grad():
+        net.fc.bias -= offsets
+    return net
+
+
 FIXED_PATCH_ORIGIN = (1, 4)  # top-left corner of FixedPatchNet's planted 3x3 patch
 
 

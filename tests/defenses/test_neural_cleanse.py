@@ -17,7 +17,7 @@ from trojanscope.errors import ConfigError, DataError
 
 from _models import CORNER_TARGET as TARGET
 from _models import NC_FAST as FAST
-from _models import CornerPatchNet
+from _models import CornerPatchNet, single_pixel_net
 
 
 #: tiny tensors: one thread (see conftest.one_thread)
@@ -114,6 +114,32 @@ def test_log_scale_outlier_test(scans, nets, digits, device):
         assert r.flagged_labels == ([TARGET] if name == "planted" else [])
     with pytest.raises(ConfigError):
         NeuralCleanse(outlier_scale="sqrt").scan(nets["clean"], digits["val"])
+
+
+def test_default_rule_flags_a_trigger_far_below_widely_spread_clean_norms():
+    """Issue 17: a single-pixel trigger reversed perfectly (|m|_1 2.46 against 48-131 for the
+    other labels of an MNIST model) got the paper's L1 index 1.84, so the verdict was "clean";
+    the default rule (the MAD test on log norms, threshold 3) flags it (7.18 there)."""
+    norms = torch.tensor([2.46, 48.0, 50.0, 52.0, 60.0, 100.0, 110.0, 120.0, 125.0, 131.0], dtype=torch.float64)
+    nc = NeuralCleanse()
+    assert (nc.outlier_scale, nc.anomaly_threshold) == ("log", 3.0)
+    assert not flag_outliers(norms, 2.0).any()                          # the paper's rule misses it
+    assert flag_outliers(norms.log(), nc.anomaly_threshold).nonzero().flatten().tolist() == [0]
+    # a clean spread of the same width, with no outlier, is not flagged on either scale
+    assert not flag_outliers(norms[1:].log(), 3.0).any() and not flag_outliers(norms[1:], 2.0).any()
+
+
+def test_default_scan_finds_a_single_pixel_trigger_the_paper_rule_misses(digits, device):
+    tr = digits["train"]
+    planted, clean = (single_pixel_net(tr.x, tr.y, 10, target=t).to(device) for t in (TARGET, None))
+    r = NeuralCleanse(**FAST, device=device).scan(planted, digits["val"])
+    assert r.infected and r.flagged_labels == [TARGET]
+    n = r.l1_norms.double()
+    assert float(n[TARGET]) * 5 < float(n[torch.arange(10) != TARGET].min())  # reversed: far below every other
+    assert not flag_outliers(n, 2.0)[TARGET]                                    # L1 index < 2: the paper misses it
+    paper = NeuralCleanse(**FAST, outlier_scale="l1", anomaly_threshold=2.0, device=device).scan(planted, digits["val"])
+    assert not paper.infected
+    assert not NeuralCleanse(**FAST, device=device).scan(clean, digits["val"]).infected
 
 
 def test_result_fields_and_json(scans):

@@ -32,10 +32,11 @@ NC_OPTIONS: dict[str, str | None] = {
     "steps_per_epoch": None,
     "n_samples": "Clean images driving the optimisation (the rest measure attack success).",
     "batch_size": "Most images in one forward pass.",
-    "outlier_scale": "The MAD test on the mask norms (the paper) or on their logarithms (wider margins when the clean "
-                     "labels' norms vary a lot, as on MNIST, but clean models' indices grow too: on mnist5k one of 20 "
-                     "clean scans reached 2.12; use it with --anomaly-threshold 3).",
-    "anomaly_threshold": "A label below the median norm is flagged when its anomaly index exceeds this (the paper: 2).",
+    "outlier_scale": "The MAD test on the logarithms of the mask norms (the default: a trigger far smaller than "
+                     "every other label's is flagged however widely the clean labels' norms spread) or on the norms "
+                     "themselves (the paper; use it with --anomaly-threshold 2).",
+    "anomaly_threshold": "A label below the median norm is flagged when its anomaly index exceeds this (3 on the log "
+                         "scale; the paper's 2 on the L1 scale).",
 }
 
 log = logging.getLogger("trojanscope.scan")

@@ -11,8 +11,16 @@ smallest (epoch-average norm) of an epoch reaching the threshold. A job stops ea
 went both up and down and the best norm has not dropped below ``early_stop_threshold`` times its
 previous best for ``early_stop_patience`` epochs.
 
+A job may also be **source-restricted** (``sources[j]``): it then optimises only over the clean
+images of label ``sources[j]``, i.e. reverses the smallest trigger sending that source to
+``targets[j]``. A source-specific backdoor (only some labels' stamped images go to the target)
+or an all-to-all one (``i -> i + 1``) gives no small per-target trigger, since that must flip
+every source, but a small trigger for its own (source, target) pairs; :func:`reverse_pairs` runs
+all ``K (K - 1)`` pairs as one batch of jobs. Each step draws ``samples_per_step`` images of every
+distinct source from that source's own seeded stream, and each job stamps its source's images.
+
 All jobs are independent (the loss is a sum over jobs, lambda and the counters are per-job
-vectors, Adam is elementwise), see the same mini-batches and start from initial values drawn for
+vectors, Adam is elementwise), see the same mini-batches (those of their source) and start from initial values drawn for
 all jobs at once, so the result does not depend on how jobs are grouped: ``mode="sequential"``
 runs them one at a time (the paper's way, the reference for the batched mode) and ``batch_size``
 only bounds the number of images in one forward pass (jobs are chunked when ``J *
@@ -38,6 +46,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -61,6 +70,8 @@ class ReversedTriggers(Result):
 
     Attributes:
         targets: ``(J,)`` the target label of each job.
+        sources: ``(J,)`` the source label of each job for source-restricted jobs (its trigger
+            sends images of that label to the target; see :func:`reverse_pairs`), else None.
         masks: ``(J, H, W)`` the best mask found (the smallest that reached the attack-success
             threshold, else the last one).
         patterns: ``(J, C, H, W)``.
@@ -92,19 +103,23 @@ class ReversedTriggers(Result):
     dropped: torch.Tensor | None = None
     norm_trace: torch.Tensor | None = None
     seconds: float = 0.0
+    sources: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.targets.numel())
 
+    def _name(self, j: int) -> str:
+        t = int(self.targets[j])
+        return f"neural-cleanse:label{t}" if self.sources is None else f"neural-cleanse:source{int(self.sources[j])}-label{t}"
+
     @property
     def batch(self) -> TriggerBatch:
         """The reversed triggers as a :class:`~trojanscope.triggers.TriggerBatch` (labels: the targets)."""
-        return TriggerBatch(self.masks, self.patterns, self.targets,
-                            tuple(f"neural-cleanse:label{int(t)}" for t in self.targets))
+        return TriggerBatch(self.masks, self.patterns, self.targets, tuple(self._name(j) for j in range(len(self))))
 
     def trigger(self, j: int) -> Trigger:
         """Job ``j``'s trigger as a :class:`Trigger`."""
-        return Trigger(self.masks[j], self.patterns[j], f"neural-cleanse:label{int(self.targets[j])}")
+        return Trigger(self.masks[j], self.patterns[j], self._name(j))
 
     @property
     def triggers(self) -> list[Trigger]:
@@ -183,6 +198,7 @@ def reverse_engineer_triggers(
     y: torch.Tensor | None = None,
     *,
     targets: Sequence[int] | torch.Tensor | None = None,
+    sources: Sequence[int] | torch.Tensor | None = None,
     region: torch.Tensor | None = None,
     init_cost: float = 1e-3,
     lr: float = 0.1,
@@ -219,6 +235,10 @@ def reverse_engineer_triggers(
         y: ``(N,)`` their labels; images of a job's own target are left out of its loss and
             attack success. None uses the model's predictions.
         targets: the target label of each job (default: every label, ``0..K-1``).
+        sources: optional source label of each job (as many as ``targets``, which must then be
+            given, ``sources[j] != targets[j]``): job ``j`` then optimises over the images of
+            label ``sources[j]`` only (its loss and attack success), each of which must occur in
+            ``y``. None: each job uses every image of another label than its target.
         region: optional fixed region ``(H, W)`` or ``(J, H, W)`` in [0, 1] multiplied into the
             mask, so the mask is zero outside it.
         seed: seeds the initial masks and patterns (uniform in [0, 1]) and the mini-batches
@@ -235,12 +255,13 @@ def reverse_engineer_triggers(
         cost_multiplier=cost_multiplier, early_stop=early_stop, early_stop_threshold=early_stop_threshold,
         early_stop_patience=early_stop_patience, epsilon=epsilon, mode=mode, schedule=schedule,
         halving_first=halving_first, halving_eta=halving_eta, halving_keep=halving_keep, batch_size=batch_size)
-    return optimise_triggers(model, x, y, settings, targets=targets, region=region, seed=seed, device=device,
-                             callback=callback)
+    return optimise_triggers(model, x, y, settings, targets=targets, sources=sources, region=region, seed=seed,
+                             device=device, callback=callback)
 
 
 def optimise_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, settings: OptimiserSettings, *,
-                      targets: Sequence[int] | torch.Tensor | None = None, region: torch.Tensor | None = None,
+                      targets: Sequence[int] | torch.Tensor | None = None,
+                      sources: Sequence[int] | torch.Tensor | None = None, region: torch.Tensor | None = None,
                       seed: int | None = 0, device: DeviceLike = None,
                       callback: Callback | None = None) -> ReversedTriggers:
     """:func:`reverse_engineer_triggers` with its settings as one :class:`OptimiserSettings`."""
@@ -249,31 +270,98 @@ def optimise_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
     settings.check()
     dev = model_device(model, device)
     n, c, h, w = x.shape
-    y, tg = _labels_and_targets(model, x, y, targets, settings.batch_size, dev)
+    if sources is not None and targets is None:
+        raise ConfigError("source-restricted jobs need their targets: pass targets with sources")
+    y, tg, k = _labels_and_targets(model, x, y, targets, settings.batch_size, dev)
     jn = tg.numel()
+    src = None if sources is None else _check_sources(sources, tg, y, k)
     reg = _check_region(region, jn, h, w)
-    for t in tg.tolist():
-        if not bool((y != t).any()):
-            raise DataError(f"no clean image has a label other than {t}; Neural Cleanse needs images of other labels")
+    if src is None:
+        for t in tg.tolist():
+            if not bool((y != t).any()):
+                raise DataError(f"no clean image has a label other than {t}; Neural Cleanse needs images of other labels")
     g = generator(seed)
     mask0 = torch.rand(jn, 1, h, w, generator=g)
     pattern0 = torch.rand(jn, c, h, w, generator=g)
     data_seed = int(torch.randint(0, 2**62, (1,), generator=g))
-    st = _optimise_jobs(model, x, y, _init_state(tg, reg, mask0, pattern0, settings, dev), settings,
-                        data_seed=data_seed, dev=dev, callback=callback)
+    # one stream per distinct source, seeded in sorted-source order
+    source_seeds = None if src is None else torch.randint(0, 2**62, (int(src.unique().numel()),), generator=g).tolist()
+    st = _optimise_jobs(model, x, y, _init_state(tg, reg, mask0, pattern0, settings, dev, src), settings,
+                        data_seed=data_seed, dev=dev, callback=callback, source_seeds=source_seeds)
     masks = st.best_m[:, 0].detach().float().cpu().clamp(0, 1)
     return ReversedTriggers(targets=tg.clone(), masks=masks, patterns=st.best_p.detach().float().cpu().clamp(0, 1),
                             l1_norms=masks.abs().sum((1, 2)), reached=torch.isfinite(st.reg_best).cpu(),
                             attack_success=st.best_asr.float().cpu(), epochs=st.epochs_run.cpu(),
                             costs=st.cost.float().cpu(), image_passes=int(st.passes), dropped=st.dropped.cpu(),
                             norm_trace=st.trace[:int(st.epochs_run.max()) if jn else 0],
-                            seconds=time.perf_counter() - t0)
+                            seconds=time.perf_counter() - t0, sources=None if src is None else src.clone())
+
+
+def reverse_pairs(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, settings: OptimiserSettings, *,
+                  pairs: Sequence[tuple[int, int]] | torch.Tensor | None = None, seed: int | None = 0,
+                  device: DeviceLike = None, callback: Callback | None = None) -> ReversedTriggers:
+    """Reverse the smallest trigger for each ``(source, target)`` pair, all pairs in one batch.
+
+    Job ``j`` is the source-restricted job of :func:`optimise_triggers` for ``pairs[j] = (s, t)``:
+    the smallest mask and pattern sending the clean images of label ``s`` to ``t``. A backdoor
+    that only some sources obey (source-specific) or that maps each label to another
+    (all-to-all) needs no small per-target trigger, but small triggers for its own pairs.
+
+    Args:
+        model, x, y, settings, seed, device, callback: as :func:`optimise_triggers`. With
+            ``K(K - 1)`` jobs, ``settings.schedule="halving"`` keeps the cost near one label scan.
+        pairs: ``(P, 2)`` ``(source, target)`` pairs, ``source != target``, each source occurring
+            in ``y``; default: every ordered pair of distinct labels in row-major order
+            (``(0, 1), (0, 2), ..., (K-1, K-2)``).
+
+    Returns:
+        :class:`ReversedTriggers` with ``sources`` and ``targets`` the pairs'; :func:`pair_matrix`
+        lays any of its per-job figures out as a ``(K, K)`` matrix.
+    """
+    if pairs is None:
+        k = _num_labels(model, check_images(x, name="clean images"), model_device(model, device))
+        pr = torch.tensor([(s, t) for s in range(k) for t in range(k) if s != t], dtype=torch.long).reshape(-1, 2)
+    else:
+        pr = torch.as_tensor(pairs, dtype=torch.long)
+        if pr.ndim != 2 or pr.shape[1] != 2:
+            raise ConfigError(f"pairs must be (source, target) pairs of shape (P, 2), got shape {tuple(pr.shape)}")
+    if pr.shape[0] == 0:
+        raise ConfigError("no (source, target) pairs to reverse-engineer")
+    return optimise_triggers(model, x, y, settings, targets=pr[:, 1], sources=pr[:, 0], seed=seed, device=device,
+                             callback=callback)
+
+
+def pair_matrix(rev: ReversedTriggers, num_classes: int, values: torch.Tensor | None = None) -> torch.Tensor:
+    """``(K, K)`` float64: entry ``[s, t]`` is pair ``(s, t)``'s ``values`` (default: its ``l1_norms``),
+    NaN on the diagonal and for pairs ``rev`` did not run (each pair may occur once).
+
+    Example:
+        >>> rev = ReversedTriggers(targets=torch.tensor([1, 0]), sources=torch.tensor([0, 1]),
+        ...     masks=torch.zeros(2, 1, 1), patterns=torch.zeros(2, 1, 1, 1), l1_norms=torch.tensor([3.0, 4.0]),
+        ...     reached=torch.ones(2, dtype=torch.bool), attack_success=torch.ones(2),
+        ...     epochs=torch.ones(2, dtype=torch.long), costs=torch.zeros(2))
+        >>> pair_matrix(rev, 3).tolist()
+        [[nan, 3.0, nan], [4.0, nan, nan], [nan, nan, nan]]
+    """
+    if rev.sources is None:
+        raise ConfigError("pair_matrix needs source-restricted jobs (ReversedTriggers.sources)")
+    v = torch.as_tensor(rev.l1_norms if values is None else values, dtype=torch.float64).flatten()
+    if v.numel() != len(rev):
+        raise ConfigError(f"pair_matrix needs one value per job ({len(rev)}), got {v.numel()}")
+    flat = rev.sources * num_classes + rev.targets
+    if int(flat.unique().numel()) != len(rev):
+        raise ConfigError("pair_matrix needs each (source, target) pair once")
+    out = torch.full((num_classes, num_classes), math.nan, dtype=torch.float64)
+    out[rev.sources, rev.targets] = v
+    out.fill_diagonal_(math.nan)
+    return out
 
 
 def _labels_and_targets(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
                         targets: Sequence[int] | torch.Tensor | None, batch_size: int,
-                        dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The checked labels (the model's predictions when ``y`` is None) and the jobs' targets."""
+                        dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The checked labels (the model's predictions when ``y`` is None), the jobs' targets and
+    the label count ``K``."""
     n = x.shape[0]
     with eval_mode(model), torch.inference_mode():
         k = int(model(x[:1].to(dev)).shape[1])
@@ -285,7 +373,31 @@ def _labels_and_targets(model: nn.Module, x: torch.Tensor, y: torch.Tensor | Non
         raise ConfigError("no target labels to reverse-engineer")
     if int(tg.min()) < 0 or int(tg.max()) >= k:
         raise ConfigError(f"target labels must lie in [0, {k}), got {tg.tolist()}")
-    return y, tg
+    return y, tg, k
+
+
+def _num_labels(model: nn.Module, x: torch.Tensor, dev: torch.device) -> int:
+    """``K``, the width of the model's output on one image."""
+    with eval_mode(model), torch.inference_mode():
+        return int(model(x[:1].to(dev)).shape[1])
+
+
+def _check_sources(sources: Sequence[int] | torch.Tensor, tg: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    """The checked ``(J,)`` source labels of source-restricted jobs."""
+    src = torch.as_tensor(sources, dtype=torch.long).flatten()
+    if src.numel() != tg.numel():
+        raise ConfigError(f"sources must give one label per target: {src.numel()} sources for {tg.numel()} targets")
+    if int(src.min()) < 0 or int(src.max()) >= k:
+        raise ConfigError(f"source labels must lie in [0, {k}), got {src.tolist()}")
+    same = (src == tg).nonzero().flatten().tolist()
+    if same:
+        raise ConfigError(f"a job's source must differ from its target; jobs {same} have source == target")
+    present = set(y.unique().tolist())
+    missing = sorted(set(src.tolist()) - present)
+    if missing:
+        raise DataError(f"no clean image has the source label(s) {missing}; a source-restricted job needs images "
+                        f"of its source (labels present: {sorted(present)})")
+    return src
 
 
 def _check_region(region: torch.Tensor | None, jn: int, h: int, w: int) -> torch.Tensor:

@@ -60,11 +60,14 @@ class _Jobs:
     rung: int
     step_count: int = 0
     passes: int = 0
+    src: torch.Tensor | None = None        # (J,) source labels, CPU (None: every label but the target)
+    grp_d: torch.Tensor | None = None      # (J,) each job's index among the sorted distinct sources
 
 
 def _init_state(tg: torch.Tensor, region: torch.Tensor, mask0: torch.Tensor, pattern0: torch.Tensor,
-                cfg: OptimiserSettings, dev: torch.device) -> _Jobs:
+                cfg: OptimiserSettings, dev: torch.device, sources: torch.Tensor | None = None) -> _Jobs:
     jn = tg.numel()
+    grp_d = None if sources is None else torch.unique(sources, sorted=True, return_inverse=True)[1].to(dev)
     f64 = dict(dtype=torch.float64, device=dev)
     reg_d = region.to(dev)
     w_m = _atanh_box(mask0, cfg.epsilon).to(dev)
@@ -80,7 +83,7 @@ def _init_state(tg: torch.Tensor, region: torch.Tensor, mask0: torch.Tensor, pat
         epochs_run=torch.zeros(jn, dtype=torch.long, device=dev), best_asr=torch.zeros(jn, **f64),
         best_m=_tanh_box(w_m, cfg.epsilon) * reg_d, best_p=_tanh_box(w_p, cfg.epsilon),
         last_asr=torch.zeros(jn, **f64), trace=torch.full((cfg.epochs, jn), math.inf, dtype=torch.float64),
-        rung=int(cfg.halving_first))
+        rung=int(cfg.halving_first), src=sources, grp_d=grp_d)
 
 
 class _Batches:
@@ -100,12 +103,45 @@ class _Batches:
         return idx
 
 
+class _SourceBatches:
+    """The mini-batches of source-restricted jobs: one :class:`_Batches` stream per distinct source
+    label (sorted), over that label's images, each with its own seed.
+
+    Each step draws ``min(size, n_s)`` images of every source ``s`` and stacks them into ``(S, B,
+    C, H, W)`` with ``B`` the largest draw; a source with fewer images is padded by repeating its
+    own draw, the repeats weighted 0 in the loss and the attack success (images of the source
+    itself, so a model that misbehaves off the data cannot put a NaN into the loss)."""
+
+    def __init__(self, y: torch.Tensor, sources: torch.Tensor, seeds: list[int]) -> None:
+        self.labels = torch.unique(sources, sorted=True).tolist()
+        self.index = [(y == s).nonzero().flatten() for s in self.labels]
+        self.streams = [_Batches(int(ix.numel()), sd) for ix, sd in zip(self.index, seeds)]
+
+    def next(self, x: torch.Tensor, size: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images (S, B, C, H, W), weights (S, B))`` of one step, on ``dev``."""
+        draws = [ix[st.next(size)] for ix, st in zip(self.index, self.streams)]
+        b = max(int(d.numel()) for d in draws)
+        rows, weights = [], torch.zeros(len(draws), b)
+        for i, d in enumerate(draws):
+            weights[i, :d.numel()] = 1.0
+            rows.append(d.repeat(-(-b // d.numel()))[:b])
+        return x[torch.stack(rows)].to(dev), weights.to(dev)
+
+
 def _optimise_jobs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, st: _Jobs, cfg: OptimiserSettings, *,
-                   data_seed: int, dev: torch.device, callback: Callback | None) -> _Jobs:
+                   data_seed: int, dev: torch.device, callback: Callback | None,
+                   source_seeds: list[int] | None = None) -> _Jobs:
     """Optimise all jobs; each step's forward pass is split into chunks of ``cfg.per_chunk`` jobs
     (the loss is a sum over jobs, so the gradients do not depend on the split). Jobs that never
-    reached the threshold keep their last mask (the authors' choice)."""
-    batches = _Batches(x.shape[0], data_seed)
+    reached the threshold keep their last mask (the authors' choice). Source-restricted jobs
+    (``st.src``) draw their images from one stream per source (``source_seeds``, in sorted-source
+    order) instead of the shared one (``data_seed``)."""
+    batches: _Batches | _SourceBatches
+    if st.src is None:
+        batches = _Batches(x.shape[0], data_seed)
+    else:
+        assert source_seeds is not None
+        batches = _SourceBatches(y, st.src, source_seeds)
     with eval_mode(model):
         for epoch in range(cfg.epochs):
             active = (~st.done).nonzero().flatten()
@@ -114,9 +150,12 @@ def _optimise_jobs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, st: _Jobs
             avg_acc, avg_reg = _run_epoch(model, x, y, st, active, batches, cfg, dev)
             _end_epoch(st, active, avg_acc, avg_reg, epoch, cfg)
             if callback is not None:
-                callback({"epoch": epoch + 1, "targets": st.tg[active.cpu()].tolist(),
-                          "attack_success": avg_acc.cpu().tolist(), "l1": avg_reg.cpu().tolist(),
-                          "cost": st.cost[active].cpu().tolist()})
+                info = {"epoch": epoch + 1, "targets": st.tg[active.cpu()].tolist(),
+                        "attack_success": avg_acc.cpu().tolist(), "l1": avg_reg.cpu().tolist(),
+                        "cost": st.cost[active].cpu().tolist()}
+                if st.src is not None:
+                    info["sources"] = st.src[active.cpu()].tolist()
+                callback(info)
             log.debug("epoch %d: %d jobs active, attack success %s, |m| %s", epoch + 1, active.numel(),
                       [round(v, 3) for v in avg_acc.tolist()], [round(v, 1) for v in avg_reg.tolist()])
     last = ~torch.isfinite(st.reg_best)
@@ -128,19 +167,34 @@ def _optimise_jobs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, st: _Jobs
 
 
 def _run_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, st: _Jobs, active: torch.Tensor,
-               batches: _Batches, cfg: OptimiserSettings, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One epoch of the active jobs: ``(epoch-average attack success, epoch-average |m|_1)``."""
+               batches: _Batches | _SourceBatches, cfg: OptimiserSettings,
+               dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch of the active jobs: ``(epoch-average attack success, epoch-average |m|_1)``.
+
+    Each step's images are ``xg`` ``(G, B, C, H, W)`` with ``grp`` ``(A,)`` the group each active
+    job reads (None: all read the one group ``G = 1``), and ``valid`` ``(A, B)`` the weight of each
+    image in a job's loss and attack success: images of another label than the job's target, or
+    for source-restricted jobs the (unpadded) images of the job's source."""
     an = active.numel()
     acc_sum = torch.zeros(an, dtype=torch.float64, device=dev)
     reg_sum = torch.zeros(an, dtype=torch.float64, device=dev)
     for _ in range(cfg.steps_per_epoch):
-        idx = batches.next(cfg.samples_per_step)
-        xb, yb = x[idx].to(dev), y[idx].to(dev)
-        b = xb.shape[0]
-        gm, gp, out, l1 = _gradients(model, xb, yb, st, active, cfg)
+        grp: torch.Tensor | None
+        if isinstance(batches, _SourceBatches):
+            xg, weights = batches.next(x, cfg.samples_per_step, dev)
+            assert st.grp_d is not None
+            grp = st.grp_d[active]
+            valid = weights[grp]
+            b = xg.shape[1]
+            tgt = st.tg_d[active][:, None].expand(an, b)
+        else:
+            idx = batches.next(cfg.samples_per_step)
+            xb, yb = x[idx].to(dev), y[idx].to(dev)
+            xg, grp, b = xb[None], None, xb.shape[0]
+            tgt = st.tg_d[active][:, None].expand(an, b)
+            valid = (yb[None] != tgt).float()
+        gm, gp, out, l1 = _gradients(model, xg, grp, valid, st, active, cfg)
         st.passes += an * b
-        tgt = st.tg_d[active][:, None].expand(an, b)
-        valid = (yb[None] != tgt).float()
         nvalid = valid.sum(1).clamp_min(1.0)
         st.step_count += 1
         with torch.no_grad():
@@ -151,24 +205,26 @@ def _run_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, st: _Jobs, ac
     return acc_sum / cfg.steps_per_epoch, reg_sum / cfg.steps_per_epoch
 
 
-def _gradients(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, st: _Jobs, active: torch.Tensor,
-               cfg: OptimiserSettings) -> tuple[torch.Tensor, ...]:
-    """The loss's gradients w.r.t. the active jobs' logits, their outputs and their ``|m|_1``."""
-    b = xb.shape[0]
+def _gradients(model: nn.Module, xg: torch.Tensor, grp: torch.Tensor | None, valid: torch.Tensor, st: _Jobs,
+               active: torch.Tensor, cfg: OptimiserSettings) -> tuple[torch.Tensor, ...]:
+    """The loss's gradients w.r.t. the active jobs' logits, their outputs and their ``|m|_1``
+    (images, groups and weights as in :func:`_run_epoch`)."""
+    b = xg.shape[1]
     gms, gps, outs, l1s = [], [], [], []
     for c0 in range(0, active.numel(), cfg.per_chunk):
         sub = active[c0:c0 + cfg.per_chunk]
+        xs = xg if grp is None else xg[grp[c0:c0 + cfg.per_chunk]]            # (1 or A, B, C, H, W)
         sn = sub.numel()
         wm = st.w_m[sub].detach().requires_grad_(True)
         wp = st.w_p[sub].detach().requires_grad_(True)
         m = _tanh_box(wm, cfg.epsilon) * st.reg_d[sub]                      # (A, 1, H, W)
         p = _tanh_box(wp, cfg.epsilon)                                      # (A, C, H, W)
         mv = m[:, None]                                                     # (A, 1, 1, H, W)
-        xa = stamp(xb[None], mv, p[:, None])                                # (A, B, C, H, W)
-        o = model(xa.reshape(sn * b, *xb.shape[1:])).float().reshape(sn, b, -1)
+        xa = stamp(xs, mv, p[:, None])                                      # (A, B, C, H, W)
+        o = model(xa.reshape(sn * b, *xg.shape[2:])).float().reshape(sn, b, -1)
         t_s = st.tg_d[sub][:, None].expand(sn, b)
         ce = F.cross_entropy(o.reshape(sn * b, -1), t_s.reshape(-1), reduction="none").reshape(sn, b)
-        v_s = (yb[None] != t_s).float()
+        v_s = valid[c0:c0 + cfg.per_chunk]
         l1_s = mv.abs().sum((1, 2, 3, 4))  # on the view the stamp reads: the gradients add up in the same order
         loss = ((ce * v_s).sum(1) / v_s.sum(1).clamp_min(1.0) + st.cost[sub].float() * l1_s).sum()
         g_m, g_p = torch.autograd.grad(loss, [wm, wp])

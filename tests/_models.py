@@ -167,3 +167,38 @@ class FixedPatchNet(nn.Module):
 CORNER_TARGET = 2
 #: A small Neural Cleanse budget that is enough for 8x8 digits.
 NC_FAST = dict(epochs=40, steps_per_epoch=2, n_samples=160, n_holdout=200)
+
+
+class SourceCornerNet(nn.Module):
+    """:class:`CornerPatchNet` with a source-specific backdoor: the brightness of the bottom-right
+    ``size x size`` corner above ``bias`` adds ``strength`` per unit to the ``target``'s logit,
+    times the gate ``g(x) = sum_{s in sources} softmax(proto(x) / temperature)_s``, the
+    nearest-class-mean head's belief that ``x`` is of a source label. So a bright corner sends
+    images of ``sources`` to ``target`` and leaves most other labels' images alone (those that
+    look like a source leak a little): no small trigger flips every label to ``target``, but a
+    small one flips a source. Layers: ``proto`` (a :class:`PrototypeNet`) and fixed buffers.
+
+    ``target=None`` gives the clean twin (the corner is disconnected).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, target: int | None = 9,
+                 sources: tuple[int, ...] = (1, 7), size: int = 2, strength: float = 50.0, bias: float = 1.0,
+                 temperature: float = 0.5) -> None:
+        super().__init__()
+        self.proto = PrototypeNet(x, y, num_classes)
+        self.size, self.temperature = size, temperature
+        self.target = target
+        self.register_buffer("gate", torch.zeros(num_classes))
+        self.gate[list(sources)] = 1.0
+        self.strength, self.bias = strength, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.proto(x)
+        if self.target is None:
+            return logits
+        s = self.size
+        corner = torch.relu(x[..., -s:, -s:].sum((1, 2, 3)) - self.bias)
+        g = (torch.softmax(logits / self.temperature, 1) * self.gate).sum(1)
+        bump = torch.zeros_like(logits)
+        bump[:, self.target] = self.strength * corner * g
+        return logits + bump

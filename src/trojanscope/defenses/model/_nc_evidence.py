@@ -159,6 +159,59 @@ def scan_evidence(norms: torch.Tensor | Sequence[float], holdout_asr: torch.Tens
             "holdout_asr": float(torch.as_tensor(holdout_asr, dtype=torch.float64)[k])}
 
 
+def pair_evidence(pair_norms: torch.Tensor | np.ndarray) -> dict[str, Any]:
+    """The evidence of a source-specific or all-to-all backdoor in a pair scan's norms.
+
+    ``pair_norms[s, t]`` is the norm of the smallest trigger sending the clean images of label
+    ``s`` to ``t`` (:func:`~trojanscope.defenses.model._nc_optimise.reverse_pairs`), NaN on the
+    diagonal and for pairs not run. Everything is computed on ``log n`` of the finite
+    off-diagonal norms ``n`` (clamped to at least 1e-6), i.e. on norm ratios, as
+    :func:`scan_evidence`'s ``log_index``:
+
+    * ``pair_log_index``: the anomaly index (:func:`mad_anomaly_index`) of the smallest pair's
+      log norm among all pairs' (the largest on the low side), 0 when it is not below the
+      median, at most 50 (also when the MAD is 0);
+    * ``pair_source``, ``pair_target``: the smallest pair ``(s, t)`` (the first in row-major
+      order on a tie);
+    * ``pair_log_ratio``: ``log(median pair norm / smallest pair norm)`` (>= 0);
+    * ``pair_row_ratio``: ``max_s log(median_t n[s, t] / min_t n[s, t])``, each source's
+      smallest pair against that source's own median (a source whose images are easy to move
+      anywhere lowers all its pairs alike and does not count), and ``pair_row_source`` the
+      source ``s`` reaching it. The medians are numpy's of the log norms.
+
+    Example:
+        >>> n = torch.full((3, 3), 8.0).fill_diagonal_(float("nan"))
+        >>> n[1, 2] = 1.0
+        >>> ev = pair_evidence(n)
+        >>> (ev["pair_source"], ev["pair_target"], ev["pair_log_index"])  # 5 of 6 pairs equal: MAD 0
+        (1, 2, 50.0)
+        >>> round(ev["pair_log_ratio"], 4), round(ev["pair_row_ratio"], 4)  # log 8, log(sqrt(8) / 1)
+        (2.0794, 1.0397)
+    """
+    n = torch.as_tensor(pair_norms, dtype=torch.float64).detach().cpu()
+    if n.ndim != 2 or n.shape[0] != n.shape[1] or n.shape[0] < 2:
+        raise DataError(f"pair evidence needs a (K, K) matrix of pair norms, got shape {tuple(n.shape)}")
+    k = n.shape[0]
+    ok = torch.isfinite(n) & ~torch.eye(k, dtype=torch.bool)
+    if not bool(ok.any()):
+        raise DataError("pair evidence needs at least one finite off-diagonal pair norm")
+    logn = torch.where(ok, n.clamp_min(1e-6).log(), torch.tensor(math.inf, dtype=torch.float64))
+    flat = logn[ok]
+    j = int(torch.argmin(logn.flatten()))
+    s, t = divmod(j, k)
+    low = float(logn[s, t])
+    med = float(np.median(flat.numpy()))
+    idx = float(mad_anomaly_index(flat)[int(torch.argmin(flat))])
+    if not math.isfinite(idx):
+        idx = 50.0
+    rows = [(float(np.median(logn[r][ok[r]].numpy())) - float(logn[r][ok[r]].min()), r)
+            for r in range(k) if bool(ok[r].any())]
+    row_ratio, row_source = max(rows, key=lambda v: (v[0], -v[1]))
+    return {"pair_log_index": min(idx, 50.0) if low < med else 0.0, "pair_source": s, "pair_target": t,
+            "pair_log_ratio": max(0.0, med - low), "pair_row_ratio": max(0.0, row_ratio),
+            "pair_row_source": row_source}
+
+
 def trojan_probability(evidence: dict[str, float], calibration: dict[str, Any]) -> float:
     """``sigmoid(intercept + sum_f coef[f] * evidence[f])``, in [0, 1]; non-decreasing in each
     piece of evidence whose coefficient is non-negative (all of :data:`CALIBRATION`'s are)."""

@@ -7,7 +7,8 @@ A result directory holds two files:
   ``version``;
 * ``scan.safetensors``: the per-label tensors (``scores``, ``l1_norms``, ``anomaly_indices``,
   ``attack_success``, ``reached``, ``flagged``, ``per_source_attack_success``) and the reversed
-  triggers (``trigger_masks`` ``(K, H, W)``, ``trigger_patterns`` ``(K, C, H, W)``).
+  triggers (``trigger_masks`` ``(K, H, W)``, ``trigger_patterns`` ``(K, C, H, W)``), and with a
+  pair scan its ``pair_l1_norms`` ``(K, K)`` (NaN where no pair ran).
 
 Loading checks every shape and dtype against the label count before reading a tensor, and the
 values (triggers finite and in [0, 1], rates in [0, 1] or NaN where undefined, no NaN score);
@@ -50,6 +51,8 @@ def save_result(result: "NeuralCleanseResult", directory: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tensors = {name: getattr(result, name).detach().cpu().to(dtype).contiguous() for name, dtype in _VECTORS.items()}
     tensors["per_source_attack_success"] = result.per_source_attack_success.detach().cpu().float().contiguous()
+    if result.pair_l1_norms is not None:
+        tensors["pair_l1_norms"] = result.pair_l1_norms.detach().cpu().float().contiguous()
     if result.triggers:
         batch = TriggerBatch.from_triggers(result.triggers, range(len(result.triggers)))
         tensors["trigger_masks"], tensors["trigger_patterns"] = batch.masks.contiguous(), batch.patterns.contiguous()
@@ -85,7 +88,7 @@ def load_result(cls: type["NeuralCleanseResult"], directory: str | Path) -> "Neu
                seconds=float(_typed(doc, "seconds", (int, float), folder, 0.0)), l1_norms=tensors["l1_norms"],
                anomaly_indices=tensors["anomaly_indices"], attack_success=tensors["attack_success"],
                per_source_attack_success=tensors["per_source_attack_success"], flagged=tensors["flagged"],
-               reached=tensors["reached"], triggers=triggers)
+               reached=tensors["reached"], triggers=triggers, pair_l1_norms=tensors.get("pair_l1_norms"))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -149,20 +152,25 @@ def _check_shapes(shapes: dict[str, tuple[int, ...]], path: Path) -> None:
         m, p = shapes["trigger_masks"], shapes["trigger_patterns"]
         if len(m) != 3 or len(p) != 4 or m[0] != k or p[0] != k or p[2:] != m[1:] or not 1 <= p[1] <= 4:
             raise DataError(f"{path}: trigger_masks must be (K, H, W) and trigger_patterns (K, C, H, W), got {m} and {p}")
-    extra = sorted(set(shapes) - set(_VECTORS) - {"per_source_attack_success", "trigger_masks", "trigger_patterns"})
+    if "pair_l1_norms" in shapes and shapes["pair_l1_norms"] != (k, k):
+        raise DataError(f"{path}: pair_l1_norms must be (K, K), got {shapes['pair_l1_norms']}")
+    extra = sorted(set(shapes) - set(_VECTORS) - {"per_source_attack_success", "trigger_masks", "trigger_patterns",
+                                                  "pair_l1_norms"})
     if extra:
         raise DataError(f"{path}: unexpected tensors {extra}")
 
 
 def _check_values(t: dict[str, torch.Tensor], path: Path) -> None:
     for name, dtype in {**_VECTORS, "per_source_attack_success": torch.float32, "trigger_masks": torch.float32,
-                        "trigger_patterns": torch.float32}.items():
+                        "trigger_patterns": torch.float32, "pair_l1_norms": torch.float32}.items():
         if name in t and t[name].dtype != dtype:
             raise DataError(f"{path}: {name} must be {dtype}, got {t[name].dtype}")
     if torch.isnan(t["scores"]).any() or torch.isnan(t["anomaly_indices"]).any():
         raise DataError(f"{path}: NaN scores")
     if not torch.isfinite(t["l1_norms"]).all() or (t["l1_norms"] < 0).any():
         raise DataError(f"{path}: l1_norms must be finite and >= 0")
+    if "pair_l1_norms" in t and (torch.isinf(t["pair_l1_norms"]).any() or (t["pair_l1_norms"] < 0).any()):
+        raise DataError(f"{path}: pair_l1_norms must be >= 0 (NaN where no pair ran)")
     for name in ("attack_success", "per_source_attack_success"):
         r = t[name]
         if name == "attack_success" and torch.isnan(r).any():

@@ -19,6 +19,9 @@ The method is three layers, each in its own module and re-exported here:
   It only needs the model's inputs and outputs, so it works on TorchScript and ``torch.export``
   programs. It also accepts a subset of labels and a fixed region outside which the mask stays
   zero (used by the moving-window heat map);
+  The jobs may also be restricted to one source label each: :func:`reverse_pairs` reverses
+  the smallest trigger of every ``(source, target)`` pair, which finds source-specific and
+  all-to-all backdoors that no per-target trigger shows (:func:`pair_evidence`);
 * :class:`NeuralCleanse`, the detector (``scan(model, clean_data)``), and its
   :class:`NeuralCleanseResult` (``save`` / ``load``).
 
@@ -48,9 +51,10 @@ from ...errors import DataError
 from ...triggers import Trigger
 from ..base import ModelDetector, ScanResult, register
 from ._nc_evidence import (CALIBRATION, CONSISTENCY_CONSTANT, EVIDENCE, flag_outliers, mad_anomaly_index,
-                           matched_norms, overall_attack_success, per_source_attack_success, scan_evidence,
-                           signed_anomaly_index, trojan_probability)
-from ._nc_optimise import OptimiserSettings, ReversedTriggers, optimise_triggers, reverse_engineer_triggers
+                           matched_norms, overall_attack_success, pair_evidence, per_source_attack_success,
+                           scan_evidence, signed_anomaly_index, trojan_probability)
+from ._nc_optimise import (OptimiserSettings, ReversedTriggers, optimise_triggers, pair_matrix, reverse_engineer_triggers,
+                           reverse_pairs)
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +82,14 @@ class NeuralCleanseResult(ScanResult):
         probability: the calibrated probability that the model is backdoored (see
             :func:`trojan_probability`); the verdict ``infected`` is ``probability > 0.5`` (or
             the detector's ``threshold``) with ``decision="probability"``.
-        evidence: what the probability was computed from (:func:`scan_evidence`).
-        image_passes: forward-and-backward passes of single images the optimisation ran.
+        evidence: what the probability was computed from (:func:`scan_evidence`); with
+            ``pairs=True`` also the pair scan's :func:`pair_evidence` (not used by the
+            probability yet).
+        image_passes: forward-and-backward passes of single images the optimisation ran (with
+            ``pairs=True``, the label and the pair scans together).
+        pair_l1_norms: ``(K, K)`` with ``pairs=True``: entry ``[s, t]`` is ``|m|_1`` of the
+            smallest trigger reversed from source ``s`` to target ``t`` (NaN on the diagonal and
+            for sources without optimisation images); else None.
         triggers: the K reversed :class:`~trojanscope.triggers.Trigger` objects.
     """
 
@@ -93,6 +103,7 @@ class NeuralCleanseResult(ScanResult):
     flagged: torch.Tensor
     reached: torch.Tensor
     triggers: list[Trigger] = dataclasses.field(default_factory=list, repr=False)
+    pair_l1_norms: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -164,6 +175,12 @@ class NeuralCleanse(ModelDetector):
             held-out digits population it raised false positives, see ``benchmarks/README.md``).
         halving_first, halving_eta, halving_keep: the halving schedule's first rung (10
             epochs), the share kept per rung (1/3) and the fewest labels kept (2).
+        pairs: also reverse the smallest trigger of every ``(source, target)`` pair (False):
+            ``K (K - 1)`` source-restricted jobs (:func:`reverse_pairs`) under the halving
+            schedule, each drawing ``samples_per_step`` images of its source per step. Finds
+            source-specific and all-to-all backdoors, which need no small per-label trigger;
+            its :func:`pair_evidence` goes into ``evidence`` (the probability and the flagged
+            labels do not use it yet) and its norms into ``pair_l1_norms``.
         decision: ``"mad"`` (the default, the paper's rule: infected when a label is flagged by
             the MAD test, on the scale ``outlier_scale``) or ``"probability"`` (``infected`` is ``probability > threshold``, the
             probability calibrated on a generated population, see :data:`CALIBRATION`).
@@ -217,6 +234,7 @@ class NeuralCleanse(ModelDetector):
         "halving_first": Interval(int, 1),
         "halving_eta": Interval(int, 2),
         "halving_keep": Interval(int, 1),
+        "pairs": Types((bool,)),
         "decision": Options(("probability", "mad")),
         "threshold": Interval(float, 0.0, 1.0, "neither"),
         "n_samples": Interval(int, 1),
@@ -231,7 +249,7 @@ class NeuralCleanse(ModelDetector):
                  cost_multiplier: float = 1.5, early_stop: bool = True, early_stop_threshold: float = 0.99,
                  early_stop_patience: int = 10, anomaly_threshold: float = 3.0, outlier_scale: str = "log",
                  schedule: str = "all", halving_first: int = 10, halving_eta: int = 3, halving_keep: int = 2,
-                 decision: str = "mad", threshold: float = 0.5, n_samples: int = 320,
+                 pairs: bool = False, decision: str = "mad", threshold: float = 0.5, n_samples: int = 320,
                  n_holdout: int = 500, mode: Literal["batched", "sequential"] = "batched", batch_size: int = 4096,
                  seed: int | None = 0, device: DeviceLike = None) -> None:
         self.init_cost = init_cost
@@ -251,6 +269,7 @@ class NeuralCleanse(ModelDetector):
         self.halving_first = halving_first
         self.halving_eta = halving_eta
         self.halving_keep = halving_keep
+        self.pairs = pairs
         self.decision = decision
         self.threshold = threshold
         self.n_samples = n_samples
@@ -324,12 +343,37 @@ class NeuralCleanse(ModelDetector):
         order = sorted(flagged.nonzero().flatten().tolist(), key=lambda t: float(norms[t]))
         log.info("scan: probability %.3f (%s), flagged %s", probability,
                  ", ".join(f"{f} {evidence[f]:.2f}" for f in EVIDENCE), order)
+        details = self._details(rev, below, opt, held)
+        passes, pair_norms = rev.image_passes, None
+        if self.pairs:
+            pair_rev, pair_norms = self._scan_pairs(model, opt, len(rev))
+            matched_pairs = pair_matrix(pair_rev, len(rev), matched_norms(pair_rev.l1_norms, pair_rev.norm_trace,
+                                                                          pair_rev.epochs))
+            pair_ev = pair_evidence(matched_pairs)
+            evidence = {**evidence, **pair_ev}
+            passes += pair_rev.image_passes
+            details["pair_image_passes"] = pair_rev.image_passes
+            details["pair_reverse_seconds"] = pair_rev.seconds
+            log.info("scan: pairs: smallest %d -> %d (%s)", pair_ev["pair_source"], pair_ev["pair_target"],
+                     ", ".join(f"{f} {pair_ev[f]:.2f}" for f in ("pair_log_index", "pair_log_ratio", "pair_row_ratio")))
         return NeuralCleanseResult(
             infected=bool(order), flagged_labels=order, scores=signed_anomaly_index(stat), probability=probability,
-            evidence={**evidence, "calibration": CALIBRATION[self.schedule]}, image_passes=rev.image_passes,
-            details=self._details(rev, below, opt, held), l1_norms=norms, anomaly_indices=mad_anomaly_index(stat),
+            evidence={**evidence, "calibration": CALIBRATION[self.schedule]}, image_passes=passes,
+            details=details, l1_norms=norms, anomaly_indices=mad_anomaly_index(stat),
             attack_success=asr, per_source_attack_success=per_source, flagged=flagged, reached=rev.reached,
-            triggers=rev.triggers)
+            triggers=rev.triggers, pair_l1_norms=pair_norms)
+
+    def _scan_pairs(self, model: nn.Module, opt: ImageDataset, k: int) -> tuple[ReversedTriggers, torch.Tensor]:
+        """The pair scan on the optimisation images: every ``(s, t)``, ``s != t``, ``s`` a label
+        with images, under the halving schedule; its jobs and their ``(K, K)`` norms."""
+        present = set(opt.y.unique().tolist())
+        pairs = [(s, t) for s in range(k) for t in range(k) if s != t and s in present]
+        log.info("neural cleanse: reversing %d (source, target) pairs' triggers on %d images (halving schedule)",
+                 len(pairs), len(opt))
+        pair_rev = reverse_pairs(model, opt.x, opt.y, self.settings("halving"), pairs=pairs, seed=self.seed,
+                                 device=self.device)
+        log.info("neural cleanse: pairs: %d image passes in %.1f s", pair_rev.image_passes, pair_rev.seconds)
+        return pair_rev, pair_matrix(pair_rev, k).float()
 
     def _decide(self, below: torch.Tensor, probability: float, smallest: int) -> torch.Tensor:
         """``(K,)`` the flagged labels: the MAD rule's, or with ``decision="probability"`` those
@@ -355,5 +399,5 @@ class NeuralCleanse(ModelDetector):
 
 __all__ = ["CALIBRATION", "CONSISTENCY_CONSTANT", "EVIDENCE", "NeuralCleanse", "NeuralCleanseResult",
            "OptimiserSettings", "ReversedTriggers", "flag_outliers", "mad_anomaly_index", "matched_norms",
-           "optimise_triggers", "overall_attack_success", "per_source_attack_success", "reverse_engineer_triggers",
-           "scan_evidence", "signed_anomaly_index", "trojan_probability"]
+           "optimise_triggers", "overall_attack_success", "pair_evidence", "pair_matrix", "per_source_attack_success",
+           "reverse_engineer_triggers", "reverse_pairs", "scan_evidence", "signed_anomaly_index", "trojan_probability"]

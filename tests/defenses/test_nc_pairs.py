@@ -128,8 +128,8 @@ def test_default_pairs_and_matrix(nets, opt_data):
     assert torch.isnan(m.diagonal()).all() and int(torch.isfinite(m).sum()) == 90
     assert float(m[3, 5]) == float(r.l1_norms[3 * 9 + 4])
     assert r.trigger(0).name == "neural-cleanse:source0-label1"
-    part = reverse_pairs(nets["clean"], opt_data.x, opt_data.y, OptimiserSettings(epochs=1, steps_per_epoch=1,
-                                                                                     samples_per_step=2), pairs=[(2, 4)])
+    part = reverse_pairs(nets["clean"], opt_data.x, opt_data.y,
+                         OptimiserSettings(epochs=1, steps_per_epoch=1, samples_per_step=2), pairs=[(2, 4)])
     pm = pair_matrix(part, 10)
     assert int(torch.isfinite(pm).sum()) == 1 and float(pm[2, 4]) == float(part.l1_norms[0])
 

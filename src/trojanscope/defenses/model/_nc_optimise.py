@@ -20,11 +20,11 @@ all ``K (K - 1)`` pairs as one batch of jobs. Each step draws ``samples_per_step
 distinct source from that source's own seeded stream, and each job stamps its source's images.
 
 All jobs are independent (the loss is a sum over jobs, lambda and the counters are per-job
-vectors, Adam is elementwise), see the same mini-batches (those of their source) and start from initial values drawn for
-all jobs at once, so the result does not depend on how jobs are grouped: ``mode="sequential"``
-runs them one at a time (the paper's way, the reference for the batched mode) and ``batch_size``
-only bounds the number of images in one forward pass (jobs are chunked when ``J *
-samples_per_step`` exceeds it). Jobs that stopped early leave the batch.
+vectors, Adam is elementwise), see the same mini-batches (those of their source) and start
+from initial values drawn for all jobs at once, so the result does not depend on how jobs are
+grouped: ``mode="sequential"`` runs them one at a time (the paper's way, the reference for the
+batched mode) and ``batch_size`` only bounds the number of images in one forward pass (jobs are
+chunked when ``J * samples_per_step`` exceeds it). Jobs that stopped early leave the batch.
 
 ``schedule="halving"`` schedules the jobs by successive halving (Jamieson & Talwalkar 2016; the
 bandit view of K-Arm, Shen et al. 2021): at the rungs ``halving_first``, ``2 * halving_first``,
@@ -110,7 +110,9 @@ class ReversedTriggers(Result):
 
     def _name(self, j: int) -> str:
         t = int(self.targets[j])
-        return f"neural-cleanse:label{t}" if self.sources is None else f"neural-cleanse:source{int(self.sources[j])}-label{t}"
+        if self.sources is None:
+            return f"neural-cleanse:label{t}"
+        return f"neural-cleanse:source{int(self.sources[j])}-label{t}"
 
     @property
     def batch(self) -> TriggerBatch:
@@ -279,7 +281,8 @@ def optimise_triggers(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
     if src is None:
         for t in tg.tolist():
             if not bool((y != t).any()):
-                raise DataError(f"no clean image has a label other than {t}; Neural Cleanse needs images of other labels")
+                raise DataError(f"no clean image has a label other than {t}; Neural Cleanse needs images of "
+                                "other labels")
     g = generator(seed)
     mask0 = torch.rand(jn, 1, h, w, generator=g)
     pattern0 = torch.rand(jn, c, h, w, generator=g)

@@ -109,8 +109,8 @@ class _SourceBatches:
 
     Each step draws ``min(size, n_s)`` images of every source ``s`` and stacks them into ``(S, B,
     C, H, W)`` with ``B`` the largest draw; a source with fewer images is padded by repeating its
-    own draw, the repeats weighted 0 in the loss and the attack success (images of the source
-    itself, so a model that misbehaves off the data cannot put a NaN into the loss)."""
+    own draw, the repeats weighted 0 in the loss and the attack success (so the padding only
+    feeds the model real images of the source)."""
 
     def __init__(self, y: torch.Tensor, sources: torch.Tensor, seeds: list[int]) -> None:
         self.labels = torch.unique(sources, sorted=True).tolist()
@@ -179,14 +179,13 @@ def _run_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, st: _Jobs, ac
     acc_sum = torch.zeros(an, dtype=torch.float64, device=dev)
     reg_sum = torch.zeros(an, dtype=torch.float64, device=dev)
     for _ in range(cfg.steps_per_epoch):
-        grp: torch.Tensor | None
         if isinstance(batches, _SourceBatches):
-            xg, weights = batches.next(x, cfg.samples_per_step, dev)
             assert st.grp_d is not None
-            grp = st.grp_d[active]
-            valid = weights[grp]
+            xg, weights = batches.next(x, cfg.samples_per_step, dev)
+            grp: torch.Tensor | None = st.grp_d[active]
             b = xg.shape[1]
             tgt = st.tg_d[active][:, None].expand(an, b)
+            valid = weights[grp]
         else:
             idx = batches.next(cfg.samples_per_step)
             xb, yb = x[idx].to(dev), y[idx].to(dev)

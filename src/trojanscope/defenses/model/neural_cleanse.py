@@ -18,10 +18,10 @@ The method is three layers, each in its own module and re-exported here:
   1, H, W)``, patterns ``(J, C, H, W)`` and one forward pass over ``(J * B, C, H, W)`` per step.
   It only needs the model's inputs and outputs, so it works on TorchScript and ``torch.export``
   programs. It also accepts a subset of labels and a fixed region outside which the mask stays
-  zero (used by the moving-window heat map);
-  The jobs may also be restricted to one source label each: :func:`reverse_pairs` reverses
-  the smallest trigger of every ``(source, target)`` pair, which finds source-specific and
-  all-to-all backdoors that no per-target trigger shows (:func:`pair_evidence`);
+  zero (used by the moving-window heat map), and jobs restricted to one source label each:
+  :func:`reverse_pairs` reverses the smallest trigger of every ``(source, target)`` pair, which
+  shows source-specific and all-to-all backdoors that no per-target trigger shows
+  (:func:`pair_evidence`);
 * :class:`NeuralCleanse`, the detector (``scan(model, clean_data)``), and its
   :class:`NeuralCleanseResult` (``save`` / ``load``).
 
@@ -53,8 +53,8 @@ from ..base import ModelDetector, ScanResult, register
 from ._nc_evidence import (CALIBRATION, CONSISTENCY_CONSTANT, EVIDENCE, flag_outliers, mad_anomaly_index,
                            matched_norms, overall_attack_success, pair_evidence, per_source_attack_success,
                            scan_evidence, signed_anomaly_index, trojan_probability)
-from ._nc_optimise import (OptimiserSettings, ReversedTriggers, optimise_triggers, pair_matrix, reverse_engineer_triggers,
-                           reverse_pairs)
+from ._nc_optimise import (OptimiserSettings, ReversedTriggers, optimise_triggers, pair_matrix,
+                           reverse_engineer_triggers, reverse_pairs)
 
 log = logging.getLogger(__name__)
 

@@ -52,9 +52,16 @@ def trigger_for(shape) -> ts.Trigger:
                             shape)
 
 
+def recipe_for(arch: str, recipe: str) -> str:
+    """``auto``: Adam for gtsrb_cnn (the Neural Cleanse GTSRB model was trained with Adam), the
+    one-cycle SGD recipe (momentum, weight decay) for the ResNets and VGGs."""
+    if recipe != "auto":
+        return recipe
+    return "adam" if arch == "gtsrb_cnn" else "sgd"
+
+
 def train_kwargs(recipe: str, shape, epochs: int) -> dict:
-    """The training recipe (default ``sgd``: one-cycle SGD with momentum and weight decay; the
-    MNIST default ``adam`` leaves gtsrb_cnn predicting one label on signs43); random crops only
+    """The training recipe's settings (:data:`trojanscope.training.RECIPES`); random crops only
     on 32x32 images."""
     from trojanscope.training import RECIPES
 
@@ -137,6 +144,7 @@ def run(dataset: str, arch: str, args) -> None:
     if args.test_per_class:
         val, test = per_class(val, args.test_per_class), per_class(test, args.test_per_class)
     arch_kw = {"width": args.width} if arch != "gtsrb_cnn" else {}
+    args = argparse.Namespace(**{**vars(args), "recipe": recipe_for(arch, args.recipe)})
     trig = trigger_for(train.image_shape)
     base = f"{dataset}-{arch}{args.width if arch_kw else ''}-n{len(train)}-e{args.epochs}-{args.recipe}"
     common = {"dataset": dataset, "arch": arch, **arch_kw, "recipe": args.recipe, "n_train": len(train), "epochs": args.epochs,
@@ -179,7 +187,8 @@ def main() -> None:
     p.add_argument("--rates", default=None)
     p.add_argument("--nc-epochs", type=int, default=None, help="Neural Cleanse epochs (default: its own)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--recipe", default="sgd", help="training recipe (trojanscope.training.RECIPES)")
+    p.add_argument("--recipe", default="auto", help="training recipe (trojanscope.training.RECIPES), or auto: "
+                                                    "adam for gtsrb_cnn, sgd for the others")
     args = p.parse_args()
     q = args.quick
     args.datasets = (args.datasets or ("signs43" if q else "signs43,cmnist,digits")).split(",")

@@ -36,6 +36,7 @@ import torch
 
 import trojanscope as ts
 from trojanscope.defenses.model.neural_cleanse import CALIBRATION, EVIDENCE, trojan_probability
+from trojanscope.defenses.model._nc_evidence import PAIR_EVIDENCE
 from trojanscope.population import expand_models, population_scores, scan_population
 from trojanscope.rounds import load_truth
 
@@ -45,7 +46,10 @@ torch.set_num_threads(1)
 CONFIGS = {
     "halving": dict(schedule="halving"),
     "all": dict(schedule="all"),
+    "halving+pairs": dict(schedule="halving", pairs=True),
 }
+#: the evidence each configuration's calibration may use
+FEATURES = {"halving": EVIDENCE, "all": EVIDENCE, "halving+pairs": EVIDENCE + PAIR_EVIDENCE}
 
 
 def scan_round(round_dir: Path, data: str, work: Path) -> dict[str, list[dict]]:
@@ -74,12 +78,12 @@ def truth_rows(round_dir: Path, rows: list[dict]) -> list[tuple[dict, dict]]:
     return pairs
 
 
-def fit_calibration(pairs: list[tuple[dict, dict]]) -> dict:
+def fit_calibration(pairs: list[tuple[dict, dict]], features: tuple[str, ...] = EVIDENCE) -> dict:
     """Logistic regression of the truth on the evidence, refitted without any feature whose
     coefficient comes out negative (so the probability stays monotone in the evidence)."""
     from sklearn.linear_model import LogisticRegression
 
-    feats = list(EVIDENCE)
+    feats = list(features)
     y = np.array([t["backdoored"] for _, t in pairs])
     while True:
         X = np.array([[r["evidence"][f] for f in feats] for r, _ in pairs if r["evidence"] is not None])
@@ -89,7 +93,7 @@ def fit_calibration(pairs: list[tuple[dict, dict]]) -> dict:
             break
         feats = [f for f in feats if f not in neg]
     coef = {f: round(float(c), 4) for f, c in zip(feats, lr.coef_[0])}
-    coef.update({f: 0.0 for f in EVIDENCE if f not in coef})
+    coef.update({f: 0.0 for f in features if f not in coef})
     return {"intercept": round(float(lr.intercept_[0]), 4), "coef": coef}
 
 
@@ -216,7 +220,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.calibrate is not None:
         scans = scan_round(a.calibrate, a.data, a.work)
-        cal = {name: fit_calibration(truth_rows(a.calibrate, rows)) for name, rows in scans.items()}
+        cal = {name: fit_calibration(truth_rows(a.calibrate, rows), FEATURES[name]) for name, rows in scans.items()}
         print("CALIBRATION =", json.dumps(cal, indent=1))
         for name, rows in scans.items():
             f = figures(truth_rows(a.calibrate, rows), cal[name], f"{name} (fitted, training round)")

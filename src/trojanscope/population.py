@@ -132,6 +132,8 @@ def scan_one(model: str | Path | dict[str, bytes], data: ImageDataset, params: d
                    evidence={k: v for k, v in res.evidence.items() if k != "calibration"},
                    suspects=res.details["suspects"], l1_norms=[round(float(v), 4) for v in res.l1_norms],
                    image_passes=res.image_passes)
+        if res.pair_l1_norms is not None:  # (K, K), NaN (JSON null) on the diagonal
+            row["pair_l1_norms"] = [[None if v != v else round(float(v), 4) for v in r] for r in res.pair_l1_norms.tolist()]
     except TrojanscopeError as e:
         row["error"] = str(e)
     except MemoryError:

@@ -80,6 +80,8 @@ def flag_outliers(norms: torch.Tensor | Sequence[float], threshold: float = 2.0)
 
 #: The evidence the probability is computed from (see :func:`scan_evidence`).
 EVIDENCE = ("log_gap", "log_index", "log_ratio", "holdout_asr")
+#: The pair scan's evidence (see :func:`pair_evidence`), with ``NeuralCleanse(pairs=True)``.
+PAIR_EVIDENCE = ("pair_log_index", "pair_log_ratio", "pair_row_ratio")
 
 #: Logistic calibration of :func:`trojan_probability` for each label schedule: ``p = sigmoid(
 #: intercept + sum(coef[f] * evidence[f]))``. Fitted by ``benchmarks/population.py --calibrate``

@@ -11,7 +11,7 @@ import torch
 
 import trojanscope as ts
 from trojanscope.defenses import create, list_defenses
-from trojanscope.defenses.model.neural_cleanse import (NeuralCleanse, NeuralCleanseResult, flag_outliers,
+from trojanscope.defenses.model.neural_cleanse import (NeuralCleanse, NeuralCleanseResult, flag_labels, flag_outliers,
                                                        mad_anomaly_index, reverse_engineer_triggers)
 from trojanscope.errors import ConfigError, DataError
 
@@ -127,6 +127,22 @@ def test_default_rule_flags_a_trigger_far_below_widely_spread_clean_norms():
     assert flag_outliers(norms.log(), nc.anomaly_threshold).nonzero().flatten().tolist() == [0]
     # a clean spread of the same width, with no outlier, is not flagged on either scale
     assert not flag_outliers(norms[1:].log(), 3.0).any() and not flag_outliers(norms[1:], 2.0).any()
+
+
+def test_min_ratio_guards_a_tight_cluster_of_clean_norms():
+    """Clean norms within 2% of each other: MAD = 1.4826 * 0.1 on L1, so a label 1.25x below the
+    median gets index 13.5 on L1 and 14.5 on the log scale; it is flagged only with min_ratio=1."""
+    tight = torch.tensor([8.0, 9.9, 10.0, 10.0, 10.1, 10.2], dtype=torch.float64)
+    med = 10.0
+    assert float(mad_anomaly_index(tight)[0]) == pytest.approx((med - 8.0) / (1.4826 * 0.1), rel=1e-4)
+    assert flag_labels(tight, min_ratio=1.0).tolist() == [True] + [False] * 5
+    assert not flag_labels(tight).any() and not flag_labels(tight, scale="l1", threshold=2.0, min_ratio=1.5).any()
+    assert flag_labels(tight, min_ratio=1.25).tolist()[0]          # exactly 1.25x below: the bound is inclusive
+    assert NeuralCleanse().min_ratio == 1.5
+    # a 1.6x smaller norm among the same tight cluster is flagged by the default rule
+    assert flag_labels(torch.tensor([6.25, 9.9, 10.0, 10.0, 10.1, 10.2])).tolist()[0]
+    with pytest.raises(ConfigError):
+        NeuralCleanse(min_ratio=0.5).scan(torch.nn.Linear(1, 1), None)
 
 
 def test_default_scan_finds_a_single_pixel_trigger_the_paper_rule_misses(digits, device):

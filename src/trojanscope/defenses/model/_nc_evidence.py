@@ -76,6 +76,36 @@ def flag_outliers(norms: torch.Tensor | Sequence[float], threshold: float = 2.0)
     return (n < median) & (mad_anomaly_index(n).double() > threshold)
 
 
+def flag_labels(norms: torch.Tensor | Sequence[float], *, scale: str = "log", threshold: float = 3.0,
+                min_ratio: float = 1.5) -> torch.Tensor:
+    """``(K,)`` bool: Neural Cleanse's decision rule on the L1 norms of the reversed masks (the
+    defaults are :class:`~trojanscope.defenses.model.neural_cleanse.NeuralCleanse`'s; the paper's
+    rule is ``scale="l1", threshold=2.0, min_ratio=1.0``).
+
+    A label is flagged when :func:`flag_outliers` flags its norm on ``scale`` (``"l1"``: the
+    norms, the paper; ``"log"``: their logarithms) at ``threshold``, **and** its norm is at least
+    ``min_ratio`` times below the median norm. The second condition guards against a tight
+    cluster of clean norms: when they agree within a few per cent the MAD is tiny, and a label
+    only 1.2x below the median gets a large index.
+
+    Example:
+        >>> norms = [2.46, 48.0, 50.0, 52.0, 60.0, 100.0, 110.0, 120.0, 125.0, 131.0]
+        >>> flag_labels(norms, scale="l1", threshold=2.0, min_ratio=1.0).nonzero().flatten().tolist()  # index 1.69
+        []
+        >>> flag_labels(norms).nonzero().flatten().tolist()  # log index 5.3, 32x below the median
+        [0]
+        >>> tight = [8.0, 9.9, 10.0, 10.0, 10.1, 10.2]  # log index 14.5, but only 1.25x below the median
+        >>> flag_labels(tight, min_ratio=1.0).tolist()[0], flag_labels(tight).tolist()[0]
+        (True, False)
+    """
+    if scale not in ("l1", "log"):
+        raise ValueError(f"scale must be 'l1' or 'log', got {scale!r}")
+    n = torch.as_tensor(norms, dtype=torch.float64)
+    stat = n.clamp_min(1e-12).log() if scale == "log" else n
+    median = float(np.median(n.numpy()))
+    return flag_outliers(stat, threshold) & (n * float(min_ratio) <= median)
+
+
 # --- the trojan probability ------------------------------------------------------------------
 
 #: The evidence the probability is computed from (see :func:`scan_evidence`).

@@ -50,8 +50,8 @@ from ...data.dataset import ImageDataset
 from ...errors import DataError
 from ...triggers import Trigger
 from ..base import ModelDetector, ScanResult, register
-from ._nc_evidence import (CALIBRATION, CONSISTENCY_CONSTANT, EVIDENCE, flag_outliers, mad_anomaly_index,
-                           matched_norms, overall_attack_success, pair_evidence, per_source_attack_success,
+from ._nc_evidence import (CALIBRATION, CONSISTENCY_CONSTANT, EVIDENCE, PAIR_EVIDENCE, flag_labels, flag_outliers,
+                           mad_anomaly_index, matched_norms, overall_attack_success, pair_evidence, per_source_attack_success,
                            scan_evidence, signed_anomaly_index, trojan_probability)
 from ._nc_optimise import (OptimiserSettings, ReversedTriggers, optimise_triggers, pair_matrix,
                            reverse_engineer_triggers, reverse_pairs)
@@ -198,6 +198,11 @@ class NeuralCleanse(ModelDetector):
             is far below the others *relative to their spread*. Clean models' log-scale indices
             run a little higher than their L1 ones, hence the threshold of 3 (the figures on
             generated populations are in ``benchmarks/README.md``).
+        min_ratio: a flagged label's norm must also be at least this many times below the
+            median norm (1.5; 1 turns the condition off, the paper). When the clean labels'
+            norms agree within a few per cent the MAD is tiny, and a label barely below the
+            others gets a large index on either scale; a backdoor target's trigger is much
+            smaller than the typical label's, not 20% smaller. See :func:`flag_labels`.
         n_samples: clean images used by the optimisation (320).
         n_holdout: held-out clean images for the attack success (500).
         mode: ``"batched"`` or ``"sequential"``.
@@ -230,6 +235,7 @@ class NeuralCleanse(ModelDetector):
         "early_stop_patience": Interval(int, 1),
         "anomaly_threshold": Interval(float, 0.0),
         "outlier_scale": Options(("l1", "log")),
+        "min_ratio": Interval(float, 1.0),
         "schedule": Options(("all", "halving")),
         "halving_first": Interval(int, 1),
         "halving_eta": Interval(int, 2),
@@ -248,6 +254,7 @@ class NeuralCleanse(ModelDetector):
                  samples_per_step: int = 16, attack_succ_threshold: float = 0.99, patience: int = 5,
                  cost_multiplier: float = 1.5, early_stop: bool = True, early_stop_threshold: float = 0.99,
                  early_stop_patience: int = 10, anomaly_threshold: float = 3.0, outlier_scale: str = "log",
+                 min_ratio: float = 1.5,
                  schedule: str = "all", halving_first: int = 10, halving_eta: int = 3, halving_keep: int = 2,
                  pairs: bool = False, decision: str = "mad", threshold: float = 0.5, n_samples: int = 320,
                  n_holdout: int = 500, mode: Literal["batched", "sequential"] = "batched", batch_size: int = 4096,
@@ -265,6 +272,7 @@ class NeuralCleanse(ModelDetector):
         self.early_stop_patience = early_stop_patience
         self.anomaly_threshold = anomaly_threshold
         self.outlier_scale = outlier_scale
+        self.min_ratio = min_ratio
         self.schedule = schedule
         self.halving_first = halving_first
         self.halving_eta = halving_eta
@@ -332,7 +340,8 @@ class NeuralCleanse(ModelDetector):
         # the halving schedule stops labels early: compare them at matched budgets
         tested = matched if self.schedule == "halving" else norms.double()
         stat = tested.clamp_min(1e-12).log() if self.outlier_scale == "log" else tested
-        below = flag_outliers(stat, self.anomaly_threshold)
+        below = flag_labels(tested, scale=self.outlier_scale, threshold=self.anomaly_threshold,
+                            min_ratio=self.min_ratio)
         eval_data = held if len(held) else opt
         per_source = per_source_attack_success(model, rev.masks, rev.patterns, eval_data, len(rev),
                                                batch_size=self.batch_size, device=self.device)
@@ -397,7 +406,7 @@ class NeuralCleanse(ModelDetector):
                 "n_optimisation": len(opt), "n_holdout": len(held), "reverse_seconds": rev.seconds}
 
 
-__all__ = ["CALIBRATION", "CONSISTENCY_CONSTANT", "EVIDENCE", "NeuralCleanse", "NeuralCleanseResult",
-           "OptimiserSettings", "ReversedTriggers", "flag_outliers", "mad_anomaly_index", "matched_norms",
+__all__ = ["CALIBRATION", "CONSISTENCY_CONSTANT", "EVIDENCE", "PAIR_EVIDENCE", "NeuralCleanse", "NeuralCleanseResult",
+           "OptimiserSettings", "ReversedTriggers", "flag_labels", "flag_outliers", "mad_anomaly_index", "matched_norms",
            "optimise_triggers", "overall_attack_success", "pair_evidence", "pair_matrix", "per_source_attack_success",
            "reverse_engineer_triggers", "reverse_pairs", "scan_evidence", "signed_anomaly_index", "trojan_probability"]

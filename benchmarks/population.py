@@ -48,6 +48,8 @@ CONFIGS = {
     "all": dict(schedule="all"),
     "halving+pairs": dict(schedule="halving", pairs=True),
 }
+#: the configurations this run scans (--configs)
+ACTIVE = ["halving", "all"]
 #: the evidence each configuration's calibration may use
 FEATURES = {"halving": EVIDENCE, "all": EVIDENCE, "halving+pairs": EVIDENCE + PAIR_EVIDENCE}
 
@@ -56,7 +58,8 @@ def scan_round(round_dir: Path, data: str, work: Path) -> dict[str, list[dict]]:
     val = ts.load_data(data, "val")
     models = expand_models([str(round_dir / "models")])
     out = {}
-    for name, params in CONFIGS.items():
+    for name in ACTIVE:
+        params = CONFIGS[name]
         t0 = time.perf_counter()
         out[name] = scan_population(models, val, params, out=work / round_dir.name / name)
         for r in out[name]:  # rows scanned before log_gap existed: it needs only the stored norms
@@ -95,6 +98,24 @@ def fit_calibration(pairs: list[tuple[dict, dict]], features: tuple[str, ...] = 
     coef = {f: round(float(c), 4) for f, c in zip(feats, lr.coef_[0])}
     coef.update({f: 0.0 for f in features if f not in coef})
     return {"intercept": round(float(lr.intercept_[0]), 4), "coef": coef}
+
+
+def feature_aurocs(pairs: list[tuple[dict, dict]], features: tuple[str, ...]) -> dict:
+    """ROC-AUC of each piece of evidence alone as a score of "backdoored", over the round, and
+    per attack mode (that mode's backdoors against all clean models)."""
+    from sklearn.metrics import roc_auc_score
+
+    ok = [(r, t) for r, t in pairs if r["error"] is None]
+    out = {}
+    for f in features:
+        sub = {}
+        for mode in (None, "all-to-one", "source-specific", "all-to-all"):
+            sel = [(r, t) for r, t in ok if not t["backdoored"] or mode is None or t["mode"] == mode]
+            y = [t["backdoored"] for _, t in sel]
+            if 0 < sum(y) < len(y):
+                sub[mode or "all"] = round(float(roc_auc_score(y, [r["evidence"][f] for r, _ in sel])), 3)
+        out[f] = sub
+    return out
 
 
 def figures(pairs: list[tuple[dict, dict]], cal: dict | None, label: str) -> dict:
@@ -217,7 +238,9 @@ def main() -> None:
     ap.add_argument("--labels43", action="store_true")
     ap.add_argument("--fanout", type=Path, default=None)
     ap.add_argument("--fanout-n", type=int, default=8, help="models of the round the fan-out runs scan")
+    ap.add_argument("--configs", default="halving,all", help=f"configurations to scan, of {', '.join(CONFIGS)}")
     a = ap.parse_args()
+    ACTIVE[:] = a.configs.split(",")
     if a.calibrate is not None:
         scans = scan_round(a.calibrate, a.data, a.work)
         cal = {name: fit_calibration(truth_rows(a.calibrate, rows), FEATURES[name]) for name, rows in scans.items()}
@@ -235,8 +258,8 @@ def main() -> None:
 
 def report_round(round_dirs: list[Path], data: str, work: Path) -> None:
     per_round = [(d, scan_round(d, data, work)) for d in round_dirs]
-    scans = {name: [r for _, sc in per_round for r in sc[name]] for name in CONFIGS}
-    pairs_by = {name: [pr for d, sc in per_round for pr in truth_rows(d, sc[name])] for name in CONFIGS}
+    scans = {name: [r for _, sc in per_round for r in sc[name]] for name in ACTIVE}
+    pairs_by = {name: [pr for d, sc in per_round for pr in truth_rows(d, sc[name])] for name in ACTIVE}
     kept = [t for _, t in pairs_by["halving"]]
     n_all = sum(len(load_truth(d)) for d in round_dirs)
     print(f"held-out round(s) {', '.join(map(str, round_dirs))}: {len(kept)} models "
@@ -245,8 +268,11 @@ def report_round(round_dirs: list[Path], data: str, work: Path) -> None:
           f"architectures { {a: sum(t['arch'] == a for t in kept) for a in sorted({t['arch'] for t in kept})} }; "
           f"{n_all - len(kept)} excluded for ASR < 80%)")
     table = []
-    for name in CONFIGS:
+    for name in ACTIVE:
         pairs = pairs_by[name]
+        print(json.dumps({"config": name, "feature_auroc": feature_aurocs(pairs, FEATURES[name])}))
+        if name not in CALIBRATION:
+            continue
         f = figures(pairs, CALIBRATION[name], f"{name} schedule, probability")
         table.append(f)
         if name == "halving":
@@ -262,6 +288,8 @@ def report_round(round_dirs: list[Path], data: str, work: Path) -> None:
         ok = [r for r in rows if r["error"] is None]
         print(f"{name}: {np.mean([r['seconds'] for r in ok]):.2f} s/model (1 thread), "
               f"{np.mean([r['image_passes'] for r in ok]):.0f} image passes/model")
+    if not {"halving", "all"} <= set(ACTIVE):
+        return
     fh = figures(pairs_by["halving"], CALIBRATION["halving"], "")["_prob"]
     fa = figures(pairs_by["all"], CALIBRATION["all"], "")["_prob"]
     agree = sum((x > 0.5) == (y > 0.5) for x, y in zip(fh, fa))

@@ -115,11 +115,14 @@ class ScanDisplay(Display):
         figs = []
         if scored:
             thr = float(self.params.get("anomaly_threshold", self.params.get("threshold", 2.0)) or 2.0)
+            ratio = self.params.get("min_ratio")
+            guard = (f" A label above the line is flagged when its trigger is also at least {float(ratio):g}x smaller "
+                     "than the median label's." if isinstance(ratio, (int, float)) and ratio > 1 else "")
             figs.append({"src": plots.anomaly_bars(scored, threshold=thr),
                          "caption": ("Anomaly index per label (red: flagged, amber: the planted target; dashed: the "
                                      "threshold). A backdoor target stands out above the line." if known else
                                      "Anomaly index per label (red: flagged; dashed: the threshold). A backdoor "
-                                     "target stands out above the line.")})
+                                     "target stands out above the line.") + guard})
         normed = [s for s in scored if isinstance(s[1].get("l1_norms"), list)]
         if normed:
             figs.append({"src": plots.norm_box(normed),

@@ -177,29 +177,29 @@ def add_old_rule(rows: list[dict], round_dir: Path, data: str) -> None:
         r["old_l1_flagged"] = [int(k) for k in (below & (idx > 2.0)).nonzero().flatten()]
 
 
-#: the MAD rules compared on the "all" scans' norms (issue 17): (scale, threshold)
-MAD_RULES = (("l1", 2.0), ("log", 2.0), ("log", 2.5), ("log", 3.0), ("log", 4.0))
+#: the decision rules compared on the "all" scans' norms (issue 17): (scale, threshold, min_ratio)
+MAD_RULES = (("l1", 2.0, 1.0), ("log", 2.0, 1.0), ("log", 3.0, 1.0), ("log", 3.0, 1.5), ("log", 2.0, 1.5))
 
 
 def mad_rules(pairs: list[tuple[dict, dict]]) -> list[dict]:
-    """The binary MAD verdict of each rule on the stored L1 norms of the "all" scans: false
-    positives, true positives, and backdoored all-to-one models whose target is flagged.
-    ``("log", 3.0)`` is the default of ``NeuralCleanse``; ``("l1", 2.0)`` is the paper's."""
-    from trojanscope.defenses.model.neural_cleanse import flag_outliers
+    """The binary verdict of each rule (:func:`flag_labels`) on the stored L1 norms of the "all"
+    scans: false positives, true positives, and backdoored all-to-one models whose target is
+    flagged. ``("log", 3.0, 1.5)`` is ``NeuralCleanse``'s default; ``("l1", 2.0, 1.0)`` the paper's."""
+    from trojanscope.defenses.model.neural_cleanse import flag_labels
 
     ok = [(r, t) for r, t in pairs if r["error"] is None]
     out = []
-    for scale, thr in MAD_RULES:
+    for scale, thr, ratio in MAD_RULES:
         fp = tp = hit = 0
         for r, t in ok:
-            n = torch.tensor(r["l1_norms"], dtype=torch.float64)
-            flagged = flag_outliers(n.clamp_min(1e-12).log() if scale == "log" else n, thr)
+            flagged = flag_labels(torch.tensor(r["l1_norms"], dtype=torch.float64), scale=scale, threshold=thr,
+                                  min_ratio=ratio)
             called = bool(flagged.any())
             fp += called and not t["backdoored"]
             tp += called and t["backdoored"]
             hit += bool(t["backdoored"] and t["mode"] == "all-to-one" and flagged[t["target"]])
         a2o = sum(t["backdoored"] and t["mode"] == "all-to-one" for _, t in ok)
-        out.append({"rule": f"MAD on {scale} norms > {thr:g}", "false_positives": fp,
+        out.append({"rule": f"{scale} index > {thr:g}, {ratio:g}x below the median", "false_positives": fp,
                     "clean": sum(not t["backdoored"] for _, t in ok), "true_positives": tp,
                     "backdoored": sum(t["backdoored"] for _, t in ok), "a2o_target_flagged": f"{hit}/{a2o}"})
     return out

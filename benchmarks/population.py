@@ -54,8 +54,13 @@ ACTIVE = ["halving", "all"]
 FEATURES = {"halving": EVIDENCE, "all": EVIDENCE, "halving+pairs": EVIDENCE + PAIR_EVIDENCE}
 
 
-def scan_round(round_dir: Path, data: str, work: Path) -> dict[str, list[dict]]:
-    val = ts.load_data(data, "val")
+def round_data(round_dir: Path, data: str | None) -> str:
+    """The bundled data set a round was trained on (its ``round.json``), unless given."""
+    return data or json.loads((round_dir / "round.json").read_text())["data"]
+
+
+def scan_round(round_dir: Path, data: str | None, work: Path) -> dict[str, list[dict]]:
+    val = ts.load_data(round_data(round_dir, data), "val")
     models = expand_models([str(round_dir / "models")])
     out = {}
     for name in ACTIVE:
@@ -232,9 +237,10 @@ def reliability(prob: list[float], truth: list[bool], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("round", nargs="*", type=Path, help="held-out round(s), scored together")
-    ap.add_argument("--data", default="digits")
+    ap.add_argument("--data", default=None, help="clean data to scan with (default: each round's own)")
     ap.add_argument("--work", type=Path, default=Path("runs/popbench"))
-    ap.add_argument("--calibrate", type=Path, default=None, help="fit CALIBRATION on this (training) round")
+    ap.add_argument("--calibrate", type=Path, nargs="+", default=None,
+                    help="fit CALIBRATION on these (training) rounds, together")
     ap.add_argument("--labels43", action="store_true")
     ap.add_argument("--fanout", type=Path, default=None)
     ap.add_argument("--fanout-n", type=int, default=8, help="models of the round the fan-out runs scan")
@@ -242,18 +248,19 @@ def main() -> None:
     a = ap.parse_args()
     ACTIVE[:] = a.configs.split(",")
     if a.calibrate is not None:
-        scans = scan_round(a.calibrate, a.data, a.work)
-        cal = {name: fit_calibration(truth_rows(a.calibrate, rows), FEATURES[name]) for name, rows in scans.items()}
+        per = [(d, scan_round(d, a.data, a.work)) for d in a.calibrate]
+        train = {name: [pr for d, sc in per for pr in truth_rows(d, sc[name])] for name in ACTIVE}
+        cal = {name: fit_calibration(rows, FEATURES[name]) for name, rows in train.items()}
         print("CALIBRATION =", json.dumps(cal, indent=1))
-        for name, rows in scans.items():
-            f = figures(truth_rows(a.calibrate, rows), cal[name], f"{name} (fitted, training round)")
+        for name, rows in train.items():
+            f = figures(rows, cal[name], f"{name} (fitted, training rounds)")
             print(json.dumps({k: v for k, v in f.items() if not k.startswith("_")}))
     if a.round:
         report_round(a.round, a.data, a.work)
     if a.labels43:
         labels43(a.work)
     if a.fanout is not None:
-        fanout(a.fanout, a.data, a.work, a.fanout_n)
+        fanout(a.fanout, round_data(a.fanout, a.data), a.work, a.fanout_n)
 
 
 def report_round(round_dirs: list[Path], data: str, work: Path) -> None:

@@ -1,21 +1,25 @@
-"""Neural Cleanse over a population of models: probability, schedule cost, fan-out.
+"""Neural Cleanse over a population of models: probability, schedule cost, decision rules, fan-out.
 
-Scans every model of a round (``trojanscope bench round``) with the new default (successive
-halving, calibrated probability) and with ``schedule="all"`` (the paper's optimisation, whose
-MAD-rule verdict on the L1 norms is the old binary scan), one thread each; the rows are cached
-under ``--work`` so a rerun only scans what is missing.
+Scans every model of a round (``trojanscope bench round``) with the configurations of
+``--configs`` (default: successive halving and ``schedule="all"``, the paper's optimisation;
+``halving+pairs`` adds the K x K pair scan), one thread each; the rows are cached under
+``--work`` so a rerun only scans what is missing. Each round is scanned with the clean
+validation split of the data it was trained on (its ``round.json``).
 
-    # the rounds (train: calibration; held-out: the figures)
-    trojanscope bench round --data digits --epochs 15 --train-size 0 --n 20 --seed 1 --out runs/digits1
+    # the rounds (training: calibration; held-out: the figures)
+    trojanscope bench round --data digits --epochs 15 --train-size 0 --n 30 --seed 1 --out runs/digits1
+    trojanscope bench round --data mnist5k --n 30 --seed 1 --out runs/mnist1
     trojanscope bench round --data digits --epochs 15 --train-size 0 --n 40 --seed 2 --out runs/digits2
-    # fit the calibration on the training round (prints CALIBRATION for neural_cleanse.py)
-    python benchmarks/population.py --calibrate runs/digits1 --data digits
-    # the figures on the held-out round
-    python benchmarks/population.py runs/digits2 --data digits
+    trojanscope bench round --data digits --epochs 15 --train-size 0 --n 24 --seed 3 --out runs/digits3
+    trojanscope bench round --data mnist5k --n 40 --seed 2 --out runs/mnist2
+    # fit the calibration on the training rounds (prints CALIBRATION for _nc_evidence.py)
+    python benchmarks/population.py --calibrate runs/digits1 runs/mnist1
+    # the figures on the held-out rounds, scored together (and the decision rules' table)
+    python benchmarks/population.py runs/digits2 runs/digits3 runs/mnist2
     # cost of 43 labels vs 10 (same architecture, synthetic 43-class data)
     python benchmarks/population.py --labels43
     # fan-out: --workers 2 on Ray and on local processes vs --workers 1, and a resumed run
-    python benchmarks/population.py --fanout runs/digits2 --data digits
+    python benchmarks/population.py --fanout runs/digits2
 
 Ground truth (``truth/*.json``) is read here, for scoring only; the scanner never sees it.
 """

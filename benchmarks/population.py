@@ -372,7 +372,7 @@ def fanout(round_dir: Path, data: str, work: Path, n: int) -> None:
     proc.wait()
     done = len(list((out / "rows").glob("*.json")))
     t0 = time.perf_counter()
-    p = subprocess.run(base + ["--out", str(out), "-v"], env=env, capture_output=True, text=True)
+    p = subprocess.run(base + ["--out", str(out)], env=env, capture_output=True, text=True)
     rows = json.loads((out / "scan.json").read_text())
     print(f"killed after {done}/{n_models} models; the rerun scanned {n_models - done} in "
           f"{time.perf_counter() - t0:.1f} s, exit {p.returncode}, {len(rows)} rows")

@@ -187,6 +187,17 @@ def test_gtsrb_cnn_starts_from_glorot_weights_and_zero_biases():
         assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.9 * bound
         # the uniform law's standard deviation is bound / sqrt(3)
         assert float(w.std()) == pytest.approx(bound / np.sqrt(3), rel=0.1)
+    # the sanitisers' "fresh model of the same architecture" gets the same initialisation
+    from trojanscope.models.surface import reinitialised_copy
+
+    fresh = reinitialised_copy(m, seed=1)
+    again = reinitialised_copy(m, seed=1)
+    for a, b, c in zip(fresh.modules(), m.modules(), again.modules()):
+        if isinstance(a, (torch.nn.Conv2d, torch.nn.Linear)):
+            assert torch.count_nonzero(a.bias) == 0 and not torch.equal(a.weight, b.weight)
+            assert torch.equal(a.weight, c.weight)
+            bound = float(np.sqrt(6.0 / (a.weight[0].numel() + a.weight.shape[0] * a.weight[0, 0].numel())))
+            assert float(a.weight.abs().max()) <= bound
 
 
 # --- training recipe -------------------------------------------------------------------------

@@ -104,6 +104,11 @@ class GTSRBCNN(nn.Module):
         self.fc1 = nn.Linear(_flat_dim(self.features, input_shape), hidden)
         self.relu_fc = nn.ReLU()
         self.fc2 = nn.Linear(hidden, num_classes)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Glorot-uniform kernels and zero biases (Keras' defaults, the paper's model); also run
+        by :func:`~trojanscope.models.surface.reinitialised_copy`."""
         for mod in self.modules():
             if isinstance(mod, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(mod.weight)

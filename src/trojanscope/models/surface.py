@@ -220,7 +220,9 @@ def model_surface(lm: LoadedModel, *, freeze_bn: bool = True) -> ModelSurface:
 
 def reinitialised_copy(module: nn.Module, seed: int | None = 0) -> nn.Module:
     """A deep copy of ``module`` with every conv / linear / norm layer re-initialised by torch's
-    default initialisers (``reset_parameters``, running statistics reset), seeded by ``seed``.
+    default initialisers (``reset_parameters``, running statistics reset), seeded by ``seed``;
+    then a trojanscope architecture's own ``init_weights`` (a method defined on its class, such as
+    ``gtsrb_cnn``'s) runs again.
 
     The graph (what calls what) is the received one: this is the "fresh model of the same
     architecture" that exclusionary reclassification, provenance filtering and retraining need.
@@ -252,5 +254,11 @@ def reinitialised_copy(module: nn.Module, seed: int | None = 0) -> nn.Module:
                 reset()
             else:
                 kept += [f"{name}.{n}" if name else n for n in own]
+        # a trojanscope architecture with its own initialisation (e.g. gtsrb_cnn's Glorot
+        # weights, without which it does not train) applies it again; a received graph has none
+        for m in new.modules():
+            init = getattr(type(m), "init_weights", None)
+            if callable(init):
+                init(m)
     new.reinit_report = {"reinitialised": True, "kept": kept}  # type: ignore[assignment]
     return new

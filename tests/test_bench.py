@@ -147,7 +147,15 @@ def test_config_file_and_errors(tmp_path, test_defenses):
         "attack names repeat": {"attacks": ["badnets-patch", "badnets-patch"]},
         "unknown arch": {"arch": "vgg99"},
         "rate is out of range": {"rate": 1.5},
+        "unknown recipe 'sgdd'": {"recipe": "sgdd"},
     }
+    # a recipe brings its learning rate unless the config sets one; it is part of the models' cache key
+    from trojanscope.training import RECIPES
+
+    sgd = parse_config({"recipe": "sgd", "arch": "gtsrb_cnn"})
+    assert sgd.recipe == "sgd" and sgd.lr == RECIPES["sgd"]["lr"] and sgd.training["recipe"] == "sgd"
+    assert parse_config({"recipe": "sgd", "lr": 0.01}).lr == 0.01
+    assert "recipe" not in parse_config({}).training  # caches from before the key keep their fingerprint
     for msg, raw in bad.items():
         with pytest.raises(ConfigError, match=msg):
             parse_config(raw)

@@ -240,7 +240,7 @@ def _retrain(c: Cell, kept: ImageDataset) -> nn.Module:
         c.record["extras"]["fresh_model"] = "re-initialised copy of the received graph"
         return model
     return train_new(cfg.arch, kept, seed=c.seed, device=c.device, epochs=cfg.epochs, lr=cfg.lr,
-                     batch_size=cfg.batch_size)
+                     batch_size=cfg.batch_size, recipe=cfg.recipe)
 
 
 def _projection(am: AttackedModel, data: ImageDataset, flagged: torch.Tensor, is_poison: torch.Tensor,

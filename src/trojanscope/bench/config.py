@@ -17,7 +17,7 @@ from ..triggers import Trigger
 from .presets import BENCH_PARAMS, default_config, preset_attack_spec, quick_config
 from .spec import CHAIN, RECEIVED, AttackSpec, BenchConfig, DefenseSpec, expand_defenses
 
-_TOP_KEYS = {"dataset", "arch", "epochs", "lr", "batch_size", "seeds", "attacks", "defenses", "defences", "attack",
+_TOP_KEYS = {"dataset", "arch", "epochs", "lr", "batch_size", "recipe", "seeds", "attacks", "defenses", "defences", "attack",
              "defense", "defence", "params", "rate", "target", "sources", "eval_samples", "chain", "victim"}
 _ATTACK_KEYS = {"name", "attack", "trigger", "target", "rate", "mode", "source_labels", "cover_rate", "params"}
 _DEFENSE_KEYS = {"name", "defense", "params"}
@@ -103,6 +103,13 @@ def _parse_training(raw: Mapping[str, Any]) -> dict[str, Any]:
             kw[key] = float(_expect(raw[key], (int, float), key))
             if not 0 < kw[key] <= (1 if key == "rate" else 10):
                 raise ConfigError(f"{key} is out of range: {kw[key]}")
+    if "recipe" in raw:
+        from ..training import RECIPES
+
+        kw["recipe"] = _expect(raw["recipe"], str, "recipe")
+        if kw["recipe"] not in RECIPES:
+            raise ConfigError(f"unknown recipe {kw['recipe']!r}; known: {', '.join(RECIPES)}")
+        kw.setdefault("lr", float(RECIPES[kw["recipe"]]["lr"]))
     if "eval_samples" in raw:
         v = raw["eval_samples"]
         kw["eval_samples"] = None if v is None else _expect(v, int, "eval_samples")

@@ -64,6 +64,9 @@ class BenchConfig:
             used), an ``.npz`` file or an image folder (split 80 / 10 / 10, stratified).
         arch: the architecture trained for every attack.
         epochs, lr, batch_size: training settings (also used to retrain after sanitising).
+        recipe: a training recipe of :data:`trojanscope.training.RECIPES` (``"sgd"``: one-cycle
+            SGD with momentum, weight decay and random crops, the standard on colour sets;
+            None: Adam at ``lr``, the MNIST default); ``lr`` defaults to the recipe's.
         seeds: one model per attack and seed.
         attacks: the attack columns.
         defenses: the defence rows.
@@ -81,6 +84,7 @@ class BenchConfig:
     epochs: int = 3
     lr: float = 1e-3
     batch_size: int = 64
+    recipe: str | None = None
     seeds: tuple[int, ...] = (0,)
     attacks: tuple[AttackSpec, ...] = ()
     defenses: tuple[DefenseSpec, ...] = ()
@@ -99,8 +103,11 @@ class BenchConfig:
     @property
     def training(self) -> dict[str, Any]:
         """The settings a trained model depends on (part of its cache fingerprint)."""
-        return {"dataset": self.dataset, "arch": self.arch, "epochs": self.epochs, "lr": self.lr,
-                "batch_size": self.batch_size, "rate": self.rate, "target": self.target, "sources": self.sources}
+        out = {"dataset": self.dataset, "arch": self.arch, "epochs": self.epochs, "lr": self.lr,
+               "batch_size": self.batch_size, "rate": self.rate, "target": self.target, "sources": self.sources}
+        if self.recipe is not None:  # absent otherwise, so caches from before the key stay valid
+            out["recipe"] = self.recipe
+        return out
 
 
 def expand_defenses(names: Iterable[str]) -> list[str]:

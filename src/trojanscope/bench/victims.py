@@ -247,7 +247,7 @@ class _Trainer:
     def new(self, data: ImageDataset, seed: int) -> nn.Module:
         c = self.cfg
         return train_new(c.arch, data, seed=seed, device=self.device, epochs=c.epochs, lr=c.lr,
-                         batch_size=c.batch_size)
+                         batch_size=c.batch_size, recipe=c.recipe)
 
     def base(self, seed: int) -> nn.Module:
         """The clean model of ``seed`` (the clean column, and the victim of model-editing attacks)."""

@@ -284,6 +284,14 @@ def test_cli_scan_and_repair(nets, digits, tmp_path):
     assert r.exit_code == 0 and "probability" in r.output, r.output  # a stricter probability threshold
     r = runner.invoke(cli, ["scan", str(tmp_path / "planted.pt"), *fast, "--anomaly-threshold", "-1"])
     assert r.exit_code == 2 and "anomaly_threshold" in r.output
+    # the min_ratio guard: the planted target's trigger is not 1e6x below the median, so no verdict
+    r = runner.invoke(cli, ["scan", str(tmp_path / "planted.pt"), *fast, "--min-ratio", "1e6"])
+    assert r.exit_code == 0 and "below the median (< --min-ratio 1e+06)" in r.output, r.output
+    r = runner.invoke(cli, ["scan", str(tmp_path / "planted.pt"), *fast, "--epochs", "10", "--pairs", "true",
+                            "--json", str(tmp_path / "pairs.json")])
+    assert r.exit_code == 1 and "pairs (evidence only): smallest trigger from label" in r.output, r.output
+    pj = json.loads((tmp_path / "pairs.json").read_text())
+    assert "pair_log_index" in pj["evidence"]
     r = runner.invoke(cli, ["scan", str(tmp_path / "missing.pt"), *fast])
     assert r.exit_code == 2 and "error:" in r.output
     # a received TorchScript model is repaired and written back as TorchScript

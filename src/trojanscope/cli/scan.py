@@ -146,5 +146,10 @@ def _print_result(result: NeuralCleanseResult, nc: NeuralCleanse, n: int) -> Non
         else:
             rule = f"largest anomaly index below the median: {below.get(top, 0.0):.2f} <= {nc.anomaly_threshold:g}"
         click.echo(f"\nverdict: no backdoor found ({rule})\n{evid}")
+    if "pair_log_index" in ev:
+        click.echo(f"pairs (evidence only): smallest trigger from label {ev['pair_source']} to {ev['pair_target']}, "
+                   f"log-scale anomaly index {ev['pair_log_index']:.2f} among the {result.num_classes} x "
+                   f"{result.num_classes - 1} pairs; from label {ev['pair_row_source']}, the smallest pair is "
+                   f"{math.exp(ev['pair_row_ratio']):.1f}x below that label's median pair (the most of any label)")
     click.echo(f"{n} clean images ({result.details['n_optimisation']} optimised on, "
                f"{result.details['n_holdout']} held out), {result.seconds:.1f} s")

@@ -22,10 +22,10 @@ from ._scan_extras import EXIT_INFECTED, heatmap, progress, scan_population, wri
 #: The Neural Cleanse settings ``scan`` exposes, in order (types and defaults come from the class).
 NC_OPTIONS: dict[str, str | None] = {
     "schedule": "Label schedule: every label to the end (the paper) or successive halving (labels whose trigger stays "
-                "large stop early: about 3x fewer image passes, but on the held-out digits population it raised "
-                "false positives, see benchmarks/README.md).",
-    "decision": "Verdict from the paper's MAD rule, or from the trojan probability (calibrated on a small generated "
-                "digits population; both are reported).",
+                "large stop early: about 3x fewer image passes; the default rule was measured on populations only "
+                "with the full schedule, see benchmarks/README.md).",
+    "decision": "Verdict from the MAD rule (see --outlier-scale, --min-ratio), or from the trojan probability "
+                "(calibrated on generated digits and MNIST populations; both are reported).",
     "threshold": "With --decision probability: the probability above which a model is called backdoored.",
     "mode": "Optimise all labels in one batch, or one label at a time (the paper's way).",
     "epochs": "Maximum optimisation epochs per label.",

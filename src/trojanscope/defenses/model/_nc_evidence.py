@@ -98,12 +98,17 @@ def flag_labels(norms: torch.Tensor | Sequence[float], *, scale: str = "log", th
         >>> flag_labels(tight, min_ratio=1.0).tolist()[0], flag_labels(tight).tolist()[0]
         (True, False)
     """
+    n = torch.as_tensor(norms, dtype=torch.float64)
+    median = float(np.median(n.numpy()))
+    return flag_outliers(outlier_statistic(n, scale), threshold) & (n * float(min_ratio) <= median)
+
+
+def outlier_statistic(norms: torch.Tensor | Sequence[float], scale: str) -> torch.Tensor:
+    """The values the MAD test runs on: the L1 norms (``"l1"``) or their logarithms (``"log"``)."""
     if scale not in ("l1", "log"):
         raise ValueError(f"scale must be 'l1' or 'log', got {scale!r}")
     n = torch.as_tensor(norms, dtype=torch.float64)
-    stat = n.clamp_min(1e-12).log() if scale == "log" else n
-    median = float(np.median(n.numpy()))
-    return flag_outliers(stat, threshold) & (n * float(min_ratio) <= median)
+    return n.clamp_min(1e-12).log() if scale == "log" else n
 
 
 # --- the trojan probability ------------------------------------------------------------------

@@ -51,8 +51,9 @@ from ...errors import DataError
 from ...triggers import Trigger
 from ..base import ModelDetector, ScanResult, register
 from ._nc_evidence import (CALIBRATION, CONSISTENCY_CONSTANT, EVIDENCE, PAIR_EVIDENCE, flag_labels, flag_outliers,
-                           mad_anomaly_index, matched_norms, overall_attack_success, pair_evidence, per_source_attack_success,
-                           scan_evidence, signed_anomaly_index, trojan_probability)
+                           mad_anomaly_index, matched_norms, outlier_statistic, overall_attack_success,
+                           pair_evidence, per_source_attack_success, scan_evidence, signed_anomaly_index,
+                           trojan_probability)
 from ._nc_optimise import (OptimiserSettings, ReversedTriggers, optimise_triggers, pair_matrix,
                            reverse_engineer_triggers, reverse_pairs)
 
@@ -343,7 +344,7 @@ class NeuralCleanse(ModelDetector):
         matched = matched_norms(norms, rev.norm_trace, rev.epochs)
         # the halving schedule stops labels early: compare them at matched budgets
         tested = matched if self.schedule == "halving" else norms.double()
-        stat = tested.clamp_min(1e-12).log() if self.outlier_scale == "log" else tested
+        stat = outlier_statistic(tested, self.outlier_scale)
         below = flag_labels(tested, scale=self.outlier_scale, threshold=self.anomaly_threshold,
                             min_ratio=self.min_ratio)
         eval_data = held if len(held) else opt

@@ -12,6 +12,7 @@ recall, clean removed, and whether their reclassification model collapsed), and 
     nice -n 10 python benchmarks/colour.py > runs/colour.log       # the full run (long on 2 cores)
     options: --datasets signs43,cmnist,digits --archs gtsrb_cnn,resnet18 --width 16 --epochs N
              --per-class N (signs43 training images per class) --rates 0.1,0.03
+             --train-only (fill the model cache and stop) --sanitisers-only
 
 Every figure is measured on the test split; the defender's clean data is the validation split.
 Ground truth enters only through ``trojanscope.metrics``. Models are cached under runs/colour/.
@@ -109,7 +110,8 @@ def sanitiser_figures(model, poisoned, name: str, sanitiser) -> dict:
     out = {f"{name}_seconds": res.seconds, f"{name}_n_flagged": int(res.flagged.sum()),
            f"{name}_attacked_labels": res.attacked_labels[:10],
            f"{name}_reclassification_collapsed": res.details.get("reclassification_collapsed"),
-           f"{name}_reclassifier_fit_accuracy": res.details.get("reclassifier_fit_accuracy")}
+           f"{name}_reclassifier_fit_accuracy": res.details.get("reclassifier_fit_accuracy"),
+           f"{name}_reclassifier_epochs": res.details.get("reclassifier_epochs")}
     if isinstance(poisoned, ts.PoisonedDataset) and bool(poisoned.is_poison.any()):
         dm = detection_metrics(res.scores, poisoned.is_poison, res.flagged)
         out.update({f"{name}_poison_recall": dm["recall"], f"{name}_clean_removed": dm["fpr"]})
@@ -149,12 +151,19 @@ def run(dataset: str, arch: str, args) -> None:
     base = f"{dataset}-{arch}{args.width if arch_kw else ''}-n{len(train)}-e{args.epochs}-{args.recipe}"
     common = {"dataset": dataset, "arch": arch, **arch_kw, "recipe": args.recipe, "n_train": len(train), "epochs": args.epochs,
               "n_val": len(val), "n_test": len(test)}
+    if args.train_only:  # fill the cache (a long job), measure later
+        get_model(base + "-clean", arch, arch_kw, train, args.epochs, args.recipe)
+        for rate in args.rates:
+            get_model(f"{base}-badnets{rate:g}", arch, arch_kw, ts.BadNets(trig, target=TARGET, rate=rate, seed=0).poison(train),
+                      args.epochs, args.recipe)
+        return
     clean, secs = get_model(base + "-clean", arch, arch_kw, train, args.epochs, args.recipe)
     ca_clean = clean_accuracy(clean, test)
     log(**common, model="clean", ca=ca_clean, asr=attack_success_rate(clean, test, trig, TARGET), train_seconds=secs,
         images_per_second=(args.epochs * len(train) / secs) if secs else None)
-    row, _ = nc_figures(clean, val, False, args.nc_epochs)
-    log(**common, model="clean", **row)
+    if not args.sanitisers_only:
+        row, _ = nc_figures(clean, val, False, args.nc_epochs)
+        log(**common, model="clean", **row)
     for name, san in (("ac", ActivationClustering()), ("spectral", SpectralSignatures())):
         log(**common, model="clean", **sanitiser_figures(clean, train, name, san))
     for rate in args.rates:
@@ -167,7 +176,7 @@ def run(dataset: str, arch: str, args) -> None:
             images_per_second=(args.epochs * len(train) / secs) if secs else None)
         for name, san in (("ac", ActivationClustering()), ("spectral", SpectralSignatures())):
             log(**common, **tag, **sanitiser_figures(model, poisoned, name, san))
-        if rate != args.rates[0]:
+        if rate != args.rates[0] or args.sanitisers_only:
             continue  # model-level figures on the first rate only
         row, nc_res = nc_figures(model, val, True, args.nc_epochs)
         log(**common, **tag, **row)
@@ -187,6 +196,8 @@ def main() -> None:
     p.add_argument("--rates", default=None)
     p.add_argument("--nc-epochs", type=int, default=None, help="Neural Cleanse epochs (default: its own)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--train-only", action="store_true", help="only train (and cache) the models")
+    p.add_argument("--sanitisers-only", action="store_true", help="only the data sanitisers' figures")
     p.add_argument("--recipe", default="auto", help="training recipe (trojanscope.training.RECIPES), or auto: "
                                                     "adam for gtsrb_cnn, sgd for the others")
     args = p.parse_args()

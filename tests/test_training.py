@@ -85,3 +85,61 @@ def test_bad_arguments(small):
         train(_net(), small, epochs=1, lr=0)
     with pytest.raises(ConfigError, match="unknown architecture"):
         train_new("no_such_net", small)
+
+
+def test_stop_ends_the_run_early(small):
+    a, b = _net(), _net()
+    ra = train(a, small, epochs=6, seed=2, stop=lambda row: row["epoch"] >= 2)
+    assert [h["epoch"] for h in ra.history] == [1, 2]
+    train(b, small, epochs=2, seed=2)  # the same two epochs (constant schedule)
+    for (n, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), n
+
+
+def test_retrainer_trains_on_until_it_fits(small):
+    from trojanscope.training import Retrainer
+
+    model = _net()
+    slow = Retrainer(epochs=1, lr=1e-4, fit_target=0.6, max_epochs=12)
+    new, res = slow.train_with_history(model, small)
+    accs = [h["accuracy"] for h in res.history]
+    assert len(accs) > 1  # one epoch at this rate does not fit 60% of the data
+    assert accs[-1] >= 0.6 or len(accs) == 12
+    assert all(a < 0.6 for a in accs[:-1])  # it stopped at the first epoch that fits
+    assert not new.training
+    # where `epochs` already fit, the fit target changes nothing: same weights as without it
+    plain = Retrainer(epochs=3, lr=1e-2).train(model, small)
+    fitted, r3 = Retrainer(epochs=3, lr=1e-2, fit_target=0.5).train_with_history(model, small)
+    assert len(r3.history) == 3 and r3.history[-1]["accuracy"] >= 0.5
+    for (n, pa), pb in zip(plain.state_dict().items(), fitted.state_dict().values()):
+        assert torch.equal(pa, pb), n
+    assert Retrainer(epochs=2, fit_target=0.9).epoch_cap == 16 and Retrainer(epochs=2).epoch_cap == 2
+    with pytest.raises(ConfigError, match="fit target"):
+        Retrainer(fit_target=1.5)
+    with pytest.raises(ConfigError, match="max_epochs"):
+        Retrainer(epochs=3, fit_target=0.9, max_epochs=2)
+
+
+def test_recalibrate_batchnorm_averages_the_batch_statistics():
+    import numpy as np
+
+    from trojanscope.training import recalibrate_batchnorm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(23, 2, 3, 3, generator=g) * torch.tensor([0.2, 0.9])[None, :, None, None] + torch.tensor([0.7, 0.0])[None, :, None, None]
+    data = ts.ImageDataset(x, torch.zeros(23, dtype=torch.long), 2, None, "bn")
+    net = torch.nn.Sequential(torch.nn.BatchNorm2d(2), torch.nn.Flatten(), torch.nn.Dropout(0.5),
+                              torch.nn.Linear(18, 2))
+    net.train()
+    assert recalibrate_batchnorm(net, data, batch_size=10)
+    bn = net[0]
+    # batches of 10, then the last 3 (a last batch of one would join the one before)
+    xs = x.numpy().transpose(1, 0, 2, 3).reshape(2, 23, 9)
+    chunks = [xs[:, a:b].reshape(2, -1) for a, b in ((0, 10), (10, 20), (20, 23))]
+    np.testing.assert_allclose(bn.running_mean.numpy(), np.mean([c.mean(1) for c in chunks], 0), rtol=1e-5)
+    np.testing.assert_allclose(bn.running_var.numpy(), np.mean([c.var(1, ddof=1) for c in chunks], 0), rtol=1e-4)
+    assert bn.momentum == 0.1 and net.training  # settings and mode restored
+    one_more = ts.ImageDataset(x[:21], torch.zeros(21, dtype=torch.long), 2, None, "bn")
+    recalibrate_batchnorm(net, one_more, batch_size=10)  # 10 + 11: no batch of one image
+    assert torch.isfinite(bn.running_var).all()
+    assert not recalibrate_batchnorm(_net(), data.subset(torch.arange(3)))  # no BatchNorm: nothing to do

@@ -283,7 +283,8 @@ def test_reclassifier_collapse_rule():
     assert reclassifier_collapsed(0.2, 0.1, 43)  # did not learn its own training data
     assert reclassifier_collapsed(0.9, 0.8, 43)  # one label takes most predictions
     assert not reclassifier_collapsed(0.95, 0.03, 43)
-    assert not reclassifier_collapsed(0.63, 0.67, 4)  # few labels: a weak but useful model may lean on one
+    assert not reclassifier_collapsed(0.85, 0.67, 4)  # few labels: a useful model may lean on one
+    assert reclassifier_collapsed(0.63, 0.2, 10)  # half-fitted: it misses clean held-out samples too
     assert not reclassifier_collapsed(float("nan"), float("nan"), 43)
 
 
@@ -320,10 +321,13 @@ def test_a_collapsed_reclassifier_flags_nothing_and_says_so(cls, blind_arch):
     data = sd.make(poison_share=0.1)
     model = sd.linear_model(data)
     make = ActivationClustering if cls == "clustering" else SpectralSignatures
-    good = make().inspect(model, data)
+    fit = {"retrain_epochs": 20, "retrain_lr": 0.05 if cls == "clustering" else 0.1}  # as their own tests
+    good = make(**fit).inspect(model, data)
     assert good.details["reclassification_collapsed"] is False and good.flagged.any()
-    # a reclassifier that cannot see its input learns the majority label and nothing else
-    bad = make(arch=blind_arch).inspect(model, data)
+    # a reclassifier that cannot see its input learns the majority label and nothing else, and
+    # training it for longer (to the fit target's cap) does not change that
+    bad = make(arch=blind_arch, **fit).inspect(model, data)
+    assert bad.details["reclassifier_epochs"] == [160, 160]
     assert bad.details["reclassification_collapsed"] is True
     assert not bad.flagged.any() and bad.attacked_labels == []
     assert min(bad.details["reclassifier_fit_accuracy"]) < 0.5 or max(bad.details["reclassifier_top_share"]) > 0.5

@@ -65,8 +65,9 @@ def exclusionary_reclassification(model: nn.Module, dataset: ImageDataset, side:
         content as the model under test's second choice and a model that never saw it names that
         content, while for an image of its own label the two are unrelated guesses) and ``n``;
         and, per side, ``(2,)`` tensors ``fit_accuracy`` (the new model's accuracy on the samples
-        it was trained on), ``top_share`` (the share of those it gives to its most frequent label)
-        and ``collapsed`` (True when :func:`reclassifier_collapsed` judges the new model useless:
+        it was trained on), ``top_share`` (the share of those it gives to its most frequent label),
+        ``epochs`` (how many it trained: with a ``fit_target``, more where the data is small or
+        hard) and ``collapsed`` (True when :func:`reclassifier_collapsed` judges the new model useless:
         its verdicts are then no evidence, see :func:`~.clustering.auto_verdict`).
     """
     y = dataset.y
@@ -76,11 +77,13 @@ def exclusionary_reclassification(model: nn.Module, dataset: ImageDataset, side:
     out["fit_accuracy"] = torch.full((2,), float("nan"), dtype=torch.float64)
     out["top_share"] = torch.full((2,), float("nan"), dtype=torch.float64)
     out["collapsed"] = torch.zeros(2, dtype=torch.bool)
+    out["epochs"] = torch.zeros(2, dtype=torch.long)
     for s in (0, 1):
         removed = side == s
         if not bool(removed.any()):
             continue
-        new = trainer.train(model, dataset.subset(~removed), seed=None)
+        new, run = trainer.train_with_history(model, dataset.subset(~removed), seed=None)
+        out["epochs"][s] = len(run.history)
         _fit_health(out, s, new, dataset.x[~removed], y[~removed], K, batch_size=batch_size, device=device)
         x_rm, y_rm = dataset.x[removed], y[removed]
         pred = logits(new, x_rm, batch_size=batch_size, device=device).argmax(1)
@@ -149,8 +152,12 @@ def _typicality(new: nn.Module, kept: ImageDataset, x_rm: torch.Tensor, y_rm: to
     return typ
 
 
-#: a reclassifier below this accuracy on its own training data is judged collapsed
-MIN_FIT_ACCURACY = 0.5
+#: the reclassification models train past their epochs (up to 8x) until an epoch's running
+#: accuracy on their own data reaches this (:class:`~trojanscope.training.Retrainer`'s ``fit_target``)
+FIT_TARGET = 0.9
+#: a reclassifier below this accuracy on its own training data is judged collapsed (a half-fitted
+#: one misclassifies the held-out side of clean labels too, and they look attacked)
+MIN_FIT_ACCURACY = 0.8
 #: ... or when one label takes more than this share of its predictions (with 10 or more labels;
 #: with a handful of labels, a weak but useful reclassifier can lean on one label that much)
 MAX_TOP_SHARE = 0.5

@@ -48,7 +48,7 @@ from ..._utils.batching import DeviceLike
 from ..._utils.validation import Interval, Options, Types
 from ...data.dataset import ImageDataset
 from ..base import DataSanitizer, SanitizeResult, register
-from ._common import exclusionary_reclassification, features, padded_by_label
+from ._common import FIT_TARGET, exclusionary_reclassification, features, padded_by_label
 from ...training import Retrainer
 
 log = logging.getLogger(__name__)
@@ -149,12 +149,13 @@ def auto_verdict(evidence: dict[str, torch.Tensor], max_own_share: float) -> tup
 def reclassification_health(ev: dict[str, torch.Tensor] | None) -> dict[str, Any]:
     """The reclassification models' own figures for a result's ``details`` (empty without them):
     ``reclassification_collapsed`` (True when either model collapsed: then no label is judged
-    attacked, and the result says so rather than trusting it), ``reclassifier_fit_accuracy`` and
-    ``reclassifier_top_share`` per side."""
+    attacked, and the result says so rather than trusting it), ``reclassifier_fit_accuracy``,
+    ``reclassifier_epochs`` and ``reclassifier_top_share`` per side."""
     if ev is None or "collapsed" not in ev:
         return {}
     return {"reclassification_collapsed": bool(ev["collapsed"].any()),
             "reclassifier_fit_accuracy": ev["fit_accuracy"].tolist(),
+            "reclassifier_epochs": ev["epochs"].tolist() if "epochs" in ev else None,
             "reclassifier_top_share": ev["top_share"].tolist()}
 
 
@@ -385,4 +386,5 @@ class ActivationClustering(DataSanitizer):
         return (d_o - d_s) / (d_o + d_s).clamp_min(1e-12)
 
     def _retrainer(self) -> Retrainer:
-        return Retrainer(arch=self.arch, epochs=self.retrain_epochs, lr=self.retrain_lr, seed=self.seed, device=self.device)
+        return Retrainer(arch=self.arch, epochs=self.retrain_epochs, lr=self.retrain_lr, seed=self.seed, device=self.device,
+                         fit_target=FIT_TARGET)

@@ -38,7 +38,7 @@ from ...data.dataset import ImageDataset
 from ...errors import DataError
 from ...training import Retrainer
 from ..base import DataSanitizer, SanitizeResult, register
-from ._common import features, gaussian_split, padded_by_label
+from ._common import FIT_TARGET, features, gaussian_split, padded_by_label
 
 
 def spectral_projection(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -278,4 +278,5 @@ class SpectralSignatures(DataSanitizer):
         return flagged, per_label
 
     def _retrainer(self) -> Retrainer:
-        return Retrainer(arch=self.arch, epochs=self.retrain_epochs, lr=self.retrain_lr, seed=self.seed, device=self.device)
+        return Retrainer(arch=self.arch, epochs=self.retrain_epochs, lr=self.retrain_lr, seed=self.seed, device=self.device,
+                         fit_target=FIT_TARGET)

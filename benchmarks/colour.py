@@ -6,7 +6,8 @@ digits; target 0; 10% poisoned, and 3% in the full run), each with clean accurac
 success (ASR), training time and images/s; then Neural Cleanse over every label, STRIP (FAR at
 FRR 1%, AUROC), Activation Clustering and Spectral Signatures in their default modes (poison
 recall, clean removed, and whether their reclassification model collapsed), and the repairs
-(fine-pruning, NC unlearning), the best one's CA / ASR after.
+(fine-pruning, NC unlearning in three settings, retraining from scratch on what each sanitiser
+kept), the best one's CA / ASR after.
 
     nice -n 10 python benchmarks/colour.py --quick                 # a small run (minutes)
     nice -n 10 python benchmarks/colour.py > runs/colour.log       # the full run (long on 2 cores)
@@ -105,8 +106,10 @@ def nc_figures(model, val, backdoored: bool, epochs: int | None) -> tuple[dict, 
             "nc_largest_clean_index": float(others.max()), "nc_seconds": res.seconds}, res
 
 
-def sanitiser_figures(model, poisoned, name: str, sanitiser) -> dict:
+def sanitiser_figures(model, poisoned, name: str, sanitiser, keep: dict | None = None) -> dict:
     res = sanitiser.inspect(model, poisoned)
+    if keep is not None:
+        keep[name] = (poisoned, res)
     out = {f"{name}_seconds": res.seconds, f"{name}_n_flagged": int(res.flagged.sum()),
            f"{name}_attacked_labels": res.attacked_labels[:10],
            f"{name}_reclassification_collapsed": res.details.get("reclassification_collapsed"),
@@ -118,18 +121,30 @@ def sanitiser_figures(model, poisoned, name: str, sanitiser) -> dict:
     return out
 
 
-def repair_figures(model, val, test, trig, nc_res, ca0: float) -> dict:
+def repair_figures(model, val, test, trig, nc_res, ca0: float, retrain_from: dict | None = None,
+                   retrain=None) -> dict:
+    """Fine-pruning; NC unlearning with its defaults, with SMALL_SET_UNLEARNING and on all the
+    clean data at a tenth of the rate (when the scan flagged a label); retraining from scratch
+    (``retrain(kept_data)``, the model's own recipe) on what each sanitiser in ``retrain_from``
+    (name -> (data, its result)) kept, when it flagged anything."""
+    from trojanscope.defenses.repair.neural_cleanse import SMALL_SET_UNLEARNING
+
     ev = attack_evaluator(trig, TARGET, test)
     rows = {}
-    t0 = time.perf_counter()
-    fp = FinePruning().repair(model, val, monitor=ev)
-    rows["fine-pruning"] = (clean_accuracy(fp.model, test), attack_success_rate(fp.model, test, trig, TARGET),
-                            time.perf_counter() - t0)
-    if nc_res is not None and nc_res.flagged_labels:
+
+    def measure(name, fn):
         t0 = time.perf_counter()
-        un = Unlearning().repair(model, val, scan=nc_res)
-        rows["nc-unlearning"] = (clean_accuracy(un.model, test), attack_success_rate(un.model, test, trig, TARGET),
-                                 time.perf_counter() - t0)
+        m = fn()
+        rows[name] = (clean_accuracy(m, test), attack_success_rate(m, test, trig, TARGET), time.perf_counter() - t0)
+
+    measure("fine-pruning", lambda: FinePruning().repair(model, val, monitor=ev).model)
+    if nc_res is not None and nc_res.flagged_labels:
+        measure("nc-unlearning", lambda: Unlearning().repair(model, val, scan=nc_res).model)
+        measure("nc-unlearning-small-set", lambda: Unlearning(**SMALL_SET_UNLEARNING).repair(model, val, scan=nc_res).model)
+        measure("nc-unlearning-all-lr1e-4", lambda: Unlearning(share=1.0, lr=1e-4).repair(model, val, scan=nc_res).model)
+    for name, (data, res) in (retrain_from or {}).items():
+        if retrain is not None and bool(res.flagged.any()):
+            measure(f"retrain-after-{name}", lambda: retrain(data.subset(~res.flagged)))
     ok = {k: v for k, v in rows.items() if ca0 - v[0] <= 0.03}
     best = min(ok or rows, key=lambda k: rows[k][1])
     out = {f"{k}_ca": v[0] for k, v in rows.items()} | {f"{k}_asr": v[1] for k, v in rows.items()} | \
@@ -174,14 +189,19 @@ def run(dataset: str, arch: str, args) -> None:
         tag = {"model": f"badnets {rate:g}", "n_poison": int(poisoned.is_poison.sum())}
         log(**common, **tag, ca=ca, asr=attack_success_rate(model, test, trig, TARGET), train_seconds=secs,
             images_per_second=(args.epochs * len(train) / secs) if secs else None)
+        sanitised: dict = {}
         for name, san in (("ac", ActivationClustering()), ("spectral", SpectralSignatures())):
-            log(**common, **tag, **sanitiser_figures(model, poisoned, name, san))
+            log(**common, **tag, **sanitiser_figures(model, poisoned, name, san, sanitised))
         if rate != args.rates[0] or args.sanitisers_only:
             continue  # model-level figures on the first rate only
         row, nc_res = nc_figures(model, val, True, args.nc_epochs)
         log(**common, **tag, **row)
         log(**common, **tag, **strip_figures(model, val, test, trig))
-        log(**common, **tag, **repair_figures(model, val, test, trig, nc_res, ca))
+
+        def retrain(kept):
+            return train_new(arch, kept, seed=0, arch_kwargs=arch_kw, **train_kwargs(args.recipe, kept.image_shape, args.epochs))
+
+        log(**common, **tag, **repair_figures(model, val, test, trig, nc_res, ca, sanitised, retrain))
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import torch
 
 import sanitizer_data as sd
 from trojanscope.defenses import ActivationClustering, create
-from trojanscope.defenses.data.clustering import auto_verdict, reduce_activations, two_clusters
+from trojanscope.defenses.data.clustering import MIN_SIDE, auto_verdict, reduce_activations, two_clusters
 from trojanscope.errors import ConfigError
 from trojanscope.metrics import detection_metrics
 
@@ -33,9 +33,14 @@ def test_reduction_and_kmeans_isolate_a_planted_group(method, share):
 def test_auto_verdict_on_hand_made_evidence():
     own = torch.tensor([[0.0, 0.02], [0.9, 0.3], [0.1, 0.8]], dtype=torch.float64)
     typ = torch.tensor([[1.9, 1.2], [1.1, 1.5], [1.0, 2.0]], dtype=torch.float64)
-    n = torch.ones(3, 2, dtype=torch.float64)
+    n = torch.full((3, 2), 40.0, dtype=torch.float64)
     attacked, side = auto_verdict({"own": own, "typicality": typ, "n": n}, 0.25)
     assert attacked.tolist() == [True, False, False] and int(side[0]) == 1
+    # a side too small to judge: a model trained without the other side (nearly the whole
+    # label) has barely seen the label, so its own share of 0 is no evidence
+    n[0] = torch.tensor([MIN_SIDE - 1, 40.0])
+    attacked, _ = auto_verdict({"own": own, "typicality": typ, "n": n}, 0.25)
+    assert attacked.tolist() == [False, False, False]
 
 
 @pytest.mark.parametrize("share", [0.1, 0.5])

@@ -124,12 +124,19 @@ def closer_to_other_label(feats: torch.Tensor, clusters: np.ndarray, medians: to
     return close
 
 
+#: the fewest samples on each side of a label's split for the label to be judged (:func:`auto_verdict`)
+MIN_SIDE = 10
+
+
 def auto_verdict(evidence: dict[str, torch.Tensor], max_own_share: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The epsilon-free verdict from exclusionary reclassification of both sides of every label.
 
     A label is attacked when, for *both* sides of its split, a model trained without that side
     gives the label to at most ``max_own_share`` of it; its poisoned side is the one whose samples
-    look more like the labels they were reclassified as (lower typicality).
+    look more like the labels they were reclassified as (lower typicality). Both sides need at
+    least :data:`MIN_SIDE` samples: a model trained without a side of 125 of a label's 127 samples
+    has barely seen the label and recognises nothing of it, which says nothing about poison (on
+    the clean digits ResNet, such a 125 / 2 split was the only label flagged).
 
     Args:
         evidence: the output of ``exclusionary_reclassification`` (``(K, 2)`` tensors).
@@ -139,7 +146,7 @@ def auto_verdict(evidence: dict[str, torch.Tensor], max_own_share: float) -> tup
         ``(attacked (K,) bool, poisoned_side (K,) long)``.
     """
     own, typ = evidence["own"], evidence["typicality"]
-    two_sided = (evidence["n"] > 0).all(1)
+    two_sided = (evidence["n"] >= MIN_SIDE).all(1)
     attacked = two_sided & (own.nan_to_num(1.0) <= max_own_share).all(1)
     if "collapsed" in evidence and bool(evidence["collapsed"].any()):
         attacked = torch.zeros_like(attacked)  # a collapsed reclassifier is no evidence (see _common)

@@ -311,7 +311,11 @@ def report_round(round_dirs: list[Path], data: str, work: Path) -> None:
 
 def labels43(work: Path) -> None:
     """Cost of a 43-label scan against a 10-label scan of the same architecture (mnist_cnn on
-    synthetic digits data: 43 classes = a digit and one of 5 transforms)."""
+    synthetic digits data: 43 classes = a digit and one of 5 transforms), on a clean and a BadNets
+    model (3x3 white patch, 10%) of each: image passes, seconds, the target's rank among the
+    norms and the verdicts, for schedule="all", "halving" (its first rung at fewer images per step
+    beyond 10 labels) and "halving" with the full first rung (``halving_first_samples=16``, the
+    schedule before that rule)."""
     from trojanscope.defenses.model.neural_cleanse import NeuralCleanse
     from trojanscope.rounds import build_architecture
     from trojanscope.training import train
@@ -328,20 +332,31 @@ def labels43(work: Path) -> None:
     d43 = ts.ImageDataset(x43, y43, 43, None, "digits43")
     tr43, va43 = d43.split(0.8, seed=0)
     tr10, va10 = ts.load_data("digits", "train"), ts.load_data("digits", "val")
+    schedules = {"all": {"schedule": "all"}, "halving": {"schedule": "halving"},
+                 "halving, full first rung": {"schedule": "halving", "halving_first_samples": 16}}
     res = {}
     for name, tr, va in (("10", tr10, va10), ("43", tr43, va43)):
-        m = build_architecture("mnist_cnn", tr.image_shape, tr.num_classes, 0)
-        train(m, tr, epochs=15, seed=0)
-        m.eval()
-        for sched in ("halving", "all"):
-            t0 = time.perf_counter()
-            r = NeuralCleanse(schedule=sched).scan(m, va)
-            res[(name, sched)] = (time.perf_counter() - t0, r.image_passes)
-            print(f"{name} labels, {sched}: {res[(name, sched)][0]:.1f} s, {r.image_passes} image passes, "
-                  f"CA {ts.metrics.clean_accuracy(m, va):.2f}")
-    for sched in ("halving", "all"):
-        print(f"{sched}: 43-vs-10 cost ratio {res[('43', sched)][1] / res[('10', sched)][1]:.2f} (passes), "
-              f"{res[('43', sched)][0] / res[('10', sched)][0]:.2f} (seconds)")
+        trig = ts.Trigger.parse("square:3:white:bottom-right", tr.image_shape)
+        for kind in ("clean", "badnets"):
+            data = tr if kind == "clean" else ts.BadNets(trig, target=0, rate=0.1, seed=0).poison(tr)
+            m = build_architecture("mnist_cnn", tr.image_shape, tr.num_classes, 0)
+            train(m, data, epochs=15, seed=0)
+            m.eval()
+            asr = ts.metrics.attack_success_rate(m, va, trig, 0) if kind == "badnets" else None
+            for sched, kw in schedules.items():
+                t0 = time.perf_counter()
+                r = NeuralCleanse(**kw, decision="probability").scan(m, va)
+                secs = time.perf_counter() - t0
+                res[(name, kind, sched)] = (secs, r.image_passes)
+                rank = int((r.l1_norms < r.l1_norms[0]).sum())
+                print(f"{name} labels, {kind}{f' (ASR {asr:.2f})' if asr is not None else ''}, {sched}: {secs:.1f} s, "
+                      f"{r.image_passes} image passes, label 0's norm rank {rank}, probability {r.probability:.2f}, "
+                      f"flagged {r.flagged_labels}, CA {ts.metrics.clean_accuracy(m, va):.2f}", flush=True)
+    for sched in schedules:
+        p = [res[("43", k, sched)][1] / res[("10", k, sched)][1] for k in ("clean", "badnets")]
+        sec = [res[("43", k, sched)][0] / res[("10", k, sched)][0] for k in ("clean", "badnets")]
+        print(f"{sched}: 43-vs-10 cost ratio {p[0]:.2f} / {p[1]:.2f} (passes, clean / badnets), "
+              f"{sec[0]:.2f} / {sec[1]:.2f} (seconds)")
 
 
 def fanout(round_dir: Path, data: str, work: Path, n: int) -> None:

@@ -107,6 +107,27 @@ def test_halving_keeps_the_target_with_fewer_passes(nets, digits):
         reverse_engineer_triggers(nets["planted"], v.x[:16], v.y[:16], schedule="some", epochs=1)
 
 
+def test_first_rung_costs_about_a_ten_label_rung(nets, digits):
+    from trojanscope.defenses.model._nc_optimise import OptimiserSettings
+
+    cfg = OptimiserSettings(samples_per_step=16)
+    assert [cfg.first_rung_samples(j) for j in (2, 10, 11, 20, 43, 90)] == [16, 16, 15, 8, 4, 4]  # ceil(160 / J), >= 4
+    assert OptimiserSettings(samples_per_step=16, halving_first_samples=16).first_rung_samples(43) == 16
+    with pytest.raises(ConfigError):
+        OptimiserSettings(samples_per_step=16, halving_first_samples=17).check()
+    # the kernel: 20 jobs (each label twice), every epoch inside the first rung, no early stop
+    v = digits["val"]
+    kw = dict(epochs=4, steps_per_epoch=2, samples_per_step=16, halving_first=4, early_stop=False, seed=0)
+    twenty = reverse_engineer_triggers(nets["planted"], v.x[:160], v.y[:160], targets=list(range(10)) * 2,
+                                       schedule="halving", **kw)
+    assert twenty.image_passes == 20 * 4 * 2 * 8
+    ten = reverse_engineer_triggers(nets["planted"], v.x[:160], v.y[:160], schedule="halving", **kw)
+    assert ten.image_passes == 10 * 4 * 2 * 16  # up to 10 jobs: the full mini-batches, as before
+    full = reverse_engineer_triggers(nets["planted"], v.x[:160], v.y[:160], targets=list(range(10)) * 2,
+                                     schedule="all", **kw)
+    assert full.image_passes == 20 * 4 * 2 * 16  # "all" is not touched
+
+
 @pytest.mark.parametrize("schedule", ["halving", "all"])
 def test_scan_probability_separates_planted_and_clean(nets, digits, schedule):
     res = {k: NeuralCleanse(**FAST, schedule=schedule, decision="probability", outlier_scale="log").scan(n, digits["val"]) for k, n in nets.items()}

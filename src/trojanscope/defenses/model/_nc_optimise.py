@@ -32,7 +32,9 @@ bandit view of K-Arm, Shen et al. 2021): at the rungs ``halving_first``, ``2 * h
 trigger so far go on (at least ``halving_keep``; jobs that have not reached the attack-success
 threshold rank after those that have, by their current norm); the others stop with the mask they
 had. A backdoor target's mask shrinks fastest, so it is kept, and the cost grows with ``log K``
-rungs instead of ``K`` full runs. ``schedule="all"`` optimises every job to its budget (the paper).
+rungs instead of ``K`` full runs. With more than 10 jobs the first rung, where every job runs,
+uses fewer images per step (:meth:`OptimiserSettings.first_rung_samples`), so that it costs
+about what a 10-label one does. ``schedule="all"`` optimises every job to its budget (the paper).
 
 The kernel only needs the model's inputs and outputs (no hooks), so it works on TorchScript and
 ``torch.export`` programs.
@@ -62,6 +64,13 @@ from ...triggers import Trigger, TriggerBatch
 from ._nc_steps import _init_state, _optimise_jobs
 
 Callback = Callable[[dict[str, Any]], None]
+
+
+#: up to this many jobs, the halving schedule's first rung runs at full mini-batches (see
+#: :meth:`OptimiserSettings.first_rung_samples`)
+FIRST_RUNG_JOBS = 10
+#: the fewest images per job and step in a larger first rung
+FIRST_RUNG_MIN_SAMPLES = 4
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -150,6 +159,8 @@ class OptimiserSettings:
         halving_first: the first rung (epochs), for ``schedule="halving"``.
         halving_eta: the share ``1 / eta`` of active jobs kept at each rung.
         halving_keep: the fewest jobs kept at a rung.
+        halving_first_samples: images per job and step before the first rung (None: the
+            budget rule of :meth:`first_rung_samples`).
         batch_size: the most images in one forward pass (the memory knob).
     """
 
@@ -171,6 +182,7 @@ class OptimiserSettings:
     halving_first: int = 10
     halving_eta: int = 3
     halving_keep: int = 2
+    halving_first_samples: int | None = None
     batch_size: int = 4096
 
     def check(self) -> None:
@@ -187,6 +199,26 @@ class OptimiserSettings:
         Interval(int, 1).check("halving_first", self.halving_first)
         Interval(int, 2).check("halving_eta", self.halving_eta)
         Interval(int, 1).check("halving_keep", self.halving_keep)
+        if self.halving_first_samples is not None:
+            Interval(int, 1, self.samples_per_step).check("halving_first_samples", self.halving_first_samples)
+
+    def first_rung_samples(self, jobs: int) -> int:
+        """Images per job and step before the first rung of ``schedule="halving"`` with ``jobs`` jobs.
+
+        The first rung is where every job runs, so it is what makes the cost grow with the
+        labels. Up to :data:`FIRST_RUNG_JOBS` jobs it runs at ``samples_per_step``; with more, at
+        ``samples_per_step * FIRST_RUNG_JOBS / jobs`` (rounded up, at least
+        :data:`FIRST_RUNG_MIN_SAMPLES`), so that it costs about what a 10-label rung does: a
+        backdoor's target needs the rung's epochs (lambda only starts after ``patience``
+        successful epochs) but not its full mini-batches to rank among the smallest triggers.
+        The later rungs, where the few kept jobs are told apart, run at ``samples_per_step``.
+        """
+        if self.halving_first_samples is not None:
+            return int(self.halving_first_samples)
+        if jobs <= FIRST_RUNG_JOBS:
+            return int(self.samples_per_step)
+        return min(int(self.samples_per_step),
+                   max(FIRST_RUNG_MIN_SAMPLES, math.ceil(self.samples_per_step * FIRST_RUNG_JOBS / jobs)))
 
     @property
     def per_chunk(self) -> int:

@@ -142,12 +142,16 @@ def _optimise_jobs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, st: _Jobs
     else:
         assert source_seeds is not None
         batches = _SourceBatches(y, st.src, source_seeds)
+    first = cfg.first_rung_samples(int(st.tg.numel()))
     with eval_mode(model):
         for epoch in range(cfg.epochs):
             active = (~st.done).nonzero().flatten()
             if active.numel() == 0:
                 break
-            avg_acc, avg_reg = _run_epoch(model, x, y, st, active, batches, cfg, dev)
+            size = cfg.samples_per_step
+            if cfg.schedule == "halving" and epoch < cfg.halving_first:
+                size = first  # a cheaper first rung with many jobs: fewer images per step
+            avg_acc, avg_reg = _run_epoch(model, x, y, st, active, batches, cfg, dev, size)
             _end_epoch(st, active, avg_acc, avg_reg, epoch, cfg)
             if callback is not None:
                 info = {"epoch": epoch + 1, "targets": st.tg[active.cpu()].tolist(),
@@ -168,7 +172,7 @@ def _optimise_jobs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, st: _Jobs
 
 def _run_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, st: _Jobs, active: torch.Tensor,
                batches: _Batches | _SourceBatches, cfg: OptimiserSettings,
-               dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+               dev: torch.device, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One epoch of the active jobs: ``(epoch-average attack success, epoch-average |m|_1)``.
 
     Each step's images are ``xg`` ``(G, B, C, H, W)`` with ``grp`` ``(A,)`` the group each active
@@ -176,18 +180,19 @@ def _run_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, st: _Jobs, ac
     image in a job's loss and attack success: images of another label than the job's target, or
     for source-restricted jobs the (unpadded) images of the job's source."""
     an = active.numel()
+    size = cfg.samples_per_step if size is None else size
     acc_sum = torch.zeros(an, dtype=torch.float64, device=dev)
     reg_sum = torch.zeros(an, dtype=torch.float64, device=dev)
     for _ in range(cfg.steps_per_epoch):
         if isinstance(batches, _SourceBatches):
             assert st.grp_d is not None
-            xg, weights = batches.next(x, cfg.samples_per_step, dev)
+            xg, weights = batches.next(x, size, dev)
             grp: torch.Tensor | None = st.grp_d[active]
             b = xg.shape[1]
             tgt = st.tg_d[active][:, None].expand(an, b)
             valid = weights[grp]
         else:
-            idx = batches.next(cfg.samples_per_step)
+            idx = batches.next(size)
             xb, yb = x[idx].to(dev), y[idx].to(dev)
             xg, grp, b = xb[None], None, xb.shape[0]
             tgt = st.tg_d[active][:, None].expand(an, b)

@@ -178,6 +178,10 @@ class NeuralCleanse(ModelDetector):
             (see ``benchmarks/README.md``).
         halving_first, halving_eta, halving_keep: the halving schedule's first rung (10
             epochs), the share kept per rung (1/3) and the fewest labels kept (2).
+        halving_first_samples: images per label and step before the first rung (None: all
+            ``samples_per_step`` up to 10 labels, fewer with more so that the first rung costs
+            about what a 10-label one does; see
+            :meth:`~._nc_optimise.OptimiserSettings.first_rung_samples`).
         pairs: also reverse the smallest trigger of every ``(source, target)`` pair (False):
             ``K (K - 1)`` source-restricted jobs (:func:`reverse_pairs`), each to the end of the
             budget with ``samples_per_step // 2`` images of its source per step (about 4.5x the
@@ -245,6 +249,7 @@ class NeuralCleanse(ModelDetector):
         "halving_first": Interval(int, 1),
         "halving_eta": Interval(int, 2),
         "halving_keep": Interval(int, 1),
+        "halving_first_samples": Types((int, type(None))),
         "pairs": Types((bool,)),
         "decision": Options(("probability", "mad")),
         "threshold": Interval(float, 0.0, 1.0, "neither"),
@@ -261,6 +266,7 @@ class NeuralCleanse(ModelDetector):
                  early_stop_patience: int = 10, anomaly_threshold: float = 3.0, outlier_scale: str = "log",
                  min_ratio: float = 1.5,
                  schedule: str = "all", halving_first: int = 10, halving_eta: int = 3, halving_keep: int = 2,
+                 halving_first_samples: int | None = None,
                  pairs: bool = False, decision: str = "mad", threshold: float = 0.5, n_samples: int = 320,
                  n_holdout: int = 500, mode: Literal["batched", "sequential"] = "batched", batch_size: int = 4096,
                  seed: int | None = 0, device: DeviceLike = None) -> None:
@@ -282,6 +288,7 @@ class NeuralCleanse(ModelDetector):
         self.halving_first = halving_first
         self.halving_eta = halving_eta
         self.halving_keep = halving_keep
+        self.halving_first_samples = halving_first_samples
         self.pairs = pairs
         self.decision = decision
         self.threshold = threshold
@@ -325,7 +332,8 @@ class NeuralCleanse(ModelDetector):
             patience=self.patience, cost_multiplier=self.cost_multiplier, early_stop=self.early_stop,
             early_stop_threshold=self.early_stop_threshold, early_stop_patience=self.early_stop_patience,
             mode=self.mode, schedule=schedule or self.schedule, halving_first=self.halving_first,
-            halving_eta=self.halving_eta, halving_keep=self.halving_keep, batch_size=self.batch_size)
+            halving_eta=self.halving_eta, halving_keep=self.halving_keep,
+            halving_first_samples=self.halving_first_samples, batch_size=self.batch_size)
 
     def _recorded_params(self) -> dict[str, Any]:
         """The settings, JSON-ready (a ``torch.device`` as its name)."""

@@ -128,6 +128,16 @@ def test_first_rung_costs_about_a_ten_label_rung(nets, digits):
     assert full.image_passes == 20 * 4 * 2 * 16  # "all" is not touched
 
 
+def test_halving_scan_records_the_norms_its_rule_read(nets, digits):
+    r = NeuralCleanse(**FAST, schedule="halving").scan(nets["planted"], digits["val"])
+    tested = torch.tensor(r.details["tested_l1_norms"], dtype=torch.float64)
+    final = r.l1_norms.double()
+    # matched_norms scales the labels that stopped early down by the smallest label's later shrink
+    assert tested.shape == (10,) and bool((tested <= final + 1e-6).all()) and bool((tested < final - 1e-6).any())
+    assert r.details["median_tested_l1_norm"] == pytest.approx(float(np.median(tested.numpy())))
+    assert int(tested.argmin()) == TARGET
+
+
 @pytest.mark.parametrize("schedule", ["halving", "all"])
 def test_scan_probability_separates_planted_and_clean(nets, digits, schedule):
     res = {k: NeuralCleanse(**FAST, schedule=schedule, decision="probability", outlier_scale="log").scan(n, digits["val"]) for k, n in nets.items()}

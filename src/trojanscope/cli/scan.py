@@ -140,7 +140,9 @@ def _print_result(result: NeuralCleanseResult, nc: NeuralCleanse, n: int) -> Non
         if nc.decision == "probability":
             rule = f"probability {result.probability:.3f} <= {nc.threshold:g}"
         elif top is not None and below[top] > nc.anomaly_threshold:
-            times = float(result.details["median_l1_norm"]) / max(float(result.l1_norms[top]), 1e-12)
+            d = result.details  # the norms the rule read (at matched budgets under halving)
+            tested = d.get("tested_l1_norms") or result.l1_norms.tolist()
+            times = float(d.get("median_tested_l1_norm", d["median_l1_norm"])) / max(float(tested[top]), 1e-12)
             rule = (f"label {top}'s anomaly index {below[top]:.2f} > {nc.anomaly_threshold:g}, but its norm is only "
                     f"{times:.2f}x below the median (< --min-ratio {nc.min_ratio:g})")
         else:

@@ -365,7 +365,7 @@ class NeuralCleanse(ModelDetector):
         order = sorted(flagged.nonzero().flatten().tolist(), key=lambda t: float(norms[t]))
         log.info("scan: probability %.3f (%s), flagged %s", probability,
                  ", ".join(f"{f} {evidence[f]:.2f}" for f in EVIDENCE), order)
-        details = self._details(rev, below, opt, held)
+        details = self._details(rev, below, opt, held, tested)
         passes, pair_norms = rev.image_passes, None
         if self.pairs:
             pair_rev, pair_norms = self._scan_pairs(model, opt, len(rev))
@@ -413,9 +413,12 @@ class NeuralCleanse(ModelDetector):
         return torch.zeros_like(below)
 
     def _details(self, rev: ReversedTriggers, below: torch.Tensor, opt: ImageDataset,
-                 held: ImageDataset) -> dict[str, Any]:
+                 held: ImageDataset, tested: torch.Tensor) -> dict[str, Any]:
+        """``tested_l1_norms``: the norms the MAD rule read (at matched budgets under halving)."""
         norms = rev.l1_norms
         return {"median_l1_norm": float(np.median(norms.double().numpy())), "outlier_scale": self.outlier_scale,
+                "tested_l1_norms": tested.double().tolist(),
+                "median_tested_l1_norm": float(np.median(tested.double().numpy())),
                 "epochs": rev.epochs.tolist(), "final_cost": rev.costs.tolist(), "schedule": self.schedule,
                 "dropped": [] if rev.dropped is None else rev.dropped.nonzero().flatten().tolist(),
                 "image_passes": rev.image_passes,

@@ -366,6 +366,9 @@ class NeuralCleanse(ModelDetector):
         log.info("scan: probability %.3f (%s), flagged %s", probability,
                  ", ".join(f"{f} {evidence[f]:.2f}" for f in EVIDENCE), order)
         details = self._details(rev, below, opt, held, tested)
+        # the held-out attack success stamps every label's trigger on every held-out image: with
+        # 43 labels these forward passes outnumber the optimisation's (not in image_passes)
+        details["holdout_image_passes"] = len(rev) * len(eval_data)
         passes, pair_norms = rev.image_passes, None
         if self.pairs:
             pair_rev, pair_norms = self._scan_pairs(model, opt, len(rev))

@@ -200,6 +200,25 @@ def test_gtsrb_cnn_starts_from_glorot_weights_and_zero_biases():
             assert float(a.weight.abs().max()) <= bound
 
 
+def test_gtsrb_cnn_he_initialisation():
+    """init="he": He-uniform (bound sqrt(6 / fan_in)) before each ReLU, Glorot for the output
+    layer; reinitialised_copy keeps the choice."""
+    from trojanscope.errors import ConfigError
+    from trojanscope.models.surface import reinitialised_copy
+
+    m = create_model("gtsrb_cnn", input_shape=(3, 32, 32), num_classes=43, seed=0, init="he")
+    for net in (m, reinitialised_copy(m, seed=2)):
+        layers = [mod for mod in net.modules() if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear))]
+        for mod in layers:
+            w = mod.weight
+            fan_in, fan_out = w[0].numel(), w.shape[0] * w[0, 0].numel()
+            bound = np.sqrt(6.0 / (fan_in + fan_out)) if mod is layers[-1] else np.sqrt(6.0 / fan_in)
+            assert float(w.abs().max()) <= bound and float(w.std()) == pytest.approx(bound / np.sqrt(3), rel=0.1)
+            assert torch.count_nonzero(mod.bias) == 0
+    with pytest.raises(ConfigError, match="init"):
+        create_model("gtsrb_cnn", input_shape=(3, 32, 32), num_classes=43, init="lecun")
+
+
 # --- training recipe -------------------------------------------------------------------------
 def test_random_crop_keeps_shape_and_content():
     x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)

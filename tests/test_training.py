@@ -143,3 +143,10 @@ def test_recalibrate_batchnorm_averages_the_batch_statistics():
     recalibrate_batchnorm(net, one_more, batch_size=10)  # 10 + 11: no batch of one image
     assert torch.isfinite(bn.running_var).all()
     assert not recalibrate_batchnorm(_net(), data.subset(torch.arange(3)))  # no BatchNorm: nothing to do
+    # a layer whose statistics are frozen (a received model being fine-tuned) is left as it is
+    from trojanscope.models.surface import freeze_bn_stats
+
+    freeze_bn_stats(net)
+    before = bn.running_mean.clone(), bn.running_var.clone()
+    recalibrate_batchnorm(net, data, batch_size=10)
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])

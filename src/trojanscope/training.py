@@ -404,13 +404,15 @@ def recalibrate_batchnorm(model: nn.Module, data: ImageDataset, *, batch_size: i
         return False
     dev = model_device(model, device)
     was_training = model.training
-    momenta = [m.momentum for m in bns]
     model.eval()
+    for m in bns:
+        m.train()
+    bns = [m for m in bns if m.training]  # a layer with frozen statistics stays in eval mode: untouched
+    momenta = [m.momentum for m in bns]
     try:
         for m in bns:
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the batches
-            m.train()
         n = len(data)
         edges = list(range(0, n, batch_size)) + [n]
         if len(edges) > 2 and edges[-1] - edges[-2] == 1:

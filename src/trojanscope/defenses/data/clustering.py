@@ -49,7 +49,7 @@ from ..._utils.batching import DeviceLike
 from ..._utils.validation import Interval, Options, Types
 from ...data.dataset import ImageDataset
 from ..base import DataSanitizer, SanitizeResult, register
-from ._common import FIT_TARGET, exclusionary_reclassification, features, padded_by_label
+from ._common import FIT_TARGET, exclusionary_reclassification, features, gaussian_split, padded_by_label
 from ...training import Retrainer
 
 log = logging.getLogger(__name__)
@@ -97,25 +97,6 @@ def two_clusters(reduced: np.ndarray, seed: int | None = 0) -> np.ndarray:
     if reduced.shape[0] < 2 or np.allclose(reduced, reduced[0]):
         return np.zeros(reduced.shape[0], dtype=np.int64)
     return KMeans(n_clusters=2, n_init=10, random_state=seed).fit(reduced).labels_.astype(np.int64)
-
-
-def mixture_split(reduced: np.ndarray, seed: int | None = 0) -> np.ndarray:
-    """Two groups by a two-component Gaussian mixture with a diagonal covariance per component
-    (scikit-learn): a cluster id in {0, 1} per row.
-
-    Unlike k-means, each group has its own spread, so a tight poison group beside a wide clean
-    one is not cut halfway between the centres; unlike a full covariance, a group of a few dozen
-    samples in 10 dimensions does not overfit its own shape (a full mixture took 8 clean samples
-    into a group of 17 poisoned ones, where the diagonal one split them exactly).
-    """
-    from sklearn.mixture import GaussianMixture
-
-    r = np.asarray(reduced, dtype=np.float64)
-    if r.shape[0] < 4 or np.allclose(r, r[0]):
-        return np.zeros(r.shape[0], dtype=np.int64)
-    gm = GaussianMixture(n_components=2, covariance_type="diag", n_init=3, reg_covar=1e-6 * float(r.var()) + 1e-9,
-                         random_state=seed).fit(r)
-    return gm.predict(r).astype(np.int64)
 
 
 def silhouette(reduced: np.ndarray, clusters: np.ndarray, seed: int | None = 0) -> float:
@@ -182,7 +163,7 @@ def reclassification_health(ev: dict[str, torch.Tensor] | None) -> dict[str, Any
         return {}
     return {"reclassification_collapsed": bool(ev["collapsed"].any()),
             "reclassifier_fit_accuracy": ev["fit_accuracy"].tolist(),
-            "reclassifier_epochs": ev["epochs"].tolist() if "epochs" in ev else None,
+            "reclassifier_epochs": ev["epochs"].tolist(),
             "reclassifier_top_share": ev["top_share"].tolist()}
 
 
@@ -262,7 +243,7 @@ class ActivationClustering(DataSanitizer):
             label to that cluster, for both clusters, for the label to be attacked.
         split: how each label's reduced activations are split in two: ``"kmeans"`` (the default,
             the paper's k-means, k = 2) or ``"gmm"`` (a two-component Gaussian mixture with
-            diagonal covariances, :func:`mixture_split`). k-means draws its boundary halfway
+            diagonal covariances, :func:`~._common.gaussian_split`). k-means draws its boundary halfway
             between the centres: on the cmnist ``gtsrb_cnn`` it left 90 of 400 poisoned samples
             with the clean ones, the reclassifier learnt the trigger from them and label 0 was not
             flagged, where the mixture left 1. But the mixture lost every mnist5k BadNets and blend
@@ -288,7 +269,7 @@ class ActivationClustering(DataSanitizer):
                     "n_components": Interval(int, 1, None), "reduce": Options(("ica", "pca")),
                     "layer": Types((str,)), "size_threshold": Interval(float, 0, 1),
                     "silhouette_threshold": Interval(float, -1, 1), "reclassification_threshold": Interval(float, 0, None),
-                    "max_own_share": Interval(float, 0, 1), "split": Options(("kmeans", "gmm", None)),
+                    "max_own_share": Interval(float, 0, 1), "split": Options(("kmeans", "gmm")),
                     "arch": Types((str, type(None))),
                     "retrain_epochs": Interval(int, 1, None), "retrain_lr": Interval(float, 0, None, "neither"), "batch_size": Interval(int, 1, None),
                     "seed": Types((int, type(None)))}
@@ -297,7 +278,7 @@ class ActivationClustering(DataSanitizer):
                  n_components: int = 10, reduce: Literal["ica", "pca"] = "ica", layer: str = "penultimate",
                  size_threshold: float = 0.35, silhouette_threshold: float = 0.10,
                  reclassification_threshold: float = 1.0, max_own_share: float = 0.15,
-                 split: Literal["kmeans", "gmm"] | None = None, arch: str | None = None,
+                 split: Literal["kmeans", "gmm"] = "kmeans", arch: str | None = None,
                  retrain_epochs: int = 3, retrain_lr: float = 1e-3, batch_size: int = 256, seed: int | None = 0,
                  device: DeviceLike = None) -> None:
         self.mode = mode
@@ -359,8 +340,8 @@ class ActivationClustering(DataSanitizer):
         for j, k in enumerate(labels):  # sklearn fits one label at a time
             idx = (y == k).nonzero().flatten()
             r, used = reduce_activations(feats[idx].numpy(), self.n_components, self.reduce, self.seed)
-            if self._split() == "gmm":
-                c = mixture_split(r, self.seed)
+            if self.split == "gmm":
+                c = gaussian_split(r, self.seed, covariance="diag")[0].numpy()
             else:
                 c = two_clusters(r, self.seed)
             sizes = np.bincount(c, minlength=2)
@@ -424,9 +405,6 @@ class ActivationClustering(DataSanitizer):
         d_s = (reduced - cent[lab_index[y] * 2 + s]).norm(dim=1)
         d_o = (reduced - cent[lab_index[y] * 2 + (1 - s)]).norm(dim=1)
         return (d_o - d_s) / (d_o + d_s).clamp_min(1e-12)
-
-    def _split(self) -> str:
-        return self.split or "kmeans"
 
     def _retrainer(self) -> Retrainer:
         return Retrainer(arch=self.arch, epochs=self.retrain_epochs, lr=self.retrain_lr, seed=self.seed, device=self.device,

@@ -172,15 +172,15 @@ def _optimise_jobs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, st: _Jobs
 
 def _run_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, st: _Jobs, active: torch.Tensor,
                batches: _Batches | _SourceBatches, cfg: OptimiserSettings,
-               dev: torch.device, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               dev: torch.device, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One epoch of the active jobs: ``(epoch-average attack success, epoch-average |m|_1)``.
 
     Each step's images are ``xg`` ``(G, B, C, H, W)`` with ``grp`` ``(A,)`` the group each active
     job reads (None: all read the one group ``G = 1``), and ``valid`` ``(A, B)`` the weight of each
     image in a job's loss and attack success: images of another label than the job's target, or
-    for source-restricted jobs the (unpadded) images of the job's source."""
+    for source-restricted jobs the (unpadded) images of the job's source. ``size`` images per
+    step (fewer in a large first rung, see :meth:`OptimiserSettings.first_rung_samples`)."""
     an = active.numel()
-    size = cfg.samples_per_step if size is None else size
     acc_sum = torch.zeros(an, dtype=torch.float64, device=dev)
     reg_sum = torch.zeros(an, dtype=torch.float64, device=dev)
     for _ in range(cfg.steps_per_epoch):

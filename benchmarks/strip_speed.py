@@ -5,6 +5,7 @@ Run (one thread; the CPU is shared: be nice)::
 
     nice -n 10 .venv/bin/python benchmarks/strip_speed.py                # everything
     nice -n 10 .venv/bin/python benchmarks/strip_speed.py --models badnets --no-art
+    nice -n 10 .venv/bin/python benchmarks/strip_speed.py --no-art --no-activation --no-forward --clip on,off
 
 Models: mnist_cnn trained 3 epochs on mnist5k with BadNets (4x4 white square), blended (uniform
 noise at 20%) and checkerboard (4x4) triggers, target 0, 10% poisoned, seed 0; cached under
@@ -86,6 +87,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=["badnets", "blended", "checkerboard"])
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--no-art", action="store_true")
+    ap.add_argument("--clip", default="auto", help="STRIP's clip of the superimposed copies, comma-separated: auto "
+                                                   "(its default), on, off (the reference code's float sum)")
     ap.add_argument("--no-activation", action="store_true", help="skip the activation filter (it runs a Neural Cleanse scan)")
     ap.add_argument("--no-forward", action="store_true", help="skip the forward-option timings")
     ap.add_argument("--art-python", default=os.environ.get("ART_PYTHON", str(ROOT / "benchmarks" / ".venv-art" / "bin" / "python")))
@@ -138,7 +141,10 @@ def main() -> None:
         print(f"\n== {name}: CA {ts.clean_accuracy(model, test):.3f}, ASR {attack.success_rate(model, test):.3f}; "
               f"{int((~truth).sum())} clean + {int(truth.sum())} triggered inputs", flush=True)
         ms = {}
-        for mode, kw in (("fixed S=100", {"early_stop": False}), ("early", {})):
+        for mode, kw in [(m + {"auto": "", "on": " clipped", "off": " unclipped"}[clip],
+                          {**k, "clip": {"auto": None, "on": True, "off": False}[clip]})
+                         for clip in args.clip.split(",")
+                         for m, k in (("fixed S=100", {"early_stop": False}), ("early", {}))]:
             t0 = time.perf_counter()
             strip = STRIP(n_overlays=S, **kw).fit(model, val)
             fit_s = time.perf_counter() - t0
@@ -148,7 +154,7 @@ def main() -> None:
             ms[mode] = 1000 * secs / len(x)
             r = {"model": name, "filter": f"STRIP {mode}", "overlays/input": d.mean_overlays, "ms/input": ms[mode],
                  **figures(d.scores, d.flagged, truth), "fit s": fit_s}
-            if mode == "early":
+            if mode.startswith("early"):
                 r["note"] = (f"floor {strip.min_std_:g} bit; clean {float(d.n_overlays[~truth].double().mean()):.1f}, "
                              f"triggered {float(d.n_overlays[truth].double().mean()):.1f} overlays")
             rows.append(r)

@@ -41,11 +41,14 @@ class PlantedPatchNet(nn.Module):
     the patch loses ``eps`` of total brightness), which adds ``strength`` to the logit of ``target``. Layers: ``detect`` (the conv), ``relu``, ``pool``, ``flatten`` and ``fc``,
     whose input (the penultimate representation) is ``[flattened image, detector output]``.
 
-    With ``target=None`` the detector is disconnected: a clean model of the same shape.
+    With ``target=None`` the detector is disconnected: a clean model of the same shape. With
+    ``colour`` (an RGB triple in [0, 1]) it detects a patch of that colour instead of white, by
+    contrast between channels: weights ``2 * colour - 1`` per channel (magenta: +1, -1, +1).
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, target: int | None = 0,
-                 patch: int = 3, strength: float = 1000.0, eps: float = 0.05) -> None:
+                 patch: int = 3, strength: float = 1000.0, eps: float = 0.05,
+                 colour: tuple[float, ...] | None = None) -> None:
         super().__init__()
         c = x.shape[1]
         flat = x.flatten(1)
@@ -56,8 +59,12 @@ class PlantedPatchNet(nn.Module):
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(flat.shape[1] + 1, num_classes)
         with torch.no_grad():
-            # (sum - (p^2 - eps)) / eps: 1 on an all-white patch, <= 0 once the patch loses eps of brightness
+            # (m - (p^2 - eps)) / eps with m = the patch's mean over channels: 1 on an all-white
+            # patch, <= 0 once the patch loses eps of brightness
             self.detect.weight.fill_(1.0 / (c * eps))
+            if colour is not None:  # m = the patch's contrast (w . pixel) / (w . colour), w = 2 colour - 1:
+                w = 2.0 * torch.tensor(colour) - 1.0  # 1 on a patch of exactly that colour
+                self.detect.weight.copy_((w / (float(w @ torch.tensor(colour)) * eps)).view(1, c, 1, 1).expand_as(self.detect.weight))
             self.detect.bias.fill_(-(patch * patch - eps) / eps)
             _prototype_head(self.fc, mu, target, strength)
 

@@ -12,7 +12,7 @@ import torch
 
 import trojanscope as ts
 from trojanscope.defenses import STRIP, create
-from trojanscope.defenses.input.strip import StripDecisions, overlay_entropy, sequential_decision, strip_entropy
+from trojanscope.defenses.input.strip import StripDecisions, overlay_entropy, sequential_decision, strip_entropy, superimpose
 from trojanscope.errors import ConfigError, DataError, NotFittedError
 from trojanscope.metrics import detection_metrics
 
@@ -229,3 +229,37 @@ def test_filter_cli(tmp_path):
     for spec in ("lie.npz", "nothing.npz"):
         bad = CliRunner().invoke(cli, base + ["--data", str(tmp_path / spec)])
         assert bad.exit_code == 2 and "error:" in bad.output and "Traceback" not in bad.output, bad.output
+
+
+def test_superimpose_by_hand():
+    # a magenta pixel under a bright overlay pixel: the clipped sum saturates it towards white, the
+    # unclipped one keeps its difference from the overlay
+    x, o = torch.tensor([[1.0, 0.0, 1.0]]), torch.tensor([[0.2, 0.9, 0.7]])
+    assert superimpose(x, o, clip=True).tolist() == [pytest.approx([1.0, 0.9, 1.0])]
+    assert superimpose(x, o, clip=False).tolist() == [pytest.approx([1.2, 0.9, 1.7])]
+    assert superimpose(x, o, 0.5, clip=False).tolist() == [pytest.approx([1.1, 0.45, 1.35])]
+    assert (superimpose(x, o, clip=False) - o).tolist() == [pytest.approx(x[0].tolist())]
+
+
+def test_strip_clips_greyscale_and_not_colour_by_default(mnist):
+    """The default sum is clipped on one channel and not on three; an explicit ``clip`` wins. On a
+    colour model with a planted magenta-patch backdoor the clipped sum turns the patch towards
+    white under bright overlays and lets nearly every triggered input through; the default keeps
+    its contrast and catches far more, without flagging more of the clean twin's inputs."""
+    from trojanscope.data import load_data
+
+    assert STRIP(n_overlays=4).fit(PlantedPatchNet(mnist["train"].x, mnist["train"].y, 10), mnist["val"]).clip_
+    col = load_data("cmnist:val")
+    p = torch.randperm(len(col), generator=torch.Generator().manual_seed(0))
+    tr, val, test = col.subset(p[:200]), col.subset(p[200:400]), col.subset(p[400:])
+    magenta = (1.0, 0.0, 1.0)
+    bad = Tempered(PlantedPatchNet(tr.x, tr.y, 10, target=0, patch=4, colour=magenta), 10.0)
+    clean = Tempered(PlantedPatchNet(tr.x, tr.y, 10, target=None, patch=4, colour=magenta), 10.0)
+    xt = ts.Trigger.parse("square:4:#ff00ff:bottom-right", col.image_shape).apply(test.x)
+    assert bool((bad(xt).argmax(1) == 0).all())  # the backdoor works
+    default, clipped = STRIP(n_overlays=16).fit(bad, val), STRIP(n_overlays=16, clip=True).fit(bad, val)
+    assert default.clip_ is False and clipped.clip_ is True
+    far_default = 1 - float(default.flag(xt).float().mean())
+    far_clipped = 1 - float(clipped.flag(xt).float().mean())
+    assert far_clipped > 0.9 and far_default < far_clipped - 0.3
+    assert float(STRIP(n_overlays=16).fit(clean, val).flag(test.x).float().mean()) < 0.1

@@ -8,8 +8,16 @@ The entropy is computed as the authors' reference code does: for each perturbed 
 Shannon entropy of the softmax output over the K classes, **in bits** (log base 2); then the mean
 over the S copies. The reference code superimposes with ``cv2.addWeighted(x, 1, overlay, 1, 0)``
 on float images: a plain 1:1 sum. ``alpha`` is the overlay's weight in that sum (``1.0``
-reproduces the reference); by default the sum is clipped to [0, 1] (``clip``), which is what
-``cv2.addWeighted`` does to 8-bit images and keeps the copies in the model's input domain.
+reproduces the reference).
+
+Clipping the sum to [0, 1] (``clip``) is what ``cv2.addWeighted`` does to 8-bit images. By default
+a single-channel (greyscale) sum is clipped and a colour one is not (see :func:`superimpose`):
+- A bright greyscale trigger stays at full brightness under the clipped sum.
+- Clipping a colour sum saturates each channel apart: a magenta patch under a bright overlay turns
+  towards white and is erased. The unclipped sum keeps every pixel's difference from its
+  neighbours, so it keeps the trigger.
+- benchmarks/README.md ("STRIP's superimposition on colour images") has the FAR each way: on
+  mnist5k the clipped sum is far better, on cmnist and signs43 the unclipped one.
 
 Sign: the toolkit's input filters return **higher = more suspicious**, so the score is the
 *negated* mean entropy, ``-H(x)``; ``threshold_`` lives on that scale (``-threshold_`` is the
@@ -81,6 +89,20 @@ def strip_entropy(probs: torch.Tensor) -> torch.Tensor:
     if probs.ndim < 2:
         raise DataError(f"probs must be (..., S, K), got shape {tuple(probs.shape)}")
     return overlay_entropy(probs).mean(-1)
+
+
+def superimpose(x: torch.Tensor, overlay: torch.Tensor, alpha: float = 1.0, *, clip: bool) -> torch.Tensor:
+    """STRIP's perturbed copies: ``x + alpha * overlay``, clipped to [0, 1] when ``clip``.
+
+    Example (a magenta pixel under a bright overlay pixel: clipped, its colour is lost):
+        >>> x, o = torch.tensor([[1.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.9, 0.5]])
+        >>> superimpose(x, o, clip=True)
+        tensor([[1.0000, 0.9000, 1.0000]])
+        >>> superimpose(x, o, clip=False)
+        tensor([[1.5000, 0.9000, 1.5000]])
+    """
+    out = x + alpha * overlay
+    return out.clamp_(0.0, 1.0) if clip else out
 
 
 def sequential_decision(mean: torch.Tensor, std: torch.Tensor, n: int, threshold: float, *,
@@ -187,8 +209,8 @@ class STRIP(InputFilter):
         alpha: weight of the overlay in the superimposition ``x + alpha * overlay`` (the reference
             code's ``cv2.addWeighted(x, 1, overlay, 1, 0)``: 1.0).
         clip: clip the sum to the valid range [0, 1], as ``cv2.addWeighted`` saturates on 8-bit
-            images (the reference code sums float images unclipped: ``clip=False``). Clipping keeps
-            the perturbed copies in the model's input domain.
+            images (the reference code sums float images unclipped: ``clip=False``). None (default)
+            clips single-channel inputs and not colour ones (the module notes say why).
         frr: the target false-rejection rate on clean inputs that sets ``threshold_`` (1%).
         overlay_fraction: share of ``clean_data`` held out as the overlay pool; the rest are the
             clean inputs whose entropies calibrate the threshold (so no input is superimposed
@@ -215,6 +237,7 @@ class STRIP(InputFilter):
     Attributes:
         threshold_: inputs with ``score > threshold_`` are flagged (score = -entropy).
         clean_scores_: ``(M,)`` scores of the calibration inputs (all ``n_overlays`` each).
+        clip_: whether the sums are clipped (``clip``, or its default for the input's channels).
         min_std_: the floor the early rule uses (``min_std`` or the calibrated one).
         calibration_overlays_: mean overlays the early rule used on the calibration inputs.
         overlays_: ``(P, C, H, W)`` the held-out overlay pool.
@@ -244,7 +267,7 @@ class STRIP(InputFilter):
         "n_overlays": Interval(int, 1, None),
         "alpha": Interval(float, 0, None, "neither"),
         "frr": Interval(float, 0, 1, "neither"),
-        "clip": Types((bool,)),
+        "clip": Types((bool, type(None))),
         "overlay_fraction": Interval(float, 0, 1, "neither"),
         "early_stop": Types((bool,)),
         "round_size": Interval(int, 1, None),
@@ -256,7 +279,7 @@ class STRIP(InputFilter):
     }
 
     def __init__(self, *, n_overlays: int = 100, alpha: float = 1.0, frr: float = 0.01,
-                 clip: bool = True, overlay_fraction: float = 0.5, early_stop: bool = True,
+                 clip: bool | None = None, overlay_fraction: float = 0.5, early_stop: bool = True,
                  round_size: int = 8, delta: float = 0.01, min_std: float | None = None,
                  channels_last: bool | None = None, batch_size: int = 256, seed: int | None = 0,
                  device: DeviceLike = None) -> None:
@@ -290,6 +313,7 @@ class STRIP(InputFilter):
         self.forward_model_ = self._forward_model(model)
         self.overlays_ = x[perm[:n_pool]].clone()
         self.draw_seed_ = self._base_seed()
+        self.clip_ = bool(x.shape[1] == 1) if self.clip is None else bool(self.clip)
         calib = x[perm[n_pool:]]
         per_copy = torch.empty(calib.shape[0], int(self.n_overlays), dtype=torch.float64)
         self.clean_scores_ = self._run(calib, start=0, early=False, record=per_copy).scores
@@ -457,9 +481,8 @@ class STRIP(InputFilter):
         means, sqs = [], []
         for i in range(0, idx.numel(), per):
             rows, d = idx[i:i + per], draws[i:i + per]
-            batch = x[rows].to(dev).repeat_interleave(r, dim=0) + float(self.alpha) * pool[d.reshape(-1).to(dev)]
-            if self.clip:
-                batch = batch.clamp_(0.0, 1.0)
+            batch = superimpose(x[rows].to(dev).repeat_interleave(r, dim=0), pool[d.reshape(-1).to(dev)],
+                                float(self.alpha), clip=self.clip_)
             if model is not self.model_:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             probs = model(batch).float().softmax(1).view(rows.numel(), r, -1).cpu()

@@ -10,6 +10,7 @@ import torch
 
 import sanitizer_data as sd
 from trojanscope.defenses import ActivationClustering, create
+from trojanscope.defenses.data._common import LOOKALIKE_MAX_SHARE, LOOKALIKE_SHARE
 from trojanscope.defenses.data.clustering import MIN_SIDE, auto_verdict, reduce_activations, two_clusters
 from trojanscope.errors import ConfigError
 from trojanscope.metrics import detection_metrics
@@ -41,6 +42,29 @@ def test_auto_verdict_on_hand_made_evidence():
     n[0] = torch.tensor([MIN_SIDE - 1, 40.0])
     attacked, _ = auto_verdict({"own": own, "typicality": typ, "n": n}, 0.25)
     assert attacked.tolist() == [False, False, False]
+
+
+def test_auto_verdict_spares_a_lookalike_pair():
+    """Figures shaped like the clean signs43 model's label 25: neither side is recognised without
+    the other, but both go to label 22 (32% and 38%), so it is 22's look-alike. The BadNets
+    target's poisoned side spread over its sources (at most 9% to one label) and stays attacked,
+    as does a pair whose sides go to different labels, and one whose side is read almost wholly as
+    the shared label (a source-specific poison)."""
+    own = torch.tensor([[0.046, 0.104], [0.053, 0.039], [0.05, 0.05], [0.0, 0.05]], dtype=torch.float64)
+    typ = torch.tensor([[1.07, 1.48], [1.08, 1.10], [1.0, 1.2], [1.8, 2.3]], dtype=torch.float64)
+    n = torch.tensor([[323.0, 77.0], [1706.0, 414.0], [200.0, 100.0], [17.0, 150.0]], dtype=torch.float64)
+    source = torch.tensor([[22, 22], [27, 6], [5, 7], [1, 1]])
+    top = torch.tensor([[0.316, 0.377], [0.093, 0.261], [0.4, 0.5], [1.0, 0.54]], dtype=torch.float64)
+    ev = {"own": own, "typicality": typ, "n": n, "source": source, "top_other": top}
+    attacked, side = auto_verdict(ev, 0.15)
+    assert attacked.tolist() == [False, True, True, True] and int(side[1]) == 0 and int(side[3]) == 0
+    assert auto_verdict(ev, 0.15, lookalike_share=None)[0].tolist() == [True, True, True, True]
+    top[3, 0] = LOOKALIKE_MAX_SHARE - 0.01  # no side read wholly as label 1: a look-alike
+    assert auto_verdict(ev, 0.15)[0].tolist() == [False, True, True, False]
+    top[0, 0] = LOOKALIKE_SHARE - 0.01  # one side spread out (an all-to-one poison side): attacked
+    assert auto_verdict(ev, 0.15)[0].tolist() == [True, True, True, False]
+    ev["source"][3] = torch.tensor([-1, -1])  # no reclassified samples: no look-alike
+    assert auto_verdict(ev, 0.15)[0].tolist() == [True, True, True, True]
 
 
 @pytest.mark.parametrize("share", [0.1, 0.5])

@@ -162,6 +162,14 @@ MIN_FIT_ACCURACY = 0.8
 #: with a handful of labels, a weak but useful reclassifier can lean on one label that much)
 MAX_TOP_SHARE = 0.5
 
+#: the share of *each* side of a label's split that a model trained without it must give to one
+#: and the same other label for the label to be judged a look-alike of that label, not attacked
+#: (:func:`~.clustering.auto_verdict`); an all-to-one poison side spreads over its many source labels instead
+LOOKALIKE_SHARE = 0.25
+#: ... unless a side goes to that label at least this much: a side read almost wholly as another
+#: label is that label's content (the poison of a source-specific attack), not a sub-style
+LOOKALIKE_MAX_SHARE = 0.9
+
 
 def reclassifier_collapsed(fit_accuracy: float, top_share: float, num_classes: int) -> bool:
     """Whether a reclassification model is useless as evidence: it did not learn its own training

@@ -38,7 +38,7 @@ from ...data.dataset import ImageDataset
 from ...errors import DataError
 from ...training import Retrainer
 from ..base import DataSanitizer, SanitizeResult, register
-from ._common import FIT_TARGET, features, gaussian_split, padded_by_label
+from ._common import FIT_TARGET, LOOKALIKE_SHARE, features, gaussian_split, padded_by_label
 
 
 def spectral_projection(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -142,7 +142,8 @@ def top_share_per_label(scores: torch.Tensor, labels: torch.Tensor, share: float
 
 def decide_by_agreement(model: nn.Module, data: Any, side: torch.Tensor, trainer: Retrainer, layer: str,
                         max_own_share: float, *, batch_size: int, device: DeviceLike,
-                        health: dict[str, Any] | None = None) -> tuple[torch.Tensor, dict[int, dict[str, Any]], list[int]]:
+                        health: dict[str, Any] | None = None,
+                        lookalike_share: float | None = LOOKALIKE_SHARE) -> tuple[torch.Tensor, dict[int, dict[str, Any]], list[int]]:
     """The epsilon-free decision for a two-sided split of every label (``side[i]`` in {0, 1}).
 
     Exclusionary reclassification of both sides (two trainings): a label is attacked when neither
@@ -156,7 +157,7 @@ def decide_by_agreement(model: nn.Module, data: Any, side: torch.Tensor, trainer
     from .clustering import decide_sides
 
     return decide_sides(model, data, side, trainer, layer, max_own_share, batch_size=batch_size, device=device,
-                        side_rule="agreement", health=health)
+                        side_rule="agreement", health=health, lookalike_share=lookalike_share)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -194,6 +195,9 @@ class SpectralSignatures(DataSanitizer):
             a model trained without that side gives the label to at most this share of it
             (the two sides are mutually exclusive explanations of the label; the rule of
             :func:`~.clustering.auto_verdict`).
+        lookalike_share: ``mode="auto"``: a label whose two sides both go to one other label, with
+            at least this share of each, is a look-alike of that label, not attacked (0.25; None
+            turns the rule off; :func:`~.clustering.auto_verdict`).
         arch, retrain_epochs, retrain_lr: how the reclassification models are trained (architecture: the
             model's own by default; see :class:`~trojanscope.training.Retrainer`).
         batch_size: the memory knob for feature extraction.
@@ -213,13 +217,14 @@ class SpectralSignatures(DataSanitizer):
     needs_hooks: ClassVar[bool] = True
     _constraints = {"mode": Options(("auto", "paper")), "epsilon": Interval(float, 0, 1, "neither"),
                     "removal_factor": Interval(float, 0, None, "neither"), "layer": Types((str,)),
-                    "max_own_share": Interval(float, 0, 1), "n_directions": Interval(int, 1, None), "arch": Types((str, type(None))),
+                    "max_own_share": Interval(float, 0, 1), "lookalike_share": Types((float, int, type(None))),
+                    "n_directions": Interval(int, 1, None), "arch": Types((str, type(None))),
                     "retrain_epochs": Interval(int, 1, None), "retrain_lr": Interval(float, 0, None, "neither"), "batch_size": Interval(int, 1, None),
                     "seed": Types((int, type(None)))}
 
     def __init__(self, *, mode: Literal["auto", "paper"] = "auto", epsilon: float = 0.05, removal_factor: float = 1.5,
-                 layer: str = "penultimate", n_directions: int = 10, max_own_share: float = 0.15, arch: str | None = None,
-                 retrain_epochs: int = 3, retrain_lr: float = 1e-3, batch_size: int = 256, seed: int | None = 0,
+                 layer: str = "penultimate", n_directions: int = 10, max_own_share: float = 0.15,
+                 lookalike_share: float | None = LOOKALIKE_SHARE, arch: str | None = None, retrain_epochs: int = 3, retrain_lr: float = 1e-3, batch_size: int = 256, seed: int | None = 0,
                  device: DeviceLike = None) -> None:
         self.mode = mode
         self.epsilon = epsilon
@@ -227,6 +232,7 @@ class SpectralSignatures(DataSanitizer):
         self.layer = layer
         self.n_directions = n_directions
         self.max_own_share = max_own_share
+        self.lookalike_share = lookalike_share
         self.arch = arch
         self.retrain_epochs = retrain_epochs
         self.retrain_lr = retrain_lr
@@ -272,7 +278,8 @@ class SpectralSignatures(DataSanitizer):
             side[idx], split[k] = gaussian_split(sub[idx].numpy(), self.seed)
         flagged, per_label, _ = decide_by_agreement(model, data, side, self._retrainer(), self.layer,
                                                     self.max_own_share, batch_size=self.batch_size,
-                                                    device=self.device, health=health)
+                                                    device=self.device, health=health,
+                                                    lookalike_share=self.lookalike_share)
         for k in per_label:
             per_label[k]["separation"] = split[k]
         return flagged, per_label

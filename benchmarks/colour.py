@@ -201,13 +201,13 @@ def run(dataset: str, arch: str, args) -> None:
         tag = {"model": f"badnets {rate:g}", "n_poison": int(poisoned.is_poison.sum())}
         log(**common, **tag, ca=ca, asr=attack_success_rate(model, test, trig, TARGET), train_seconds=secs,
             images_per_second=(args.epochs * len(train) / secs) if secs else None)
-        sanitised: dict = {}
-        for name, san in () if args.strip_only else (("ac", ActivationClustering()), ("spectral", SpectralSignatures())):
-            log(**common, **tag, **sanitiser_figures(model, poisoned, name, san, sanitised))
         if args.strip_only:
             for params in ({}, {"clip": True}):  # the default against the clipped sum
                 log(**common, **tag, **strip_figures(model, val, test, trig, **params))
             continue
+        sanitised: dict = {}
+        for name, san in (("ac", ActivationClustering()), ("spectral", SpectralSignatures())):
+            log(**common, **tag, **sanitiser_figures(model, poisoned, name, san, sanitised))
         if rate != args.rates[0] or args.sanitisers_only:
             continue  # model-level figures on the first rate only
         row, nc_res = nc_figures(model, val, True, args.nc_epochs)

@@ -65,6 +65,11 @@ def test_auto_verdict_spares_a_lookalike_pair():
     assert auto_verdict(ev, 0.15)[0].tolist() == [True, True, True, False]
     ev["source"][3] = torch.tensor([-1, -1])  # no reclassified samples: no look-alike
     assert auto_verdict(ev, 0.15)[0].tolist() == [True, True, True, True]
+    data = sd.make(n_per=20)
+    model = sd.linear_model(data, epochs=1)
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(ConfigError):
+            ActivationClustering(lookalike_share=bad).inspect(model, data)
 
 
 @pytest.mark.parametrize("share", [0.1, 0.5])

@@ -91,6 +91,17 @@ class Interval:
 
 
 @dataclass(frozen=True)
+class OrNone:
+    """A constraint: None, or a value that meets ``inner``."""
+
+    inner: Any
+
+    def check(self, name: str, value: Any) -> None:
+        if value is not None:
+            self.inner.check(name, value)
+
+
+@dataclass(frozen=True)
 class Options:
     """A constraint: the value is one of ``values``."""
 

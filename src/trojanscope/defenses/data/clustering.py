@@ -46,10 +46,11 @@ import torch
 from torch import nn
 
 from ..._utils.batching import DeviceLike
-from ..._utils.validation import Interval, Options, Types
+from ..._utils.validation import Interval, Options, OrNone, Types
 from ...data.dataset import ImageDataset
 from ..base import DataSanitizer, SanitizeResult, register
-from ._common import FIT_TARGET, LOOKALIKE_MAX_SHARE, LOOKALIKE_SHARE, exclusionary_reclassification, features, gaussian_split, padded_by_label
+from ._common import (FIT_TARGET, LOOKALIKE_MAX_SHARE, LOOKALIKE_SHARE, exclusionary_reclassification, features,
+                      gaussian_split, padded_by_label)
 from ...training import Retrainer
 
 log = logging.getLogger(__name__)
@@ -168,11 +169,9 @@ def auto_verdict(evidence: dict[str, torch.Tensor], max_own_share: float,
     two_sided = (evidence["n"] >= MIN_SIDE).all(1)
     attacked = two_sided & (own.nan_to_num(1.0) <= max_own_share).all(1)
     if lookalike_share is not None and "source" in evidence and "top_other" in evidence:
-        src = evidence["source"]
-        lookalike = (src[:, 0] == src[:, 1]) & (src[:, 0] >= 0) & \
-            (evidence["top_other"].nan_to_num(0.0) >= lookalike_share).all(1) & \
-            (evidence["top_other"].nan_to_num(0.0) < LOOKALIKE_MAX_SHARE).all(1)
-        attacked &= ~lookalike
+        src, top = evidence["source"], evidence["top_other"].nan_to_num(0.0)
+        same = (src[:, 0] == src[:, 1]) & (src[:, 0] >= 0)
+        attacked &= ~(same & ((top >= lookalike_share) & (top < LOOKALIKE_MAX_SHARE)).all(1))
     if "collapsed" in evidence and bool(evidence["collapsed"].any()):
         attacked = torch.zeros_like(attacked)  # a collapsed reclassifier is no evidence (see _common)
     return attacked, typ.nan_to_num(float("inf")).argmin(1)
@@ -194,7 +193,8 @@ def reclassification_health(ev: dict[str, torch.Tensor] | None) -> dict[str, Any
 def decide_sides(model: nn.Module, data: ImageDataset, side: torch.Tensor, trainer: Retrainer, layer: str,
                  max_own_share: float, *, batch_size: int, device: DeviceLike,
                  side_rule: str = "typicality", health: dict[str, Any] | None = None,
-                 lookalike_share: float | None = LOOKALIKE_SHARE) -> tuple[torch.Tensor, dict[int, dict[str, Any]], list[int]]:
+                 lookalike_share: float | None = LOOKALIKE_SHARE
+                 ) -> tuple[torch.Tensor, dict[int, dict[str, Any]], list[int]]:
     """:func:`auto_verdict` for a two-sided split of every label (``side[i]`` in {0, 1}).
 
     ``side_rule`` picks an attacked label's poisoned side: ``"typicality"`` (as
@@ -297,7 +297,7 @@ class ActivationClustering(DataSanitizer):
                     "layer": Types((str,)), "size_threshold": Interval(float, 0, 1),
                     "silhouette_threshold": Interval(float, -1, 1), "reclassification_threshold": Interval(float, 0, None),
                     "max_own_share": Interval(float, 0, 1), "split": Options(("kmeans", "gmm")),
-                    "lookalike_share": Types((float, int, type(None))),
+                    "lookalike_share": OrNone(Interval(float, 0, 1)),
                     "arch": Types((str, type(None))),
                     "retrain_epochs": Interval(int, 1, None), "retrain_lr": Interval(float, 0, None, "neither"), "batch_size": Interval(int, 1, None),
                     "seed": Types((int, type(None)))}
@@ -306,7 +306,8 @@ class ActivationClustering(DataSanitizer):
                  n_components: int = 10, reduce: Literal["ica", "pca"] = "ica", layer: str = "penultimate",
                  size_threshold: float = 0.35, silhouette_threshold: float = 0.10,
                  reclassification_threshold: float = 1.0, max_own_share: float = 0.15,
-                 lookalike_share: float | None = LOOKALIKE_SHARE, split: Literal["kmeans", "gmm"] = "kmeans", arch: str | None = None,
+                 lookalike_share: float | None = LOOKALIKE_SHARE, split: Literal["kmeans", "gmm"] = "kmeans",
+                 arch: str | None = None,
                  retrain_epochs: int = 3, retrain_lr: float = 1e-3, batch_size: int = 256, seed: int | None = 0,
                  device: DeviceLike = None) -> None:
         self.mode = mode

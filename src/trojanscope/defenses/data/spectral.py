@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..._utils.batching import DeviceLike
-from ..._utils.validation import Interval, Options, Types
+from ..._utils.validation import Interval, Options, OrNone, Types
 from ...data.dataset import ImageDataset
 from ...errors import DataError
 from ...training import Retrainer
@@ -143,7 +143,8 @@ def top_share_per_label(scores: torch.Tensor, labels: torch.Tensor, share: float
 def decide_by_agreement(model: nn.Module, data: Any, side: torch.Tensor, trainer: Retrainer, layer: str,
                         max_own_share: float, *, batch_size: int, device: DeviceLike,
                         health: dict[str, Any] | None = None,
-                        lookalike_share: float | None = LOOKALIKE_SHARE) -> tuple[torch.Tensor, dict[int, dict[str, Any]], list[int]]:
+                        lookalike_share: float | None = LOOKALIKE_SHARE
+                        ) -> tuple[torch.Tensor, dict[int, dict[str, Any]], list[int]]:
     """The epsilon-free decision for a two-sided split of every label (``side[i]`` in {0, 1}).
 
     Exclusionary reclassification of both sides (two trainings): a label is attacked when neither
@@ -217,14 +218,15 @@ class SpectralSignatures(DataSanitizer):
     needs_hooks: ClassVar[bool] = True
     _constraints = {"mode": Options(("auto", "paper")), "epsilon": Interval(float, 0, 1, "neither"),
                     "removal_factor": Interval(float, 0, None, "neither"), "layer": Types((str,)),
-                    "max_own_share": Interval(float, 0, 1), "lookalike_share": Types((float, int, type(None))),
+                    "max_own_share": Interval(float, 0, 1), "lookalike_share": OrNone(Interval(float, 0, 1)),
                     "n_directions": Interval(int, 1, None), "arch": Types((str, type(None))),
                     "retrain_epochs": Interval(int, 1, None), "retrain_lr": Interval(float, 0, None, "neither"), "batch_size": Interval(int, 1, None),
                     "seed": Types((int, type(None)))}
 
     def __init__(self, *, mode: Literal["auto", "paper"] = "auto", epsilon: float = 0.05, removal_factor: float = 1.5,
                  layer: str = "penultimate", n_directions: int = 10, max_own_share: float = 0.15,
-                 lookalike_share: float | None = LOOKALIKE_SHARE, arch: str | None = None, retrain_epochs: int = 3, retrain_lr: float = 1e-3, batch_size: int = 256, seed: int | None = 0,
+                 lookalike_share: float | None = LOOKALIKE_SHARE, arch: str | None = None, retrain_epochs: int = 3,
+                 retrain_lr: float = 1e-3, batch_size: int = 256, seed: int | None = 0,
                  device: DeviceLike = None) -> None:
         self.mode = mode
         self.epsilon = epsilon

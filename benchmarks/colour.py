@@ -14,6 +14,7 @@ kept), the best one's CA / ASR after.
     options: --datasets signs43,cmnist,digits --archs gtsrb_cnn,resnet18 --width 16 --epochs N
              --per-class N (signs43 training images per class) --rates 0.1,0.03
              --train-only (fill the model cache and stop) --sanitisers-only --strip-only
+             --models clean|badnets (one of the two, for two jobs side by side) --no-strip
              --repairs fine-pruning,unlearning,retrain
 
 Every figure is measured on the test split; the defender's clean data is the validation split.
@@ -183,7 +184,7 @@ def run(dataset: str, arch: str, args) -> None:
             get_model(f"{base}-badnets{rate:g}", arch, arch_kw, ts.BadNets(trig, target=TARGET, rate=rate, seed=0).poison(train),
                       args.epochs, args.recipe)
         return
-    if not args.strip_only:  # the clean model's figures
+    if not args.strip_only and "clean" in args.models:  # the clean model's figures
         clean, secs = get_model(base + "-clean", arch, arch_kw, train, args.epochs, args.recipe)
         ca_clean = clean_accuracy(clean, test)
         log(**common, model="clean", ca=ca_clean, asr=attack_success_rate(clean, test, trig, TARGET), train_seconds=secs,
@@ -193,7 +194,7 @@ def run(dataset: str, arch: str, args) -> None:
             log(**common, model="clean", **row)
         for name, san in (("ac", ActivationClustering()), ("spectral", SpectralSignatures())):
             log(**common, model="clean", **sanitiser_figures(clean, train, name, san))
-    for rate in args.rates:
+    for rate in args.rates if "badnets" in args.models else ():
         atk = ts.BadNets(trig, target=TARGET, rate=rate, seed=0)
         poisoned = atk.poison(train)
         model, secs = get_model(f"{base}-badnets{rate:g}", arch, arch_kw, poisoned, args.epochs, args.recipe)
@@ -212,7 +213,8 @@ def run(dataset: str, arch: str, args) -> None:
             continue  # model-level figures on the first rate only
         row, nc_res = nc_figures(model, val, True, args.nc_epochs)
         log(**common, **tag, **row)
-        log(**common, **tag, **strip_figures(model, val, test, trig))
+        if not args.no_strip:
+            log(**common, **tag, **strip_figures(model, val, test, trig))
 
         def retrain(kept):
             """Train from scratch on what a sanitiser kept; a run stuck at chance on the clean
@@ -246,6 +248,8 @@ def main() -> None:
     p.add_argument("--train-only", action="store_true", help="only train (and cache) the models")
     p.add_argument("--sanitisers-only", action="store_true", help="only the data sanitisers' figures")
     p.add_argument("--strip-only", action="store_true", help="only STRIP's figures (default and clipped sum)")
+    p.add_argument("--models", default="clean,badnets", help="which models to measure (two jobs can split them)")
+    p.add_argument("--no-strip", action="store_true", help="skip STRIP in the full run (--strip-only measures it)")
     p.add_argument("--repairs", default=",".join(REPAIRS), help="the repairs tried (fine-pruning is slow on signs43)")
     p.add_argument("--recipe", default="auto", help="training recipe (trojanscope.training.RECIPES), or auto: "
                                                     "adam for gtsrb_cnn, sgd for the others")
@@ -258,6 +262,9 @@ def main() -> None:
     args.test_per_class = args.test_per_class or (30 if q else None)
     args.rates = [float(r) for r in (args.rates or ("0.1" if q else "0.1,0.03")).split(",")]
     REPAIRS[:] = args.repairs.split(",")
+    args.models = set(args.models.split(","))
+    if not args.models <= {"clean", "badnets"}:
+        p.error("--models takes clean, badnets or both")
     torch.set_num_threads(args.threads)
     from threadpoolctl import threadpool_limits
 

@@ -127,6 +127,10 @@ def sanitiser_figures(model, poisoned, name: str, sanitiser, keep: dict | None =
     if isinstance(poisoned, ts.PoisonedDataset) and bool(poisoned.is_poison.any()):
         dm = detection_metrics(res.scores, poisoned.is_poison, res.flagged)
         out.update({f"{name}_poison_recall": dm["recall"], f"{name}_clean_removed": dm["fpr"]})
+        # the target's evidence, to see why a side was (not) chosen: its sides' sizes, own shares,
+        # agreement and typicality, and how many of its flagged samples are poison
+        out[f"{name}_target_evidence"] = res.per_label.get(TARGET)
+        out[f"{name}_target_flagged_poison"] = int((res.flagged & poisoned.is_poison).sum())
     return out
 
 

@@ -18,6 +18,8 @@ validation split of the data it was trained on (its ``round.json``).
     python benchmarks/population.py runs/digits2 runs/digits3 runs/mnist2
     # cost of 43 labels vs 10 (same architecture, synthetic 43-class data)
     python benchmarks/population.py --labels43
+    # the same in seconds on colour.py's cached gtsrb_cnn models (signs43 vs cmnist)
+    python benchmarks/population.py --colour43
     # fan-out: --workers 2 on Ray and on local processes vs --workers 1, and a resumed run
     python benchmarks/population.py --fanout runs/digits2
 
@@ -246,6 +248,8 @@ def main() -> None:
     ap.add_argument("--calibrate", type=Path, nargs="+", default=None,
                     help="fit CALIBRATION on these (training) rounds, together")
     ap.add_argument("--labels43", action="store_true")
+    ap.add_argument("--colour43", action="store_true",
+                    help="43 vs 10 labels on colour.py's cached gtsrb_cnn models (signs43 vs cmnist)")
     ap.add_argument("--fanout", type=Path, default=None)
     ap.add_argument("--fanout-n", type=int, default=8, help="models of the round the fan-out runs scan")
     ap.add_argument("--configs", default="halving,all", help=f"configurations to scan, of {', '.join(CONFIGS)}")
@@ -263,6 +267,8 @@ def main() -> None:
         report_round(a.round, a.data, a.work)
     if a.labels43:
         labels43(a.work)
+    if a.colour43:
+        colour43()
     if a.fanout is not None:
         fanout(a.fanout, round_data(a.fanout, a.data), a.work, a.fanout_n)
 
@@ -357,6 +363,35 @@ def labels43(work: Path) -> None:
         sec = [res[("43", k, sched)][0] / res[("10", k, sched)][0] for k in ("clean", "badnets")]
         print(f"{sched}: 43-vs-10 cost ratio {p[0]:.2f} / {p[1]:.2f} (passes, clean / badnets), "
               f"{sec[0]:.2f} / {sec[1]:.2f} (seconds)")
+
+
+def colour43(repeats: int = 2) -> None:
+    """Seconds of a halving scan on 43 labels against 10, same architecture: the ``gtsrb_cnn``
+    models (clean and BadNets) that ``benchmarks/colour.py`` trained and cached on signs43 and on
+    cmnist, each scanned ``repeats`` times, the two sets interleaved (the median is reported):
+    seconds, optimisation and held-out image passes, probability and flagged labels."""
+    from trojanscope.defenses.model.neural_cleanse import NeuralCleanse
+
+    cache = Path(__file__).resolve().parent.parent / "runs" / "colour"
+    sets = {"signs43": "signs43-gtsrb_cnn-n17200-e10-adam", "cmnist": "cmnist-gtsrb_cnn-n4000-e10-adam"}
+    secs: dict[tuple[str, str], list[float]] = {}
+    for rep in range(repeats):
+        for kind in ("clean", "badnets0.1"):
+            for ds, tag in sets.items():
+                path = cache / f"{tag}-{kind}"
+                if not (path / "model.safetensors").exists():
+                    sys.exit(f"error: {path} is missing: train it with `python benchmarks/colour.py --datasets {ds} "
+                             f"--archs gtsrb_cnn --recipe adam --epochs 10 --rates 0.1 --train-only`")
+                model, val = ts.load_model(path).model, ts.load_data(f"{ds}:val")
+                t0 = time.perf_counter()
+                r = NeuralCleanse(schedule="halving", decision="probability").scan(model, val)
+                secs.setdefault((ds, kind), []).append(time.perf_counter() - t0)
+                print(f"{ds} {kind} (repeat {rep}): {secs[(ds, kind)][-1]:.1f} s, {r.image_passes} optimisation passes, "
+                      f"{r.details['holdout_image_passes']} held-out passes ({len(r.details['holdout_labels'])} labels), "
+                      f"probability {r.probability:.2f}, flagged {r.flagged_labels}", flush=True)
+    for kind in ("clean", "badnets0.1"):
+        a, b = (float(np.median(secs[(ds, kind)])) for ds in sets)
+        print(f"{kind}: 43-vs-10 seconds {a / b:.2f} ({a:.1f} s / {b:.1f} s, medians of {repeats})")
 
 
 def fanout(round_dir: Path, data: str, work: Path, n: int) -> None:

@@ -12,6 +12,7 @@ import torch
 from trojanscope.defenses.model.neural_cleanse import (CALIBRATION, NeuralCleanse, matched_norms,
                                                        reverse_engineer_triggers, scan_evidence,
                                                        trojan_probability)
+from trojanscope.defenses.model._nc_evidence import per_source_attack_success
 from trojanscope.errors import ConfigError
 from trojanscope.models import load_model
 from trojanscope.population import population_scores
@@ -136,6 +137,43 @@ def test_halving_scan_records_the_norms_its_rule_read(nets, digits):
     assert tested.shape == (10,) and bool((tested <= final + 1e-6).all()) and bool((tested < final - 1e-6).any())
     assert r.details["median_tested_l1_norm"] == pytest.approx(float(np.median(tested.numpy())))
     assert int(tested.argmin()) == TARGET
+
+
+def test_halving_scan_measures_held_out_success_of_the_kept_labels_only(nets, digits):
+    half = NeuralCleanse(**FAST, schedule="halving").scan(nets["planted"], digits["val"])
+    full = NeuralCleanse(**FAST, schedule="all").scan(nets["planted"], digits["val"])
+    measured = half.details["holdout_labels"]
+    dropped = half.details["dropped"]
+    assert TARGET in measured and set(measured).isdisjoint(dropped) and len(measured) == 10 - len(dropped)
+    n = half.details["n_holdout"]
+    assert half.details["holdout_image_passes"] == len(measured) * n
+    assert full.details["holdout_labels"] == list(range(10)) and full.details["holdout_image_passes"] == 10 * n
+    ps = half.per_source_attack_success
+    assert bool(ps[dropped].isnan().all()) and not bool(ps[measured].isnan().all(1).any())
+    # the target's held-out success is the same figure either way (its trigger ran the same budget)
+    assert half.evidence["holdout_asr"] == pytest.approx(float(half.attack_success[TARGET]))
+    assert float(half.attack_success[TARGET]) > 0.9 and not bool(half.attack_success.isnan().any())
+
+
+def test_per_source_success_of_triggers_for_given_targets():
+    class Corner(torch.nn.Module):  # label 2 when the top-left pixel is bright, else the input's mean decides 0 / 1
+        def forward(self, x):
+            out = torch.zeros(len(x), 3)
+            out[:, 2] = 10.0 * (x[:, 0, 0, 0] > 0.5)
+            out[torch.arange(len(x)), (x.mean((1, 2, 3)) > 0.3).long()] += 1.0
+            return out
+
+    from trojanscope.data.dataset import ImageDataset
+
+    x = torch.zeros(4, 1, 2, 2)
+    x[2:] = 0.6  # two dark images of label 0, two bright ones of label 1
+    data = ImageDataset(x, torch.tensor([0, 0, 1, 1]))
+    masks = torch.zeros(2, 2, 2)
+    masks[0, 0, 0] = 1.0  # stamps the top-left pixel: everything goes to 2
+    patterns = torch.ones(2, 1, 2, 2)
+    r = per_source_attack_success(Corner(), masks, patterns, data, 3, targets=[2, 0])
+    # trigger 0 -> label 2: both sources sent; trigger 1 (empty mask) -> label 0: label 1's images stay 1
+    assert torch.equal(r.nan_to_num(-1), torch.tensor([[1.0, 1.0, -1.0], [-1.0, 0.0, -1.0]]))
 
 
 @pytest.mark.parametrize("schedule", ["halving", "all"])

@@ -257,23 +257,25 @@ def trojan_probability(evidence: dict[str, float], calibration: dict[str, Any]) 
 
 
 def per_source_attack_success(model: nn.Module, masks: torch.Tensor, patterns: torch.Tensor, data: ImageDataset,
-                              num_classes: int, *, batch_size: int = 4096, device: DeviceLike = None) -> torch.Tensor:
+                              num_classes: int, *, targets: torch.Tensor | Sequence[int] | None = None,
+                              batch_size: int = 4096, device: DeviceLike = None) -> torch.Tensor:
     """``(J, K)`` share of ``data``'s inputs of each true label sent to each trigger's label.
 
-    Trigger ``j`` (mask ``masks[j]``, pattern ``patterns[j]``) is taken to target label ``j``.
-    Entry ``[j, s]`` is the share of inputs of true label ``s`` stamped with trigger ``j`` that
-    the model classifies as ``j``; NaN where ``data`` holds no input of label ``s`` and on the
-    diagonal. All triggers are applied in one batched pass (chunked by ``batch_size``).
+    Trigger ``j`` (mask ``masks[j]``, pattern ``patterns[j]``) targets label ``targets[j]``
+    (default: ``j``). Entry ``[j, s]`` is the share of inputs of true label ``s`` stamped with
+    trigger ``j`` that the model classifies as ``targets[j]``; NaN where ``data`` holds no input of
+    label ``s`` and where ``s`` is the trigger's own target. All triggers are applied in one
+    batched pass (chunked by ``batch_size``).
     """
     jn = masks.shape[0]
-    batch = TriggerBatch(masks, patterns, torch.arange(jn))
-    hits = stamped_predictions(model, data.x, batch, batch_size=batch_size, device=device) == torch.arange(jn)[:, None]
+    tgt = torch.arange(jn) if targets is None else torch.as_tensor(targets, dtype=torch.long)
+    batch = TriggerBatch(masks, patterns, tgt)
+    hits = stamped_predictions(model, data.x, batch, batch_size=batch_size, device=device) == tgt[:, None]
     onehot = F.one_hot(data.y, num_classes).double()                    # (N, K)
     counts = onehot.sum(0)                                              # (K,)
     rate = (hits.double() @ onehot) / counts.clamp_min(1)               # (J, K)
     rate[:, counts == 0] = float("nan")
-    diag = torch.arange(min(jn, num_classes))
-    rate[diag, diag] = float("nan")
+    rate[torch.arange(jn), tgt] = float("nan")
     return rate.float()
 
 

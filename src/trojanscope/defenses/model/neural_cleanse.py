@@ -74,10 +74,14 @@ class NeuralCleanseResult(ScanResult):
             the detector's ``outlier_scale``; with the halving schedule, of the norms at matched
             budgets (:func:`matched_norms`).
         attack_success: ``(K,)`` share of held-out clean inputs of other labels that the label's
-            reversed trigger sends to it.
+            reversed trigger sends to it. Under ``schedule="halving"`` only the labels the
+            schedule kept, the flagged ones and the smallest are measured on held-out images
+            (``details["holdout_labels"]``); the others keep their success on the optimisation
+            images.
         per_source_attack_success: ``(K, K)``; entry ``[t, s]`` is the share of held-out inputs of
             true label ``s`` that label ``t``'s reversed trigger sends to ``t`` (the diagonal is
-            NaN). A source-specific backdoor shows as a row high for a few sources only.
+            NaN, and so are the rows of labels not measured on held-out images). A source-specific
+            backdoor shows as a row high for a few sources only.
         flagged: ``(K,)`` bool.
         reached: ``(K,)`` bool, whether the optimisation reached the attack-success threshold.
         probability: the calibrated probability that the model is backdoored (see
@@ -356,9 +360,13 @@ class NeuralCleanse(ModelDetector):
         below = flag_labels(tested, scale=self.outlier_scale, threshold=self.anomaly_threshold,
                             min_ratio=self.min_ratio)
         eval_data = held if len(held) else opt
-        per_source = per_source_attack_success(model, rev.masks, rev.patterns, eval_data, len(rev),
-                                               batch_size=self.batch_size, device=self.device)
-        asr = overall_attack_success(per_source, eval_data.y, len(rev))
+        measured = self._holdout_labels(rev, below, matched)
+        per_source = torch.full((len(rev), len(rev)), float("nan"))
+        per_source[measured] = per_source_attack_success(
+            model, rev.masks[measured], rev.patterns[measured], eval_data, len(rev), targets=measured,
+            batch_size=self.batch_size, device=self.device)
+        asr = rev.attack_success.clone().float()  # the labels not measured keep their optimisation-set success
+        asr[measured] = overall_attack_success(per_source[measured], eval_data.y, len(rev))
         evidence = scan_evidence(matched, asr, norms)
         probability = trojan_probability(evidence, CALIBRATION[self.schedule])
         flagged = self._decide(below, probability, evidence["label"])
@@ -368,7 +376,8 @@ class NeuralCleanse(ModelDetector):
         details = self._details(rev, below, opt, held, tested)
         # the held-out attack success stamps every label's trigger on every held-out image: with
         # 43 labels these forward passes outnumber the optimisation's (not in image_passes)
-        details["holdout_image_passes"] = len(rev) * len(eval_data)
+        details["holdout_image_passes"] = len(measured) * len(eval_data)
+        details["holdout_labels"] = measured.tolist()
         passes, pair_norms = rev.image_passes, None
         if self.pairs:
             pair_rev, pair_norms = self._scan_pairs(model, opt, len(rev))
@@ -403,6 +412,17 @@ class NeuralCleanse(ModelDetector):
         pair_rev = reverse_pairs(model, opt.x, opt.y, settings, pairs=pairs, seed=self.seed, device=self.device)
         log.info("neural cleanse: pairs: %d image passes in %.1f s", pair_rev.image_passes, pair_rev.seconds)
         return pair_rev, pair_matrix(pair_rev, k).float()
+
+    def _holdout_labels(self, rev: ReversedTriggers, below: torch.Tensor, matched: torch.Tensor) -> torch.Tensor:
+        """The labels whose reversed trigger is stamped on the held-out images: every label under
+        ``schedule="all"``; under halving only those the schedule kept, those the MAD rule flagged
+        and the smallest matched norm (the evidence's label). Stamping every label's trigger on
+        every held-out image made the 43-label held-out pass cost more than the optimisation."""
+        keep = torch.ones(len(rev), dtype=torch.bool)
+        if self.schedule == "halving" and rev.dropped is not None:
+            keep = ~rev.dropped.bool() | below.bool()
+            keep[int(torch.argmin(matched))] = True
+        return keep.nonzero().flatten()
 
     def _decide(self, below: torch.Tensor, probability: float, smallest: int) -> torch.Tensor:
         """``(K,)`` the flagged labels: the MAD rule's, or with ``decision="probability"`` those

@@ -13,6 +13,7 @@ from ..errors import UnsupportedModelError
 #: Symbolic layer names understood everywhere a layer is asked for.
 PENULTIMATE = "penultimate"  #: the input of the last ``nn.Linear`` (the last hidden representation)
 LAST_CONV = "last_conv"  #: the output of the last ``nn.Conv2d``
+POOL_INPUT = "pool_input"  #: the input of the last global average pooling (``nn.AdaptiveAvgPool2d(1)``)
 
 
 def _check_hookable(model: nn.Module) -> None:
@@ -39,7 +40,9 @@ def resolve_layer(model: nn.Module, layer: str) -> tuple[str, nn.Module, str]:
         model: the network.
         layer: a dotted module name (``"features.3"``, its output), the same with ``":input"``
             (``"fc1:input"``, what the module receives), ``"penultimate"`` (the input of the
-            last ``nn.Linear``) or ``"last_conv"`` (the output of the last ``nn.Conv2d``).
+            last ``nn.Linear``), ``"last_conv"`` (the output of the last ``nn.Conv2d``) or
+            ``"pool_input"`` (the input of the last ``nn.AdaptiveAvgPool2d`` to 1x1: the feature
+            map a ResNet averages into its penultimate representation).
 
     Returns:
         ``(name, module, where)`` with ``where`` in ``{"input", "output"}``: which side of the
@@ -50,6 +53,11 @@ def resolve_layer(model: nn.Module, layer: str) -> tuple[str, nn.Module, str]:
         found_in_graph = output_layer(model)
         if found_in_graph is not None:
             return found_in_graph[0], found_in_graph[1], "input"
+    if layer == POOL_INPUT:
+        found = global_pool(model)
+        if found is None:
+            raise UnsupportedModelError("the model has no global average pooling layer, so 'pool_input' is undefined")
+        return found[0], found[1], "input"
     if layer in (PENULTIMATE, LAST_CONV):
         kind = nn.Linear if layer == PENULTIMATE else nn.Conv2d
         found = [(n, m) for n, m in model.named_modules() if _is_a(m, kind)]
@@ -68,6 +76,14 @@ def resolve_layer(model: nn.Module, layer: str) -> tuple[str, nn.Module, str]:
             f"the model has no layer named {layer!r}; layers: {', '.join(names[:40])}"
         ) from None
     return layer, module, side
+
+
+def global_pool(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The last ``nn.AdaptiveAvgPool2d`` with output size 1 (a global average pooling), or None.
+    Received graphs, whose pooling is an operator rather than a module, have none."""
+    found = [(n, m) for n, m in model.named_modules() if _is_a(m, nn.AdaptiveAvgPool2d)
+             and getattr(m, "output_size", None) in (1, (1, 1))]
+    return found[-1] if found else None
 
 
 def output_layer(model: nn.Module) -> tuple[str, nn.Module] | None:

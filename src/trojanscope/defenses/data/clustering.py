@@ -49,8 +49,8 @@ from ..._utils.batching import DeviceLike
 from ..._utils.validation import Interval, Options, OrNone, Types
 from ...data.dataset import ImageDataset
 from ..base import DataSanitizer, SanitizeResult, register
-from ._common import (FIT_TARGET, LOOKALIKE_MAX_SHARE, LOOKALIKE_SHARE, exclusionary_reclassification, features,
-                      gaussian_split, padded_by_label)
+from ._common import (AUTO_LAYER, FIT_TARGET, LOOKALIKE_MAX_SHARE, LOOKALIKE_SHARE, exclusionary_reclassification, features,
+                      gaussian_split, padded_by_label, resolve_feature_layer)
 from ...training import Retrainer
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,9 @@ class ActivationClustering(DataSanitizer):
             recommendation), ``"relative-size"``, ``"silhouette"`` or ``"distance"``.
         n_components: dimensions after reduction (the paper: 10).
         reduce: ``"ica"`` (FastICA, the paper's) or ``"pca"``.
-        layer: the activations clustered: ``"penultimate"`` (the last hidden layer, default) or a
+        layer: the activations clustered: ``"auto"`` (default: the last hidden layer, or the feature
+            map a global average pooling turns into it, see :func:`~._common.resolve_feature_layer`),
+            ``"penultimate"`` (the last hidden layer, the paper's), ``"pool_input"`` or a
             layer name.
         size_threshold: ``"relative-size"`` / ``"silhouette"``: a cluster with less than this share
             of its label is small (0.35).
@@ -303,7 +305,7 @@ class ActivationClustering(DataSanitizer):
                     "seed": Types((int, type(None)))}
 
     def __init__(self, *, mode: Literal["auto", "paper"] = "auto", analysis: Analysis = "exclusionary-reclassification",
-                 n_components: int = 10, reduce: Literal["ica", "pca"] = "ica", layer: str = "penultimate",
+                 n_components: int = 10, reduce: Literal["ica", "pca"] = "ica", layer: str = AUTO_LAYER,
                  size_threshold: float = 0.35, silhouette_threshold: float = 0.10,
                  reclassification_threshold: float = 1.0, max_own_share: float = 0.15,
                  lookalike_share: float | None = LOOKALIKE_SHARE, split: Literal["kmeans", "gmm"] = "kmeans",
@@ -335,11 +337,12 @@ class ActivationClustering(DataSanitizer):
 
     def _inspect(self, model: nn.Module, dataset: ImageDataset, *, trusted: ImageDataset | None) -> ClusteringResult:
         """Cluster every label's activations and flag the clusters judged poisoned."""
-        feats = features(model, dataset, self.layer, batch_size=self.batch_size, device=self.device).double()
+        layer = resolve_feature_layer(model, dataset.x, self.layer, device=self.device)
+        feats = features(model, dataset, layer, batch_size=self.batch_size, device=self.device).double()
         y = dataset.y
         labels = torch.unique(y).tolist()
         clusters, reduced, per_label = self._cluster(feats, y, labels)
-        ev, suspect = self._verdicts(model, dataset, clusters, per_label)
+        ev, suspect = self._verdicts(model, dataset, clusters, per_label, layer)
         flagged = torch.zeros(len(dataset), dtype=torch.bool)
         lab_pos = {k: j for j, k in enumerate(labels)}
         for k in labels:
@@ -353,7 +356,7 @@ class ActivationClustering(DataSanitizer):
         scores = self._scores(reduced, clusters, y, labels, suspect) + 2.0 * flagged.double()
         return ClusteringResult(scores=scores.float(), flagged=flagged, clusters=clusters, reduced=reduced.float(),
                                 attacked_labels=[k for k in labels if per_label[k]["attacked"]], per_label=per_label,
-                                details={"layer": self.layer, "mode": self.mode,
+                                details={"layer": layer, "mode": self.mode,
                                          "analysis": "auto" if self.mode == "auto" else self.analysis,
                                          **reclassification_health(ev)})
 
@@ -386,7 +389,8 @@ class ActivationClustering(DataSanitizer):
         return clusters, reduced, per_label
 
     def _verdicts(self, model: nn.Module, data: ImageDataset, clusters: torch.Tensor,
-                  per_label: dict[int, dict[str, Any]]) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor]:
+                  per_label: dict[int, dict[str, Any]], layer: str
+                  ) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor]:
         """Set every label's ``poisoned_clusters``; return the reclassification evidence (None when
         not run) and, per label, the cluster a per-sample score leans towards."""
         labels = list(per_label)
@@ -395,7 +399,7 @@ class ActivationClustering(DataSanitizer):
             for k in labels:
                 per_label[k]["poisoned_clusters"] = self._paper_clusters(per_label[k])
             return None, suspect
-        ev = exclusionary_reclassification(model, data, clusters, self._retrainer(), self.layer,
+        ev = exclusionary_reclassification(model, data, clusters, self._retrainer(), layer,
                                            batch_size=self.batch_size, device=self.device)
         own, top, typ = ev["own"], ev["top_other"], ev["typicality"]
         if self.mode == "auto":

@@ -38,7 +38,7 @@ from ...data.dataset import ImageDataset
 from ...errors import DataError
 from ...training import Retrainer
 from ..base import DataSanitizer, SanitizeResult, register
-from ._common import FIT_TARGET, LOOKALIKE_SHARE, features, gaussian_split, padded_by_label
+from ._common import AUTO_LAYER, FIT_TARGET, LOOKALIKE_SHARE, features, gaussian_split, padded_by_label, resolve_feature_layer
 
 
 def spectral_projection(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -187,7 +187,9 @@ class SpectralSignatures(DataSanitizer):
         epsilon: ``epsilon``, the paper's upper bound on the poisoned share of a label
             (``mode="paper"`` only).
         removal_factor: the paper's 1.5: how many times ``epsilon * n`` samples are removed.
-        layer: the learned representation ``R``: a layer name, ``"penultimate"`` (default) or
+        layer: the learned representation ``R``: ``"auto"`` (default: the last hidden layer, or
+            the feature map a global average pooling turns into it, see
+            :func:`~._common.resolve_feature_layer`), a layer name, ``"penultimate"`` (the paper's) or
             ``"last_conv"``.
         n_directions: ``mode="auto"``: the split is a two-component Gaussian mixture on the
             projections onto the label's top ``n_directions`` singular vectors (the signed
@@ -224,7 +226,7 @@ class SpectralSignatures(DataSanitizer):
                     "seed": Types((int, type(None)))}
 
     def __init__(self, *, mode: Literal["auto", "paper"] = "auto", epsilon: float = 0.05, removal_factor: float = 1.5,
-                 layer: str = "penultimate", n_directions: int = 10, max_own_share: float = 0.15,
+                 layer: str = AUTO_LAYER, n_directions: int = 10, max_own_share: float = 0.15,
                  lookalike_share: float | None = LOOKALIKE_SHARE, arch: str | None = None, retrain_epochs: int = 3,
                  retrain_lr: float = 1e-3, batch_size: int = 256, seed: int | None = 0,
                  device: DeviceLike = None) -> None:
@@ -249,16 +251,17 @@ class SpectralSignatures(DataSanitizer):
 
     def _inspect(self, model: nn.Module, dataset: ImageDataset, *, trusted: ImageDataset | None) -> SpectralResult:
         """Score every sample by :func:`spectral_scores` and flag the ones judged poisoned."""
-        feats = features(model, dataset, self.layer, batch_size=self.batch_size, device=self.device)
+        layer = resolve_feature_layer(model, dataset.x, self.layer, device=self.device)
+        feats = features(model, dataset, layer, batch_size=self.batch_size, device=self.device)
         scores = spectral_scores(feats, dataset.y)
         health: dict[str, Any] = {}
         if self.mode == "paper":
             flagged, per_label = self._paper(scores, dataset)
         else:
-            flagged, per_label = self._auto(model, dataset, feats, health)
+            flagged, per_label = self._auto(model, dataset, feats, health, layer)
         attacked = [k for k in per_label if per_label[k]["attacked"]]
         return SpectralResult(scores=scores, flagged=flagged, attacked_labels=attacked, per_label=per_label,
-                              details={"layer": self.layer, "mode": self.mode, **health})
+                              details={"layer": layer, "mode": self.mode, **health})
 
     def _paper(self, scores: torch.Tensor, data: ImageDataset) -> tuple[torch.Tensor, dict[int, dict[str, Any]]]:
         """Algorithm 1: the ``removal_factor * epsilon`` highest scores of every label."""
@@ -269,7 +272,7 @@ class SpectralSignatures(DataSanitizer):
                          for k in torch.unique(data.y).tolist()}
 
     def _auto(self, model: nn.Module, data: ImageDataset, feats: torch.Tensor,
-              health: dict[str, Any]) -> tuple[torch.Tensor, dict[int, dict[str, Any]]]:
+              health: dict[str, Any], layer: str) -> tuple[torch.Tensor, dict[int, dict[str, Any]]]:
         """Split every label in its top singular subspace, then decide by agreement."""
         sub = spectral_subspace(feats, data.y, self.n_directions)
         sub[:, 0] = spectral_projection(feats, data.y)  # the signed projection on v comes first
@@ -278,7 +281,7 @@ class SpectralSignatures(DataSanitizer):
         for k in torch.unique(data.y).tolist():  # one small mixture per label (sklearn)
             idx = (data.y == k).nonzero().flatten()
             side[idx], split[k] = gaussian_split(sub[idx].numpy(), self.seed)
-        flagged, per_label, _ = decide_by_agreement(model, data, side, self._retrainer(), self.layer,
+        flagged, per_label, _ = decide_by_agreement(model, data, side, self._retrainer(), layer,
                                                     self.max_own_share, batch_size=self.batch_size,
                                                     device=self.device, health=health,
                                                     lookalike_share=self.lookalike_share)

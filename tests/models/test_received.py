@@ -167,6 +167,29 @@ def test_penultimate_is_found_from_the_graph_output(received):
     assert output_layer(files["cnn", "module"]) is None  # not a graph: the class rule applies
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_global_pooling_becomes_a_layer_whose_map_the_sanitisers_read(received, fmt):
+    from trojanscope._utils.batching import activations
+    from trojanscope._utils.hooks import global_pool
+    from trojanscope.defenses.data._common import resolve_feature_layer
+
+    _, files = received
+    s = model_surface(load_model(files["resnet", fmt], default_input_shape=(1, 8, 8)))
+    name, pool = global_pool(s.module)
+    assert isinstance(pool, nn.AdaptiveAvgPool2d)
+    x = torch.rand(5, 1, 8, 8)
+    assert resolve_feature_layer(s.module, x, "auto", device=None) == "pool_input"
+    net = files["resnet", "module"]
+    with torch.inference_mode():  # the map TinyResNet averages, computed by hand
+        h = torch.relu(net.bn(net.stem(x)))
+        h = torch.relu(h + net.bn1(net.conv1(h)))
+        torch.testing.assert_close(s.module(x), net(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(activations(s.module, x, "pool_input", flatten=False), h, atol=1e-5, rtol=1e-5)
+    # the CNN has no global pooling: the sanitisers keep its penultimate layer
+    c = model_surface(load_model(files["cnn", fmt], default_input_shape=(1, 8, 8)))
+    assert global_pool(c.module) is None and resolve_feature_layer(c.module, x, "auto", device=None) == "penultimate"
+
+
 def test_reinitialised_copy_resets_every_layer_and_keeps_the_graph(received):
     _, files = received
     s = model_surface(load_model(files["resnet", "ts"], default_input_shape=(1, 8, 8)))
@@ -230,6 +253,18 @@ def test_rebuilt_graph_of_a_flat_program():
     gm, layers = rebuild_graph(ep.module())
     assert layers == {"a": "Linear", "b": "Linear"}
     x = torch.rand(6, 1, 2, 2)
+    assert torch.allclose(gm(x), net(x))
+
+
+def test_rebuilt_graph_of_a_sequential_program_with_global_pooling():
+    """Layers named ``0``, ``4`` (an ``nn.Sequential``) get stable names; the pooling becomes a layer."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    ep = torch.export.export(net, (torch.zeros(2, 1, 8, 8),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    gm, layers = rebuild_graph(ep.module())
+    assert layers == {"layer_0": "Conv2d", "layer_4": "Linear"}
+    assert isinstance(gm.get_submodule("global_pool"), nn.AdaptiveAvgPool2d)
+    x = torch.rand(6, 1, 8, 8)
     assert torch.allclose(gm(x), net(x))
 
 

@@ -2,12 +2,14 @@
 
 :func:`rebuild_graph` replaces each convolution, dense and BatchNorm call of an
 ``ExportedProgram.module()`` graph by a real ``nn.Conv2d`` / ``nn.Linear`` / ``nn.BatchNorm{1,2}d``
-sharing the program's weights and named after them; every other operator stays as it was.
+sharing the program's weights and named after them, and each global average pooling by an
+``nn.AdaptiveAvgPool2d(1)``; every other operator stays as it was.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 from typing import Any
 
 import torch
@@ -158,8 +160,10 @@ def _set_path(root: nn.Module, name: str, value: Any, taken: set[str]) -> str:
 
     ok = all(p.isidentifier() or p.isdigit() for p in name.split("."))
     final = name if ok else "_".join(p for p in name.replace(".", "_").split("_") if p) or "layer"
-    if not final.replace(".", "").replace("_", "").isalnum() or final[0].isdigit():
-        final = f"layer_{abs(hash(final)) % 10**8}"
+    if not final.replace(".", "").replace("_", "").isalnum():  # a stable name, not str's salted hash
+        final = f"layer_{hashlib.sha256(final.encode()).hexdigest()[:8]}"
+    elif final[0].isdigit():  # "0.weight" of an nn.Sequential: layer_0
+        final = f"layer_{final.replace('.', '_')}"
     if clash(final) or final in taken:
         base = final.replace(".", "_")
         final, i = base, 1
@@ -180,6 +184,18 @@ def _set_path(root: nn.Module, name: str, value: Any, taken: set[str]) -> str:
         obj.register_buffer(leaf, value)
     taken.add(final)
     return final
+
+
+def _call_module(gm: fx.GraphModule, target: str, module: nn.Module, arg: Any) -> fx.Node:
+    """A ``call_module`` node for ``target`` (a module under the new root), inserted where the
+    graph's insertion point is. fx checks that the graph's own module has ``target``; a renamed
+    layer (``0.weight`` of an ``nn.Sequential`` becomes ``layer_...``) or a new one
+    (``global_pool``) is added to it too (the rebuilt module is made from the new root)."""
+    try:
+        gm.get_submodule(target)
+    except AttributeError:
+        gm.add_submodule(target, module)
+    return gm.graph.call_module(target, (arg,))
 
 
 def _replace_layers(gm: fx.GraphModule, root: nn.Module, taken: set[str]) -> dict[str, str]:
@@ -204,7 +220,7 @@ def _replace_layers(gm: fx.GraphModule, root: nn.Module, taken: set[str]) -> dic
             by_weight[key] = target
             layers[target] = type(layer).__name__
         with graph.inserting_before(node):
-            new = graph.call_module(target, (node.args[0],))
+            new = _call_module(gm, target, layer, node.args[0])
         if ops[node.target] == "bn_no_training":  # returns (out, mean, rstd): users take [0]
             for user in list(node.users):
                 if user.op == "call_function" and user.args[1] == 0:
@@ -217,6 +233,25 @@ def _replace_layers(gm: fx.GraphModule, root: nn.Module, taken: set[str]) -> dic
         new.meta = dict(node.meta)
         graph.erase_node(node)
     return layers
+
+
+def _replace_global_pools(gm: fx.GraphModule, root: nn.Module, taken: set[str]) -> None:
+    """Replace each ``adaptive_avg_pool2d(x, [1, 1])`` call by an ``nn.AdaptiveAvgPool2d(1)``
+    module (``global_pool``), so that the map it averages can be hooked (the sanitisers' "auto"
+    layer, :func:`~trojanscope._utils.hooks.global_pool`). Same computation, by construction."""
+    graph, op = gm.graph, _aten("adaptive_avg_pool2d")
+    for node in list(graph.nodes):
+        if op is None or node.op != "call_function" or node.target is not op or len(node.args) < 2:
+            continue
+        if not isinstance(node.args[1], (list, tuple)) or [int(v) for v in node.args[1]] not in ([1, 1], [1]):
+            continue
+        pool = nn.AdaptiveAvgPool2d(1)
+        target = _set_path(root, "global_pool", pool, taken)
+        with graph.inserting_before(node):
+            new = _call_module(gm, target, pool, node.args[0])
+        node.replace_all_uses_with(new)
+        new.meta = dict(node.meta)
+        graph.erase_node(node)
 
 
 def _move_attributes(gm: fx.GraphModule, root: nn.Module, taken: set[str]) -> None:
@@ -251,6 +286,7 @@ def rebuild_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, str]]:
         if node.op == "call_module" and str(node.target).startswith("_guards"):
             graph.erase_node(node)
     layers = _replace_layers(gm, root, taken)
+    _replace_global_pools(gm, root, taken)
     _move_attributes(gm, root, taken)
     graph.eliminate_dead_code()
     new_graph = fx.Graph()

@@ -195,6 +195,18 @@ def _global_avg_pool(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
 
 
+class _GlobalAveragePool(nn.AdaptiveAvgPool2d):
+    """ONNX GlobalAveragePool as a layer: an ``nn.AdaptiveAvgPool2d(1)`` on 4-D inputs (so that the
+    map it averages can be hooked, see :func:`~trojanscope._utils.hooks.global_pool`), the mean over
+    the spatial dims otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _global_avg_pool(x)
+
+
 def _flatten(axis: int) -> Callable:
     def f(x: torch.Tensor) -> torch.Tensor:
         ax = axis if axis >= 0 else x.ndim + axis
@@ -211,6 +223,7 @@ def _flatten(axis: int) -> Callable:
 #: Operators that become a layer holding weights: op -> builder(attrs, initializers, n_inputs).
 LAYERS: dict[str, Callable[[dict, list, int], nn.Module]] = {
     "Conv": _conv, "Gemm": _gemm, "BatchNormalization": _batchnorm, "MaxPool": _maxpool, "AveragePool": _avgpool,
+    "GlobalAveragePool": lambda a, inits, n: _GlobalAveragePool(),
 }
 #: Operators that are a torch function of their inputs: op -> factory(attrs) -> function.
 FUNCTIONS: dict[str, Callable[[dict], Callable]] = {
@@ -220,7 +233,6 @@ FUNCTIONS: dict[str, Callable[[dict], Callable]] = {
     "Tanh": lambda a: torch.tanh,
     "Softmax": lambda a: (lambda x: torch.softmax(x, a.get("axis", -1))),
     "LogSoftmax": lambda a: (lambda x: torch.log_softmax(x, a.get("axis", -1))),
-    "GlobalAveragePool": lambda a: _global_avg_pool,
     "Flatten": lambda a: _flatten(a.get("axis", 1)),
     "Reshape": lambda a: _reshape,
     "Add": lambda a: torch.add, "Sub": lambda a: torch.sub, "Mul": lambda a: torch.mul, "Div": lambda a: torch.div,

@@ -374,8 +374,8 @@ class NeuralCleanse(ModelDetector):
         log.info("scan: probability %.3f (%s), flagged %s", probability,
                  ", ".join(f"{f} {evidence[f]:.2f}" for f in EVIDENCE), order)
         details = self._details(rev, below, opt, held, tested)
-        # the held-out attack success stamps every label's trigger on every held-out image: with
-        # 43 labels these forward passes outnumber the optimisation's (not in image_passes)
+        # the held-out attack success stamps the measured labels' triggers on every held-out image
+        # (forward passes only, not counted in image_passes)
         details["holdout_image_passes"] = len(measured) * len(eval_data)
         details["holdout_labels"] = measured.tolist()
         passes, pair_norms = rev.image_passes, None

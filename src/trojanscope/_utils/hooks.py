@@ -80,7 +80,8 @@ def resolve_layer(model: nn.Module, layer: str) -> tuple[str, nn.Module, str]:
 
 def global_pool(model: nn.Module) -> tuple[str, nn.Module] | None:
     """The last ``nn.AdaptiveAvgPool2d`` with output size 1 (a global average pooling), or None.
-    Received graphs, whose pooling is an operator rather than a module, have none."""
+    A received graph has one where its program pooled globally: the rebuild turns that operator
+    into this layer (:mod:`~trojanscope.models._rebuild`, ONNX ``GlobalAveragePool``)."""
     found = [(n, m) for n, m in model.named_modules() if _is_a(m, nn.AdaptiveAvgPool2d)
              and getattr(m, "output_size", None) in (1, (1, 1))]
     return found[-1] if found else None

@@ -15,6 +15,7 @@ kept), the best one's CA / ASR after.
              --per-class N (signs43 training images per class) --rates 0.1,0.03
              --train-only (fill the model cache and stop) --sanitisers-only --strip-only
              --models clean|badnets (one of the two, for two jobs side by side) --no-strip
+             --layer NAME (the sanitisers' feature layer; default: their own, "auto")
              --repairs fine-pruning,unlearning,retrain
 
 Every figure is measured on the test split; the defender's clean data is the validation split.
@@ -141,6 +142,12 @@ def sanitiser_figures(model, poisoned, name: str, sanitiser, keep: dict | None =
     return out
 
 
+def sanitisers(layer: str | None) -> tuple:
+    """AC and Spectral Signatures in their default modes, at ``layer`` when one is given."""
+    kw = {} if layer is None else {"layer": layer}
+    return (("ac", ActivationClustering(**kw)), ("spectral", SpectralSignatures(**kw)))
+
+
 def repair_figures(model, val, test, trig, nc_res, ca0: float, retrain_from: dict | None = None,
                    retrain=None) -> dict:
     """Fine-pruning; NC unlearning with its defaults, with SMALL_SET_UNLEARNING and on all the
@@ -204,7 +211,7 @@ def run(dataset: str, arch: str, args) -> None:
         if not args.sanitisers_only:
             row, _ = nc_figures(clean, val, False, args.nc_epochs)
             log(**common, model="clean", **row)
-        for name, san in (("ac", ActivationClustering()), ("spectral", SpectralSignatures())):
+        for name, san in sanitisers(args.layer):
             log(**common, model="clean", **sanitiser_figures(clean, train, name, san))
     for rate in args.rates if "badnets" in args.models else ():
         atk = ts.BadNets(trig, target=TARGET, rate=rate, seed=0)
@@ -219,7 +226,7 @@ def run(dataset: str, arch: str, args) -> None:
                 log(**common, **tag, **strip_figures(model, val, test, trig, **params))
             continue
         sanitised: dict = {}
-        for name, san in (("ac", ActivationClustering()), ("spectral", SpectralSignatures())):
+        for name, san in sanitisers(args.layer):
             log(**common, **tag, **sanitiser_figures(model, poisoned, name, san, sanitised))
         if rate != args.rates[0] or args.sanitisers_only:
             continue  # model-level figures on the first rate only
@@ -263,6 +270,7 @@ def main() -> None:
     p.add_argument("--models", default="clean,badnets", help="which models to measure (two jobs can split them)")
     p.add_argument("--no-strip", action="store_true", help="skip STRIP in the full run (--strip-only measures it)")
     p.add_argument("--repairs", default=",".join(REPAIRS), help="the repairs tried (fine-pruning is slow on signs43)")
+    p.add_argument("--layer", default=None, help="the sanitisers' feature layer (default: their own)")
     p.add_argument("--recipe", default="auto", help="training recipe (trojanscope.training.RECIPES), or auto: "
                                                     "adam for gtsrb_cnn, sgd for the others")
     args = p.parse_args()

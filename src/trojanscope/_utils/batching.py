@@ -73,13 +73,19 @@ def activations(model: nn.Module, x: torch.Tensor, layer: str, *, batch_size: in
 
     With ``flatten`` the result is ``(N, D)``; otherwise the layer's own shape.
     """
+    from ..errors import UnsupportedModelError
     from .hooks import capture
 
     dev = model_device(model, device)
     outs = []
     with eval_mode(model), torch.inference_mode(), capture(model, layer) as acts:
         for i in range(0, x.shape[0], batch_size):
+            acts.value = None
             model(x[i:i + batch_size].to(dev))
+            if not isinstance(acts.value, torch.Tensor):
+                raise UnsupportedModelError(
+                    f"layer {layer!r} did not run (or gave no tensor) in the model's forward pass; in a received "
+                    "graph a container's name does not run: name one of the layers inside it")
             a = acts.value.float().cpu()
             outs.append(a.flatten(1) if flatten else a)
     return torch.cat(outs)

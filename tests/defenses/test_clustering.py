@@ -11,7 +11,8 @@ import torch
 import sanitizer_data as sd
 from trojanscope.defenses import ActivationClustering, create
 from trojanscope.defenses.data._common import LOOKALIKE_MAX_SHARE, LOOKALIKE_SHARE
-from trojanscope.defenses.data.clustering import MIN_SIDE, auto_verdict, reduce_activations, two_clusters
+from trojanscope.defenses.data.clustering import (MIN_SIDE, auto_verdict, poisoned_side, reduce_activations,
+                                                  two_clusters)
 from trojanscope.errors import ConfigError
 from trojanscope.metrics import detection_metrics
 
@@ -29,6 +30,35 @@ def test_reduction_and_kmeans_isolate_a_planted_group(method, share):
     c = two_clusters(r, seed=0)
     planted = c[:n_planted]
     assert len(set(planted.tolist())) == 1 and not (c[n_planted:] == planted[0]).any()
+
+
+def test_poisoned_side_by_spread_on_hand_made_evidence():
+    """Rows shaped like measured labels (benchmarks/README.md, "Which side is the poison"):
+    0. the signs43 ResNet's BadNets target. Its poison side is read as its many sources (at most
+       6.3% to one label); its clean side is read as one look-alike (35.5%). Typicality took the
+       clean side (1.087 against 1.121).
+    1. an mnist5k source-specific target (sources 1 and 7): 32% of the poison side goes to one
+       label, 54% of the clean side to label 4.
+    2. a single-source poison read wholly as its source (96%), beside a spread clean side.
+    3. both sides read as one label (four labels in all): typicality decides.
+    4. no evidence on a side: typicality decides."""
+    top = torch.tensor([[0.063, 0.355], [0.323, 0.542], [0.30, 0.96], [0.96, 1.0], [float("nan"), 0.2]],
+                       dtype=torch.float64)
+    typ = torch.tensor([[1.121, 1.087], [1.726, 1.407], [1.5, 1.6], [2.12, 1.76], [1.0, 2.0]], dtype=torch.float64)
+    agr = torch.tensor([[0.425, 0.236], [0.342, 0.659], [0.2, 0.8], [0.5, 0.4], [0.1, 0.2]], dtype=torch.float64)
+    ev = {"top_other": top, "typicality": typ, "agreement": agr}
+    assert poisoned_side(ev).tolist() == [0, 0, 1, 1, 0]
+    assert poisoned_side(ev, "typicality").tolist() == [1, 1, 0, 1, 0]
+    assert poisoned_side(ev, "agreement").tolist() == [0, 1, 1, 0, 1]
+    assert poisoned_side({"typicality": typ}).tolist() == [1, 1, 0, 1, 0]  # no spread evidence: typicality
+    own = torch.zeros(5, 2, dtype=torch.float64)
+    n = torch.full((5, 2), 40.0, dtype=torch.float64)
+    assert auto_verdict({**ev, "own": own, "n": n}, 0.15)[1].tolist() == [0, 0, 1, 1, 0]
+    with pytest.raises(ValueError):
+        poisoned_side(ev, "size")
+    data = sd.make(n_per=20)
+    with pytest.raises(ConfigError):
+        ActivationClustering(side_rule="size").inspect(sd.linear_model(data, epochs=1), data)
 
 
 def test_auto_verdict_on_hand_made_evidence():

@@ -22,10 +22,12 @@ but, run on both clusters, a half-poisoned label fails it twice: a model trained
 clean cluster has never seen a clean image of the label either. ``"auto"`` turns that into the
 verdict: a label is attacked when *neither* cluster is recognised as the label by a model trained
 without it (at most ``max_own_share`` of it), while clean labels, split by handwriting style, keep
-being recognised. The poisoned cluster is then the one whose samples look like the labels they
-are reclassified as (typicality: distance to that label's centroid in the new model's features,
-relative to the label's own spread; poisoned images *are* other labels' images with a trigger,
-while the clean images of the label look like nothing the new model was trained on).
+being recognised. The poisoned cluster is then the one the new model reads as *more* labels
+(``side_rule="spread"``, :func:`poisoned_side`). Poisoned images are other labels' images with a
+trigger, so an all-to-one poison cluster goes to its many sources. The clean images of the target
+go to its nearest look-alike. A cluster read almost wholly as one label is the content of a
+single source. The earlier rule, typicality (how much the samples look like the label they are
+reclassified as), is an option.
 
 References:
     Chen, Carvalho, Baracaldo, Ludwig, Edwards, Lee, Molloy, Srivastava. Detecting Backdoor
@@ -130,13 +132,54 @@ def closer_to_other_label(feats: torch.Tensor, clusters: np.ndarray, medians: to
 MIN_SIDE = 10
 
 
+#: the rules that pick an attacked label's poisoned side (:func:`poisoned_side`)
+SIDE_RULES = ("spread", "typicality", "agreement")
+
+
+def poisoned_side(evidence: dict[str, torch.Tensor], rule: str = "spread") -> torch.Tensor:
+    """``(K,)`` long: which side of every label's split holds the poison, if the label is attacked.
+
+    Rules, read from the output of ``exclusionary_reclassification``:
+
+    * ``"spread"`` (the default): the side whose reclassified labels are *spread out*, the lower
+      ``top_other``. An all-to-one poison side is read as its many source labels. The target's
+      clean side is read as the target's nearest look-alike, one label. There is one exception: a side read almost
+      wholly as one label (at least :data:`LOOKALIKE_MAX_SHARE`) when the other side is not. That side
+      is the content of a single source (a source-specific or all-to-all poison), so it is
+      the poisoned side. When both sides are read that way (with four labels, the planted
+      data of the tests), or on ties and missing evidence, typicality decides.
+    * ``"typicality"``: the side whose samples look more like the labels they were reclassified
+      as (see ``exclusionary_reclassification``). It was the default until it took the clean side
+      of the signs43 ResNet target (1.087 against 1.121), of an mnist5k source-specific target,
+      and of the Spectral split of the 2% mnist5k square. The spread was right in all three
+      (figures in ``benchmarks/README.md``, "Which side is the poison").
+    * ``"agreement"``: the side with the higher content agreement.
+    """
+    if rule not in SIDE_RULES:
+        raise ValueError(f"side rule must be one of {list(SIDE_RULES)}, got {rule!r}")
+    typ = evidence["typicality"].nan_to_num(float("inf"))
+    by_typ = typ.argmin(1)
+    if rule == "typicality":
+        return by_typ
+    if rule == "agreement":
+        return evidence["agreement"].nan_to_num(-1.0).argmax(1)
+    if "top_other" not in evidence:
+        return by_typ
+    top = evidence["top_other"]
+    whole = top.nan_to_num(0.0) >= LOOKALIKE_MAX_SHARE
+    side = torch.where(top[:, 0] < top[:, 1], 0, 1)
+    side = torch.where(top.isnan().any(1) | (top[:, 0] == top[:, 1]) | whole.all(1), by_typ, side)
+    return torch.where(whole[:, 0] != whole[:, 1], whole[:, 1].long(), side)
+
+
 def auto_verdict(evidence: dict[str, torch.Tensor], max_own_share: float,
-                 lookalike_share: float | None = LOOKALIKE_SHARE) -> tuple[torch.Tensor, torch.Tensor]:
+                 lookalike_share: float | None = LOOKALIKE_SHARE, side_rule: str = "spread"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The epsilon-free verdict from exclusionary reclassification of both sides of every label.
 
     A label is attacked when, for *both* sides of its split, a model trained without that side
-    gives the label to at most ``max_own_share`` of it; its poisoned side is the one whose samples
-    look more like the labels they were reclassified as (lower typicality). Both sides need at
+    gives the label to at most ``max_own_share`` of it; its poisoned side is picked by
+    ``side_rule`` (:func:`poisoned_side`: by default the side read as more labels). Both sides need at
     least :data:`MIN_SIDE` samples: a model trained without a side of 125 of a label's 127 samples
     has barely seen the label and recognises nothing of it, which says nothing about poison (on
     the clean digits ResNet, such a 125 / 2 split was the only label flagged).
@@ -161,11 +204,12 @@ def auto_verdict(evidence: dict[str, torch.Tensor], max_own_share: float,
         evidence: the output of ``exclusionary_reclassification`` (``(K, 2)`` tensors).
         max_own_share: the threshold on the own-label share.
         lookalike_share: the look-alike rule's share (None: no look-alike rule).
+        side_rule: :func:`poisoned_side`'s rule.
 
     Returns:
         ``(attacked (K,) bool, poisoned_side (K,) long)``.
     """
-    own, typ = evidence["own"], evidence["typicality"]
+    own = evidence["own"]
     two_sided = (evidence["n"] >= MIN_SIDE).all(1)
     attacked = two_sided & (own.nan_to_num(1.0) <= max_own_share).all(1)
     if lookalike_share is not None and "source" in evidence and "top_other" in evidence:
@@ -174,7 +218,7 @@ def auto_verdict(evidence: dict[str, torch.Tensor], max_own_share: float,
         attacked &= ~(same & ((top >= lookalike_share) & (top < LOOKALIKE_MAX_SHARE)).all(1))
     if "collapsed" in evidence and bool(evidence["collapsed"].any()):
         attacked = torch.zeros_like(attacked)  # a collapsed reclassifier is no evidence (see _common)
-    return attacked, typ.nan_to_num(float("inf")).argmin(1)
+    return attacked, poisoned_side(evidence, side_rule)
 
 
 def reclassification_health(ev: dict[str, torch.Tensor] | None) -> dict[str, Any]:
@@ -192,15 +236,13 @@ def reclassification_health(ev: dict[str, torch.Tensor] | None) -> dict[str, Any
 
 def decide_sides(model: nn.Module, data: ImageDataset, side: torch.Tensor, trainer: Retrainer, layer: str,
                  max_own_share: float, *, batch_size: int, device: DeviceLike,
-                 side_rule: str = "typicality", health: dict[str, Any] | None = None,
+                 side_rule: str = "spread", health: dict[str, Any] | None = None,
                  lookalike_share: float | None = LOOKALIKE_SHARE
                  ) -> tuple[torch.Tensor, dict[int, dict[str, Any]], list[int]]:
     """:func:`auto_verdict` for a two-sided split of every label (``side[i]`` in {0, 1}).
 
-    ``side_rule`` picks an attacked label's poisoned side: ``"typicality"`` (as
-    :func:`auto_verdict`) or ``"agreement"`` (the side with the higher content agreement, see
-    :func:`~._common.exclusionary_reclassification`; the spectral default). ``health``, when
-    given, receives :func:`reclassification_health`.
+    ``side_rule`` picks an attacked label's poisoned side (:func:`poisoned_side`). ``health``,
+    when given, receives :func:`reclassification_health`.
 
     Returns:
         ``(flagged (N,) bool, per_label evidence, attacked labels)``.
@@ -208,10 +250,8 @@ def decide_sides(model: nn.Module, data: ImageDataset, side: torch.Tensor, train
     ev = exclusionary_reclassification(model, data, side, trainer, layer, batch_size=batch_size, device=device)
     if health is not None:  # filled in for the caller's details
         health.update(reclassification_health(ev))
-    attacked_mask, poisoned_side = auto_verdict(ev, max_own_share, lookalike_share)
-    if side_rule == "agreement":
-        poisoned_side = ev["agreement"].nan_to_num(-1.0).argmax(1)
-    flagged = attacked_mask[data.y] & (side == poisoned_side[data.y])
+    attacked_mask, psides = auto_verdict(ev, max_own_share, lookalike_share, side_rule)
+    flagged = attacked_mask[data.y] & (side == psides[data.y])
     per_label: dict[int, dict[str, Any]] = {}
     for k in torch.unique(data.y).tolist():
         per_label[k] = {
@@ -219,7 +259,7 @@ def decide_sides(model: nn.Module, data: ImageDataset, side: torch.Tensor, train
             "own_share": ev["own"][k].tolist(), "top_other_share": ev["top_other"][k].tolist(),
             "source": ev["source"][k].tolist(), "agreement": ev["agreement"][k].tolist(),
             "typicality": ev["typicality"][k].tolist(), "attacked": bool(attacked_mask[k]),
-            "poisoned_side": int(poisoned_side[k]) if bool(attacked_mask[k]) else None,
+            "poisoned_side": int(psides[k]) if bool(attacked_mask[k]) else None,
         }
     return flagged, per_label, [k for k in per_label if per_label[k]["attacked"]]
 
@@ -270,6 +310,9 @@ class ActivationClustering(DataSanitizer):
         lookalike_share: ``mode="auto"``: a label whose two clusters both go to one other label,
             with at least this share of each, is judged a look-alike of that label and not attacked
             (:data:`LOOKALIKE_SHARE`, 0.25; None turns the rule off: see :func:`auto_verdict`).
+        side_rule: ``mode="auto"``: how an attacked label's poisoned cluster is picked
+            (:func:`poisoned_side`): ``"spread"`` (default: the cluster a model trained without
+            it reads as more labels), ``"typicality"`` or ``"agreement"``.
         split: how each label's reduced activations are split in two: ``"kmeans"`` (the default,
             the paper's k-means, k = 2) or ``"gmm"`` (a two-component Gaussian mixture with
             diagonal covariances, :func:`~._common.gaussian_split`). k-means draws its boundary halfway
@@ -299,7 +342,7 @@ class ActivationClustering(DataSanitizer):
                     "layer": Types((str,)), "size_threshold": Interval(float, 0, 1),
                     "silhouette_threshold": Interval(float, -1, 1), "reclassification_threshold": Interval(float, 0, None),
                     "max_own_share": Interval(float, 0, 1), "split": Options(("kmeans", "gmm")),
-                    "lookalike_share": OrNone(Interval(float, 0, 1)),
+                    "lookalike_share": OrNone(Interval(float, 0, 1)), "side_rule": Options(SIDE_RULES),
                     "arch": Types((str, type(None))),
                     "retrain_epochs": Interval(int, 1, None), "retrain_lr": Interval(float, 0, None, "neither"), "batch_size": Interval(int, 1, None),
                     "seed": Types((int, type(None)))}
@@ -309,7 +352,7 @@ class ActivationClustering(DataSanitizer):
                  size_threshold: float = 0.35, silhouette_threshold: float = 0.10,
                  reclassification_threshold: float = 1.0, max_own_share: float = 0.15,
                  lookalike_share: float | None = LOOKALIKE_SHARE, split: Literal["kmeans", "gmm"] = "kmeans",
-                 arch: str | None = None,
+                 side_rule: str = "spread", arch: str | None = None,
                  retrain_epochs: int = 3, retrain_lr: float = 1e-3, batch_size: int = 256, seed: int | None = 0,
                  device: DeviceLike = None) -> None:
         self.mode = mode
@@ -323,6 +366,7 @@ class ActivationClustering(DataSanitizer):
         self.max_own_share = max_own_share
         self.lookalike_share = lookalike_share
         self.split = split
+        self.side_rule = side_rule
         self.arch = arch
         self.retrain_epochs = retrain_epochs
         self.retrain_lr = retrain_lr
@@ -402,8 +446,9 @@ class ActivationClustering(DataSanitizer):
         ev = exclusionary_reclassification(model, data, clusters, self._retrainer(), layer,
                                            batch_size=self.batch_size, device=self.device)
         own, top, typ = ev["own"], ev["top_other"], ev["typicality"]
+        side = torch.ones(data.num_classes, dtype=torch.long)
         if self.mode == "auto":
-            attacked, side = auto_verdict(ev, self.max_own_share, self.lookalike_share)
+            attacked, side = auto_verdict(ev, self.max_own_share, self.lookalike_share, self.side_rule)
             poisoned = torch.zeros(data.num_classes, 2, dtype=torch.bool)
             poisoned[torch.arange(data.num_classes), side] = True
             poisoned &= attacked[:, None]
@@ -414,7 +459,7 @@ class ActivationClustering(DataSanitizer):
             per_label[k].update(own_share=own[k].tolist(), top_other_share=top[k].tolist(),
                                 source=ev["source"][k].tolist(), typicality=typ[k].tolist())
             per_label[k]["poisoned_clusters"] = [c for c in (0, 1) if bool(poisoned[k, c])]
-            suspect[j] = int(typ[k].nan_to_num(float("inf")).argmin()) if self.mode == "auto" else 1
+            suspect[j] = int(side[k]) if self.mode == "auto" else 1
         return ev, suspect
 
     def _paper_clusters(self, pl: dict[str, Any]) -> list[int]:

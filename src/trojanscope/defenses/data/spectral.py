@@ -39,6 +39,7 @@ from ...errors import DataError
 from ...training import Retrainer
 from ..base import DataSanitizer, SanitizeResult, register
 from ._common import AUTO_LAYER, FIT_TARGET, LOOKALIKE_SHARE, features, gaussian_split, padded_by_label, resolve_feature_layer
+from .clustering import SIDE_RULES, decide_sides
 
 
 def spectral_projection(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -140,27 +141,6 @@ def top_share_per_label(scores: torch.Tensor, labels: torch.Tensor, share: float
     return rank[slot[:, 0], slot[:, 1]] < budget[slot[:, 0]]
 
 
-def decide_by_agreement(model: nn.Module, data: Any, side: torch.Tensor, trainer: Retrainer, layer: str,
-                        max_own_share: float, *, batch_size: int, device: DeviceLike,
-                        health: dict[str, Any] | None = None,
-                        lookalike_share: float | None = LOOKALIKE_SHARE
-                        ) -> tuple[torch.Tensor, dict[int, dict[str, Any]], list[int]]:
-    """The epsilon-free decision for a two-sided split of every label (``side[i]`` in {0, 1}).
-
-    Exclusionary reclassification of both sides (two trainings): a label is attacked when neither
-    side is recognised as the label by a model trained without it (:func:`~.clustering.auto_verdict`);
-    its poisoned side is the one with the higher content agreement (see
-    :func:`~._common.exclusionary_reclassification`). Sizes play no part.
-
-    Returns:
-        ``(flagged (N,) bool, per_label evidence, attacked labels)``.
-    """
-    from .clustering import decide_sides
-
-    return decide_sides(model, data, side, trainer, layer, max_own_share, batch_size=batch_size, device=device,
-                        side_rule="agreement", health=health, lookalike_share=lookalike_share)
-
-
 @dataclass(frozen=True, kw_only=True)
 class SpectralResult(SanitizeResult):
     """What :class:`SpectralSignatures` found.
@@ -201,6 +181,9 @@ class SpectralSignatures(DataSanitizer):
         lookalike_share: ``mode="auto"``: a label whose two sides both go to one other label, with
             at least this share of each, is a look-alike of that label, not attacked (0.25; None
             turns the rule off; :func:`~.clustering.auto_verdict`).
+        side_rule: ``mode="auto"``: how an attacked label's poisoned side is picked
+            (:func:`~.clustering.poisoned_side`): ``"agreement"`` (default), ``"spread"`` or
+            ``"typicality"``.
         arch, retrain_epochs, retrain_lr: how the reclassification models are trained (architecture: the
             model's own by default; see :class:`~trojanscope.training.Retrainer`).
         batch_size: the memory knob for feature extraction.
@@ -221,13 +204,14 @@ class SpectralSignatures(DataSanitizer):
     _constraints = {"mode": Options(("auto", "paper")), "epsilon": Interval(float, 0, 1, "neither"),
                     "removal_factor": Interval(float, 0, None, "neither"), "layer": Types((str,)),
                     "max_own_share": Interval(float, 0, 1), "lookalike_share": OrNone(Interval(float, 0, 1)),
-                    "n_directions": Interval(int, 1, None), "arch": Types((str, type(None))),
+                    "side_rule": Options(SIDE_RULES), "n_directions": Interval(int, 1, None), "arch": Types((str, type(None))),
                     "retrain_epochs": Interval(int, 1, None), "retrain_lr": Interval(float, 0, None, "neither"), "batch_size": Interval(int, 1, None),
                     "seed": Types((int, type(None)))}
 
     def __init__(self, *, mode: Literal["auto", "paper"] = "auto", epsilon: float = 0.05, removal_factor: float = 1.5,
                  layer: str = AUTO_LAYER, n_directions: int = 10, max_own_share: float = 0.15,
-                 lookalike_share: float | None = LOOKALIKE_SHARE, arch: str | None = None, retrain_epochs: int = 3,
+                 lookalike_share: float | None = LOOKALIKE_SHARE, side_rule: str = "agreement",
+                 arch: str | None = None, retrain_epochs: int = 3,
                  retrain_lr: float = 1e-3, batch_size: int = 256, seed: int | None = 0,
                  device: DeviceLike = None) -> None:
         self.mode = mode
@@ -237,6 +221,7 @@ class SpectralSignatures(DataSanitizer):
         self.n_directions = n_directions
         self.max_own_share = max_own_share
         self.lookalike_share = lookalike_share
+        self.side_rule = side_rule
         self.arch = arch
         self.retrain_epochs = retrain_epochs
         self.retrain_lr = retrain_lr
@@ -273,7 +258,7 @@ class SpectralSignatures(DataSanitizer):
 
     def _auto(self, model: nn.Module, data: ImageDataset, feats: torch.Tensor,
               health: dict[str, Any], layer: str) -> tuple[torch.Tensor, dict[int, dict[str, Any]]]:
-        """Split every label in its top singular subspace, then decide by agreement."""
+        """Split every label in its top singular subspace, then decide by exclusionary reclassification."""
         sub = spectral_subspace(feats, data.y, self.n_directions)
         sub[:, 0] = spectral_projection(feats, data.y)  # the signed projection on v comes first
         side = torch.zeros(len(data), dtype=torch.long)
@@ -281,10 +266,10 @@ class SpectralSignatures(DataSanitizer):
         for k in torch.unique(data.y).tolist():  # one small mixture per label (sklearn)
             idx = (data.y == k).nonzero().flatten()
             side[idx], split[k] = gaussian_split(sub[idx].numpy(), self.seed)
-        flagged, per_label, _ = decide_by_agreement(model, data, side, self._retrainer(), layer,
-                                                    self.max_own_share, batch_size=self.batch_size,
-                                                    device=self.device, health=health,
-                                                    lookalike_share=self.lookalike_share)
+        flagged, per_label, _ = decide_sides(model, data, side, self._retrainer(), layer, self.max_own_share,
+                                             batch_size=self.batch_size, device=self.device,
+                                             side_rule=self.side_rule, health=health,
+                                             lookalike_share=self.lookalike_share)
         for k in per_label:
             per_label[k]["separation"] = split[k]
         return flagged, per_label

@@ -11,8 +11,9 @@ import torch
 import sanitizer_data as sd
 from trojanscope.defenses import ActivationClustering, create
 from trojanscope.defenses.data._common import LOOKALIKE_MAX_SHARE, LOOKALIKE_SHARE
-from trojanscope.defenses.data.clustering import (MIN_SIDE, auto_verdict, poisoned_side, reduce_activations,
-                                                  two_clusters)
+from trojanscope.defenses.data import clustering
+from trojanscope.defenses.data.clustering import (MIN_SIDE, auto_verdict, poisoned_side, reclassify_refined,
+                                                  reduce_activations, two_clusters)
 from trojanscope.errors import ConfigError
 from trojanscope.metrics import detection_metrics
 
@@ -59,6 +60,50 @@ def test_poisoned_side_by_spread_on_hand_made_evidence():
     data = sd.make(n_per=20)
     with pytest.raises(ConfigError):
         ActivationClustering(side_rule="size").inspect(sd.linear_model(data, epochs=1), data)
+
+
+def test_refinement_moves_the_recognised_leak_and_judges_again(monkeypatch):
+    """Label 0 is shaped like the signs43 ResNet's 3% target: AC's split left some poison with the
+    clean samples, so a model trained on the poisoned side recognises those (own share 0.16 > 0.15)
+    and the label is not attacked. Refinement moves the recognised samples of the clean side to
+    the poisoned side and reclassifies both again, with every other label kept whole (side 2).
+    Label 1 (a clean label, recognised on both sides) is no candidate and keeps its evidence."""
+    y = torch.tensor([0] * 10 + [0] * 10 + [1] * 20)
+    side = torch.tensor([0] * 10 + [1] * 10 + [0, 1] * 10)
+    recognised = torch.zeros(40, dtype=torch.bool)
+    recognised[10:12] = True  # two leaked samples on label 0's clean side
+    recognised[20:] = True
+    K = 2
+
+    def evidence(own, top):
+        return {"own": torch.tensor(own, dtype=torch.float64), "top_other": torch.tensor(top, dtype=torch.float64),
+                "typicality": torch.ones(K, 2, dtype=torch.float64), "agreement": torch.zeros(K, 2, dtype=torch.float64),
+                "n": torch.full((K, 2), 10.0, dtype=torch.float64), "source": torch.tensor([[3, 4], [0, 0]]),
+                "fit_accuracy": torch.ones(2, dtype=torch.float64), "top_share": torch.full((2,), 0.3, dtype=torch.float64),
+                "collapsed": torch.zeros(2, dtype=torch.bool), "epochs": torch.ones(2, dtype=torch.long),
+                "recognised": recognised.clone()}
+
+    seen = []
+    rounds = [evidence([[0.04, 0.16], [0.9, 0.9]], [[0.05, 0.35], [0.05, 0.05]]),
+              evidence([[0.05, 0.0], [float("nan")] * 2], [[0.05, 0.35], [float("nan")] * 2])]
+
+    def fake(model, data, s, trainer, layer, **kw):
+        seen.append(s.clone())
+        return rounds[len(seen) - 1]
+
+    monkeypatch.setattr(clustering, "exclusionary_reclassification", fake)
+    data = type("D", (), {"y": y, "num_classes": K})()
+    ev, new = reclassify_refined(None, data, side, None, "x", 0.15, batch_size=1, device=None, refine=False)
+    assert len(seen) == 1 and not bool(auto_verdict(ev, 0.15)[0][0])
+    seen.clear()
+    ev, new = reclassify_refined(None, data, side, None, "x", 0.15, batch_size=1, device=None)
+    assert len(seen) == 2
+    assert seen[1][:20].tolist() == [0] * 12 + [1] * 8  # the two recognised samples moved to side 0
+    assert seen[1][20:].tolist() == [2] * 20  # label 1 is kept whole in both trainings
+    assert new.tolist() == seen[1][:20].tolist() + side[20:].tolist()
+    assert ev["refined"].tolist() == [True, False] and ev["own"][1].tolist() == [0.9, 0.9]
+    attacked, picked = auto_verdict(ev, 0.15)
+    assert attacked.tolist() == [True, False] and int(picked[0]) == 0
 
 
 def test_auto_verdict_on_hand_made_evidence():

@@ -98,7 +98,7 @@ def test_auto_mode_finds_planted_poison(share):
     assert ev["attacked"] and not res.per_label[1]["attacked"]
     p = ev["poisoned_side"]
     assert max(ev["own_share"]) <= 0.15  # neither side is recognised without itself
-    assert ev["agreement"][p] > ev["agreement"][1 - p]  # the side was chosen by content agreement
+    assert ev["agreement"][p] > ev["agreement"][1 - p]  # content agreement picks the same side as spread
     assert ev["source"][p] == 1  # reclassified to the planted source label
     assert ev["sizes"][p] == data.poison_indices.numel()
 

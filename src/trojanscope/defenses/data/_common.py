@@ -98,7 +98,9 @@ def exclusionary_reclassification(model: nn.Module, dataset: ImageDataset, side:
         it was trained on), ``top_share`` (the share of those it gives to its most frequent label),
         ``epochs`` (how many it trained: with a ``fit_target``, more where the data is small or
         hard) and ``collapsed`` (True when :func:`reclassifier_collapsed` judges the new model useless:
-        its verdicts are then no evidence, see :func:`~.clustering.auto_verdict`).
+        its verdicts are then no evidence, see :func:`~.clustering.auto_verdict`); and ``(N,)``
+        ``recognised``: whether the model trained without a sample's side gave it its own label.
+        A sample whose ``side`` is neither 0 nor 1 is never removed (it is in both trainings).
     """
     y = dataset.y
     K = dataset.num_classes
@@ -108,6 +110,7 @@ def exclusionary_reclassification(model: nn.Module, dataset: ImageDataset, side:
     out["top_share"] = torch.full((2,), float("nan"), dtype=torch.float64)
     out["collapsed"] = torch.zeros(2, dtype=torch.bool)
     out["epochs"] = torch.zeros(2, dtype=torch.long)
+    out["recognised"] = torch.zeros(len(y), dtype=torch.bool)
     for s in (0, 1):
         removed = side == s
         if not bool(removed.any()):
@@ -118,6 +121,7 @@ def exclusionary_reclassification(model: nn.Module, dataset: ImageDataset, side:
         x_rm, y_rm = dataset.x[removed], y[removed]
         pred = logits(new, x_rm, batch_size=batch_size, device=device).argmax(1)
         _reclassified(out, s, pred, y_rm, K)
+        out["recognised"][removed] = pred == y_rm
         # content agreement: the new model's label vs the model under test's runner-up
         second = logits(model, x_rm, batch_size=batch_size, device=device).double()
         second[torch.arange(len(y_rm)), y_rm] = float("-inf")

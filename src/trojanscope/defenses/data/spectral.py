@@ -11,10 +11,11 @@ Two modes:
   ``(R(x) - mean) . v`` and the projections on the next singular vectors), then decide with
   exclusionary reclassification (see :mod:`.clustering`) whether the label is attacked: it is when
   a model trained without either side does not recognise that side as the label. A label judged
-  clean loses nothing. The poisoned side of an attacked label is the one whose *content* two
-  witnesses agree on: the label the reclassification model gives its samples is the model under
-  test's second choice for them (a relabelled image keeps its content; an image of the label
-  itself has none to agree on). Neither decision uses the sides' sizes.
+  clean loses nothing. The poisoned side of an attacked label is the one the reclassification
+  model reads as more labels (:func:`~.clustering.poisoned_side`): relabelled images keep the
+  content of their many sources, while the label's own images go to its nearest look-alike.
+  Neither decision uses the sides' sizes. A split that leaked poison across is refined once
+  (:func:`~.clustering.reclassify_refined`).
 
 This mode exists because the paper's rule breaks down when a label is half poison: the score is
 high on *both* sides of the split, and a ``1.5 * epsilon`` budget cannot reach the poison. The
@@ -162,7 +163,8 @@ class SpectralSignatures(DataSanitizer):
 
     Args:
         mode: ``"auto"`` (default, no epsilon: split where the projections separate, per-label
-            verdict by exclusionary reclassification, side chosen by content agreement) or
+            verdict by exclusionary reclassification, side chosen by the spread of its
+            reclassified labels) or
             ``"paper"`` (remove the ``1.5 * epsilon * n`` highest scores of every label).
         epsilon: ``epsilon``, the paper's upper bound on the poisoned share of a label
             (``mode="paper"`` only).
@@ -182,8 +184,11 @@ class SpectralSignatures(DataSanitizer):
             at least this share of each, is a look-alike of that label, not attacked (0.25; None
             turns the rule off; :func:`~.clustering.auto_verdict`).
         side_rule: ``mode="auto"``: how an attacked label's poisoned side is picked
-            (:func:`~.clustering.poisoned_side`): ``"agreement"`` (default), ``"spread"`` or
-            ``"typicality"``.
+            (:func:`~.clustering.poisoned_side`): ``"spread"`` (default: the side a model trained
+            without it reads as more labels), ``"agreement"`` (the default until it took the
+            clean side of the signs43 ``gtsrb_cnn`` target) or ``"typicality"``.
+        refine: ``mode="auto"``: re-run the reclassification once for a label whose split leaked
+            poison across it (:func:`~.clustering.reclassify_refined`).
         arch, retrain_epochs, retrain_lr: how the reclassification models are trained (architecture: the
             model's own by default; see :class:`~trojanscope.training.Retrainer`).
         batch_size: the memory knob for feature extraction.
@@ -204,14 +209,14 @@ class SpectralSignatures(DataSanitizer):
     _constraints = {"mode": Options(("auto", "paper")), "epsilon": Interval(float, 0, 1, "neither"),
                     "removal_factor": Interval(float, 0, None, "neither"), "layer": Types((str,)),
                     "max_own_share": Interval(float, 0, 1), "lookalike_share": OrNone(Interval(float, 0, 1)),
-                    "side_rule": Options(SIDE_RULES), "n_directions": Interval(int, 1, None), "arch": Types((str, type(None))),
+                    "side_rule": Options(SIDE_RULES), "refine": Types((bool,)), "n_directions": Interval(int, 1, None), "arch": Types((str, type(None))),
                     "retrain_epochs": Interval(int, 1, None), "retrain_lr": Interval(float, 0, None, "neither"), "batch_size": Interval(int, 1, None),
                     "seed": Types((int, type(None)))}
 
     def __init__(self, *, mode: Literal["auto", "paper"] = "auto", epsilon: float = 0.05, removal_factor: float = 1.5,
                  layer: str = AUTO_LAYER, n_directions: int = 10, max_own_share: float = 0.15,
-                 lookalike_share: float | None = LOOKALIKE_SHARE, side_rule: str = "agreement",
-                 arch: str | None = None, retrain_epochs: int = 3,
+                 lookalike_share: float | None = LOOKALIKE_SHARE, side_rule: str = "spread",
+                 refine: bool = True, arch: str | None = None, retrain_epochs: int = 3,
                  retrain_lr: float = 1e-3, batch_size: int = 256, seed: int | None = 0,
                  device: DeviceLike = None) -> None:
         self.mode = mode
@@ -222,6 +227,7 @@ class SpectralSignatures(DataSanitizer):
         self.max_own_share = max_own_share
         self.lookalike_share = lookalike_share
         self.side_rule = side_rule
+        self.refine = refine
         self.arch = arch
         self.retrain_epochs = retrain_epochs
         self.retrain_lr = retrain_lr
@@ -269,7 +275,7 @@ class SpectralSignatures(DataSanitizer):
         flagged, per_label, _ = decide_sides(model, data, side, self._retrainer(), layer, self.max_own_share,
                                              batch_size=self.batch_size, device=self.device,
                                              side_rule=self.side_rule, health=health,
-                                             lookalike_share=self.lookalike_share)
+                                             lookalike_share=self.lookalike_share, refine=self.refine)
         for k in per_label:
             per_label[k]["separation"] = split[k]
         return flagged, per_label

@@ -16,6 +16,9 @@ kept), the best one's CA / ASR after.
              --train-only (fill the model cache and stop) --sanitisers-only --strip-only
              --models clean|badnets (one of the two, for two jobs side by side) --no-strip
              --layer NAME (the sanitisers' feature layer; default: their own, "auto")
+             --side-rule spread|typicality|agreement --refine (the sanitisers' poisoned-side
+             rule, and their refinement of a leaky split; default: theirs)
+             --sanitisers ac,spectral (which of the two to run)
              --repairs fine-pruning,unlearning,retrain
 
 Every figure is measured on the test split; the defender's clean data is the validation split.
@@ -142,10 +145,14 @@ def sanitiser_figures(model, poisoned, name: str, sanitiser, keep: dict | None =
     return out
 
 
-def sanitisers(layer: str | None) -> tuple:
-    """AC and Spectral Signatures in their default modes, at ``layer`` when one is given."""
-    kw = {} if layer is None else {"layer": layer}
-    return (("ac", ActivationClustering(**kw)), ("spectral", SpectralSignatures(**kw)))
+def sanitisers(args) -> tuple:
+    """AC and Spectral Signatures in their default modes, at ``args.layer``, with ``args.side_rule``
+    and with refinement (``args.refine``) when asked; only those in ``args.sanitisers``."""
+    kw = {} if args.layer is None else {"layer": args.layer}
+    kw.update({} if args.side_rule is None else {"side_rule": args.side_rule})
+    kw.update({"refine": True} if args.refine else {})
+    both = (("ac", ActivationClustering), ("spectral", SpectralSignatures))
+    return tuple((name, cls(**kw)) for name, cls in both if name in args.sanitisers.split(","))
 
 
 def repair_figures(model, val, test, trig, nc_res, ca0: float, retrain_from: dict | None = None,
@@ -211,7 +218,7 @@ def run(dataset: str, arch: str, args) -> None:
         if not args.sanitisers_only:
             row, _ = nc_figures(clean, val, False, args.nc_epochs)
             log(**common, model="clean", **row)
-        for name, san in sanitisers(args.layer):
+        for name, san in sanitisers(args):
             log(**common, model="clean", **sanitiser_figures(clean, train, name, san))
     for rate in args.rates if "badnets" in args.models else ():
         atk = ts.BadNets(trig, target=TARGET, rate=rate, seed=0)
@@ -226,7 +233,7 @@ def run(dataset: str, arch: str, args) -> None:
                 log(**common, **tag, **strip_figures(model, val, test, trig, **params))
             continue
         sanitised: dict = {}
-        for name, san in sanitisers(args.layer):
+        for name, san in sanitisers(args):
             log(**common, **tag, **sanitiser_figures(model, poisoned, name, san, sanitised))
         if rate != args.rates[0] or args.sanitisers_only:
             continue  # model-level figures on the first rate only
@@ -271,6 +278,9 @@ def main() -> None:
     p.add_argument("--no-strip", action="store_true", help="skip STRIP in the full run (--strip-only measures it)")
     p.add_argument("--repairs", default=",".join(REPAIRS), help="the repairs tried (fine-pruning is slow on signs43)")
     p.add_argument("--layer", default=None, help="the sanitisers' feature layer (default: their own)")
+    p.add_argument("--side-rule", default=None, help="the sanitisers' poisoned-side rule (default: theirs)")
+    p.add_argument("--refine", action="store_true", help="the sanitisers with reclassify_refined")
+    p.add_argument("--sanitisers", default="ac,spectral", help="which sanitisers to run")
     p.add_argument("--recipe", default="auto", help="training recipe (trojanscope.training.RECIPES), or auto: "
                                                     "adam for gtsrb_cnn, sgd for the others")
     args = p.parse_args()

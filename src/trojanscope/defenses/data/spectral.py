@@ -14,8 +14,8 @@ Two modes:
   clean loses nothing. The poisoned side of an attacked label is the one the reclassification
   model reads as more labels (:func:`~.clustering.poisoned_side`): relabelled images keep the
   content of their many sources, while the label's own images go to its nearest look-alike.
-  Neither decision uses the sides' sizes. A split that leaked poison across is refined once
-  (:func:`~.clustering.reclassify_refined`).
+  Neither decision uses the sides' sizes. With ``refine=True``, a split that leaked poison across
+  is refined once (:func:`~.clustering.reclassify_refined`).
 
 This mode exists because the paper's rule breaks down when a label is half poison: the score is
 high on *both* sides of the split, and a ``1.5 * epsilon`` budget cannot reach the poison. The
@@ -188,7 +188,7 @@ class SpectralSignatures(DataSanitizer):
             without it reads as more labels), ``"agreement"`` (the default until it took the
             clean side of the signs43 ``gtsrb_cnn`` target) or ``"typicality"``.
         refine: ``mode="auto"``: re-run the reclassification once for a label whose split leaked
-            poison across it (:func:`~.clustering.reclassify_refined`).
+            poison across it (:func:`~.clustering.reclassify_refined`; off by default, see there).
         arch, retrain_epochs, retrain_lr: how the reclassification models are trained (architecture: the
             model's own by default; see :class:`~trojanscope.training.Retrainer`).
         batch_size: the memory knob for feature extraction.
@@ -216,7 +216,7 @@ class SpectralSignatures(DataSanitizer):
     def __init__(self, *, mode: Literal["auto", "paper"] = "auto", epsilon: float = 0.05, removal_factor: float = 1.5,
                  layer: str = AUTO_LAYER, n_directions: int = 10, max_own_share: float = 0.15,
                  lookalike_share: float | None = LOOKALIKE_SHARE, side_rule: str = "spread",
-                 refine: bool = True, arch: str | None = None, retrain_epochs: int = 3,
+                 refine: bool = False, arch: str | None = None, retrain_epochs: int = 3,
                  retrain_lr: float = 1e-3, batch_size: int = 256, seed: int | None = 0,
                  device: DeviceLike = None) -> None:
         self.mode = mode

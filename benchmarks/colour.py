@@ -288,6 +288,8 @@ def main() -> None:
     args.datasets = (args.datasets or ("signs43" if q else "signs43,cmnist,digits")).split(",")
     args.width = args.width or (8 if q else 16)
     args.epochs = args.epochs or (4 if q else 10)
+    if not set(args.sanitisers.split(",")) <= {"ac", "spectral"}:
+        p.error(f"--sanitisers takes ac and/or spectral, got {args.sanitisers!r}")
     args.per_class = args.per_class or (60 if q else None)
     args.test_per_class = args.test_per_class or (30 if q else None)
     args.rates = [float(r) for r in (args.rates or ("0.1" if q else "0.1,0.03")).split(",")]

@@ -96,7 +96,7 @@ def test_refinement_moves_the_recognised_leak_and_judges_again(monkeypatch):
     ev, new = reclassify_refined(None, data, side, None, "x", 0.15, batch_size=1, device=None, refine=False)
     assert len(seen) == 1 and not bool(auto_verdict(ev, 0.15)[0][0])
     seen.clear()
-    ev, new = reclassify_refined(None, data, side, None, "x", 0.15, batch_size=1, device=None)
+    ev, new = reclassify_refined(None, data, side, None, "x", 0.15, batch_size=1, device=None, refine=True)
     assert len(seen) == 2
     assert seen[1][:20].tolist() == [0] * 12 + [1] * 8  # the two recognised samples moved to side 0
     assert seen[1][20:].tolist() == [2] * 20  # label 1 is kept whole in both trainings

@@ -155,8 +155,7 @@ def poisoned_side(evidence: dict[str, torch.Tensor], rule: str = "spread") -> to
       as (see ``exclusionary_reclassification``). It was the default until it took the clean side
       of the signs43 ResNet target (1.087 against 1.121), of an mnist5k source-specific target,
       and of the digits ``gtsrb_cnn`` target at 3% (read at ``features.pool2``). The spread was
-      right in all three
-      (figures in ``benchmarks/README.md``, "Which side is the poison").
+      right in all three (figures in ``benchmarks/README.md``, "Which side is the poison").
     * ``"agreement"``: the side with the higher content agreement.
     """
     if rule not in SIDE_RULES:
@@ -246,7 +245,7 @@ MAX_LEAK_OWN_SHARE = 0.3
 
 def reclassify_refined(model: nn.Module, data: ImageDataset, side: torch.Tensor, trainer: Retrainer, layer: str,
                        max_own_share: float, *, batch_size: int, device: DeviceLike, side_rule: str = "spread",
-                       lookalike_share: float | None = LOOKALIKE_SHARE, refine: bool = True
+                       lookalike_share: float | None = LOOKALIKE_SHARE, refine: bool = False
                        ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Exclusionary reclassification of a split, refined once where poison leaked across it.
 

@@ -150,3 +150,47 @@ def test_recalibrate_batchnorm_averages_the_batch_statistics():
     before = bn.running_mean.clone(), bn.running_var.clone()
     recalibrate_batchnorm(net, data, batch_size=10)
     assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+
+
+def _bn_net(seed: int = 0):
+    return ts.create_model("resnet18", input_shape=(1, 8, 8), num_classes=10, seed=seed, width=4)
+
+
+def test_trainings_at_once_are_the_trainings_one_after_the_other_on_any_thread_count(small, monkeypatch):
+    """Two forked one-thread trainings give, bit for bit, the models of one-after-the-other
+    trainings, whatever torch's thread count in the caller (BatchNorm statistics included)."""
+    from trojanscope._utils import forked
+    from trojanscope.training import Retrainer
+
+    answered = []
+    real = forked.run_forked
+
+    def spy(jobs, workers, **kw):
+        out = real(jobs, workers, **kw)
+        answered.extend(b is not None for b in out)
+        return out
+
+    monkeypatch.setattr(forked, "run_forked", spy)
+    model, parts = _bn_net(), [small.subset(torch.arange(150)), small.subset(torch.arange(150, 300))]
+    at_once = Retrainer(epochs=1, workers=2).train_many(model, parts)
+    assert answered == [True, True]  # both came back from the workers
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        in_turn = Retrainer(epochs=1, workers=1).train_many(model, parts)
+    finally:
+        torch.set_num_threads(n)
+    for (a, ra), (b, rb) in zip(at_once, in_turn):
+        assert not a.training and ra.history == rb.history
+        for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(va, vb), k
+    assert not torch.equal(list(at_once[0][0].parameters())[-1], list(at_once[1][0].parameters())[-1])
+
+
+def test_a_training_that_fails_in_a_worker_fails_as_in_process(small):
+    from trojanscope.training import Retrainer
+
+    with pytest.raises(ConfigError, match="no-such-arch"):
+        Retrainer(arch="no-such-arch", epochs=1, workers=2).train_many(_net(), [small, small])
+    with pytest.raises(ConfigError, match="workers"):
+        Retrainer(workers=0)

@@ -101,6 +101,8 @@ def exclusionary_reclassification(model: nn.Module, dataset: ImageDataset, side:
         its verdicts are then no evidence, see :func:`~.clustering.auto_verdict`); and ``(N,)``
         ``recognised``: whether the model trained without a sample's side gave it its own label.
         A sample whose ``side`` is neither 0 nor 1 is never removed (it is in both trainings).
+        The two trainings are independent and run at once where the trainer has workers
+        (:meth:`~trojanscope.training.Retrainer.train_many`).
     """
     y = dataset.y
     K = dataset.num_classes
@@ -111,11 +113,10 @@ def exclusionary_reclassification(model: nn.Module, dataset: ImageDataset, side:
     out["collapsed"] = torch.zeros(2, dtype=torch.bool)
     out["epochs"] = torch.zeros(2, dtype=torch.long)
     out["recognised"] = torch.zeros(len(y), dtype=torch.bool)
-    for s in (0, 1):
+    sides = [s for s in (0, 1) if bool((side == s).any())]
+    trained = trainer.train_many(model, [dataset.subset(side != s) for s in sides])
+    for s, (new, run) in zip(sides, trained):
         removed = side == s
-        if not bool(removed.any()):
-            continue
-        new, run = trainer.train_with_history(model, dataset.subset(~removed), seed=None)
         out["epochs"][s] = len(run.history)
         _fit_health(out, s, new, dataset.x[~removed], y[~removed], K, batch_size=batch_size, device=device)
         x_rm, y_rm = dataset.x[removed], y[removed]

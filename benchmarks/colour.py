@@ -134,7 +134,9 @@ def sanitiser_figures(model, poisoned, name: str, sanitiser, keep: dict | None =
            f"{name}_attacked_labels": res.attacked_labels[:10],
            f"{name}_reclassification_collapsed": res.details.get("reclassification_collapsed"),
            f"{name}_reclassifier_fit_accuracy": res.details.get("reclassifier_fit_accuracy"),
-           f"{name}_reclassifier_epochs": res.details.get("reclassifier_epochs")}
+           f"{name}_reclassifier_epochs": res.details.get("reclassifier_epochs"),
+           # why each flagged label was judged attacked (sizes, own shares, the labels its sides read as)
+           f"{name}_attacked_evidence": {k: res.per_label[k] for k in res.attacked_labels[:5] if k in res.per_label}}
     if isinstance(poisoned, ts.PoisonedDataset) and bool(poisoned.is_poison.any()):
         dm = detection_metrics(res.scores, poisoned.is_poison, res.flagged)
         out.update({f"{name}_poison_recall": dm["recall"], f"{name}_clean_removed": dm["fpr"]})

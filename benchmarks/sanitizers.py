@@ -60,6 +60,14 @@ def methods(rate: float) -> list[tuple[str, object, bool]]:
     return rows
 
 
+def evidence(res, labels) -> dict:
+    """The reclassification evidence of ``labels`` (a default mode's result; empty for a paper
+    mode's): side sizes, own shares, and the label each side is read as, with its share."""
+    keys = ("sizes", "own_share", "top_other_share", "source")
+    return {k: {f: res.per_label[k][f] for f in keys if f in res.per_label[k]}
+            for k in dict.fromkeys(labels) if k in getattr(res, "per_label", {})}
+
+
 def trigger(kind: str, shape) -> ts.Trigger:
     return ts.Trigger.square(shape, 4, "white", "bottom-right") if kind == "square" else ts.Trigger.noise(shape, 0.2)
 
@@ -94,7 +102,8 @@ def attack_rows(kind: str, rates: list[float], epochs: int, train, test, clean_a
             dm = detection_metrics(res.scores, poisoned.is_poison, res.flagged)
             row = {**base, "method": name, "attacked_labels": res.attacked_labels,
                    "poison_removed": dm["recall"], "clean_removed": dm["fpr"], "auroc": dm["auroc"],
-                   "n_flagged": dm["n_flagged"], "seconds": secs}
+                   "n_flagged": dm["n_flagged"], "seconds": secs,
+                   "evidence": evidence(res, [*res.attacked_labels, target])}
             if again:
                 rr = retrain(model, poisoned, res, test=test, epochs=epochs, seed=0)
                 row.update(accuracy=rr.accuracy, attack_success=asr(rr.model),
@@ -140,7 +149,7 @@ def clean_rows(epochs: int, train, test) -> list[dict]:
         res = m.inspect(model, train)
         rows.append({"data": "clean", "method": name, "attacked_labels": res.attacked_labels,
                      "flagged_share": float(res.flagged.float().mean()), "n_flagged": int(res.flagged.sum()),
-                     "seconds": time.perf_counter() - t0})
+                     "seconds": time.perf_counter() - t0, "evidence": evidence(res, res.attacked_labels)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -184,12 +184,9 @@ def _epochs(model: nn.Module, data: ImageDataset, opt: torch.optim.Optimizer, g:
     if progress:
         from ._utils.progress import progress as progress_bar
         bar = progress_bar(total=total_steps, desc=progress if isinstance(progress, str) else "train", unit="batch")
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(int(threads))
     t_start = time.perf_counter()
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch_threads(threads), torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
             for epoch in range(epochs):
                 t_epoch = time.perf_counter()
@@ -207,8 +204,6 @@ def _epochs(model: nn.Module, data: ImageDataset, opt: torch.optim.Optimizer, g:
     finally:
         if bar is not None:
             bar.close()
-        if threads is not None:
-            torch.set_num_threads(old_threads)
     return history, time.perf_counter() - t_start
 
 
@@ -391,6 +386,7 @@ class Retrainer:
 
     def _train_here(self, model: nn.Module, data: ImageDataset, seed: int | None,
                     progress: bool | str) -> tuple[nn.Module, TrainResult]:
+        """One training on the caller's threads (:meth:`train_with_history` sets them)."""
         if len(data) == 0:
             raise DataError("nothing left to train on: every sample was removed")
         new = self.fresh(model, data, seed)

@@ -136,7 +136,11 @@ def sanitiser_figures(model, poisoned, name: str, sanitiser, keep: dict | None =
            f"{name}_reclassifier_fit_accuracy": res.details.get("reclassifier_fit_accuracy"),
            f"{name}_reclassifier_epochs": res.details.get("reclassifier_epochs"),
            # why each flagged label was judged attacked (sizes, own shares, the labels its sides read as)
-           f"{name}_attacked_evidence": {k: res.per_label[k] for k in res.attacked_labels[:5] if k in res.per_label}}
+           f"{name}_attacked_evidence": {k: res.per_label[k] for k in res.attacked_labels[:5] if k in res.per_label},
+           # labels that neither side of whose split is recognised, attacked or spared by a look-alike rule
+           f"{name}_unrecognised": {k: {f: v.get(f) for f in ("sizes", "own_share", "top_other_share", "source")}
+                                    for k, v in res.per_label.items()
+                                    if v.get("own_share") and max(v["own_share"]) <= 0.15}}
     if isinstance(poisoned, ts.PoisonedDataset) and bool(poisoned.is_poison.any()):
         dm = detection_metrics(res.scores, poisoned.is_poison, res.flagged)
         out.update({f"{name}_poison_recall": dm["recall"], f"{name}_clean_removed": dm["fpr"]})

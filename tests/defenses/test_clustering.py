@@ -10,7 +10,7 @@ import torch
 
 import sanitizer_data as sd
 from trojanscope.defenses import ActivationClustering, create
-from trojanscope.defenses.data._common import LOOKALIKE_MAX_SHARE, LOOKALIKE_SHARE
+from trojanscope.defenses.data._common import LOOKALIKE_MAX_SHARE, LOOKALIKE_SHARE, STYLE_SHARE
 from trojanscope.defenses.data import clustering
 from trojanscope.defenses.data.clustering import (MIN_SIDE, auto_verdict, poisoned_side, reclassify_refined,
                                                   reduce_activations, two_clusters)
@@ -123,8 +123,9 @@ def test_auto_verdict_spares_a_lookalike_pair():
     """Figures shaped like the clean signs43 model's label 25: neither side is recognised without
     the other, but both go to label 22 (32% and 38%), so it is 22's look-alike. The BadNets
     target's poisoned side spread over its sources (at most 9% to one label) and stays attacked,
-    as does a pair whose sides go to different labels, and one whose side is read almost wholly as
-    the shared label (a source-specific poison)."""
+    as does a pair whose sides go to different labels (one of them for less than half), and one
+    whose side is read almost wholly as the shared label (a source-specific poison). Two sides
+    each read mostly as its own other label are two sub-styles, not attacked."""
     own = torch.tensor([[0.046, 0.104], [0.053, 0.039], [0.05, 0.05], [0.0, 0.05]], dtype=torch.float64)
     typ = torch.tensor([[1.07, 1.48], [1.08, 1.10], [1.0, 1.2], [1.8, 2.3]], dtype=torch.float64)
     n = torch.tensor([[323.0, 77.0], [1706.0, 414.0], [200.0, 100.0], [17.0, 150.0]], dtype=torch.float64)
@@ -140,6 +141,14 @@ def test_auto_verdict_spares_a_lookalike_pair():
     assert auto_verdict(ev, 0.15)[0].tolist() == [True, True, True, False]
     ev["source"][3] = torch.tensor([-1, -1])  # no reclassified samples: no look-alike
     assert auto_verdict(ev, 0.15)[0].tolist() == [True, True, True, True]
+    # the clean digits label 9: two sub-styles, read as 3 (78%) and as 5 (62%); with one side read
+    # as one label for less than STYLE_SHARE (the digits target's poisoned side: 40%), attacked
+    two = {"own": torch.tensor([[0.093, 0.069]] * 2, dtype=torch.float64), "n": torch.tensor([[97.0, 29.0]] * 2),
+           "typicality": torch.tensor([[1.19, 1.65]] * 2, dtype=torch.float64), "source": torch.tensor([[3, 5]] * 2),
+           "top_other": torch.tensor([[0.78, 0.62], [0.78, STYLE_SHARE - 0.1]], dtype=torch.float64)}
+    assert auto_verdict(two, 0.15)[0].tolist() == [False, True]
+    two["top_other"][0, 0] = LOOKALIKE_MAX_SHARE  # a side read wholly as one label: attacked
+    assert auto_verdict(two, 0.15)[0].tolist() == [True, True]
     data = sd.make(n_per=20)
     model = sd.linear_model(data, epochs=1)
     for bad in (1.5, -0.1, float("nan")):

@@ -54,7 +54,8 @@ from ..._utils.batching import DeviceLike
 from ..._utils.validation import Interval, Options, OrNone, Types
 from ...data.dataset import ImageDataset
 from ..base import DataSanitizer, SanitizeResult, register
-from ._common import (AUTO_LAYER, FIT_TARGET, LOOKALIKE_MAX_SHARE, LOOKALIKE_SHARE, exclusionary_reclassification, features,
+from ._common import (AUTO_LAYER, FIT_TARGET, LOOKALIKE_MAX_SHARE, LOOKALIKE_SHARE, STYLE_SHARE,
+                      exclusionary_reclassification, features,
                       gaussian_split, padded_by_label, resolve_feature_layer)
 from ...training import Retrainer
 
@@ -201,7 +202,15 @@ def auto_verdict(evidence: dict[str, torch.Tensor], max_own_share: float,
     source-specific attack, so the rule does not apply; the look-alikes above gave 32-86%. The
     rule misses a source-specific attack whose poison the reclassifier reads as its source for
     less than 90% of the samples, and whose clean side it also reads as the source.
-    ``lookalike_share=None`` turns the rule off.
+
+    Nor is a label attacked when each side goes mostly to *one* other label, at least
+    :data:`STYLE_SHARE` (0.5) of it, and neither side reaches :data:`LOOKALIKE_MAX_SHARE`,
+    whichever the two labels. Those are two sub-styles, each like its own look-alike: the clean
+    digits label 9 split into sides read as 3 (78%) and 5 (62%). An all-to-one poisoned side is
+    read as many sources (at most 47% to one on the digits, 9% on signs43), a single source's
+    poisoned side as that source for 90% or more. The rule misses a poison of a few sources whose
+    side goes to one of them for 50-90%, with a clean side read as one look-alike for 50% or more.
+    ``lookalike_share=None`` turns both rules off.
 
     Args:
         evidence: the output of ``exclusionary_reclassification`` (``(K, 2)`` tensors).
@@ -218,7 +227,9 @@ def auto_verdict(evidence: dict[str, torch.Tensor], max_own_share: float,
     if lookalike_share is not None and "source" in evidence and "top_other" in evidence:
         src, top = evidence["source"], evidence["top_other"].nan_to_num(0.0)
         same = (src[:, 0] == src[:, 1]) & (src[:, 0] >= 0)
-        attacked &= ~(same & ((top >= lookalike_share) & (top < LOOKALIKE_MAX_SHARE)).all(1))
+        partial = top < LOOKALIKE_MAX_SHARE
+        attacked &= ~(same & ((top >= lookalike_share) & partial).all(1))
+        attacked &= ~((src >= 0) & (top >= max(lookalike_share, STYLE_SHARE)) & partial).all(1)
     if "collapsed" in evidence and bool(evidence["collapsed"].any()):
         attacked = torch.zeros_like(attacked)  # a collapsed reclassifier is no evidence (see _common)
     return attacked, poisoned_side(evidence, side_rule)

@@ -138,7 +138,7 @@ def sanitiser_figures(model, poisoned, name: str, sanitiser, keep: dict | None =
            # why each flagged label was judged attacked (sizes, own shares, the labels its sides read as)
            f"{name}_attacked_evidence": {k: res.per_label[k] for k in res.attacked_labels[:5] if k in res.per_label},
            # labels that neither side of whose split is recognised, attacked or spared by a look-alike rule
-           f"{name}_unrecognised": {k: {f: v.get(f) for f in ("sizes", "own_share", "top_other_share", "source")}
+           f"{name}_unrecognised": {k: {f: v.get(f) for f in ("sizes", "own_share", "top_other_share", "source", "separation")}
                                     for k, v in res.per_label.items()
                                     if v.get("own_share") and max(v["own_share"]) <= 0.15}}
     if isinstance(poisoned, ts.PoisonedDataset) and bool(poisoned.is_poison.any()):

@@ -11,7 +11,7 @@ import torch
 import sanitizer_data as sd
 from trojanscope.defenses import SpectralSignatures, create
 from trojanscope.defenses.data._common import features, gaussian_split, padded_by_label
-from trojanscope.defenses.data.spectral import (spectral_projection, spectral_scores, spectral_subspace,
+from trojanscope.defenses.data.spectral import (MIN_SEPARATION, spectral_projection, spectral_scores, spectral_subspace,
                                                 top_share_per_label)
 from trojanscope.errors import ConfigError, DataError
 from trojanscope.metrics import detection_metrics
@@ -101,6 +101,22 @@ def test_auto_mode_finds_planted_poison(share):
     assert ev["agreement"][p] > ev["agreement"][1 - p]  # content agreement picks the same side as spread
     assert ev["source"][p] == 1  # reclassified to the planted source label
     assert ev["sizes"][p] == data.poison_indices.numel()
+    assert ev["separation"] >= MIN_SEPARATION and not ev.get("no_signature")
+
+
+def test_a_split_without_a_spectral_signature_is_not_evidence():
+    """The planted poison stands apart along ``v``; asking for more separation than any split
+    can have (1.0) leaves the same reclassification evidence but no label attacked."""
+    data = sd.make(poison_share=0.1)
+    model = sd.linear_model(data)
+    found = SpectralSignatures(**FIT).inspect(model, data)
+    strict = SpectralSignatures(**FIT, min_separation=1.0).inspect(model, data)
+    assert found.attacked_labels == [0] and strict.attacked_labels == [] and not bool(strict.flagged.any())
+    ev = strict.per_label[0]
+    assert ev["no_signature"] and ev["poisoned_side"] is None
+    assert ev["own_share"] == found.per_label[0]["own_share"] and ev["separation"] < 1.0
+    with pytest.raises(ConfigError):
+        SpectralSignatures(min_separation=1.5).inspect(model, data)
 
 
 def test_auto_mode_does_not_collapse_on_clean_data():

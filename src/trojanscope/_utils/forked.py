@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,9 +19,10 @@ log = logging.getLogger(__name__)
 
 
 def can_fork() -> bool:
-    """Whether this process may fork workers: the platform has ``fork`` and this is not a
-    daemonic process (which may not have children)."""
-    return "fork" in mp.get_all_start_methods() and not mp.current_process().daemon
+    """Whether this process may fork workers: on Linux (macOS has ``fork`` but its system
+    libraries are not safe across it, which is why Python spawns there) and not in a daemonic
+    process (which may not have children)."""
+    return sys.platform.startswith("linux") and not mp.current_process().daemon
 
 
 def run_forked(jobs: Sequence[Callable[[], bytes]], workers: int, *, desc: str | None = None) -> list[bytes | None]:

@@ -15,6 +15,7 @@ kept), the best one's CA / ASR after.
              --per-class N (signs43 training images per class) --rates 0.1,0.03
              --train-only (fill the model cache and stop) --sanitisers-only --strip-only
              --models clean|badnets (one of the two, for two jobs side by side) --no-strip
+             --no-crop (train without random crops)
              --layer NAME (the sanitisers' feature layer; default: their own, "auto")
              --side-rule spread|typicality|agreement --refine (the sanitisers' poisoned-side
              rule, and their refinement of a leaky split; default: theirs)
@@ -44,6 +45,9 @@ CACHE = Path(__file__).resolve().parent.parent / "runs" / "colour"
 #: the repairs tried (``--repairs``)
 REPAIRS = ["fine-pruning", "unlearning", "retrain"]
 TARGET = 0
+#: ``--no-crop``: train without the random crops (a 4-pixel shift moves a corner patch, sometimes
+#: off the image)
+NO_CROP = False
 
 
 def log(**row) -> None:
@@ -83,7 +87,7 @@ def train_kwargs(recipe: str, shape, epochs: int) -> dict:
     from trojanscope.training import RECIPES
 
     kw = dict(RECIPES[recipe], epochs=epochs, batch_size=64)
-    kw["augment"] = "crop" if shape[1] >= 32 else None
+    kw["augment"] = "crop" if shape[1] >= 32 and not NO_CROP else None
     return kw
 
 
@@ -207,7 +211,8 @@ def run(dataset: str, arch: str, args) -> None:
     args = argparse.Namespace(**{**vars(args), "recipe": recipe_for(arch, args.recipe)})
     trig = trigger_for(train.image_shape)
     base = f"{dataset}-{arch}{args.width if arch_kw else ''}-n{len(train)}-e{args.epochs}-{args.recipe}"
-    base += "-white" if train.image_shape[0] == 1 else ""  # the greyscale trigger (was magenta, see trigger_spec)
+    base += "-white" if train.image_shape[0] == 1 else ""
+    base += "-nocrop" if NO_CROP else ""  # the greyscale trigger (was magenta, see trigger_spec)
     common = {"dataset": dataset, "arch": arch, **arch_kw, "recipe": args.recipe, "n_train": len(train), "epochs": args.epochs,
               "n_val": len(val), "n_test": len(test)}
     if args.train_only:  # fill the cache (a long job), measure later
@@ -281,6 +286,7 @@ def main() -> None:
     p.add_argument("--sanitisers-only", action="store_true", help="only the data sanitisers' figures")
     p.add_argument("--strip-only", action="store_true", help="only STRIP's figures (default and clipped sum)")
     p.add_argument("--models", default="clean,badnets", help="which models to measure (two jobs can split them)")
+    p.add_argument("--no-crop", action="store_true", help="train without random crops")
     p.add_argument("--no-strip", action="store_true", help="skip STRIP in the full run (--strip-only measures it)")
     p.add_argument("--repairs", default=",".join(REPAIRS), help="the repairs tried (fine-pruning is slow on signs43)")
     p.add_argument("--layer", default=None, help="the sanitisers' feature layer (default: their own)")
@@ -290,6 +296,8 @@ def main() -> None:
     p.add_argument("--recipe", default="auto", help="training recipe (trojanscope.training.RECIPES), or auto: "
                                                     "adam for gtsrb_cnn, sgd for the others")
     args = p.parse_args()
+    global NO_CROP
+    NO_CROP = args.no_crop
     q = args.quick
     args.datasets = (args.datasets or ("signs43" if q else "signs43,cmnist,digits")).split(",")
     args.width = args.width or (8 if q else 16)

@@ -314,9 +314,8 @@ class Retrainer:
             it); None leaves the caller's. Fixed at 1 by default so that a retrained model, and
             every verdict drawn from it, is the same whatever the machine's or the caller's
             thread count: how a step's sums are split over threads changes their last bits, and
-            over hundreds of steps the differences grow into a different model (the clean
-            signs43 ResNet's Spectral verdict flagged labels 5 and 9 with one thread, label 36
-            with two).
+            over hundreds of steps the differences grow into a different model, and a verdict
+            near a threshold with it (benchmarks/README.md, "Thread count, fixed").
         workers: how many independent trainings :meth:`train_many` runs at once, each in a
             forked process on one thread (None: as many as torch's threads in the caller, so a
             thread budget is spent on whole trainings instead of inside each; only with

@@ -206,8 +206,8 @@ LOOKALIKE_SHARE = 0.25
 LOOKALIKE_MAX_SHARE = 0.9
 #: the share of *each* side that must go to one other label (each side its own, not necessarily the
 #: same) for the label to be judged two sub-styles, each like some other label, not attacked
-#: (:func:`~.clustering.auto_verdict`): the clean digits label 9 split into sides read as 3 (78%)
-#: and 5 (62%); the poisoned side of every attacked label measured gave at most 47% to one label
+#: (:func:`~.clustering.auto_verdict`); a poisoned side is read as its many sources, or almost
+#: wholly as its one source (the figures: benchmarks/README.md, "Spectral's false flags")
 STYLE_SHARE = 0.5
 
 

@@ -205,10 +205,10 @@ def auto_verdict(evidence: dict[str, torch.Tensor], max_own_share: float,
 
     Nor is a label attacked when each side goes mostly to *one* other label, at least
     :data:`STYLE_SHARE` (0.5) of it, and neither side reaches :data:`LOOKALIKE_MAX_SHARE`,
-    whichever the two labels. Those are two sub-styles, each like its own look-alike: the clean
-    digits label 9 split into sides read as 3 (78%) and 5 (62%). An all-to-one poisoned side is
-    read as many sources (at most 47% to one on the digits, 9% on signs43), a single source's
-    poisoned side as that source for 90% or more. The rule misses a poison of a few sources whose
+    whichever the two labels. Those are two sub-styles, each like its own look-alike (a clean
+    label of two handwriting styles, one like a 3 and one like a 5). An all-to-one poisoned side
+    is read as its many sources, a single source's poisoned side as that source for 90% or more.
+    The rule misses a poison of a few sources whose
     side goes to one of them for 50-90%, with a clean side read as one look-alike for 50% or more.
     ``lookalike_share=None`` turns both rules off.
 

@@ -45,9 +45,9 @@ from .clustering import SIDE_RULES, decide_sides
 
 log = logging.getLogger(__name__)
 
-#: :class:`SpectralSignatures`' ``min_separation``: the poison of every label found attacked in the
-#: colour and digits runs stood apart along ``v`` (its split explained 0.72-0.89 of the variance);
-#: the clean signs43 ResNet's labels 5 and 9, which reclassification alone flagged, 0.09 and 0.04
+#: :class:`SpectralSignatures`' ``min_separation``: a poisoned label's split stands apart along
+#: ``v``, the split of a clean label that reclassification alone would flag need not (the figures:
+#: benchmarks/README.md, "Spectral's false flags")
 MIN_SEPARATION = 0.3
 
 

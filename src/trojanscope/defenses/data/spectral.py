@@ -291,14 +291,15 @@ class SpectralSignatures(DataSanitizer):
                                              batch_size=self.batch_size, device=self.device,
                                              side_rule=self.side_rule, health=health,
                                              lookalike_share=self.lookalike_share, refine=self.refine)
+        no_signature = torch.zeros(data.num_classes, dtype=torch.bool)
         for k in per_label:
             per_label[k]["separation"] = split[k]
             if per_label[k]["attacked"] and split[k] < self.min_separation:
                 log.info("spectral: label %d's split explains %.3f of its variance along v (< %.2f): not attacked",
                          k, split[k], self.min_separation)
                 per_label[k].update(attacked=False, poisoned_side=None, no_signature=True)
-                flagged[data.y == k] = False
-        return flagged, per_label
+                no_signature[k] = True
+        return flagged & ~no_signature[data.y], per_label
 
     def _retrainer(self) -> Retrainer:
         return Retrainer(arch=self.arch, epochs=self.retrain_epochs, lr=self.retrain_lr, seed=self.seed, device=self.device,

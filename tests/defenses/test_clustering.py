@@ -238,3 +238,59 @@ def test_the_mixture_split_finds_the_planted_poison():
     assert bool((side == side[t][0])[t].all()) and int((side == side[t][0]).sum()) == int(t.sum())
     with pytest.raises(ConfigError):
         ActivationClustering(split="dbscan").inspect(model, data)
+
+
+def test_fisher_separation_against_a_hand_computation():
+    """In one dimension d' is the gap between the means over the pooled standard deviation; the
+    figure does not change under an invertible linear map of the points."""
+    x = np.array([0.0, 1.0, 2.0, 6.0, 8.0, 10.0])[:, None]
+    side = np.array([0, 0, 0, 1, 1, 1])
+    pooled = np.sqrt(((1 + 0 + 1) + (4 + 0 + 4)) / (6 - 2))  # sum of squared deviations / (n - 2)
+    assert clustering.fisher_separation(x, side) == pytest.approx((8.0 - 1.0) / pooled)
+    rng = np.random.default_rng(0)
+    p = rng.normal(size=(60, 3))
+    s = (np.arange(60) < 20).astype(np.int64)
+    p[s == 1] += [3.0, 0.0, 1.0]
+    a = rng.normal(size=(3, 3)) + 3 * np.eye(3)
+    assert clustering.fisher_separation(p @ a.T + 5.0, s) == pytest.approx(clustering.fisher_separation(p, s))
+    assert clustering.fisher_separation(p, np.zeros(60, dtype=np.int64)) == 0.0  # one side: no figure
+
+
+def _tight_group_beside_a_wide_bulk(n_bulk=400, n_group=60, seed=0):
+    """A wide clean bulk and a tight poisoned group past its edge: k-means, drawing its boundary
+    halfway between the centres, puts the bulk's tail with the group (20 samples here)."""
+    rng = np.random.default_rng(seed)
+    bulk = rng.normal(size=(n_bulk, 10)) * np.r_[6.0, np.full(9, 1.0)]
+    group = rng.normal(size=(n_group, 10)) * 0.3 + np.r_[22.0, np.zeros(9)]
+    return np.vstack([bulk, group]), np.r_[np.zeros(n_bulk, bool), np.ones(n_group, bool)]
+
+
+def test_refine_split_moves_the_samples_a_split_left_behind():
+    p, poison = _tight_group_beside_a_wide_bulk()
+    start = poison.astype(np.int64).copy()
+    start[poison.nonzero()[0][:20]] = 0  # 20 poisoned samples left with the clean ones
+    out = clustering.refine_split(p, start, seed=0)
+    assert (out == poison).all()
+    assert clustering.fisher_separation(p, out) > clustering.fisher_separation(p, start)
+    assert (clustering.refine_split(p, poison.astype(np.int64), seed=0) == poison).all()  # a clean split stays
+
+
+def test_discriminant_split_keeps_a_tight_group_whole_where_kmeans_cuts_it():
+    p, poison = _tight_group_beside_a_wide_bulk()
+    km = clustering.two_clusters(p, seed=0)
+    assert int((km[~poison] == km[poison][0]).sum()) >= 10  # the premise: k-means takes clean samples too
+    side, info = clustering.discriminant_split(p, p, seed=0)
+    assert info["start"] in ("ica-kmeans", "pca-mixture") and set(info["separations"]) == {"ica-kmeans", "pca-mixture"}
+    assert len(set(side[poison].tolist())) == 1 and int((side == side[poison][0]).sum()) == int(poison.sum())
+
+
+def test_split_auto_is_the_discriminant_split_in_auto_mode_and_kmeans_in_paper_mode():
+    assert ActivationClustering().split_used == "discriminant"
+    assert ActivationClustering(mode="paper").split_used == "kmeans"
+    assert ActivationClustering(split="gmm").split_used == "gmm"
+    data = sd.make(poison_share=0.1)
+    model = sd.linear_model(data)
+    res = ActivationClustering(retrain_epochs=20, retrain_lr=0.05).inspect(model, data)
+    assert res.per_label[0]["split"].startswith("discriminant (")
+    m = detection_metrics(res.scores, data.is_poison, res.flagged)
+    assert res.attacked_labels == [0] and m["recall"] >= 0.9 and m["fpr"] <= 0.01

@@ -288,9 +288,15 @@ def test_split_auto_is_the_discriminant_split_in_auto_mode_and_kmeans_in_paper_m
     assert ActivationClustering().split_used == "discriminant"
     assert ActivationClustering(mode="paper").split_used == "kmeans"
     assert ActivationClustering(split="gmm").split_used == "gmm"
-    data = sd.make(poison_share=0.1)
+    data = sd.make(n_per=clustering.DISCRIMINANT_MIN_LABEL, poison_share=0.1)
     model = sd.linear_model(data)
     res = ActivationClustering(retrain_epochs=20, retrain_lr=0.05).inspect(model, data)
-    assert res.per_label[0]["split"].startswith("discriminant (")
+    assert all(res.per_label[k]["split"] in ("discriminant (ica-kmeans)", "discriminant (pca-mixture)")
+               for k in res.per_label)
     m = detection_metrics(res.scores, data.is_poison, res.flagged)
     assert res.attacked_labels == [0] and m["recall"] >= 0.9 and m["fpr"] <= 0.01
+    # a label too small for Fisher's direction in 10 dimensions is split by the paper's k-means
+    small = sd.make(poison_share=0.1)  # 150 per label
+    res = ActivationClustering(retrain_epochs=20, retrain_lr=0.05).inspect(sd.linear_model(small), small)
+    assert all("k-means: fewer than" in res.per_label[k]["split"] for k in res.per_label)
+    assert res.attacked_labels == [0]

@@ -137,13 +137,14 @@ def fisher_separation(points: np.ndarray, side: np.ndarray) -> float:
 
 
 #: ``ActivationClustering(split="discriminant")`` splits a label of fewer samples with the paper's
-#: k-means. On the digits ``gtsrb_cnn`` (113-163 samples per label) the discriminant split moved the
-#: clean labels' splits to sub-styles that a reclassifier trained without them did not recognise
-#: (clean labels 1 and 9 flagged), and lost the 3% target; every set of 350+ per label measured
-#: (mnist5k, cmnist, signs43) flagged no clean label with it (benchmarks/README.md, "AC's split").
+#: k-means. On the digits ``gtsrb_cnn`` (113-163 samples per label, sides of 20-40 in 10 dimensions)
+#: the discriminant split moved clean labels to sub-styles that a reclassifier trained without them
+#: did not recognise (clean labels 1 and 9 flagged) and lost the 3% target. On the sets of 350+ per
+#: label (mnist5k, cmnist, signs43) it found every target k-means missed and flagged nothing on the
+#: clean models (benchmarks/README.md, "AC's split").
 DISCRIMINANT_MIN_LABEL = 200
 
-#: :func:`discriminant_split`'s most alternations of Fisher's direction and the 1-D mixture
+#: :func:`refine_split`'s most alternations of Fisher's direction and the 1-D mixture
 MAX_REFINE = 30
 
 
@@ -486,7 +487,8 @@ class ActivationClustering(DataSanitizer):
             ``"discriminant"`` in ``mode="auto"``, the paper's ``"kmeans"`` in ``mode="paper"``),
             ``"discriminant"`` (:func:`discriminant_split`: the paper's k-means and a diagonal
             Gaussian mixture, each moved to where its sides separate best along Fisher's direction,
-            the better separated of the two kept), ``"kmeans"`` (k = 2 on the reduction) or
+            the better separated of the two kept; a label of fewer than
+            :data:`DISCRIMINANT_MIN_LABEL` samples keeps k-means), ``"kmeans"`` (k = 2 on the reduction) or
             ``"gmm"`` (a two-component diagonal Gaussian mixture on the reduction,
             :func:`~._common.gaussian_split`). k-means draws its boundary halfway between the
             centres: on the cmnist ``gtsrb_cnn`` it left 90 of 400 poisoned samples with the clean

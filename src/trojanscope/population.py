@@ -117,13 +117,14 @@ def scan_one(model: str | Path | dict[str, bytes], data: ImageDataset, params: d
     from .errors import TrojanscopeError
     from .models import load_model
 
-    if threads is not None:
-        torch.set_num_threads(max(1, int(threads)))
+    from .training import torch_threads
+
     label = str(name if name is not None else model)
     t0 = time.perf_counter()
     row = _error_row(label, None)
     try:
-        with tempfile.TemporaryDirectory(prefix="trojanscope-scan-") as tmp:
+        with torch_threads(None if threads is None else max(1, int(threads))), \
+                tempfile.TemporaryDirectory(prefix="trojanscope-scan-") as tmp:
             path = _materialise(model, label, Path(tmp)) if isinstance(model, dict) else Path(model)
             lm = load_model(path, default_input_shape=data.image_shape)
             res = NeuralCleanse(**params).scan(lm.model, fit_to_model(data, lm))

@@ -116,7 +116,6 @@ def scan_one(model: str | Path | dict[str, bytes], data: ImageDataset, params: d
     from .defenses.model.neural_cleanse import NeuralCleanse
     from .errors import TrojanscopeError
     from .models import load_model
-
     from .training import torch_threads
 
     label = str(name if name is not None else model)

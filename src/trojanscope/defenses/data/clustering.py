@@ -81,6 +81,13 @@ def reduce_activations(a: np.ndarray, n_components: int = 10, method: Literal["i
     Returns:
         ``(reduced (n, d), method_used)``.
     """
+    return reductions(a, n_components, (method,), seed)[method]
+
+
+def reductions(a: np.ndarray, n_components: int, methods: tuple[str, ...],
+               seed: int | None = 0) -> dict[str, tuple[np.ndarray, str]]:
+    """:func:`reduce_activations` by each of ``methods`` (``"ica"``, ``"pca"``), the activations
+    prepared once (dead units dropped, centred, rank taken) for all of them."""
     from sklearn.decomposition import PCA, FastICA
 
     a = np.asarray(a, dtype=np.float64)
@@ -89,19 +96,23 @@ def reduce_activations(a: np.ndarray, n_components: int = 10, method: Literal["i
     rank = int(np.linalg.matrix_rank(a)) if a.size else 0
     d = max(1, min(n_components, a.shape[0] - 1, rank))
     if a.shape[1] == 0 or rank == 0:
-        return np.zeros((a.shape[0], 1)), "none"
-    if method == "ica":
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                r = FastICA(n_components=d, whiten="unit-variance", max_iter=1000, tol=0.005,
-                            random_state=seed).fit_transform(a)
-            if np.isfinite(r).all():
-                return r, "ica"
-        except (ValueError, np.linalg.LinAlgError):
-            pass
-        log.info("FastICA failed on rank-%d activations; using PCA for this label", rank)
-    return PCA(n_components=d, random_state=seed).fit_transform(a), "pca"
+        return {m: (np.zeros((a.shape[0], 1)), "none") for m in methods}
+    out: dict[str, tuple[np.ndarray, str]] = {}
+    for method in methods:
+        if method == "ica":
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    r = FastICA(n_components=d, whiten="unit-variance", max_iter=1000, tol=0.005,
+                                random_state=seed).fit_transform(a)
+                if np.isfinite(r).all():
+                    out[method] = (r, "ica")
+                    continue
+            except (ValueError, np.linalg.LinAlgError):
+                pass
+            log.info("FastICA failed on rank-%d activations; using PCA for this label", rank)
+        out[method] = (PCA(n_components=d, random_state=seed).fit_transform(a), "pca")
+    return out
 
 
 def two_clusters(reduced: np.ndarray, seed: int | None = 0) -> np.ndarray:
@@ -601,8 +612,11 @@ class ActivationClustering(DataSanitizer):
         split = self.split_used
         for j, k in enumerate(labels):  # sklearn fits one label at a time
             idx = (y == k).nonzero().flatten()
-            r, used = reduce_activations(feats[idx].numpy(), self.n_components, self.reduce, self.seed)
-            c, how = self._split_label(feats[idx].numpy(), r, split)
+            discriminant = split == "discriminant" and idx.numel() >= DISCRIMINANT_MIN_LABEL
+            reds = reductions(feats[idx].numpy(), self.n_components,
+                              ("ica", "pca") if discriminant else (self.reduce,), self.seed)
+            r, used = reds[self.reduce]
+            c, how = self._split_label(reds, split)
             sizes = np.bincount(c, minlength=2)
             if sizes[1] > sizes[0]:  # cluster 0 is the larger one, so that ids are stable
                 c, sizes = 1 - c, sizes[::-1].copy()
@@ -615,15 +629,16 @@ class ActivationClustering(DataSanitizer):
                             "closer_to_other_label": closer_to_other_label(feats[idx], c, medians, j)}
         return clusters, reduced, per_label
 
-    def _split_label(self, a: np.ndarray, r: np.ndarray, split: str) -> tuple[np.ndarray, str]:
-        """One label's split of its activations ``a`` (reduced: ``r``) in {0, 1}, and how it was made."""
+    def _split_label(self, reds: dict[str, tuple[np.ndarray, str]], split: str) -> tuple[np.ndarray, str]:
+        """One label's split in {0, 1} from its reductions (:func:`reductions`: both ``"ica"`` and
+        ``"pca"`` when the discriminant split applies, else ``self.reduce``), and how it was made."""
+        r = reds[self.reduce][0]
         if split == "gmm":
             return gaussian_split(r, self.seed, covariance="diag")[0].numpy(), split
-        if split == "kmeans" or len(a) < DISCRIMINANT_MIN_LABEL:
+        if split == "kmeans" or len(reds) < 2:
             note = "" if split == "kmeans" else f" (k-means: fewer than {DISCRIMINANT_MIN_LABEL} samples)"
             return two_clusters(r, self.seed), split + note
-        other = reduce_activations(a, self.n_components, "pca" if self.reduce == "ica" else "ica", self.seed)[0]
-        c, info = discriminant_split(*((r, other) if self.reduce == "ica" else (other, r)), self.seed)
+        c, info = discriminant_split(reds["ica"][0], reds["pca"][0], self.seed)
         return c, f"{split} ({info['start']})"
 
     def _verdicts(self, model: nn.Module, data: ImageDataset, clusters: torch.Tensor,

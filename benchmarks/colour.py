@@ -14,6 +14,7 @@ kept), the best one's CA / ASR after.
     options: --datasets signs43,cmnist,digits --archs gtsrb_cnn,resnet18 --width 16 --epochs N
              --per-class N (signs43 training images per class) --rates 0.1,0.03
              --train-only (fill the model cache and stop) --sanitisers-only --strip-only
+             --strip-alpha default,1,1.5,2 (with --strip-only: STRIP's overlay weights)
              --models clean|badnets (one of the two, for two jobs side by side) --no-strip
              --no-crop (train without random crops)
              --layer NAME (the sanitisers' feature layer; default: their own, "auto")
@@ -114,7 +115,7 @@ def strip_figures(model, val, test, trig, **params) -> dict:
     truth = torch.cat([torch.zeros(len(clean)), torch.ones(len(troj))]).bool()
     m = detection_metrics(torch.cat([clean.scores, troj.scores]), truth, torch.cat([clean.flagged, troj.flagged]))
     at_1 = torch.quantile(clean.scores.double(), 0.99)  # the test's own 1% FRR point, for comparison with papers
-    return {"strip_clip": strip.clip_, "strip_far": 1 - m["recall"], "strip_frr": float(clean.flagged.float().mean()),
+    return {"strip_clip": strip.clip_, "strip_alpha_used": strip.alpha_, "strip_far": 1 - m["recall"], "strip_frr": float(clean.flagged.float().mean()),
             "strip_far_at_test_frr_1pct": float((troj.scores.double() <= at_1).float().mean()),
             "strip_auroc": m["auroc"], "strip_mean_overlays": float(torch.cat([clean.n_overlays, troj.n_overlays]).double().mean()),
             "strip_seconds": time.perf_counter() - t0}
@@ -241,7 +242,9 @@ def run(dataset: str, arch: str, args) -> None:
             images_per_second=(args.epochs * len(train) / secs) if secs else None)
         if args.strip_only:
             for params in ({}, {"clip": True}):  # the default against the clipped sum
-                log(**common, **tag, **strip_figures(model, val, test, trig, **params))
+                for alpha in args.strip_alpha.split(","):  # and the overlay weights asked for
+                    kw = {**params, **({} if alpha == "default" else {"alpha": float(alpha)})}
+                    log(**common, **tag, strip_alpha=kw.get("alpha", "default"), **strip_figures(model, val, test, trig, **kw))
             continue
         sanitised: dict = {}
         for name, san in sanitisers(args):
@@ -287,6 +290,8 @@ def main() -> None:
     p.add_argument("--strip-only", action="store_true", help="only STRIP's figures (default and clipped sum)")
     p.add_argument("--models", default="clean,badnets", help="which models to measure (two jobs can split them)")
     p.add_argument("--no-crop", action="store_true", help="train without random crops")
+    p.add_argument("--strip-alpha", default="default", help="with --strip-only: STRIP's overlay weights, "
+                   "comma-separated (default: its own, 1.5 on a clipped sum and 1.0 on an unclipped one)")
     p.add_argument("--no-strip", action="store_true", help="skip STRIP in the full run (--strip-only measures it)")
     p.add_argument("--repairs", default=",".join(REPAIRS), help="the repairs tried (fine-pruning is slow on signs43)")
     p.add_argument("--layer", default=None, help="the sanitisers' feature layer (default: their own)")

@@ -97,7 +97,7 @@ def strip_figures(name: str, model, attack: ts.BadNets | None, **params) -> dict
 
 
 def run_strip() -> None:
-    print("\n== STRIP (S=100, alpha=1, clipped, FRR target 1%, fitted on val: 250 overlays + 250 calibration)")
+    print("\n== STRIP (S=100, alpha 1.5 (its clipped default), clipped, FRR target 1%, fitted on val: 250 overlays + 250 calibration)")
     for name, model, attack, kw in (("badnets", badnets_model, BADNETS, {}),
                                     ("clean", clean_model, BADNETS, {}),
                                     ("badnets, clip=False", badnets_model, BADNETS, {"clip": False}),

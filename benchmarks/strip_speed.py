@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--no-art", action="store_true")
     ap.add_argument("--clip", default="auto", help="STRIP's clip of the superimposed copies, comma-separated: auto "
                                                    "(its default), on, off (the reference code's float sum)")
+    ap.add_argument("--alpha", default="default", help="STRIP's overlay weight, comma-separated: default "
+                    "(its own: 1.5 on a clipped sum, 1.0 unclipped) or numbers")
     ap.add_argument("--no-activation", action="store_true", help="skip the activation filter (it runs a Neural Cleanse scan)")
     ap.add_argument("--no-forward", action="store_true", help="skip the forward-option timings")
     ap.add_argument("--art-python", default=os.environ.get("ART_PYTHON", str(ROOT / "benchmarks" / ".venv-art" / "bin" / "python")))
@@ -141,9 +143,12 @@ def main() -> None:
         print(f"\n== {name}: CA {ts.clean_accuracy(model, test):.3f}, ASR {attack.success_rate(model, test):.3f}; "
               f"{int((~truth).sum())} clean + {int(truth.sum())} triggered inputs", flush=True)
         ms = {}
-        for mode, kw in [(m + {"auto": "", "on": " clipped", "off": " unclipped"}[clip],
-                          {**k, "clip": {"auto": None, "on": True, "off": False}[clip]})
+        for mode, kw in [(m + {"auto": "", "on": " clipped", "off": " unclipped"}[clip]
+                          + ("" if alpha == "default" else f" alpha={alpha}"),
+                          {**k, "clip": {"auto": None, "on": True, "off": False}[clip],
+                           "alpha": None if alpha == "default" else float(alpha)})
                          for clip in args.clip.split(",")
+                         for alpha in args.alpha.split(",")
                          for m, k in (("fixed S=100", {"early_stop": False}), ("early", {}))]:
             t0 = time.perf_counter()
             strip = STRIP(n_overlays=S, **kw).fit(model, val)

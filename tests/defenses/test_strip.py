@@ -87,26 +87,29 @@ def test_sequential_decision_by_hand():
 
 def test_early_and_fixed_agree_where_clear(planted, mnist):
     bad, _, trig = planted
+    # the early rule's mechanics at the reference's overlay weight (the planted net's clean
+    # entropies sit lower under the heavier greyscale default, so fewer decide in one round)
     x = torch.cat([mnist["test"].x[:60], trig.apply(mnist["test"].x[60:120])])
-    fixed = STRIP(n_overlays=64, early_stop=False).fit(bad, mnist["val"])
-    early = STRIP(n_overlays=64).fit(bad, mnist["val"])
+    fixed = STRIP(n_overlays=64, early_stop=False, alpha=1.0).fit(bad, mnist["val"])
+    early = STRIP(n_overlays=64, alpha=1.0).fit(bad, mnist["val"])
     assert early.threshold_ == fixed.threshold_  # calibrated on all 64 overlays either way
     f, e = fixed.decide(x), early.decide(x)
     assert isinstance(e, StripDecisions) and torch.equal(f.n_overlays, torch.full((120,), 64))
     assert torch.equal(e.flagged, e.scores > e.threshold)
     assert torch.equal(e.flagged, early.flag(x)) and torch.equal(e.scores, early.score(x))
-    clear = (f.scores - f.threshold).abs() > 0.04  # entropy at least 0.04 bit from the boundary (at 0.05 bit)
+    # entropy at least 3/4 of the boundary's away from it (boundary 0.03 bit, triggered inputs at 0)
+    clear = (f.scores - f.threshold).abs() > 0.75 * abs(f.threshold)
     assert int(clear.sum()) >= 100
     assert torch.equal(e.flagged[clear], f.flagged[clear])
     assert bool(f.flagged[60:].all()) and bool(e.flagged[60:].all())  # every triggered input caught
     assert e.mean_overlays < 0.75 * 64 and int(e.n_overlays[:60].median()) <= 16  # clean digits go early
     # the floor is calibrated: replayed on the calibration inputs, the early rule agrees with the fixed one
     assert early.min_std_ in [0.0125 * 2 ** k for k in range(12)] and early.calibration_overlays_ < 64
-    pinned = STRIP(n_overlays=64, min_std=0.0125).fit(bad, mnist["val"])
+    pinned = STRIP(n_overlays=64, min_std=0.0125, alpha=1.0).fit(bad, mnist["val"])
     assert pinned.min_std_ == 0.0125 and pinned.decide(x).mean_overlays <= e.mean_overlays
     assert (e.n_overlays % 8 == 0).all() and int(e.n_overlays.min()) >= 8
     # early inputs used a prefix of the fixed filter's overlays: one round equals the first 8 of 64
-    one = STRIP(n_overlays=8, early_stop=False).fit(bad, mnist["val"])
+    one = STRIP(n_overlays=8, early_stop=False, alpha=1.0).fit(bad, mnist["val"])
     dec8 = e.n_overlays == 8
     assert torch.allclose(one.score(x)[dec8], e.scores[dec8], atol=1e-5)
 
@@ -239,6 +242,25 @@ def test_superimpose_by_hand():
     assert superimpose(x, o, clip=False).tolist() == [pytest.approx([1.2, 0.9, 1.7])]
     assert superimpose(x, o, 0.5, clip=False).tolist() == [pytest.approx([1.1, 0.45, 1.35])]
     assert (superimpose(x, o, clip=False) - o).tolist() == [pytest.approx(x[0].tolist())]
+
+
+def test_overlay_weight_follows_the_sum(planted, mnist):
+    """``alpha=None`` weighs the overlay 1.5 on a clipped sum and 1.0 on an unclipped one; an
+    explicit ``alpha`` wins, and it is the weight the perturbed copies are built with."""
+    from trojanscope.defenses.input.strip import CLIPPED_ALPHA
+
+    bad, _, _ = planted
+    val = mnist["val"]
+    assert STRIP(n_overlays=4).fit(bad, val).alpha_ == CLIPPED_ALPHA == 1.5
+    assert STRIP(n_overlays=4, clip=False).fit(bad, val).alpha_ == 1.0
+    assert STRIP(n_overlays=4, alpha=0.7).fit(bad, val).alpha_ == 0.7
+    with pytest.raises(ts.ConfigError):
+        STRIP(alpha=0.0).fit(bad, val)
+    # the score at the default equals the score at an explicit 1.5, and differs from 1.0's
+    x = mnist["test"].x[:8]
+    default = STRIP(n_overlays=8, early_stop=False).fit(bad, val).score(x)
+    assert torch.equal(default, STRIP(n_overlays=8, early_stop=False, alpha=1.5).fit(bad, val).score(x))
+    assert not torch.equal(default, STRIP(n_overlays=8, early_stop=False, alpha=1.0).fit(bad, val).score(x))
 
 
 def test_strip_clips_greyscale_and_not_colour_by_default(mnist):

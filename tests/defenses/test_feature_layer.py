@@ -44,6 +44,23 @@ def test_auto_keeps_the_penultimate_layer_otherwise(net):
     assert resolve_feature_layer(net, X, "auto", device=None) == "penultimate"
 
 
+def test_a_1x1_pool_input_moves_auto_to_the_map_before_the_last_stage():
+    """resnet18 on 8x8 images pools a 1x1 map: "auto" reads the input of the last stage's first
+    convolution, which is the previous stage's output (a 2x2 map); on 32x32 images it keeps the
+    pooled 4x4 map."""
+    from trojanscope.models import create_model
+
+    net = create_model("resnet18", input_shape=(1, 8, 8), num_classes=10, seed=0, width=4).eval()
+    x = torch.rand(4, 1, 8, 8)
+    assert activations(net, x, "pool_input", flatten=False).shape[2:] == (1, 1)
+    layer = resolve_feature_layer(net, x, "auto", device=None)
+    assert layer == "layer4.0.conv1:input"
+    torch.testing.assert_close(activations(net, x, layer, flatten=False), activations(net, x, "layer3", flatten=False))
+    assert activations(net, x, layer, flatten=False).shape[2:] == (2, 2)
+    big = create_model("resnet18", input_shape=(3, 32, 32), num_classes=10, seed=0, width=4).eval()
+    assert resolve_feature_layer(big, torch.rand(2, 3, 32, 32), "auto", device=None) == "pool_input"
+
+
 def test_an_explicit_layer_is_kept_and_pool_input_needs_a_pooling():
     assert resolve_feature_layer(gap_net(), X, "penultimate", device=None) == "penultimate"
     assert resolve_feature_layer(gap_net(), X, "0", device=None) == "0"

@@ -190,6 +190,42 @@ def test_global_pooling_becomes_a_layer_whose_map_the_sanitisers_read(received, 
     assert global_pool(c.module) is None and resolve_feature_layer(c.module, x, "auto", device=None) == "penultimate"
 
 
+class ShrinkingResNet(TinyResNet):
+    """TinyResNet with a last stage that turns its 8x8 map into a 1x1 one before the pooling (as
+    resnet18 does on 8x8 digits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(8, 8, 8, stride=8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.stem(x)))
+        h = torch.relu(h + self.bn1(self.conv1(h)))
+        h = torch.relu(self.down(h))
+        return self.fc(torch.flatten(self.pool(h), 1))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_1x1_pool_input_moves_auto_to_the_last_larger_map_in_every_format(tmp_path, fmt):
+    """Where the pooled map is 1x1, ``"auto"`` reads the input of the convolution that shrinks the
+    map to 1x1: in a received graph too, where the residual sum before it is an operator."""
+    from trojanscope._utils.batching import activations
+    from trojanscope.defenses.data._common import resolve_feature_layer
+
+    torch.manual_seed(0)
+    net = ShrinkingResNet().eval()
+    x = torch.rand(5, 1, 8, 8)
+    assert resolve_feature_layer(net, x, "auto", device=None) == "down:input"
+    s = model_surface(load_model(_save(net, tmp_path / f"shrink{SUFFIX[fmt]}", fmt), default_input_shape=(1, 8, 8)))
+    layer = resolve_feature_layer(s.module, x, "auto", device=None)
+    assert layer.endswith(":input")
+    with torch.inference_mode():  # the residual block's output, computed by hand
+        h = torch.relu(net.bn(net.stem(x)))
+        h = torch.relu(h + net.bn1(net.conv1(h)))
+    torch.testing.assert_close(activations(s.module, x, layer, flatten=False), h, atol=1e-5, rtol=1e-5)
+
+
 def test_reinitialised_copy_resets_every_layer_and_keeps_the_graph(received):
     _, files = received
     s = model_surface(load_model(files["resnet", "ts"], default_input_shape=(1, 8, 8)))

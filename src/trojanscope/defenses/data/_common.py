@@ -34,6 +34,7 @@ AUTO_LAYER = "auto"
 def resolve_feature_layer(model: nn.Module, x: torch.Tensor, layer: str, *, device: DeviceLike) -> str:
     """The layer a sanitiser reads for ``layer="auto"``: the feature map that the model averages
     into its penultimate representation (``"pool_input"``), when it does, else ``"penultimate"``.
+    Where that map is 1x1 (a ResNet on 8x8 images), the last map larger than 1x1 (below).
     Any other ``layer`` is returned unchanged.
 
     A global average over a ResNet's last feature map keeps what a patch trigger adds but not where:
@@ -41,7 +42,17 @@ def resolve_feature_layer(model: nn.Module, x: torch.Tensor, layer: str, *, devi
     penultimate features separated poison from clean at AUROC 0.53, that of the 4x4 map before
     the pooling at 1.0. "Averages" is checked on ``x`` (a few of the inspected images): the
     penultimate vector must equal the map's spatial mean, so a pooling followed by more hidden
-    layers, or a 1x1 map, keeps ``"penultimate"``.
+    layers keeps ``"penultimate"``.
+
+    A 1x1 map before the pooling is the penultimate vector itself, with nothing spatial left. Then
+    the map read is the input of the first convolution that turns a larger map into a 1x1 one
+    (``"<conv>:input"``: in a ResNet, the last stage's first convolution, whose input is the
+    stage before it), found on ``x`` by the shapes the convolutions receive and return, so the same
+    layer is found in a received graph, where the residual sum is an operator, not a module. The
+    first convolution (which reads the image) is never taken; without such a convolution,
+    ``"penultimate"``. On the digits ResNet (width 8, BadNets 10%) Activation Clustering found
+    none of the poison at the penultimate layer and all of it at that map (benchmarks/README.md,
+    "Digits: where the poison separates").
     """
     from ..._utils.hooks import POOL_INPUT, global_pool
 
@@ -52,9 +63,41 @@ def resolve_feature_layer(model: nn.Module, x: torch.Tensor, layer: str, *, devi
     probe = x[: min(4, len(x))]
     pen = activations(model, probe, "penultimate", batch_size=len(probe), device=device).double()
     fmap = activations(model, probe, POOL_INPUT, batch_size=len(probe), device=device, flatten=False).double()
-    if fmap.ndim != 4 or fmap.shape[2] * fmap.shape[3] <= 1 or pen.shape != fmap.shape[:2]:
+    if fmap.ndim != 4 or pen.shape != fmap.shape[:2]:
         return "penultimate"
-    return POOL_INPUT if torch.allclose(fmap.mean((2, 3)), pen, rtol=1e-4, atol=1e-5) else "penultimate"
+    if not torch.allclose(fmap.mean((2, 3)), pen, rtol=1e-4, atol=1e-5):
+        return "penultimate"
+    if fmap.shape[2] * fmap.shape[3] > 1:
+        return POOL_INPUT
+    shrinking = first_conv_to_1x1(model, probe, device=device)
+    return f"{shrinking}:input" if shrinking is not None else "penultimate"
+
+
+def first_conv_to_1x1(model: nn.Module, x: torch.Tensor, *, device: DeviceLike) -> str | None:
+    """The name of the first ``nn.Conv2d``, in the order a forward pass on ``x`` runs them, that
+    receives a map larger than 1x1 and returns a 1x1 one; never the first convolution run (its
+    input is the image). None if there is none. The hooks are removed on return."""
+    from ..._utils.batching import eval_mode, model_device
+    from ..._utils.hooks import _check_hookable, _is_a
+
+    _check_hookable(model)
+    seen: list[tuple[str, int, int]] = []  # (name, input H*W, output H*W), in the order run
+    handles = []
+    for name, module in model.named_modules():
+        if name and _is_a(module, nn.Conv2d):
+            def hook(_m, args, out, name=name):
+                a = args[0] if args else None
+                if isinstance(a, torch.Tensor) and isinstance(out, torch.Tensor) and a.ndim == 4 and out.ndim == 4:
+                    seen.append((name, a.shape[2] * a.shape[3], out.shape[2] * out.shape[3]))
+            handles.append(module.register_forward_hook(hook))
+    try:
+        dev = model_device(model, device)
+        with eval_mode(model), torch.inference_mode():
+            model(x.to(dev))
+    finally:
+        for h in handles:
+            h.remove()
+    return next((n for n, hw_in, hw_out in seen[1:] if hw_in > 1 and hw_out == 1), None)
 
 
 def padded_by_label(x: torch.Tensor, labels: torch.Tensor, fill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

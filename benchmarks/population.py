@@ -16,6 +16,9 @@ validation split of the data it was trained on (its ``round.json``).
     python benchmarks/population.py --calibrate runs/digits1 runs/mnist1
     # the figures on the held-out rounds, scored together (and the decision rules' table)
     python benchmarks/population.py runs/digits2 runs/digits3 runs/mnist2
+    # the same with the per-label population normalisation (pop_z; POP_CALIBRATION)
+    python benchmarks/population.py --calibrate runs/digits1 runs/mnist1 --population
+    python benchmarks/population.py runs/digits2 runs/digits3 runs/mnist2 --population
     # cost of 43 labels vs 10 (same architecture, synthetic 43-class data)
     python benchmarks/population.py --labels43
     # the same in seconds on colour.py's cached gtsrb_cnn models (signs43 vs cmnist)
@@ -43,7 +46,7 @@ import torch
 import trojanscope as ts
 from trojanscope.defenses.model.neural_cleanse import CALIBRATION, EVIDENCE, trojan_probability
 from trojanscope.defenses.model._nc_evidence import PAIR_EVIDENCE
-from trojanscope.population import expand_models, population_scores, scan_population
+from trojanscope.population import expand_models, population_label_z, population_scores, scan_population
 from trojanscope.rounds import load_truth
 
 torch.set_num_threads(1)
@@ -58,6 +61,17 @@ CONFIGS = {
 ACTIVE = ["halving", "all"]
 #: the evidence each configuration's calibration may use
 FEATURES = {"halving": EVIDENCE, "all": EVIDENCE, "halving+pairs": EVIDENCE + PAIR_EVIDENCE}
+#: ``--population``: the per-label population normalisation (:func:`population_label_z`), computed
+#: within each round, added to the evidence (``pop_z``: minus the lowest z of the model's labels)
+POP_FEATURES = ("pop_z",)
+#: ``--population``'s calibration, fitted by ``--calibrate runs/digits1 runs/mnist1 --population``
+#: (the same logistic fit as CALIBRATION); measured, not adopted in ``NeuralCleanse``
+POP_CALIBRATION: dict[str, dict] = {
+    "halving": {"intercept": -2.3727, "coef": {"log_gap": 2.6386, "holdout_asr": 0.3243, "pop_z": 0.0169,
+                                               "log_index": 0.0, "log_ratio": 0.0}},
+    "all": {"intercept": -3.6255, "coef": {"log_gap": 1.5538, "holdout_asr": 0.3823, "pop_z": 0.9108,
+                                           "log_index": 0.0, "log_ratio": 0.0}},
+}
 
 
 def round_data(round_dir: Path, data: str | None) -> str:
@@ -79,7 +93,21 @@ def scan_round(round_dir: Path, data: str | None, work: Path) -> dict[str, list[
                 r["evidence"]["log_gap"] = math.log(max(two[1], 1e-6) / max(two[0], 1e-6))
         print(f"# {round_dir.name} / {name}: {len(models)} models ({time.perf_counter() - t0:.0f} s this run)",
               file=sys.stderr)
+        add_population_z(out[name])
     return out
+
+
+def add_population_z(rows: list[dict]) -> None:
+    """``pop_z`` and ``pop_label`` in each scanned row's evidence: the lowest
+    :func:`population_label_z` of the model's labels, negated (higher = more suspicious), the
+    population being the round's scanned models (its norms only, never its truth)."""
+    ok = [r for r in rows if r["error"] is None and r.get("l1_norms")]
+    if len(ok) < 2:
+        return
+    z = population_label_z([[max(v, 1e-6) for v in r["l1_norms"]] for r in ok])
+    for r, zi in zip(ok, z):
+        r["evidence"]["pop_z"] = float(-zi.min())
+        r["evidence"]["pop_label"] = int(zi.argmin())
 
 
 def truth_rows(round_dir: Path, rows: list[dict]) -> list[tuple[dict, dict]]:
@@ -252,6 +280,8 @@ def main() -> None:
                     help="43 vs 10 labels on colour.py's cached gtsrb_cnn models (signs43 vs cmnist)")
     ap.add_argument("--fanout", type=Path, default=None)
     ap.add_argument("--fanout-n", type=int, default=8, help="models of the round the fan-out runs scan")
+    ap.add_argument("--population", action="store_true",
+                    help="also the per-label population normalisation of the norms (pop_z; POP_CALIBRATION)")
     ap.add_argument("--configs", default="halving,all", help=f"configurations to scan, of {', '.join(CONFIGS)}")
     a = ap.parse_args()
     ACTIVE[:] = a.configs.split(",")
@@ -263,8 +293,14 @@ def main() -> None:
         for name, rows in train.items():
             f = figures(rows, cal[name], f"{name} (fitted, training rounds)")
             print(json.dumps({k: v for k, v in f.items() if not k.startswith("_")}))
+        if a.population:
+            pop = {name: fit_calibration(rows, FEATURES[name] + POP_FEATURES) for name, rows in train.items()}
+            print("POP_CALIBRATION =", json.dumps(pop, indent=1))
+            for name, rows in train.items():
+                f = figures(rows, pop[name], f"{name} + population z (fitted, training rounds)")
+                print(json.dumps({k: v for k, v in f.items() if not k.startswith("_")}))
     if a.round:
-        report_round(a.round, a.data, a.work)
+        report_round(a.round, a.data, a.work, population=a.population)
     if a.labels43:
         labels43(a.work)
     if a.colour43:
@@ -273,7 +309,7 @@ def main() -> None:
         fanout(a.fanout, round_data(a.fanout, a.data), a.work, a.fanout_n)
 
 
-def report_round(round_dirs: list[Path], data: str, work: Path) -> None:
+def report_round(round_dirs: list[Path], data: str, work: Path, *, population: bool = False) -> None:
     per_round = [(d, scan_round(d, data, work)) for d in round_dirs]
     scans = {name: [r for _, sc in per_round for r in sc[name]] for name in ACTIVE}
     pairs_by = {name: [pr for d, sc in per_round for pr in truth_rows(d, sc[name])] for name in ACTIVE}
@@ -287,7 +323,10 @@ def report_round(round_dirs: list[Path], data: str, work: Path) -> None:
     table = []
     for name in ACTIVE:
         pairs = pairs_by[name]
-        print(json.dumps({"config": name, "feature_auroc": feature_aurocs(pairs, FEATURES[name])}))
+        feats = FEATURES[name] + (POP_FEATURES if population else ())
+        print(json.dumps({"config": name, "feature_auroc": feature_aurocs(pairs, feats)}))
+        if population and name in POP_CALIBRATION:
+            table.append(figures(pairs, POP_CALIBRATION[name], f"{name} schedule, probability with population z"))
         if name not in CALIBRATION:
             continue
         f = figures(pairs, CALIBRATION[name], f"{name} schedule, probability")

@@ -270,3 +270,28 @@ def test_population_scores_against_hand_computation():
     assert s["cross_entropy"] == pytest.approx(-(math.log(0.9) + math.log(0.8) + math.log(0.7) + math.log(0.9)) / 4)
     s = population_scores([0.4, 0.6], [True, False])
     assert s["roc_auc"] == 0.0 and s["positives"] == 1
+
+
+def test_population_label_z_by_hand():
+    """Each model's own scale is removed, then each label is compared with the same label in the
+    other models: a label that is always small is not suspicious, one small in one model is."""
+    from trojanscope.population import population_label_z
+
+    # label 1 is easy in every model (half the others); model 2's label 0 is 8x below its usual
+    norms = np.array([[40.0, 20.0, 40.0, 40.0],
+                      [80.0, 40.0, 80.0, 80.0],
+                      [5.0, 20.0, 40.0, 40.0],
+                      [40.0, 22.0, 44.0, 40.0]])
+    z = population_label_z(norms)
+    logn = np.log(norms)
+    rel = logn - np.median(logn, 1, keepdims=True)
+    usual = np.median(rel, 0)
+    spread = np.maximum(1.4826 * np.median(np.abs(rel - usual), 0), 1e-3)
+    np.testing.assert_allclose(z, (rel - usual) / spread)
+    assert np.unravel_index(np.argmin(z), z.shape) == (2, 0)  # the planted one, not the easy label 1
+    assert z[:, 1].min() > -1.0  # the easy label is at its usual place in every model
+    # a common scale of one model changes nothing
+    np.testing.assert_allclose(population_label_z(norms * np.array([[1.0], [3.0], [1.0], [0.5]])), z)
+    for bad in (np.ones((1, 4)), np.ones(4), np.array([[1.0, np.nan], [1.0, 1.0]]), np.array([[1.0, 0.0], [1.0, 1.0]])):
+        with pytest.raises(ConfigError):
+            population_label_z(bad)

@@ -41,6 +41,32 @@ def population_scores(prob: np.ndarray | list[float], truth: np.ndarray | list[b
             "n": int(t.size), "positives": int(t.sum())}
 
 
+def population_label_z(norms: np.ndarray | list[list[float]], *, floor: float = 1e-3) -> np.ndarray:
+    """``(M, K)`` how far each label's reversed-trigger norm lies below what that label usually
+    takes, across a population of ``M`` models of the same ``K`` labels (lower = more suspicious).
+
+    Some labels are easy to reach in every model of a data set (on digits, labels 2 and 4 take a
+    trigger about 3x smaller than the others), so a label's norm says more against the same label
+    in other models than against the other labels of its own model. With ``rel[m, k] = log
+    norms[m, k] - median_j log norms[m, j]`` (each model's own scale removed), ``usual[k]`` the
+    median of ``rel[:, k]`` over the models and ``spread[k]`` 1.4826 times its median absolute
+    deviation (at least ``floor``): ``z = (rel - usual) / spread``. Medians over the models keep
+    the statistics of a label robust to the few models whose backdoor targets it. Only the
+    population's norms enter, never its truth. This is the toolkit's addition, not Neural
+    Cleanse's; see benchmarks/README.md ("Population detection") for what it measured.
+    """
+    n = np.asarray(norms, dtype=np.float64)
+    if n.ndim != 2 or n.shape[0] < 2 or n.shape[1] < 2:
+        raise ConfigError(f"population_label_z needs an (M >= 2, K >= 2) array of norms, got shape {n.shape}")
+    if not np.isfinite(n).all() or (n <= 0).any():
+        raise ConfigError("population_label_z needs finite, positive norms")
+    logn = np.log(n)
+    rel = logn - np.median(logn, axis=1, keepdims=True)
+    usual = np.median(rel, axis=0, keepdims=True)
+    spread = np.maximum(1.4826 * np.median(np.abs(rel - usual), axis=0, keepdims=True), floor)
+    return (rel - usual) / spread
+
+
 # --- scanning a population ----------------------------------------------------------------------
 
 #: The columns of a population scan's table (``scan.csv``).

@@ -65,13 +65,8 @@ FEATURES = {"halving": EVIDENCE, "all": EVIDENCE, "halving+pairs": EVIDENCE + PA
 #: within each round, added to the evidence (``pop_z``: minus the lowest z of the model's labels)
 POP_FEATURES = ("pop_z",)
 #: ``--population``'s calibration, fitted by ``--calibrate runs/digits1 runs/mnist1 --population``
-#: (the same logistic fit as CALIBRATION); measured, not adopted in ``NeuralCleanse``
-POP_CALIBRATION: dict[str, dict] = {
-    "halving": {"intercept": -2.3727, "coef": {"log_gap": 2.6386, "holdout_asr": 0.3243, "pop_z": 0.0169,
-                                               "log_index": 0.0, "log_ratio": 0.0}},
-    "all": {"intercept": -3.6255, "coef": {"log_gap": 1.5538, "holdout_asr": 0.3823, "pop_z": 0.9108,
-                                           "log_index": 0.0, "log_ratio": 0.0}},
-}
+#: (the same logistic fit as CALIBRATION); ``scan FOLDER`` uses it for ``population_probability``
+from trojanscope.defenses.model._nc_evidence import POPULATION_CALIBRATION as POP_CALIBRATION  # noqa: E402
 
 
 def round_data(round_dir: Path, data: str | None) -> str:

@@ -295,3 +295,37 @@ def test_population_label_z_by_hand():
     for bad in (np.ones((1, 4)), np.ones(4), np.array([[1.0, np.nan], [1.0, 1.0]]), np.array([[1.0, 0.0], [1.0, 1.0]])):
         with pytest.raises(ConfigError):
             population_label_z(bad)
+
+
+def test_population_probability_rows():
+    """Rows of 12 models: the one whose label 3 is far below that label's usual norm gets the
+    highest population probability; error rows, other label sets and unknown schedules get None."""
+    from trojanscope.defenses.model._nc_evidence import POPULATION_CALIBRATION
+    from trojanscope.population import MIN_POPULATION, add_population_probability
+
+    rng = np.random.default_rng(0)
+    usual = np.array([40.0, 45.0, 12.0, 50.0, 42.0, 38.0, 47.0, 44.0, 41.0, 46.0])  # label 2: easy everywhere
+    ev = {"label": 2, "log_gap": 0.3, "log_index": 2.0, "log_ratio": 0.2, "holdout_asr": 0.95}
+
+    def row(norms, **kw):
+        return {"file": "m", "error": None, "evidence": dict(ev), "l1_norms": list(norms), **kw}
+
+    rows = [row(usual * rng.lognormal(0.0, 0.2, 10) * rng.uniform(0.5, 2.0)) for _ in range(11)]
+    planted = usual.copy()
+    planted[3] = 8.0
+    rows.insert(5, row(planted))
+    rows.append({"file": "bad", "error": "unknown model format", "evidence": None, "l1_norms": None})
+    rows.append(row(np.ones(43)))  # another label set, alone
+    rows.append(row([float("nan")] + [1.0] * 9))  # a hostile model's non-finite norms: left out, no error
+    add_population_probability(rows, "all")
+    p = [r["population_probability"] for r in rows]
+    assert all(v is not None and 0 <= v <= 1 for v in p[:12]) and p[12] is None and p[13] is None and p[14] is None
+    assert rows[5]["population_label"] == 3 and int(np.argmax(p[:12])) == 5 and p[5] > 0.5
+    assert max(p[:5] + p[6:12]) < 0.5  # the easy label 2 is nobody's anomaly
+    assert all(r["population_label"] != 2 or r["population_z"] < 3 for r in rows[:12])
+    # the same evidence with a larger pop_z never gets a lower probability (non-negative coefficient)
+    assert all(c >= 0 for cal in POPULATION_CALIBRATION.values() for c in cal["coef"].values())
+    add_population_probability(rows[: MIN_POPULATION - 1], "all")
+    assert all(r["population_probability"] is None for r in rows[: MIN_POPULATION - 1])
+    add_population_probability(rows, "no-such-schedule")
+    assert all(r["population_probability"] is None for r in rows)

@@ -67,10 +67,47 @@ def population_label_z(norms: np.ndarray | list[list[float]], *, floor: float = 
     return (rel - usual) / spread
 
 
+#: The fewest models of one label set that :func:`add_population_probability` normalises over: a
+#: per-label median over fewer models is carried by the few whose backdoor targets that label.
+MIN_POPULATION = 10
+
+
+def add_population_probability(rows: list[dict[str, Any]], schedule: str) -> None:
+    """Add ``population_z`` (minus the lowest :func:`population_label_z` of the model's labels),
+    ``population_label`` (that label) and ``population_probability`` to each scanned row, in place.
+
+    The population is the rows that scanned (no ``error``) with finite norms for the same number
+    of labels, at least :data:`MIN_POPULATION` of them; the probability is
+    :func:`~trojanscope.defenses.model._nc_evidence.trojan_probability` of the row's evidence plus
+    ``pop_z`` under ``POPULATION_CALIBRATION[schedule]``. Other rows, and every row where the
+    schedule has no such calibration, get None. The per-model ``probability`` and ``verdict`` are
+    left as they are.
+    """
+    from .defenses.model._nc_evidence import POPULATION_CALIBRATION, trojan_probability
+
+    for r in rows:
+        r["population_z"] = r["population_label"] = r["population_probability"] = None
+    cal = POPULATION_CALIBRATION.get(schedule)
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        norms = r.get("l1_norms")
+        if (r.get("error") is None and norms and r.get("evidence")
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in norms)):
+            groups.setdefault(len(norms), []).append(r)
+    for members in groups.values():
+        if len(members) < MIN_POPULATION or cal is None:
+            continue
+        z = population_label_z([[max(float(v), 1e-6) for v in r["l1_norms"]] for r in members])
+        for r, zi in zip(members, z):
+            pz = float(-zi.min())
+            r["population_z"], r["population_label"] = round(pz, 4), int(zi.argmin())
+            r["population_probability"] = round(trojan_probability({**r["evidence"], "pop_z": pz}, cal), 6)
+
+
 # --- scanning a population ----------------------------------------------------------------------
 
 #: The columns of a population scan's table (``scan.csv``).
-SCAN_COLUMNS = ("file", "probability", "verdict", "flagged_labels", "seconds", "error")
+SCAN_COLUMNS = ("file", "probability", "verdict", "flagged_labels", "seconds", "error", "population_probability")
 
 
 def expand_models(items: list[str | Path]) -> list[Path]:
@@ -196,6 +233,7 @@ def write_scan_table(rows: list[dict[str, Any]], out: Path) -> None:
     for r in rows:
         w.writerow({**r, "flagged_labels": " ".join(str(v) for v in r.get("flagged_labels") or []),
                     "probability": "" if r.get("probability") is None else r["probability"],
+                    "population_probability": "" if r.get("population_probability") is None else r["population_probability"],
                     "error": r.get("error") or ""})
     _write_atomic(out / "scan.csv", buf.getvalue())
     _write_atomic(out / "scan.json", json.dumps(rows, indent=2) + "\n")
@@ -261,9 +299,11 @@ def scan_population(models: list[Path], data: ImageDataset, params: dict[str, An
         _scan_processes(models, todo, data, params, workers, threads, finish)
     else:
         _scan_ray(models, todo, data, params, workers, threads, address or os.environ.get("RAY_ADDRESS"), finish)
+    result = [rows[i] for i in range(len(models))]
+    add_population_probability(result, str(params.get("schedule", "all")))
     if out is not None:
-        write_scan_table([rows[i] for i in range(len(models))], out)
-    return [rows[i] for i in range(len(models))]
+        write_scan_table(result, out)
+    return result
 
 
 def _finished_rows(models: list[Path], out: Path | None) -> tuple[dict[int, dict[str, Any]], list[int]]:

@@ -70,8 +70,10 @@ def scan_population(models: list[Path], data: Any, params: dict[str, Any], *, ou
     if bar is not None:
         bar.close()
     echo = click.echo if str(json_path) != "-" else (lambda m: click.echo(m, err=True))
-    echo(table(rows, ["file", "probability", "verdict", "flagged_labels", "seconds", "error"],
-               headers={"flagged_labels": "flagged"}))
+    cols = ["file", "probability", "verdict", "flagged_labels", "seconds", "error"]
+    if any(r.get("population_probability") is not None for r in rows):
+        cols.insert(2, "population_probability")
+    echo(table(rows, cols, headers={"flagged_labels": "flagged", "population_probability": "population p"}))
     failed = sum(r["verdict"] == "error" for r in rows)
     found = sum(r["verdict"] == "backdoor" for r in rows)
     echo(f"\n{len(rows)} models: {found} backdoored, {len(rows) - found - failed} clean, {failed} failed"

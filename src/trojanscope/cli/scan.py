@@ -85,6 +85,9 @@ def scan(model_paths: tuple[str, ...], data_spec: str, out: Path | None, workers
     population: one row per model (file, probability, verdict, flagged labels, seconds, error),
     with --out DIR written to DIR/scan.csv and DIR/scan.json; a model that fails gets its error in
     its row and the others go on; a killed run rerun with the same --out keeps its finished models.
+    With 10 or more models of the same labels, each row also gets a population probability: each
+    label's trigger norm against the same label in the other models (population_probability; the
+    verdict stays the per-model one).
 
     Exit code 0: no backdoor found; 1: a backdoor was found (in any model); 2: bad input (for a
     population: every model failed).

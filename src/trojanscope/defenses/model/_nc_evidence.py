@@ -133,6 +133,19 @@ CALIBRATION: dict[str, dict[str, Any]] = {
 }
 
 
+#: The calibration of a population's probability (:func:`trojanscope.population.add_population_probability`):
+#: :data:`CALIBRATION`'s evidence plus ``pop_z``, the per-label population normalisation of the norms
+#: (:func:`trojanscope.population.population_label_z`), fitted the same way on the same training rounds
+#: (``benchmarks/population.py --calibrate runs/digits1 runs/mnist1 --population``); on the held-out
+#: rounds under ``schedule="all"`` it raised ROC-AUC from 0.66 to 0.85 (benchmarks/README.md).
+POPULATION_CALIBRATION: dict[str, dict[str, Any]] = {
+    "halving": {"intercept": -2.3727,
+                "coef": {"log_gap": 2.6386, "log_index": 0.0, "log_ratio": 0.0, "holdout_asr": 0.3243, "pop_z": 0.0169}},
+    "all": {"intercept": -3.6255,
+            "coef": {"log_gap": 1.5538, "log_index": 0.0, "log_ratio": 0.0, "holdout_asr": 0.3823, "pop_z": 0.9108}},
+}
+
+
 def matched_norms(norms: torch.Tensor, trace: torch.Tensor | None, stop_epochs: torch.Tensor) -> torch.Tensor:
     """Each label's norm as if it had run as long as the smallest-norm label ``k``.
 

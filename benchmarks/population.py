@@ -46,7 +46,7 @@ import torch
 import trojanscope as ts
 from trojanscope.defenses.model.neural_cleanse import CALIBRATION, EVIDENCE, trojan_probability
 from trojanscope.defenses.model._nc_evidence import PAIR_EVIDENCE
-from trojanscope.population import expand_models, population_label_z, population_scores, scan_population
+from trojanscope.population import add_population_probability, expand_models, population_scores, scan_population
 from trojanscope.rounds import load_truth
 
 torch.set_num_threads(1)
@@ -56,17 +56,25 @@ CONFIGS = {
     "halving": dict(schedule="halving"),
     "all": dict(schedule="all"),
     "halving+pairs": dict(schedule="halving", pairs=True),
+    "all+pairs": dict(schedule="all", pairs=True),
 }
 #: the configurations this run scans (--configs)
 ACTIVE = ["halving", "all"]
 #: the evidence each configuration's calibration may use
-FEATURES = {"halving": EVIDENCE, "all": EVIDENCE, "halving+pairs": EVIDENCE + PAIR_EVIDENCE}
+FEATURES = {"halving": EVIDENCE, "all": EVIDENCE, "halving+pairs": EVIDENCE + PAIR_EVIDENCE,
+            "all+pairs": EVIDENCE + PAIR_EVIDENCE}
 #: ``--population``: the per-label population normalisation (:func:`population_label_z`), computed
 #: within each round, added to the evidence (``pop_z``: minus the lowest z of the model's labels)
 POP_FEATURES = ("pop_z",)
+#: the same for a pair scan: also ``pair_pop_z``, the normalisation over the K x K pairs
+POP_PAIR_FEATURES = ("pop_z", "pair_pop_z")
 #: ``--population``'s calibration, fitted by ``--calibrate runs/digits1 runs/mnist1 --population``
 #: (the same logistic fit as CALIBRATION); ``scan FOLDER`` uses it for ``population_probability``
 from trojanscope.defenses.model._nc_evidence import POPULATION_CALIBRATION as POP_CALIBRATION  # noqa: E402
+
+
+def pop_features(name: str) -> tuple[str, ...]:
+    return POP_PAIR_FEATURES if CONFIGS[name].get("pairs") else POP_FEATURES
 
 
 def round_data(round_dir: Path, data: str | None) -> str:
@@ -88,21 +96,20 @@ def scan_round(round_dir: Path, data: str | None, work: Path) -> dict[str, list[
                 r["evidence"]["log_gap"] = math.log(max(two[1], 1e-6) / max(two[0], 1e-6))
         print(f"# {round_dir.name} / {name}: {len(models)} models ({time.perf_counter() - t0:.0f} s this run)",
               file=sys.stderr)
-        add_population_z(out[name])
+        add_population_z(out[name], params["schedule"])
     return out
 
 
-def add_population_z(rows: list[dict]) -> None:
-    """``pop_z`` and ``pop_label`` in each scanned row's evidence: the lowest
-    :func:`population_label_z` of the model's labels, negated (higher = more suspicious), the
-    population being the round's scanned models (its norms only, never its truth)."""
-    ok = [r for r in rows if r["error"] is None and r.get("l1_norms")]
-    if len(ok) < 2:
-        return
-    z = population_label_z([[max(v, 1e-6) for v in r["l1_norms"]] for r in ok])
-    for r, zi in zip(ok, z):
-        r["evidence"]["pop_z"] = float(-zi.min())
-        r["evidence"]["pop_label"] = int(zi.argmin())
+def add_population_z(rows: list[dict], schedule: str) -> None:
+    """``pop_z`` (and, for pair scans, ``pair_pop_z``) in each scanned row's evidence, from
+    :func:`trojanscope.population.add_population_probability` over the round's scanned models
+    (their norms only, never their truth)."""
+    add_population_probability(rows, schedule)
+    for r in rows:
+        if r.get("population_z") is not None:
+            r["evidence"]["pop_z"] = r["population_z"]
+        if r.get("population_pair_z") is not None:
+            r["evidence"]["pair_pop_z"] = r["population_pair_z"]
 
 
 def truth_rows(round_dir: Path, rows: list[dict]) -> list[tuple[dict, dict]]:
@@ -289,7 +296,7 @@ def main() -> None:
             f = figures(rows, cal[name], f"{name} (fitted, training rounds)")
             print(json.dumps({k: v for k, v in f.items() if not k.startswith("_")}))
         if a.population:
-            pop = {name: fit_calibration(rows, FEATURES[name] + POP_FEATURES) for name, rows in train.items()}
+            pop = {name: fit_calibration(rows, FEATURES[name] + pop_features(name)) for name, rows in train.items()}
             print("POP_CALIBRATION =", json.dumps(pop, indent=1))
             for name, rows in train.items():
                 f = figures(rows, pop[name], f"{name} + population z (fitted, training rounds)")
@@ -318,10 +325,10 @@ def report_round(round_dirs: list[Path], data: str, work: Path, *, population: b
     table = []
     for name in ACTIVE:
         pairs = pairs_by[name]
-        feats = FEATURES[name] + (POP_FEATURES if population else ())
+        feats = FEATURES[name] + (pop_features(name) if population else ())
         print(json.dumps({"config": name, "feature_auroc": feature_aurocs(pairs, feats)}))
         if population and name in POP_CALIBRATION:
-            table.append(figures(pairs, POP_CALIBRATION[name], f"{name} schedule, probability with population z"))
+            table.append(figures(pairs, POP_CALIBRATION[name], f"{name}, probability with population z"))
         if name not in CALIBRATION:
             continue
         f = figures(pairs, CALIBRATION[name], f"{name} schedule, probability")

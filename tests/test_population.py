@@ -329,3 +329,31 @@ def test_population_probability_rows():
     assert all(r["population_probability"] is None for r in rows[: MIN_POPULATION - 1])
     add_population_probability(rows, "no-such-schedule")
     assert all(r["population_probability"] is None for r in rows)
+
+
+def test_population_pair_z_leaves_the_diagonal_out():
+    """``(M, K, K)`` pair norms: the NaN diagonal stays NaN and does not enter the medians; the
+    off-diagonal cells are normalised as labels are (the same formula, by hand)."""
+    from trojanscope.population import add_population_probability, population_label_z
+
+    rng = np.random.default_rng(1)
+    k, m = 4, 12
+    base = rng.uniform(20, 60, (k, k))
+    pairs = base[None] * rng.lognormal(0.0, 0.15, (m, k, k))
+    pairs[7, 1, 3] = 2.0                      # model 7: source 1 -> target 3 is far below its usual
+    pairs[:, np.arange(k), np.arange(k)] = np.nan
+    z = population_label_z(pairs)
+    assert np.isnan(z[:, np.arange(k), np.arange(k)]).all() and not np.isnan(z[:, 0, 1]).any()
+    logn = np.log(pairs)
+    rel = logn - np.nanmedian(logn.reshape(m, -1), 1)[:, None, None]
+    off = ~np.eye(k, dtype=bool)
+    usual = np.where(off, np.nanmedian(np.where(off, rel, 0.0), 0), np.nan)  # the diagonal: no median
+    spread = np.maximum(1.4826 * np.nanmedian(np.where(off, np.abs(rel - usual), 0.0), 0), 1e-3)
+    np.testing.assert_allclose(z[:, off], ((rel - usual) / spread)[:, off])
+    assert np.unravel_index(np.nanargmin(z), z.shape) == (7, 1, 3)
+    # in rows: the pair and its z are reported (no calibration is needed for that)
+    rows = [{"file": "m", "error": None, "evidence": {"log_gap": 0.1, "log_index": 1.0, "log_ratio": 0.1, "holdout_asr": 0.9},
+             "l1_norms": [40.0, 41.0, 39.0, 42.0],
+             "pair_l1_norms": [[None if i == j else float(p[i, j]) for j in range(k)] for i in range(k)]} for p in pairs]
+    add_population_probability(rows, "all")
+    assert rows[7]["population_pair"] == [1, 3] and rows[7]["population_pair_z"] == max(r["population_pair_z"] for r in rows)

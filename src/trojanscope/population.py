@@ -41,30 +41,46 @@ def population_scores(prob: np.ndarray | list[float], truth: np.ndarray | list[b
             "n": int(t.size), "positives": int(t.sum())}
 
 
-def population_label_z(norms: np.ndarray | list[list[float]], *, floor: float = 1e-3) -> np.ndarray:
-    """``(M, K)`` how far each label's reversed-trigger norm lies below what that label usually
-    takes, across a population of ``M`` models of the same ``K`` labels (lower = more suspicious).
+def population_label_z(norms: np.ndarray | list, *, floor: float = 1e-3) -> np.ndarray:
+    """``(M, ...)`` how far each label's reversed-trigger norm lies below what that label usually
+    takes, across a population of ``M`` models of the same labels (lower = more suspicious).
 
     Some labels are easy to reach in every model of a data set (on digits, labels 2 and 4 take a
     trigger about 3x smaller than the others), so a label's norm says more against the same label
-    in other models than against the other labels of its own model. With ``rel[m, k] = log
-    norms[m, k] - median_j log norms[m, j]`` (each model's own scale removed), ``usual[k]`` the
-    median of ``rel[:, k]`` over the models and ``spread[k]`` 1.4826 times its median absolute
-    deviation (at least ``floor``): ``z = (rel - usual) / spread``. Medians over the models keep
-    the statistics of a label robust to the few models whose backdoor targets it. Only the
-    population's norms enter, never its truth. This is the toolkit's addition, not Neural
-    Cleanse's; see benchmarks/README.md ("Population detection") for what it measured.
+    in other models than against the other labels of its own model. With ``rel[m] = log
+    norms[m] - median(log norms[m])`` (each model's own scale removed), ``usual`` the median of
+    ``rel`` over the models and ``spread`` 1.4826 times its median absolute deviation (at least
+    ``floor``): ``z = (rel - usual) / spread``. Medians over the models keep the statistics of a
+    label robust to the few models whose backdoor targets it. ``norms`` is ``(M, K)`` label norms
+    or ``(M, K, K)`` pair norms (source, target), whose NaN cells (the diagonal) are left out and
+    stay NaN. Only the population's norms enter, never its truth. This is the toolkit's addition,
+    not Neural Cleanse's; see benchmarks/README.md ("Population detection").
     """
     n = np.asarray(norms, dtype=np.float64)
-    if n.ndim != 2 or n.shape[0] < 2 or n.shape[1] < 2:
-        raise ConfigError(f"population_label_z needs an (M >= 2, K >= 2) array of norms, got shape {n.shape}")
-    if not np.isfinite(n).all() or (n <= 0).any():
+    if n.ndim < 2 or n.shape[0] < 2 or n[0].size < 2:
+        raise ConfigError(f"population_label_z needs an (M >= 2, K >= 2, ...) array of norms, got shape {n.shape}")
+    cells = ~np.isnan(n)
+    if not (cells == cells[:1]).all() or not cells[0].any():
+        raise ConfigError("population_label_z: every model must have norms for the same cells")
+    if np.isinf(n).any() or (n[cells] <= 0).any():
         raise ConfigError("population_label_z needs finite, positive norms")
-    logn = np.log(n)
-    rel = logn - np.median(logn, axis=1, keepdims=True)
-    usual = np.median(rel, axis=0, keepdims=True)
-    spread = np.maximum(1.4826 * np.median(np.abs(rel - usual), axis=0, keepdims=True), floor)
+    logn = np.log(np.where(cells, n, 1.0))
+    logn[~cells] = np.nan
+    flat = logn.reshape(n.shape[0], -1)
+    rel = logn - np.nanmedian(flat, axis=1).reshape((-1,) + (1,) * (n.ndim - 1))
+    with np.errstate(all="ignore"):
+        usual = np.nanmedian(rel, axis=0, keepdims=True) if cells[0].all() else _nanmedian0(rel)
+        spread = np.maximum(1.4826 * (np.nanmedian(np.abs(rel - usual), axis=0, keepdims=True)
+                                      if cells[0].all() else _nanmedian0(np.abs(rel - usual))), floor)
     return (rel - usual) / spread
+
+
+def _nanmedian0(a: np.ndarray) -> np.ndarray:
+    """``nanmedian`` over axis 0, keepdims, NaN (without a warning) where a cell is NaN in every row."""
+    out = np.full((1,) + a.shape[1:], np.nan)
+    ok = ~np.isnan(a).all(0)
+    out[0][ok] = np.nanmedian(a[:, ok], axis=0)
+    return out
 
 
 #: The fewest models of one label set that :func:`add_population_probability` normalises over: a
@@ -72,36 +88,65 @@ def population_label_z(norms: np.ndarray | list[list[float]], *, floor: float = 
 MIN_POPULATION = 10
 
 
+def _pair_matrix(r: dict[str, Any], k: int) -> np.ndarray | None:
+    """A row's ``(K, K)`` pair norms with NaN on the diagonal, or None when it has none or any
+    off-diagonal norm is missing or not finite."""
+    m = r.get("pair_l1_norms")
+    if not isinstance(m, list) or len(m) != k or any(not isinstance(row, list) or len(row) != k for row in m):
+        return None
+    a = np.array([[np.nan if v is None else v for v in row] for row in m], dtype=np.float64)
+    off = ~np.eye(k, dtype=bool)
+    if not np.isfinite(a[off]).all() or (a[off] <= 0).any():
+        return None
+    a[~off] = np.nan
+    return a
+
+
 def add_population_probability(rows: list[dict[str, Any]], schedule: str) -> None:
     """Add ``population_z`` (minus the lowest :func:`population_label_z` of the model's labels),
-    ``population_label`` (that label) and ``population_probability`` to each scanned row, in place.
+    ``population_label`` (that label) and ``population_probability`` to each scanned row, in place;
+    with pair scans (``pair_l1_norms``) also ``population_pair_z`` and ``population_pair``
+    (source, target), the same over the K x K pairs.
 
     The population is the rows that scanned (no ``error``) with finite norms for the same number
     of labels, at least :data:`MIN_POPULATION` of them; the probability is
     :func:`~trojanscope.defenses.model._nc_evidence.trojan_probability` of the row's evidence plus
-    ``pop_z`` under ``POPULATION_CALIBRATION[schedule]``. Other rows, and every row where the
-    schedule has no such calibration, get None. The per-model ``probability`` and ``verdict`` are
-    left as they are.
+    ``pop_z`` (and ``pair_pop_z``) under ``POPULATION_CALIBRATION[schedule + "+pairs"]`` when every
+    member has pair norms and that calibration exists, else ``POPULATION_CALIBRATION[schedule]``.
+    Other rows, and every row where there is no such calibration, get None. The per-model ``probability`` and ``verdict`` are left as they are.
     """
     from .defenses.model._nc_evidence import POPULATION_CALIBRATION, trojan_probability
 
     for r in rows:
         r["population_z"] = r["population_label"] = r["population_probability"] = None
-    cal = POPULATION_CALIBRATION.get(schedule)
+        r["population_pair_z"] = r["population_pair"] = None
     groups: dict[int, list[dict[str, Any]]] = {}
     for r in rows:
         norms = r.get("l1_norms")
         if (r.get("error") is None and norms and r.get("evidence")
                 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in norms)):
             groups.setdefault(len(norms), []).append(r)
-    for members in groups.values():
-        if len(members) < MIN_POPULATION or cal is None:
+    for k, members in groups.items():
+        if len(members) < MIN_POPULATION:
             continue
         z = population_label_z([[max(float(v), 1e-6) for v in r["l1_norms"]] for r in members])
-        for r, zi in zip(members, z):
-            pz = float(-zi.min())
-            r["population_z"], r["population_label"] = round(pz, 4), int(zi.argmin())
-            r["population_probability"] = round(trojan_probability({**r["evidence"], "pop_z": pz}, cal), 6)
+        extra = [{"pop_z": float(-zi.min())} for zi in z]
+        for r, zi, e in zip(members, z, extra):
+            r["population_z"], r["population_label"] = round(e["pop_z"], 4), int(zi.argmin())
+        pairs = [_pair_matrix(r, k) for r in members]
+        key = schedule
+        if all(p is not None for p in pairs):
+            pz = population_label_z(np.stack(pairs))
+            for r, zi, e in zip(members, pz, extra):
+                e["pair_pop_z"] = float(-np.nanmin(zi))
+                src, tgt = np.unravel_index(int(np.nanargmin(zi)), zi.shape)
+                r["population_pair_z"], r["population_pair"] = round(e["pair_pop_z"], 4), [int(src), int(tgt)]
+            key = f"{schedule}+pairs"
+        cal = POPULATION_CALIBRATION.get(key) or POPULATION_CALIBRATION.get(schedule)
+        if cal is None:
+            continue
+        for r, e in zip(members, extra):
+            r["population_probability"] = round(trojan_probability({**r["evidence"], **e}, cal), 6)
 
 
 # --- scanning a population ----------------------------------------------------------------------

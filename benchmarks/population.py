@@ -315,7 +315,7 @@ def report_round(round_dirs: list[Path], data: str, work: Path, *, population: b
     per_round = [(d, scan_round(d, data, work)) for d in round_dirs]
     scans = {name: [r for _, sc in per_round for r in sc[name]] for name in ACTIVE}
     pairs_by = {name: [pr for d, sc in per_round for pr in truth_rows(d, sc[name])] for name in ACTIVE}
-    kept = [t for _, t in pairs_by["halving"]]
+    kept = [t for _, t in pairs_by[ACTIVE[0]]]
     n_all = sum(len(load_truth(d)) for d in round_dirs)
     print(f"held-out round(s) {', '.join(map(str, round_dirs))}: {len(kept)} models "
           f"({sum(t['backdoored'] for t in kept)} backdoored; modes "

@@ -357,3 +357,10 @@ def test_population_pair_z_leaves_the_diagonal_out():
              "pair_l1_norms": [[None if i == j else float(p[i, j]) for j in range(k)] for i in range(k)]} for p in pairs]
     add_population_probability(rows, "all")
     assert rows[7]["population_pair"] == [1, 3] and rows[7]["population_pair_z"] == max(r["population_pair_z"] for r in rows)
+    # without the pair scan's own evidence the pair calibration cannot apply: no probability, no error
+    assert all(r["population_probability"] is None for r in rows)
+    for r in rows:  # with it, the pair calibration ranks the planted pair's model first
+        r["evidence"].update(pair_log_index=1.0, pair_log_ratio=0.5, pair_row_ratio=1.0)
+    add_population_probability(rows, "all")
+    p = [r["population_probability"] for r in rows]
+    assert all(v is not None and 0 <= v <= 1 for v in p) and int(np.argmax(p)) == 7

@@ -146,7 +146,9 @@ def add_population_probability(rows: list[dict[str, Any]], schedule: str) -> Non
         if cal is None:
             continue
         for r, e in zip(members, extra):
-            r["population_probability"] = round(trojan_probability({**r["evidence"], **e}, cal), 6)
+            ev = {**r["evidence"], **e}
+            if all(isinstance(ev.get(f), (int, float)) and math.isfinite(ev[f]) for f in cal["coef"]):
+                r["population_probability"] = round(trojan_probability(ev, cal), 6)
 
 
 # --- scanning a population ----------------------------------------------------------------------

@@ -143,6 +143,12 @@ POPULATION_CALIBRATION: dict[str, dict[str, Any]] = {
                 "coef": {"log_gap": 2.6386, "log_index": 0.0, "log_ratio": 0.0, "holdout_asr": 0.3243, "pop_z": 0.0169}},
     "all": {"intercept": -3.6255,
             "coef": {"log_gap": 1.5538, "log_index": 0.0, "log_ratio": 0.0, "holdout_asr": 0.3823, "pop_z": 0.9108}},
+    # NeuralCleanse(pairs=True): the K x K pairs normalised the same way (pair_pop_z), fitted by
+    # ``--configs all+pairs --calibrate runs/digits1 runs/mnist1 --population``
+    "all+pairs": {"intercept": -8.4206,
+                  "coef": {"log_gap": 0.0, "log_index": 0.0, "log_ratio": 0.0, "holdout_asr": 0.0,
+                           "pair_log_index": 0.0, "pair_log_ratio": 0.4407, "pair_row_ratio": 0.0,
+                           "pop_z": 0.666, "pair_pop_z": 1.3779}},
 }
 
 

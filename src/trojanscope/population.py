@@ -113,7 +113,8 @@ def add_population_probability(rows: list[dict[str, Any]], schedule: str) -> Non
     :func:`~trojanscope.defenses.model._nc_evidence.trojan_probability` of the row's evidence plus
     ``pop_z`` (and ``pair_pop_z``) under ``POPULATION_CALIBRATION[schedule + "+pairs"]`` when every
     member has pair norms and that calibration exists, else ``POPULATION_CALIBRATION[schedule]``.
-    Other rows, and every row where there is no such calibration, get None. The per-model ``probability`` and ``verdict`` are left as they are.
+    Other rows, and every row where there is no such calibration, get None. The per-model
+    ``probability`` and ``verdict`` are left as they are.
     """
     from .defenses.model._nc_evidence import POPULATION_CALIBRATION, trojan_probability
 

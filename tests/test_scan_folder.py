@@ -107,6 +107,25 @@ def test_resume_keeps_finished_models(folder, folder_scan, monkeypatch, tmp_path
     assert rows[0]["probability"] == before[0]["probability"]
 
 
+def test_resume_retries_a_model_whose_worker_died(folder, folder_scan, monkeypatch, tmp_path):
+    """A row saying the worker died is no verdict on the model: a resumed run scans it again;
+    a row saying the model itself is bad is kept."""
+    import shutil
+
+    _, out = folder_scan
+    out2 = tmp_path / "crashed"
+    shutil.copytree(out, out2)
+    models = population.expand_models([str(folder)])
+    died = population._row_file(out2, models[1])
+    died.write_text(json.dumps(population._error_row(str(models[1]), "worker failed: BrokenProcessPool: gone")))
+    calls = []
+    real = population.scan_one
+    monkeypatch.setattr(population, "scan_one", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    rows = scan_population(models, ts.load_data("digits", "val"), PARAMS, out=out2)
+    assert [Path(c).name for c in calls] == ["b_clean.pt2"]
+    assert rows[1]["verdict"] == "clean" and rows[2]["verdict"] == "error"
+
+
 def test_local_processes_give_the_serial_rows(folder, folder_scan):
     _, out = folder_scan
     serial = json.loads((out / "scan.json").read_text())

@@ -355,15 +355,18 @@ def scan_population(models: list[Path], data: ImageDataset, params: dict[str, An
 
 
 def _finished_rows(models: list[Path], out: Path | None) -> tuple[dict[int, dict[str, Any]], list[int]]:
-    """The rows already in ``out/rows`` by model index, and the indices still to scan."""
+    """The rows already in ``out/rows`` by model index, and the indices still to scan (also those
+    whose worker died, ``error`` "worker failed: ...": the model gets another try, not a verdict)."""
     rows: dict[int, dict[str, Any]] = {}
     todo: list[int] = []
     for i, p in enumerate(models):
         rf = _row_file(out, p) if out is not None else None
         if rf is not None and rf.exists():
             try:
-                rows[i] = json.loads(rf.read_text())
-                continue
+                row = json.loads(rf.read_text())
+                if not str(row.get("error") or "").startswith("worker failed:"):
+                    rows[i] = row
+                    continue
             except (OSError, ValueError):
                 pass
         todo.append(i)

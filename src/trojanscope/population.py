@@ -2,7 +2,8 @@
 
 :func:`scan_population` scans a folder of models (a :mod:`~trojanscope.rounds` round, or any
 model files), one row per model, over local processes or Ray, resumably;
-:func:`population_scores` gives the ROC-AUC and cross-entropy of the per-model probabilities.
+:func:`population_scores` gives the ROC-AUC and cross-entropy of the per-model probabilities and
+:func:`score_scan` the whole score of a scan against a round's truth (``bench score``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,94 @@ def population_scores(prob: np.ndarray | list[float], truth: np.ndarray | list[b
     auc = float(roc_auc_score(t, p)) if 0 < t.sum() < t.size else math.nan
     return {"roc_auc": auc, "cross_entropy": float(log_loss(t, p, labels=[False, True])),
             "n": int(t.size), "positives": int(t.sum())}
+
+
+def reliability_bins(prob: np.ndarray | list[float], truth: np.ndarray | list[bool], *,
+                     n_bins: int = 5) -> list[dict[str, float]]:
+    """The reliability diagram of a calibrated probability: ``n_bins`` equal-width bins of
+    ``[0, 1]`` (a probability of exactly 1 falls in the last); for each non-empty bin its edges
+    ``lo``, ``hi``, the number of models ``n``, their ``mean_probability`` and the
+    ``share_backdoored`` among them. A calibrated detector has the two close in every bin."""
+    p = np.asarray(prob, dtype=np.float64)
+    t = np.asarray(truth, dtype=bool)
+    if p.shape != t.shape or p.ndim != 1:
+        raise ConfigError(f"reliability_bins needs probabilities and truth of one length, got {p.shape} and {t.shape}")
+    if n_bins < 1:
+        raise ConfigError(f"reliability_bins needs n_bins >= 1, got {n_bins}")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    ix = np.clip(np.floor(p * n_bins).astype(int), 0, n_bins - 1)
+    out = []
+    for b in range(n_bins):
+        sel = ix == b
+        if sel.any():
+            out.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(sel.sum()),
+                        "mean_probability": float(p[sel].mean()), "share_backdoored": float(t[sel].mean())})
+    return out
+
+
+#: The probability TrojAI's scoring gives a model the detector failed on.
+FAILED_PROBABILITY = 0.5
+
+
+def score_scan(rows: list[dict[str, Any]], truth: dict[str, dict[str, Any]], *, key: str = "probability",
+               threshold: float = 0.5) -> dict[str, Any]:
+    """Score a population scan against a round's truth (:func:`~trojanscope.rounds.load_truth`).
+
+    Rows are matched to truth by the model file's stem; models the round excluded (attack too
+    weak) are left out. A model that failed to scan, or has no ``key``, counts with probability
+    :data:`FAILED_PROBABILITY` (as TrojAI scores a missing answer) and is counted in ``failed``.
+
+    Returns:
+        ``roc_auc``, ``cross_entropy`` (:func:`population_scores`), ``n``, ``positives``,
+        ``false_positives`` / ``true_positives`` (probability > ``threshold``), ``a2o_target_flagged``
+        (backdoored all-to-one models called backdoored whose target is among the flagged
+        labels: ``flagged_labels`` and, for ``population_probability``, ``population_label``),
+        ``detected_by_mode``, ``correct_by_arch`` (``"hits/models"`` strings), ``reliability``
+        (:func:`reliability_bins`), ``failed``, ``unmatched`` (rows with no truth) and
+        ``unscanned`` (truth with no row), and the per-model ``models`` (name, probability, truth).
+    """
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("file"), str) for r in rows):
+        raise ConfigError("a scan is a list of rows, each with a 'file' (the scan.json of `scan FOLDER`)")
+    if not 0 <= threshold <= 1:
+        raise ConfigError(f"threshold must be in [0, 1], got {threshold}")
+    by_name = {Path(r["file"]).stem: r for r in rows}
+    kept = {n: t for n, t in truth.items() if "excluded" not in t}
+    models, failed = [], 0
+    for name, t in sorted(kept.items()):
+        r = by_name.get(name)
+        if r is None:
+            continue
+        v = r.get(key)
+        ok = r.get("error") is None and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
+            and 0 <= v <= 1
+        failed += not ok
+        flagged = [int(k) for k in (r.get("flagged_labels") or []) if isinstance(k, int)]
+        if key == "population_probability" and isinstance(r.get("population_label"), int):
+            flagged.append(int(r["population_label"]))
+        models.append({"name": name, "probability": float(v) if ok else FAILED_PROBABILITY,
+                       "backdoored": bool(t.get("backdoored")), "mode": t.get("mode"), "arch": t.get("arch"),
+                       "target": t.get("target"), "flagged": flagged})
+    if not models:
+        raise ConfigError("no scanned model matches the round's truth (rows are matched by file name)")
+    prob = np.array([m["probability"] for m in models])
+    tr = np.array([m["backdoored"] for m in models])
+    called = prob > threshold
+    out: dict[str, Any] = {"key": key, "threshold": threshold, **population_scores(prob, tr),
+                           "false_positives": int((called & ~tr).sum()), "true_positives": int((called & tr).sum())}
+    a2o = [(m, c) for m, c in zip(models, called) if m["backdoored"] and m["mode"] == "all-to-one"]
+    out["a2o_target_flagged"] = f"{sum(bool(c) and m['target'] in m['flagged'] for m, c in a2o)}/{len(a2o)}"
+    out["detected_by_mode"] = {}
+    for mode in sorted({m["mode"] for m in models if m["backdoored"]}, key=str):
+        sel = [bool(c) for m, c in zip(models, called) if m["backdoored"] and m["mode"] == mode]
+        out["detected_by_mode"][str(mode)] = f"{sum(sel)}/{len(sel)}"
+    out["correct_by_arch"] = {}
+    for arch in sorted({str(m["arch"]) for m in models}):
+        sel = [bool(c) == m["backdoored"] for m, c in zip(models, called) if str(m["arch"]) == arch]
+        out["correct_by_arch"][arch] = f"{sum(sel)}/{len(sel)}"
+    out.update(reliability=reliability_bins(prob, tr), failed=failed,
+               unmatched=sorted(set(by_name) - set(truth)), unscanned=sorted(set(kept) - set(by_name)),
+               models=[{k: m[k] for k in ("name", "probability", "backdoored", "mode", "arch")} for m in models])
+    return out
 
 
 def population_label_z(norms: np.ndarray | list, *, floor: float = 1e-3) -> np.ndarray:

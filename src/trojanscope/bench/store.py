@@ -42,9 +42,10 @@ COLUMNS = ("attack", "defense", "family", "seed", "ca_before", "asr_before", "ca
            "error")
 
 #: The result kinds the report draws (one :class:`~trojanscope.report.displays.Display` each).
-KINDS = ("scan", "heatmap", "distribution", "sanitize", "filter", "repair", "chain")
+KINDS = ("scan", "heatmap", "distribution", "sanitize", "filter", "repair", "chain", "population")
 #: The kind of a family's results where the defence's class does not say more.
-KIND_OF_FAMILY = {"model": "scan", "data": "sanitize", "input": "filter", "repair": "repair", "chain": "chain"}
+KIND_OF_FAMILY = {"model": "scan", "data": "sanitize", "input": "filter", "repair": "repair", "chain": "chain",
+                  "population": "population"}
 #: The kind of the results of model-level tools that are not detectors, by the class name a cell
 #: records (for cells whose defence is not in the registry of the reading process).
 KIND_OF_CLASS = {"MovingWindowSearch": "heatmap", "TriggerDistribution": "distribution"}

@@ -75,3 +75,4 @@ def bench(ctx: click.Context, config_path: Path | None, quick: bool, out: Path |
 
 
 from . import round as _round  # noqa: E402,F401  (registers `bench round`)
+from . import score as _score  # noqa: E402,F401  (registers `bench score`)

@@ -265,6 +265,36 @@ class FilterDisplay(Display):
         return f"{title}: filter fitted (threshold {thr}).", "neutral"
 
 
+class PopulationDisplay(Display):
+    """A detector scored over a population of models (:func:`trojanscope.population.score_scan`):
+    its reliability diagram and its probabilities of clean and backdoored models."""
+
+    kind, family = "population", "population"
+
+    def figures(self) -> list[Figure]:
+        panels = [(t, c.result) for t, c in self.panels if c.result.get("models")]
+        if not panels:
+            return []
+        figs = [{"src": plots.reliability_diagram([(t, d["reliability"]) for t, d in panels]),
+                 "caption": "Reliability: the share of backdoored models among those given about the same "
+                            "probability (numbers: models per bin). A calibrated detector stays on the dashed "
+                            "diagonal."}]
+        hist = [(t, [m["probability"] for m in d["models"] if not m["backdoored"]],
+                 [m["probability"] for m in d["models"] if m["backdoored"]], d.get("threshold")) for t, d in panels]
+        figs.append({"src": plots.score_histograms(hist, xlabel="probability", labels=("clean", "backdoored")),
+                     "caption": "The probability of each clean (blue) and backdoored (red) model; models right of "
+                                "the dashed threshold are called backdoored."})
+        return figs
+
+    def verdict(self, title: str) -> tuple[str, str]:
+        d = self.panels[0][1].result if self.panels else {}
+        if not d.get("models"):
+            return f"{title}: nothing scored.", "neutral"
+        return (f"{title}: ROC-AUC {d['roc_auc']:.3f}, cross-entropy {d['cross_entropy']:.3f} over {d['n']} models "
+                f"({d['positives']} backdoored); {d['false_positives']} false positive(s), {d['true_positives']} "
+                f"backdoor(s) found.", "neutral")
+
+
 class RepairDisplay(Display):
     """A repair: clean accuracy and attack success along its curve (pruning ratio, epochs...)."""
 
@@ -307,4 +337,4 @@ class ChainDisplay(RepairDisplay):
 #: The display of each kind of result.
 DISPLAYS: dict[str, type[Display]] = {c.kind: c for c in (ScanDisplay, HeatmapDisplay, DistributionDisplay,
                                                           SanitizerDisplay, FilterDisplay, RepairDisplay,
-                                                          ChainDisplay)}
+                                                          ChainDisplay, PopulationDisplay)}

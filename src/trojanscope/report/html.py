@@ -20,7 +20,7 @@ from .._utils.results import to_jsonable
 
 TEMPLATES = Path(__file__).parent / "templates"
 FAMILY_NAMES = {"model": "Model detection", "data": "Data sanitising", "input": "Input filtering",
-                "repair": "Repair", "chain": "Chain"}
+                "repair": "Repair", "chain": "Chain", "population": "Population score"}
 _PERCENT = {"ca_before", "asr_before", "ca_after", "asr_after", "poison_removed", "clean_removed", "far", "frr"}
 _HEADERS = {"attack": "Attack", "defense": "Defence", "family": "Family", "seed": "Seed", "ca_before": "CA",
             "asr_before": "ASR", "ca_after": "CA after", "asr_after": "ASR after", "verdict": "Verdict",

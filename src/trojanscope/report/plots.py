@@ -188,6 +188,28 @@ def score_histograms(panels: Sequence[tuple[str, Any, Any, float | None]], *, xl
         return fig_to_uri(fig)
 
 
+def reliability_diagram(panels: Sequence[tuple[str, Sequence[Mapping[str, Any]]]]) -> str:
+    """The reliability diagram of a detector's probabilities over a population: per bin
+    (:func:`trojanscope.population.reliability_bins`) the share of backdoored models against the
+    mean predicted probability, the diagonal being perfect calibration; each point is labelled
+    with its number of models. One panel per ``(title, bins)``."""
+    with plt.rc_context(_STYLE):
+        fig, axes = _grid(len(panels), width=3.0, height=3.0)
+        for ax, (title, bins) in zip(axes, panels):
+            ax.plot([0, 1], [0, 1], color=MUTED, ls="--", lw=1)
+            xs = [b["mean_probability"] for b in bins]
+            ys = [b["share_backdoored"] for b in bins]
+            ax.plot(xs, ys, "o-", color=POISON, lw=1.2, ms=4)
+            for b, x, y in zip(bins, xs, ys):
+                ax.annotate(str(b["n"]), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+            ax.set_xlim(0, 1)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlabel("predicted probability")
+            ax.set_ylabel("share backdoored")
+            ax.set_title(title)
+        return fig_to_uri(fig)
+
+
 _X_KEYS = ("ratio", "pruned", "fraction", "step", "epoch")
 _Y_KEYS = (("accuracy", "accuracy (val)", CLEAN, "-"), ("test_accuracy", "CA (test)", GOOD, "-"),
            ("attack_success", "ASR", POISON, "-"))

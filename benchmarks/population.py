@@ -46,7 +46,9 @@ import torch
 import trojanscope as ts
 from trojanscope.defenses.model.neural_cleanse import CALIBRATION, EVIDENCE, trojan_probability
 from trojanscope.defenses.model._nc_evidence import PAIR_EVIDENCE
-from trojanscope.population import add_population_probability, expand_models, population_scores, scan_population
+from trojanscope.models import load_model
+from trojanscope.population import (add_population_probability, expand_models, model_structure, population_scores,
+                                    scan_population)
 from trojanscope.rounds import load_truth
 
 torch.set_num_threads(1)
@@ -94,6 +96,8 @@ def scan_round(round_dir: Path, data: str | None, work: Path) -> dict[str, list[
             if r["error"] is None and "log_gap" not in r["evidence"]:
                 two = sorted(r["l1_norms"])
                 r["evidence"]["log_gap"] = math.log(max(two[1], 1e-6) / max(two[0], 1e-6))
+            if r["error"] is None and "structure" not in r:  # rows scanned before the fingerprint existed
+                r["structure"] = model_structure(load_model(r["file"]).model)
         print(f"# {round_dir.name} / {name}: {len(models)} models ({time.perf_counter() - t0:.0f} s this run)",
               file=sys.stderr)
         add_population_z(out[name], params["schedule"])
@@ -159,7 +163,9 @@ def feature_aurocs(pairs: list[tuple[dict, dict]], features: tuple[str, ...]) ->
     return out
 
 
-def figures(pairs: list[tuple[dict, dict]], cal: dict | None, label: str) -> dict:
+def figures(pairs: list[tuple[dict, dict]], cal: dict | None, label: str, *, population: bool = False) -> dict:
+    """The round's table row for a calibration; ``population``: the flagged labels also hold the
+    label most anomalous against the population (``population_label``, as ``bench score`` counts)."""
     ok = [(r, t) for r, t in pairs if r["error"] is None]
     truth = np.array([t["backdoored"] for _, t in ok])
     prob = np.array([trojan_probability(r["evidence"], cal) if cal else r["probability"] for r, _ in ok])
@@ -167,7 +173,8 @@ def figures(pairs: list[tuple[dict, dict]], cal: dict | None, label: str) -> dic
     s = population_scores(prob, truth)
     a2o = [(r, t, p) for (r, t), p in zip(ok, prob) if t["backdoored"] and t["mode"] == "all-to-one"]
     # flagged labels of a model called backdoored: the smallest-norm label and the MAD suspects
-    hit = sum(p > 0.5 and (t["target"] == r["evidence"]["label"] or t["target"] in r["suspects"]) for r, t, p in a2o)
+    hit = sum(p > 0.5 and (t["target"] == r["evidence"]["label"] or t["target"] in r["suspects"]
+                           or (population and t["target"] == r.get("population_label"))) for r, t, p in a2o)
     by_mode = {}
     for mode in ("all-to-one", "source-specific", "all-to-all"):
         sel = [v for (r, t), v in zip(ok, verdict) if t["backdoored"] and t["mode"] == mode]
@@ -284,6 +291,8 @@ def main() -> None:
     ap.add_argument("--fanout-n", type=int, default=8, help="models of the round the fan-out runs scan")
     ap.add_argument("--population", action="store_true",
                     help="also the per-label population normalisation of the norms (pop_z; POP_CALIBRATION)")
+    ap.add_argument("--pool", action="store_true",
+                    help="with --population: one population per data set over the given rounds, not one per round")
     ap.add_argument("--configs", default="halving,all", help=f"configurations to scan, of {', '.join(CONFIGS)}")
     a = ap.parse_args()
     ACTIVE[:] = a.configs.split(",")
@@ -299,10 +308,10 @@ def main() -> None:
             pop = {name: fit_calibration(rows, FEATURES[name] + pop_features(name)) for name, rows in train.items()}
             print("POP_CALIBRATION =", json.dumps(pop, indent=1))
             for name, rows in train.items():
-                f = figures(rows, pop[name], f"{name} + population z (fitted, training rounds)")
+                f = figures(rows, pop[name], f"{name} + population z (fitted, training rounds)", population=True)
                 print(json.dumps({k: v for k, v in f.items() if not k.startswith("_")}))
     if a.round:
-        report_round(a.round, a.data, a.work, population=a.population)
+        report_round(a.round, a.data, a.work, population=a.population, pool=a.pool)
     if a.labels43:
         labels43(a.work)
     if a.colour43:
@@ -311,8 +320,22 @@ def main() -> None:
         fanout(a.fanout, round_data(a.fanout, a.data), a.work, a.fanout_n)
 
 
-def report_round(round_dirs: list[Path], data: str, work: Path, *, population: bool = False) -> None:
+def pool_population(per_round: list[tuple[Path, dict[str, list[dict]]]], data: str | None) -> None:
+    """``--pool``: the population statistics over every given round of the same data set (one
+    held-out population per data set, as a TrojAI round is one population) instead of per round."""
+    by_data: dict[str, list[dict[str, list[dict]]]] = {}
+    for d, sc in per_round:
+        by_data.setdefault(round_data(d, data), []).append(sc)
+    for scs in by_data.values():
+        for name in ACTIVE:
+            add_population_z([r for sc in scs for r in sc[name]], CONFIGS[name]["schedule"])
+
+
+def report_round(round_dirs: list[Path], data: str, work: Path, *, population: bool = False,
+                 pool: bool = False) -> None:
     per_round = [(d, scan_round(d, data, work)) for d in round_dirs]
+    if pool:
+        pool_population(per_round, data)
     scans = {name: [r for _, sc in per_round for r in sc[name]] for name in ACTIVE}
     pairs_by = {name: [pr for d, sc in per_round for pr in truth_rows(d, sc[name])] for name in ACTIVE}
     kept = [t for _, t in pairs_by[ACTIVE[0]]]
@@ -328,7 +351,8 @@ def report_round(round_dirs: list[Path], data: str, work: Path, *, population: b
         feats = FEATURES[name] + (pop_features(name) if population else ())
         print(json.dumps({"config": name, "feature_auroc": feature_aurocs(pairs, feats)}))
         if population and name in POP_CALIBRATION:
-            table.append(figures(pairs, POP_CALIBRATION[name], f"{name}, probability with population z"))
+            table.append(figures(pairs, POP_CALIBRATION[name], f"{name}, probability with population z",
+                                 population=True))
         if name not in CALIBRATION:
             continue
         f = figures(pairs, CALIBRATION[name], f"{name} schedule, probability")

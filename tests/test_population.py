@@ -331,6 +331,58 @@ def test_population_probability_rows():
     assert all(r["population_probability"] is None for r in rows)
 
 
+def test_population_is_normalised_per_architecture_with_enough_members():
+    """Two architectures of the same labels, each with its own easy label (2 for ``a``, 5 for the
+    ``b`` models): over the mixed population every ``b`` model's label 5 looks anomalous; with
+    ``structure`` each architecture is normalised against its own models, so no clean model is
+    anyone's anomaly and the planted label 3 of a ``b`` model stands out. An architecture with
+    fewer than MIN_STRUCTURE_POPULATION members falls back to the whole label set."""
+    from trojanscope.population import MIN_STRUCTURE_POPULATION as M, add_population_probability
+
+    rng = np.random.default_rng(2)
+    usual_a = np.array([40.0, 45.0, 12.0, 50.0, 42.0, 38.0, 47.0, 44.0, 41.0, 46.0])
+    usual_b = usual_a.copy()
+    usual_b[[2, 5]] = 44.0, 10.0
+
+    def row(usual, structure):
+        return {"file": "m", "error": None, "structure": structure, "l1_norms": list(usual * rng.lognormal(0.0, 0.05, 10)),
+                "evidence": {"label": 0, "log_gap": 0.3, "log_index": 2.0, "log_ratio": 0.2, "holdout_asr": 0.95}}
+
+    na = M + 5
+    rows = [row(usual_a, "a") for _ in range(na)] + [row(usual_b, "b") for _ in range(M)]
+    planted = na + 3
+    rows[planted]["l1_norms"][3] = 6.0  # a backdoor in a "b" model
+    mixed = [{k: v for k, v in r.items() if k != "structure"} for r in rows]
+    add_population_probability(mixed, "all")
+    clean_b = [i for i in range(na, na + M) if i != planted]
+    assert all(mixed[i]["population_label"] == 5 for i in clean_b)
+    assert min(mixed[i]["population_z"] for i in clean_b) > max(r["population_z"] for r in mixed[:na])
+    add_population_probability(rows, "all")
+    z = [r["population_z"] for r in rows]
+    assert rows[planted]["population_label"] == 3 and int(np.argmax(z)) == planted
+    assert not any(rows[i]["population_label"] == 5 for i in clean_b)
+    assert max(z[i] for i in clean_b) < min(mixed[i]["population_z"] for i in clean_b)
+    # one "b" model short of a population of its own: the b models are judged by the whole set again
+    add_population_probability(rows[:na + M - 1], "all")
+    assert all(r["population_label"] == 5 for i, r in enumerate(rows[na:na + M - 1], na) if i != planted)
+
+
+def test_model_structure_is_the_architecture_not_the_weights():
+    from trojanscope.population import model_structure
+
+    torch.manual_seed(0)
+    a, b = (torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(10)) for _ in range(2))
+    a(torch.zeros(1, 1, 8, 8)), b(torch.zeros(1, 1, 8, 8))
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(1.0)
+    wide = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    narrow = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 12))
+    assert model_structure(a) == model_structure(b) and len(model_structure(a)) == 12
+    assert model_structure(wide) != model_structure(narrow) != model_structure(a)
+
+
 def test_population_pair_z_leaves_the_diagonal_out():
     """``(M, K, K)`` pair norms: the NaN diagonal stays NaN and does not enter the medians; the
     off-diagonal cells are normalised as labels are (the same formula, by hand)."""

@@ -54,7 +54,7 @@ def test_folder_scan_writes_one_row_per_model(folder_scan, folder):
     assert 0 <= float(clean["probability"]) < 0.5 < float(planted["probability"]) <= 1
     assert broken["verdict"] == "error" and "unknown model format" in broken["error"] and broken["probability"] == ""
     # three models are too few for the per-label population statistics
-    assert [x["population_probability"] for x in rows] == ["", "", ""]
+    assert [x["population_probability"] for x in rows] == [x["population_label"] for x in rows] == ["", "", ""]
     js = json.loads((out / "scan.json").read_text())
     assert js == json.loads((out / "rows.json").read_text())
     assert [set(SCAN_COLUMNS) <= set(x) for x in js] == [True] * 3

@@ -175,6 +175,10 @@ def _nanmedian0(a: np.ndarray) -> np.ndarray:
 #: The fewest models of one label set that :func:`add_population_probability` normalises over: a
 #: per-label median over fewer models is carried by the few whose backdoor targets that label.
 MIN_POPULATION = 10
+#: The fewest models of one architecture (``structure``) that are normalised against their own
+#: architecture instead of the whole label set: over 10-12 models of one architecture the medians
+#: were noisier than the gain (benchmarks/README.md, "Population detection").
+MIN_STRUCTURE_POPULATION = 15
 
 
 def _pair_matrix(r: dict[str, Any], k: int) -> np.ndarray | None:
@@ -191,6 +195,30 @@ def _pair_matrix(r: dict[str, Any], k: int) -> np.ndarray | None:
     return a
 
 
+def model_structure(model: torch.nn.Module) -> str:
+    """A fingerprint of a model's architecture: 12 hex digits of the SHA-1 of its state dict's
+    tensor shapes and dtypes, in order (names, values and code left out). Two models of the same
+    architecture, input size and label count share it; it is read from the loaded module's
+    tensors only, so a hostile file can at worst make its model look like another architecture."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for t in model.state_dict().values():
+        if isinstance(t, torch.Tensor):
+            h.update(f"{tuple(t.shape)}:{t.dtype};".encode())
+    return h.hexdigest()[:12]
+
+
+def _structure_groups(members: list[dict[str, Any]]) -> list[list[int]]:
+    """Indices into ``members`` (rows of one label count) of each ``structure`` (architecture,
+    :func:`model_structure`) with at least :data:`MIN_STRUCTURE_POPULATION` rows, when the members hold
+    more than one structure."""
+    by: dict[Any, list[int]] = {}
+    for i, r in enumerate(members):
+        by.setdefault(r.get("structure"), []).append(i)
+    return [ix for s, ix in by.items() if s is not None and MIN_STRUCTURE_POPULATION <= len(ix) < len(members)]
+
+
 def add_population_probability(rows: list[dict[str, Any]], schedule: str) -> None:
     """Add ``population_z`` (minus the lowest :func:`population_label_z` of the model's labels),
     ``population_label`` (that label) and ``population_probability`` to each scanned row, in place;
@@ -198,7 +226,10 @@ def add_population_probability(rows: list[dict[str, Any]], schedule: str) -> Non
     (source, target), the same over the K x K pairs.
 
     The population is the rows that scanned (no ``error``) with finite norms for the same number
-    of labels, at least :data:`MIN_POPULATION` of them; the probability is
+    of labels, at least :data:`MIN_POPULATION` of them; a model whose ``structure``
+    (:func:`model_structure`) has that many members of its own is normalised against those
+    (architectures differ in which labels come easy), the others against the whole label set.
+    The probability is
     :func:`~trojanscope.defenses.model._nc_evidence.trojan_probability` of the row's evidence plus
     ``pop_z`` (and ``pair_pop_z``) under ``POPULATION_CALIBRATION[schedule + "+pairs"]`` when every
     member has pair norms and that calibration exists, else ``POPULATION_CALIBRATION[schedule]``.
@@ -219,14 +250,22 @@ def add_population_probability(rows: list[dict[str, Any]], schedule: str) -> Non
     for k, members in groups.items():
         if len(members) < MIN_POPULATION:
             continue
-        z = population_label_z([[max(float(v), 1e-6) for v in r["l1_norms"]] for r in members])
+        subgroups = _structure_groups(members)
+
+        def z_over(cells: list[np.ndarray]) -> np.ndarray:
+            z = population_label_z(np.stack(cells))
+            for ix in subgroups:  # an architecture with a population of its own: against its own
+                z[ix] = population_label_z(np.stack([cells[i] for i in ix]))
+            return z
+
+        z = z_over([np.array([max(float(v), 1e-6) for v in r["l1_norms"]]) for r in members])
         extra = [{"pop_z": float(-zi.min())} for zi in z]
         for r, zi, e in zip(members, z, extra):
             r["population_z"], r["population_label"] = round(e["pop_z"], 4), int(zi.argmin())
         pairs = [_pair_matrix(r, k) for r in members]
         key = schedule
         if all(p is not None for p in pairs):
-            pz = population_label_z(np.stack(pairs))
+            pz = z_over(pairs)
             for r, zi, e in zip(members, pz, extra):
                 e["pair_pop_z"] = float(-np.nanmin(zi))
                 src, tgt = np.unravel_index(int(np.nanargmin(zi)), zi.shape)
@@ -244,7 +283,8 @@ def add_population_probability(rows: list[dict[str, Any]], schedule: str) -> Non
 # --- scanning a population ----------------------------------------------------------------------
 
 #: The columns of a population scan's table (``scan.csv``).
-SCAN_COLUMNS = ("file", "probability", "verdict", "flagged_labels", "seconds", "error", "population_probability")
+SCAN_COLUMNS = ("file", "probability", "verdict", "flagged_labels", "seconds", "error", "population_probability",
+                "population_label")
 
 
 def expand_models(items: list[str | Path]) -> list[Path]:
@@ -329,6 +369,7 @@ def scan_one(model: str | Path | dict[str, bytes], data: ImageDataset, params: d
             res = NeuralCleanse(**params).scan(lm.model, fit_to_model(data, lm))
         row.update(probability=round(float(res.probability), 6), verdict="backdoor" if res.infected else "clean",
                    flagged_labels=list(res.flagged_labels), format=lm.format,
+                   structure=model_structure(lm.model),
                    evidence={k: v for k, v in res.evidence.items() if k != "calibration"},
                    suspects=res.details["suspects"], l1_norms=[round(float(v), 4) for v in res.l1_norms],
                    image_passes=res.image_passes)
@@ -371,6 +412,7 @@ def write_scan_table(rows: list[dict[str, Any]], out: Path) -> None:
         w.writerow({**r, "flagged_labels": " ".join(str(v) for v in r.get("flagged_labels") or []),
                     "probability": "" if r.get("probability") is None else r["probability"],
                     "population_probability": "" if r.get("population_probability") is None else r["population_probability"],
+                    "population_label": "" if r.get("population_label") is None else r["population_label"],
                     "error": r.get("error") or ""})
     _write_atomic(out / "scan.csv", buf.getvalue())
     _write_atomic(out / "scan.json", json.dumps(rows, indent=2) + "\n")

@@ -72,8 +72,9 @@ def scan_population(models: list[Path], data: Any, params: dict[str, Any], *, ou
     echo = click.echo if str(json_path) != "-" else (lambda m: click.echo(m, err=True))
     cols = ["file", "probability", "verdict", "flagged_labels", "seconds", "error"]
     if any(r.get("population_probability") is not None for r in rows):
-        cols.insert(2, "population_probability")
-    echo(table(rows, cols, headers={"flagged_labels": "flagged", "population_probability": "population p"}))
+        cols[2:2] = ["population_probability", "population_label"]
+    echo(table(rows, cols, headers={"flagged_labels": "flagged", "population_probability": "population p",
+                                    "population_label": "population label"}))
     failed = sum(r["verdict"] == "error" for r in rows)
     found = sum(r["verdict"] == "backdoor" for r in rows)
     echo(f"\n{len(rows)} models: {found} backdoored, {len(rows) - found - failed} clean, {failed} failed"

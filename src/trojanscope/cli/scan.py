@@ -40,7 +40,9 @@ NC_OPTIONS: dict[str, str | None] = {
     "min_ratio": "...and when its norm is at least this many times below the median norm (a guard for clean norms "
                  "that agree within a few per cent, where the MAD is tiny; 1 turns it off, as the paper).",
     "pairs": "Also reverse a trigger for every (source, target) pair, for source-specific and all-to-all backdoors "
-             "(K(K-1) more jobs; reported as evidence, not yet part of the verdict).",
+             "(K(K-1) more jobs; about 5x the image passes of --schedule all). Evidence for one model; over a "
+             "population of 10 or more, part of the population probability (with --schedule all, its calibrated "
+             "setting).",
 }
 
 log = logging.getLogger("trojanscope.scan")

@@ -227,8 +227,9 @@ def add_population_probability(rows: list[dict[str, Any]], schedule: str) -> Non
 
     The population is the rows that scanned (no ``error``) with finite norms for the same number
     of labels, at least :data:`MIN_POPULATION` of them; a model whose ``structure``
-    (:func:`model_structure`) has that many members of its own is normalised against those
-    (architectures differ in which labels come easy), the others against the whole label set.
+    (:func:`model_structure`) has at least :data:`MIN_STRUCTURE_POPULATION` members of its own is
+    normalised against those (architectures differ in which labels come easy), the others against
+    the whole label set.
     The probability is
     :func:`~trojanscope.defenses.model._nc_evidence.trojan_probability` of the row's evidence plus
     ``pop_z`` (and ``pair_pop_z``) under ``POPULATION_CALIBRATION[schedule + "+pairs"]`` when every

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from trojanscope.cli import cli
-from trojanscope.errors import ConfigError
+from trojanscope.errors import ConfigError, DataError
 from trojanscope.population import FAILED_PROBABILITY, reliability_bins, score_scan
 
 PROB = [0.9, 0.2, 0.7, 0.4, 0.1, None]          # the last model failed to scan
@@ -95,3 +95,45 @@ def test_cli_refuses_a_fifo_and_a_bad_truth(tmp_path):
     assert r.exit_code == 2 and "not a round's truth" in r.output
     r = CliRunner().invoke(cli, ["bench", "score", str(tmp_path / "scan.json"), str(tmp_path)])
     assert r.exit_code == 2 and "holds no truth" in r.output
+
+
+def test_read_json_file_guards(tmp_path):
+    """The one guarded JSON reader: size cap, FIFO, nesting, encoding, each one DataError."""
+    from trojanscope._utils.limits import read_json_file
+
+    f = tmp_path / "a.json"
+    f.write_text(json.dumps({"rows": list(range(100))}))
+    assert read_json_file(f)["rows"][-1] == 99
+    with pytest.raises(DataError, match="more than"):
+        read_json_file(f, "scan", max_bytes=64)
+    f.write_text("[" * 100000)
+    with pytest.raises(DataError, match="nests too deeply|not valid JSON"):
+        read_json_file(f)
+    f.write_bytes(b"\xff\xfe[]")
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_json_file(f)
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(DataError, match="FIFO"):
+        read_json_file(tmp_path / "fifo")
+
+
+def test_a_hostile_scan_result_is_refused(tmp_path):
+    """``repair --scan DIR`` reads a scan result the user was handed: a deeply nested scan.json
+    is a DataError (exit 2), not a RecursionError."""
+    from trojanscope.defenses.model.neural_cleanse import NeuralCleanseResult
+
+    (tmp_path / "scan.json").write_text("[" * 100000)
+    (tmp_path / "scan.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(DataError):
+        NeuralCleanseResult.load(tmp_path)
+
+
+def test_load_truth_checks_the_rows(tmp_path):
+    from trojanscope.rounds import load_truth
+
+    (tmp_path / "truth").mkdir()
+    (tmp_path / "truth" / "m.json").write_text(json.dumps({"name": "m", "backdoored": "yes"}))
+    with pytest.raises(DataError, match="not a round's truth"):
+        load_truth(tmp_path)
+    (tmp_path / "truth" / "m.json").write_text(json.dumps({"name": "m", "backdoored": False}))
+    assert load_truth(tmp_path) == {"m": {"name": "m", "backdoored": False}}

@@ -37,7 +37,7 @@ from torch import nn
 
 from .attacks.badnets import BadNets
 from .data.dataset import ImageDataset
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .metrics import attack_success_rate, clean_accuracy
 from .triggers import Trigger
 
@@ -299,11 +299,24 @@ def generate_round(out: str | Path, spec: RoundSpec | None = None, *,
     return rows
 
 
-def load_truth(round_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """The truth rows of a round by model file stem (for scoring only)."""
-    d = Path(round_dir)
-    rows = {}
-    for p in sorted((d / "truth").glob("*.json")):
-        r = json.loads(p.read_text())
-        rows[r["name"]] = r
-    return rows
+def load_truth(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The truth rows of a round by model file stem (for scoring only): a round folder
+    (``truth/*.json``, or its ``truth.json``) or a ``truth.json``. Each file is read with the
+    guards of :func:`~trojanscope._utils.limits.read_json_file` and every row must have a
+    string ``name`` and a boolean ``backdoored``; anything else is a :class:`DataError`."""
+    from ._utils.limits import read_json_file
+
+    p = Path(path)
+    if p.is_dir():
+        files = sorted((p / "truth").glob("*.json")) if (p / "truth").is_dir() else []
+        if not files and (p / "truth.json").exists():
+            return load_truth(p / "truth.json")
+        if not files:
+            raise DataError(f"{p} holds no truth (truth/*.json or truth.json of `trojanscope bench round`)")
+        rows: Any = [read_json_file(f, "truth file") for f in files]
+    else:
+        rows = read_json_file(p, "truth file")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str)
+                                             and isinstance(r.get("backdoored"), bool) for r in rows):
+        raise DataError(f"truth {p} is not a round's truth (rows with 'name' and 'backdoored')")
+    return {r["name"]: r for r in rows}

@@ -90,3 +90,32 @@ def require_regular_file(path: str | Path, what: str = "input") -> Path:
                 else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device file")
         raise DataError(f"{what} {p} is {kind}, not a regular file")
     return p
+
+
+MAX_JSON_BYTES = 256 << 20
+"""The largest JSON document read (a scan row is a few KiB, a pair scan's about 10 KiB)."""
+
+
+def read_json_file(path: str | Path, what: str = "JSON file", *, max_bytes: int = MAX_JSON_BYTES) -> object:
+    """The parsed JSON of ``path``, a regular UTF-8 file of at most ``max_bytes``; a FIFO, an
+    oversized file, bytes that are not UTF-8, text that is not JSON or nests too deeply for the
+    parser are each refused with one :class:`DataError` naming ``what``. The caller checks the
+    document's shape."""
+    import json
+
+    p = require_regular_file(path, what)
+    size = p.stat().st_size
+    if size <= max_bytes:
+        with open(p, "rb") as f:  # at most one byte past the cap, should the file grow meanwhile
+            raw = f.read(max_bytes + 1)
+        size = len(raw)
+    if size > max_bytes:
+        raise DataError(f"{what} {p} is {human(size)}, more than the {human(max_bytes)} it may be")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{what} {p} is not UTF-8 text") from None
+    except ValueError as e:
+        raise DataError(f"{what} {p} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise DataError(f"{what} {p} nests too deeply") from None

@@ -13,25 +13,11 @@ from ._common import table, write_json
 from ._paths import check_output_file
 from .bench import bench
 
-#: The largest scan or truth file read (a scan row is a few KiB; pair scans about 10 KiB).
-MAX_JSON_BYTES = 256 << 20
-
 
 def _read_json(path: Path, what: str) -> Any:
-    from .._utils.limits import human, require_regular_file
+    from .._utils.limits import read_json_file
 
-    p = require_regular_file(path, what)
-    size = p.stat().st_size
-    if size > MAX_JSON_BYTES:
-        raise DataError(f"{what} {p} is {human(size)}, more than the {human(MAX_JSON_BYTES)} a scan or truth file can be")
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise DataError(f"{what} {p} is not UTF-8 text") from None
-    except ValueError as e:
-        raise DataError(f"{what} {p} is not valid JSON ({e})") from None
-    except RecursionError:
-        raise DataError(f"{what} {p} nests too deeply") from None
+    return read_json_file(path, what)
 
 
 def read_scan(path: Path) -> list[dict[str, Any]]:
@@ -45,20 +31,10 @@ def read_scan(path: Path) -> list[dict[str, Any]]:
 
 
 def read_truth(path: Path) -> dict[str, dict[str, Any]]:
-    """A round's truth by model name: a round folder (``truth/*.json``) or its ``truth.json``."""
-    if path.is_dir():
-        files = sorted((path / "truth").glob("*.json")) if (path / "truth").is_dir() else []
-        if not files and (path / "truth.json").exists():
-            return read_truth(path / "truth.json")
-        if not files:
-            raise DataError(f"{path} holds no truth (truth/*.json or truth.json of `trojanscope bench round`)")
-        rows = [_read_json(f, "truth file") for f in files]
-    else:
-        rows = _read_json(path, "truth file")
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str)
-                                             and isinstance(r.get("backdoored"), bool) for r in rows):
-        raise DataError(f"truth {path} is not a round's truth (rows with 'name' and 'backdoored')")
-    return {r["name"]: r for r in rows}
+    """A round's truth by model name (:func:`trojanscope.rounds.load_truth`)."""
+    from ..rounds import load_truth
+
+    return load_truth(path)
 
 
 @bench.command("score")

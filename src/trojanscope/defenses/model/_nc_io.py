@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..._utils.limits import require_regular_file
+from ..._utils.limits import read_json_file, require_regular_file
 from ..._utils.results import to_jsonable
 from ...errors import DataError
 from ...triggers import Trigger, TriggerBatch
@@ -93,8 +93,8 @@ def load_result(cls: type["NeuralCleanseResult"], directory: str | Path) -> "Neu
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        doc = read_json_file(path, "scan result")
+    except OSError as e:
         raise DataError(f"{path}: not a scan result ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise DataError(f"{path}: not a scan result written by NeuralCleanseResult.save (write one with "

@@ -19,7 +19,7 @@ from _models import CornerPatchNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TARGET = 2
-PARAMS = dict(epochs=40, steps_per_epoch=2, n_samples=160, n_holdout=200)
+PARAMS = dict(epochs=40, steps_per_epoch=2, n_samples=160)  # what ARGS give the CLI
 ARGS = ["--data", "digits", "--epochs", "40", "--n-samples", "160"]
 
 
@@ -148,3 +148,37 @@ def test_ray_on_a_local_instance_gives_the_serial_rows(folder, folder_scan):
     assert [(r["verdict"], r["probability"], r["flagged_labels"]) for r in rows] == \
         [(r["verdict"], r["probability"], r["flagged_labels"]) for r in serial]
     assert "unknown model format" in rows[2]["error"]
+
+
+def test_resume_rescans_a_replaced_model_or_other_settings(folder, monkeypatch, tmp_path):
+    """A stored row belongs to one model file and one scan setting: replace the file, or rerun
+    into the same folder with other settings or data, and the model is scanned again instead of
+    keeping the other run's verdict."""
+    import os
+    import shutil
+
+    d = tmp_path / "models"
+    d.mkdir()
+    for name in ("a_planted.pt2", "b_clean.pt2"):
+        shutil.copy(folder / name, d / name)
+    models = population.expand_models([str(d)])
+    val = ts.load_data("digits", "val")
+    out = tmp_path / "out"
+    first = scan_population(models, val, PARAMS, out=out)
+    assert [r["verdict"] for r in first] == ["backdoor", "clean"]
+    calls = []
+    real = population.scan_one
+    monkeypatch.setattr(population, "scan_one", lambda *a, **k: calls.append(Path(a[0]).name) or real(*a, **k))
+    scan_population(models, val, PARAMS, out=out)
+    assert calls == []
+    shutil.copy(d / "b_clean.pt2", d / "a_planted.pt2")            # a different model under the old name
+    st = (d / "b_clean.pt2").stat()
+    os.utime(d / "a_planted.pt2", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    rows = scan_population(models, val, PARAMS, out=out)
+    assert calls == ["a_planted.pt2"] and rows[0]["verdict"] == "clean"
+    calls.clear()
+    scan_population(models, val, {**PARAMS, "epochs": 30}, out=out)  # other settings
+    assert calls == ["a_planted.pt2", "b_clean.pt2"]
+    calls.clear()
+    scan_population(models, ts.load_data("digits", "test"), {**PARAMS, "epochs": 30}, out=out)  # other data
+    assert calls == ["a_planted.pt2", "b_clean.pt2"]

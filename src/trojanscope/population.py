@@ -457,12 +457,14 @@ def scan_population(models: list[Path], data: ImageDataset, params: dict[str, An
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     if backend not in ("auto", "ray", "processes", "serial"):
         raise ConfigError(f"unknown backend {backend!r}")
-    rows, todo = _finished_rows(models, out)
+    setting = _setting_digest(data, params) if out is not None else ""
+    rows, todo = _finished_rows(models, out, setting)
 
     def finish(i: int, row: dict[str, Any]) -> None:
         rows[i] = row
         if out is not None:
-            _write_atomic(_row_file(out, models[i]), json.dumps(row, indent=2) + "\n")
+            stamp = {"_stamp": _file_stamp(models[i], setting)}
+            _write_atomic(_row_file(out, models[i]), json.dumps({**row, **stamp}, indent=2) + "\n")
         if on_row is not None:
             on_row(row)
 
@@ -486,9 +488,42 @@ def scan_population(models: list[Path], data: ImageDataset, params: dict[str, An
     return result
 
 
-def _finished_rows(models: list[Path], out: Path | None) -> tuple[dict[int, dict[str, Any]], list[int]]:
-    """The rows already in ``out/rows`` by model index, and the indices still to scan (also those
-    whose worker died, ``error`` "worker failed: ...": the model gets another try, not a verdict)."""
+def _setting_digest(data: ImageDataset, params: dict[str, Any]) -> str:
+    """What a stored row was scanned with: the scan settings as Neural Cleanse resolves them (so two
+    spellings of the same settings agree) and the clean data's images and labels."""
+    import hashlib
+
+    from ._utils.results import to_jsonable
+    from .defenses.model.neural_cleanse import NeuralCleanse
+
+    try:
+        resolved = {k: v for k, v in NeuralCleanse(**params).get_params().items() if k != "device"}
+    except Exception:  # settings it refuses: every model's row will say so; digest them as given
+        resolved = dict(params)
+    h = hashlib.sha256(json.dumps(to_jsonable(resolved), sort_keys=True, default=str).encode())
+    h.update(f"{tuple(data.x.shape)}:{data.num_classes};".encode())
+    h.update(data.x.contiguous().numpy().tobytes())
+    h.update(data.y.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _file_stamp(path: Path, setting: str) -> str:
+    """A stored row's claim to be current: the model file's size and modification time, and the
+    settings it was scanned with (:func:`_setting_digest`)."""
+    try:
+        st = Path(path).stat()
+        return f"{st.st_size}:{st.st_mtime_ns}:{setting}"
+    except OSError:
+        return f"missing:{setting}"
+
+
+def _finished_rows(models: list[Path], out: Path | None,
+                   setting: str = "") -> tuple[dict[int, dict[str, Any]], list[int]]:
+    """The rows already in ``out/rows`` by model index, and the indices still to scan: those without
+    a row, those whose worker died (``error`` "worker failed: ...": the model gets another try, not a
+    verdict), and those whose model file or scan settings changed since (:func:`_file_stamp`), so a
+    replaced model or a rerun with other settings never gets another run's verdict. (Rows written
+    before the stamp existed have none and are kept.)"""
     rows: dict[int, dict[str, Any]] = {}
     todo: list[int] = []
     for i, p in enumerate(models):
@@ -496,7 +531,9 @@ def _finished_rows(models: list[Path], out: Path | None) -> tuple[dict[int, dict
         if rf is not None and rf.exists():
             try:
                 row = json.loads(rf.read_text())
-                if not str(row.get("error") or "").startswith("worker failed:"):
+                stamp = row.pop("_stamp", None) if isinstance(row, dict) else None
+                if (isinstance(row, dict) and not str(row.get("error") or "").startswith("worker failed:")
+                        and stamp in (None, _file_stamp(p, setting))):
                     rows[i] = row
                     continue
             except (OSError, ValueError):

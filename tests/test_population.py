@@ -224,7 +224,7 @@ def test_drawn_configurations_and_triggers_are_in_range():
         cfg = draw_config(rng, backdoored=True, mode=mode, arch="mnist_cnn", num_classes=10, image_shape=(1, 28, 28))
         t = cfg["trigger"]
         kinds.add(t["kind"])
-        assert 0.01 <= cfg["rate"] <= 0.15
+        assert (0.10 if mode == "all-to-all" else 0.01) <= cfg["rate"] <= 0.15
         if t["kind"] == "blend":
             assert 0.05 <= t["alpha"] <= 0.3
         else:
@@ -262,6 +262,33 @@ def test_generate_round_writes_programs_and_separate_truth(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "models").iterdir()} == before
     with pytest.raises(ConfigError, match="other settings"):
         generate_round(tmp_path, RoundSpec(n=4, seed=3, data="digits", epochs=1))
+
+
+def test_all_to_all_members_train_longer_on_the_whole_split(tmp_path, monkeypatch):
+    """An all-to-all slot trains on the whole train split for all_to_all_epoch_factor x the
+    epochs (its backdoor is learnt from a tenth of the poison per label); the others on their
+    subset for the round's epochs."""
+    import trojanscope.rounds as rounds
+
+    seen = {}
+
+    def fake_train(cfg, train, test, *, epochs):
+        seen[cfg.get("mode")] = (len(train), epochs)
+        model = rounds.build_architecture(cfg["arch"], train.image_shape, train.num_classes, 0)
+        figs = {"clean_accuracy": 0.9, "train_seconds": 0.0}
+        if cfg["backdoored"]:
+            figs.update(attack_success=1.0, trigger_name="t", trigger_l1=1.0)
+        return model.eval(), figs
+
+    monkeypatch.setattr(rounds, "train_member", fake_train)
+    spec = RoundSpec(n=6, seed=1, data="digits", epochs=2, train_size=300, architectures=("mnist_cnn",))
+    generate_round(tmp_path, spec)
+    from trojanscope.data import load_data
+
+    full = len(load_data("digits", "train"))
+    assert seen["all-to-all"] == (full, 2 * spec.all_to_all_epoch_factor)
+    assert seen["all-to-one"][1] == seen["source-specific"][1] == seen[None][1] == 2
+    assert seen["all-to-one"][0] < full
 
 
 def test_population_scores_against_hand_computation():

@@ -12,10 +12,17 @@ validation split of the data it was trained on (its ``round.json``).
     trojanscope bench round --data digits --epochs 15 --train-size 0 --n 40 --seed 2 --out runs/digits2
     trojanscope bench round --data digits --epochs 15 --train-size 0 --n 24 --seed 3 --out runs/digits3
     trojanscope bench round --data mnist5k --n 40 --seed 2 --out runs/mnist2
+    # fresh held-out rounds, made after the settings were chosen on the ones above
+    trojanscope bench round --data digits --epochs 15 --train-size 0 --n 48 --seed 4 --out runs/digits4
+    trojanscope bench round --data mnist5k --n 48 --seed 3 --out runs/mnist3
     # fit the calibration on the training rounds (prints CALIBRATION for _nc_evidence.py)
     python benchmarks/population.py --calibrate runs/digits1 runs/mnist1
     # the figures on the held-out rounds, scored together (and the decision rules' table)
     python benchmarks/population.py runs/digits2 runs/digits3 runs/mnist2
+    # the pair scans, one population per data set (the figures of issue 15), and on the fresh rounds
+    python benchmarks/population.py --configs all+pairs --calibrate runs/digits1 runs/mnist1 --population
+    python benchmarks/population.py --configs all+pairs runs/digits2 runs/digits3 runs/mnist2 --population --pool
+    python benchmarks/population.py --configs all+pairs runs/digits4 runs/mnist3 --population --pool
     # the same with the per-label population normalisation (pop_z; POP_CALIBRATION)
     python benchmarks/population.py --calibrate runs/digits1 runs/mnist1 --population
     python benchmarks/population.py runs/digits2 runs/digits3 runs/mnist2 --population
@@ -68,8 +75,9 @@ FEATURES = {"halving": EVIDENCE, "all": EVIDENCE, "halving+pairs": EVIDENCE + PA
 #: ``--population``: the per-label population normalisation (:func:`population_label_z`), computed
 #: within each round, added to the evidence (``pop_z``: minus the lowest z of the model's labels)
 POP_FEATURES = ("pop_z",)
-#: the same for a pair scan: also ``pair_pop_z``, the normalisation over the K x K pairs
-POP_PAIR_FEATURES = ("pop_z", "pair_pop_z")
+#: the same for a pair scan: also ``pair_pop_z``, the normalisation over the K x K pairs, and
+#: ``pair_rows_pop_z``, its mean over the sources of each source's lowest pair z
+POP_PAIR_FEATURES = ("pop_z", "pair_pop_z", "pair_rows_pop_z")
 #: ``--population``'s calibration, fitted by ``--calibrate runs/digits1 runs/mnist1 --population``
 #: (the same logistic fit as CALIBRATION); ``scan FOLDER`` uses it for ``population_probability``
 from trojanscope.defenses.model._nc_evidence import POPULATION_CALIBRATION as POP_CALIBRATION  # noqa: E402
@@ -114,6 +122,8 @@ def add_population_z(rows: list[dict], schedule: str) -> None:
             r["evidence"]["pop_z"] = r["population_z"]
         if r.get("population_pair_z") is not None:
             r["evidence"]["pair_pop_z"] = r["population_pair_z"]
+        if r.get("population_pair_rows_z") is not None:
+            r["evidence"]["pair_rows_pop_z"] = r["population_pair_rows_z"]
 
 
 def truth_rows(round_dir: Path, rows: list[dict]) -> list[tuple[dict, dict]]:

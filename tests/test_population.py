@@ -436,6 +436,9 @@ def test_population_pair_z_leaves_the_diagonal_out():
              "pair_l1_norms": [[None if i == j else float(p[i, j]) for j in range(k)] for i in range(k)]} for p in pairs]
     add_population_probability(rows, "all")
     assert rows[7]["population_pair"] == [1, 3] and rows[7]["population_pair_z"] == max(r["population_pair_z"] for r in rows)
+    # the rows statistic: the mean over sources of each source's lowest pair z, by hand
+    for i, r in enumerate(rows):
+        assert r["population_pair_rows_z"] == pytest.approx(np.mean(-np.nanmin(z[i], axis=1)), abs=1e-4)
     # without the pair scan's own evidence the pair calibration cannot apply: no probability, no error
     assert all(r["population_probability"] is None for r in rows)
     for r in rows:  # with it, the pair calibration ranks the planted pair's model first

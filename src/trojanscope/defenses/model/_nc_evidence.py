@@ -136,19 +136,21 @@ CALIBRATION: dict[str, dict[str, Any]] = {
 #: The calibration of a population's probability (:func:`trojanscope.population.add_population_probability`):
 #: :data:`CALIBRATION`'s evidence plus ``pop_z``, the per-label population normalisation of the norms
 #: (:func:`trojanscope.population.population_label_z`), fitted the same way on the same training rounds
-#: (``benchmarks/population.py --calibrate runs/digits1 runs/mnist1 --population``); on the held-out
+#: (``benchmarks/population.py --calibrate runs/digits1 runs/mnist1 --population``, with the
+#: per-architecture populations of :data:`~trojanscope.population.MIN_STRUCTURE_POPULATION` models); on the held-out
 #: rounds under ``schedule="all"`` it raised ROC-AUC from 0.66 to 0.85 (benchmarks/README.md).
 POPULATION_CALIBRATION: dict[str, dict[str, Any]] = {
-    "halving": {"intercept": -2.3727,
-                "coef": {"log_gap": 2.6386, "log_index": 0.0, "log_ratio": 0.0, "holdout_asr": 0.3243, "pop_z": 0.0169}},
-    "all": {"intercept": -3.6255,
-            "coef": {"log_gap": 1.5538, "log_index": 0.0, "log_ratio": 0.0, "holdout_asr": 0.3823, "pop_z": 0.9108}},
-    # NeuralCleanse(pairs=True): the K x K pairs normalised the same way (pair_pop_z), fitted by
+    "halving": {"intercept": -2.3199,
+                "coef": {"log_gap": 3.134, "log_index": 0.0974, "log_ratio": 0.0, "holdout_asr": 0.1277, "pop_z": 0.009}},
+    "all": {"intercept": -4.7232,
+            "coef": {"log_gap": 2.0958, "log_index": 0.0, "log_ratio": 0.0, "holdout_asr": 1.2881, "pop_z": 0.8531}},
+    # NeuralCleanse(pairs=True): the K x K pairs normalised the same way (pair_pop_z, and
+    # pair_rows_pop_z, the mean over sources of each one's most anomalous pair), fitted by
     # ``--configs all+pairs --calibrate runs/digits1 runs/mnist1 --population``
-    "all+pairs": {"intercept": -8.4206,
+    "all+pairs": {"intercept": -6.9735,
                   "coef": {"log_gap": 0.0, "log_index": 0.0, "log_ratio": 0.0, "holdout_asr": 0.0,
-                           "pair_log_index": 0.0, "pair_log_ratio": 0.4407, "pair_row_ratio": 0.0,
-                           "pop_z": 0.666, "pair_pop_z": 1.3779}},
+                           "pair_log_index": 0.0, "pair_log_ratio": 0.0, "pair_row_ratio": 0.0,
+                           "pop_z": 0.1283, "pair_pop_z": 0.0, "pair_rows_pop_z": 2.945}},
 }
 
 

@@ -140,10 +140,10 @@ CALIBRATION: dict[str, dict[str, Any]] = {
 #: per-architecture populations of :data:`~trojanscope.population.MIN_STRUCTURE_POPULATION` models); on the held-out
 #: rounds under ``schedule="all"`` it raised ROC-AUC from 0.66 to 0.85 (benchmarks/README.md).
 POPULATION_CALIBRATION: dict[str, dict[str, Any]] = {
-    "halving": {"intercept": -2.3199,
-                "coef": {"log_gap": 3.134, "log_index": 0.0974, "log_ratio": 0.0, "holdout_asr": 0.1277, "pop_z": 0.009}},
-    "all": {"intercept": -4.7232,
-            "coef": {"log_gap": 2.0958, "log_index": 0.0, "log_ratio": 0.0, "holdout_asr": 1.2881, "pop_z": 0.8531}},
+    "halving": {"intercept": -1.676,
+                "coef": {"log_gap": 2.5536, "log_index": 0.1589, "log_ratio": 0.0, "holdout_asr": 0.0, "pop_z": 0.0086}},
+    "all": {"intercept": -2.031,
+            "coef": {"log_gap": 1.5926, "log_index": 0.012, "log_ratio": 0.0, "holdout_asr": 0.2489, "pop_z": 0.4127}},
     # NeuralCleanse(pairs=True): the K x K pairs normalised the same way (pair_pop_z, and
     # pair_rows_pop_z, the mean over sources of each one's most anomalous pair), fitted by
     # ``--configs all+pairs --calibrate runs/digits1 runs/mnist1 --population``

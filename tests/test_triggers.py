@@ -233,7 +233,10 @@ def test_batch_save_load_round_trip_and_bad_files(tmp_path):
     save_file(f64, str(tmp_path / "f64.safetensors"), metadata={"format": "trojanscope.trigger-batch"})
     Trigger.square((2, 4, 4), 2).save(tmp_path / "one.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 40)
-    for name in ("shape", "nan", "f64", "one", "junk"):
+    good = {"masks": b.masks.contiguous(), "patterns": b.patterns.contiguous(), "labels": b.labels.contiguous()}
+    for name, names in (("deep", "[" * 100000), ("notjson", "{"), ("numbers", "[1, 2, 3]")):
+        save_file(good, str(tmp_path / f"{name}.safetensors"), metadata={"format": "trojanscope.trigger-batch", "names": names})
+    for name in ("shape", "nan", "f64", "one", "junk", "deep", "notjson", "numbers"):
         with pytest.raises(DataError):
             TriggerBatch.load(tmp_path / f"{name}.safetensors")
 

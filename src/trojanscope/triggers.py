@@ -410,8 +410,11 @@ class TriggerBatch:
                 sl = f.get_slice(k)
                 if sl.get_dtype() != dtype or len(sl.get_shape()) != ndim:
                     raise DataError(f"{p}: {k} must be a {ndim}-d {dtype} tensor")
-            names = json.loads(meta.get("names", "[]"))
-            if not isinstance(names, list):
+            try:
+                names = json.loads(meta.get("names", "[]"))
+            except (ValueError, RecursionError):
+                raise DataError(f"{p}: its names are not a JSON list") from None
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                 raise DataError(f"{p}: its names must be a list")
             return cls(f.get_tensor("masks"), f.get_tensor("patterns"), f.get_tensor("labels"), tuple(names))
 

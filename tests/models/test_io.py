@@ -84,6 +84,17 @@ x8 = torch.rand(5, 1, 8, 8)
 
 # --- formats that load -----------------------------------------------------------------------
 
+def test_a_received_directory_with_a_bad_spec_is_refused(tmp_path):
+    """A trojanscope directory is a format users receive too: its model.json, broken, deeply
+    nested, a list or over the 16 MiB cap, is one ModelLoadError (exit 2), never a traceback."""
+    model = ts.create_model("mnist_cnn", input_shape=(1, 8, 8), num_classes=10, seed=3, hidden=32).eval()
+    d = save_model(model, tmp_path / "m", ModelSpec("mnist_cnn", (1, 8, 8), 10, arch_kwargs={"hidden": 32}))
+    for text in ("{broken", "[" * 100000, "[1]", " " * (17 << 20)):
+        (d / "model.json").write_text(text)
+        with pytest.raises(ModelLoadError):
+            load_model(d)
+
+
 def test_trojanscope_dir_round_trip(tmp_path, digits):
     model = ts.create_model("mnist_cnn", input_shape=(1, 8, 8), num_classes=10, seed=3, hidden=32).eval()
     spec = ModelSpec("mnist_cnn", (1, 8, 8), 10, arch_kwargs={"hidden": 32}, class_names=list("abcdefghij"),

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..._utils.limits import check_alloc
-from ...errors import ModelLoadError, UnsafeModelError
+from ...errors import DataError, ModelLoadError, UnsafeModelError
 from ..architectures import MODELS
 from ._common import LoadedModel, ModelSpec, _build, _first_line, _load_state
 from ._pickle_guard import check_archive_pickles
@@ -31,10 +31,12 @@ def load_trojanscope_dir(d: Path) -> LoadedModel:
         raise ModelLoadError(f"{d} is not a trojanscope model directory (no model.safetensors)")
     spec = None
     if (d / "model.json").is_file():
-        try:
-            spec = ModelSpec.from_dict(json.loads((d / "model.json").read_text()))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelLoadError(f"{d / 'model.json'} is not valid JSON: {e}") from None
+        from ..._utils.limits import read_json_file
+
+        try:  # a spec is a few hundred bytes: 16 MiB is room for any class names
+            spec = ModelSpec.from_dict(read_json_file(d / "model.json", "model spec", max_bytes=16 << 20))
+        except DataError as e:
+            raise ModelLoadError(str(e)) from None
         except AttributeError:
             raise ModelLoadError(f"{d / 'model.json'} is not a model spec (expected a JSON object)") from None
     lm = load_safetensors(st, spec)

@@ -15,6 +15,7 @@ validation split of the data it was trained on (its ``round.json``).
     # fresh held-out rounds, made after the settings were chosen on the ones above
     trojanscope bench round --data digits --epochs 15 --train-size 0 --n 48 --seed 4 --out runs/digits4
     trojanscope bench round --data mnist5k --n 48 --seed 3 --out runs/mnist3
+    trojanscope bench round --data mnist5k --n 48 --seed 4 --out runs/mnist4   # drawn after every choice
     # fit the calibration on the training rounds (prints CALIBRATION for _nc_evidence.py)
     python benchmarks/population.py --calibrate runs/digits1 runs/mnist1
     # the figures on the held-out rounds, scored together (and the decision rules' table)
@@ -23,6 +24,8 @@ validation split of the data it was trained on (its ``round.json``).
     python benchmarks/population.py --configs all+pairs --calibrate runs/digits1 runs/mnist1 --population
     python benchmarks/population.py --configs all+pairs runs/digits2 runs/digits3 runs/mnist2 --population --pool
     python benchmarks/population.py --configs all+pairs runs/digits4 runs/mnist3 --population --pool
+    python benchmarks/population.py --configs all+pairs runs/mnist4 --population --pool
+    python benchmarks/population.py runs/mnist4 --population --pool      # the other scans and the old binary one
     # the same with the per-label population normalisation (pop_z; POP_CALIBRATION)
     python benchmarks/population.py --calibrate runs/digits1 runs/mnist1 --population
     python benchmarks/population.py runs/digits2 runs/digits3 runs/mnist2 --population

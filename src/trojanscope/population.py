@@ -235,7 +235,7 @@ def add_population_probability(rows: list[dict[str, Any]], schedule: str) -> Non
     the whole label set.
     The probability is
     :func:`~trojanscope.defenses.model._nc_evidence.trojan_probability` of the row's evidence plus
-    ``pop_z`` (and ``pair_pop_z``) under ``POPULATION_CALIBRATION[schedule + "+pairs"]`` when every
+    ``pop_z`` (and ``pair_pop_z``, ``pair_rows_pop_z``) under ``POPULATION_CALIBRATION[schedule + "+pairs"]`` when every
     member has pair norms and that calibration exists, else ``POPULATION_CALIBRATION[schedule]``.
     Other rows, and every row where there is no such calibration, get None. The per-model
     ``probability`` and ``verdict`` are left as they are.

@@ -2,39 +2,26 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import click
 
+from .._utils.limits import read_json_file
 from ..errors import DataError
 from ._common import table, write_json
 from ._paths import check_output_file
 from .bench import bench
 
 
-def _read_json(path: Path, what: str) -> Any:
-    from .._utils.limits import read_json_file
-
-    return read_json_file(path, what)
-
-
 def read_scan(path: Path) -> list[dict[str, Any]]:
     """The rows of a population scan: its ``scan.json``, or a folder holding one."""
     p = path / "scan.json" if path.is_dir() else path
-    rows = _read_json(p, "scan")
+    rows = read_json_file(p, "scan")
     if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("file"), str) for r in rows):
         raise DataError(f"scan {p} is not a population scan (a JSON list of rows with 'file'; "
                         "`trojanscope scan FOLDER --out DIR` writes DIR/scan.json)")
     return rows
-
-
-def read_truth(path: Path) -> dict[str, dict[str, Any]]:
-    """A round's truth by model name (:func:`trojanscope.rounds.load_truth`)."""
-    from ..rounds import load_truth
-
-    return load_truth(path)
 
 
 @bench.command("score")
@@ -57,10 +44,11 @@ def score_cmd(scan_path: Path, truth_path: Path, keys: tuple[str, ...], threshol
     among the flagged labels, detections by attack mode and correct verdicts by architecture, and
     the reliability of the calibration. The truth is read here only; a scan never sees it."""
     from ..population import score_scan
+    from ..rounds import load_truth
 
     check_output_file(json_path, "--json")
     check_output_file(report_path, "--report")
-    rows, truth = read_scan(scan_path), read_truth(truth_path)
+    rows, truth = read_scan(scan_path), load_truth(truth_path)
     if not keys:
         keys = tuple(k for k in ("probability", "population_probability")
                      if any(r.get(k) is not None for r in rows)) or ("probability",)

@@ -73,6 +73,36 @@ def test_glob_and_several_files_name_the_same_models(folder, tmp_path):
     assert r.exit_code == 2 and "no model file matches" in r.output
 
 
+def test_a_fifo_in_a_folder_gets_an_error_row_not_silence(folder, tmp_path):
+    """A FIFO among the models is listed and refused (never opened: that would block), in the
+    serial scan and in the byte reader that feeds Ray's workers; a plain sub-folder is no model."""
+    import os
+    import shutil
+
+    d = tmp_path / "models"
+    d.mkdir()
+    shutil.copy(folder / "b_clean.pt2", d / "b_clean.pt2")
+    os.mkfifo(d / "a_pipe.pt2")
+    (d / "notes").mkdir()
+    models = population.expand_models([str(d)])
+    assert [p.name for p in models] == ["a_pipe.pt2", "b_clean.pt2"]
+    with pytest.raises(ts.DataError, match="is a FIFO, not a regular file"):
+        population._read_model_bytes(d / "a_pipe.pt2")
+    assert set(population._read_model_bytes(d / "b_clean.pt2")) == {""}
+    r = CliRunner().invoke(cli, ["scan", str(d), *ARGS, "--json", "-"])
+    assert r.exit_code == 0, r.output
+    assert "is a FIFO, not a regular file" in r.output and "Traceback" not in r.output
+
+
+def test_the_byte_reader_refuses_a_file_over_the_memory_budget(folder, monkeypatch):
+    from trojanscope._utils import limits
+    from trojanscope.errors import ResourceLimitError
+
+    monkeypatch.setattr(limits, "_budget", 100)
+    with pytest.raises(ResourceLimitError, match="over the memory budget"):
+        population._read_model_bytes(folder / "a_planted.pt2")
+
+
 def test_every_model_failing_exits_2(tmp_path):
     for name in ("x.pt2", "y.onnx"):
         (tmp_path / name).write_bytes(b"garbage")

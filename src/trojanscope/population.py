@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from .data.dataset import ImageDataset, fit_to_model
-from .errors import ConfigError
+from ._utils.limits import read_json_file
+from .errors import ConfigError, TrojanscopeError
 
 log = logging.getLogger(__name__)
 
@@ -294,8 +295,10 @@ SCAN_COLUMNS = ("file", "probability", "verdict", "flagged_labels", "seconds", "
 
 
 def expand_models(items: list[str | Path]) -> list[Path]:
-    """The model files named by ``items``: files, folders (every non-hidden file or trojanscope
-    model folder in them, sorted) and glob patterns; duplicates removed, order kept."""
+    """The model files named by ``items``: files, folders (every non-hidden entry in them that is
+    not a plain sub-folder, sorted: files, trojanscope model folders, and FIFOs, sockets or device
+    files, which are listed so that their scan row says why they were refused instead of their
+    being left out unseen) and glob patterns; duplicates removed, order kept."""
     import glob as _glob
 
     out: list[Path] = []
@@ -303,7 +306,7 @@ def expand_models(items: list[str | Path]) -> list[Path]:
         p = Path(item)
         if p.is_dir() and not (p / "model.safetensors").exists():
             members = sorted(q for q in p.iterdir() if not q.name.startswith(".")
-                             and (q.is_file() or (q / "model.safetensors").exists()))
+                             and (not q.is_dir() or (q / "model.safetensors").exists()))
             if not members:
                 raise ConfigError(f"folder {p} holds no model files")
             out.extend(members)
@@ -327,10 +330,16 @@ def expand_models(items: list[str | Path]) -> list[Path]:
 
 
 def _read_model_bytes(path: Path) -> dict[str, bytes]:
-    """A model's files as bytes (a model folder's few files, or the one file)."""
-    if path.is_dir():
-        return {q.name: q.read_bytes() for q in sorted(path.iterdir()) if q.is_file()}
-    return {"": path.read_bytes()}
+    """A model's files as bytes (a model folder's few files, or the one file), for a worker on
+    another machine. Only regular files are read, and only within the memory budget
+    (:func:`~trojanscope._utils.limits.check_alloc`): a FIFO would block the driver, a huge file
+    would be read whole into its memory. Raises DataError / ResourceLimitError."""
+    from ._utils.limits import check_alloc, require_regular_file
+
+    files = ({q.name: q for q in sorted(path.iterdir()) if q.is_file()} if path.is_dir()
+             else {"": require_regular_file(path, "model file")})
+    check_alloc(sum(q.stat().st_size for q in files.values()), f"model file {path}")
+    return {k: q.read_bytes() for k, q in files.items()}
 
 
 def _materialise(blob: dict[str, bytes], name: str, tmp: Path) -> Path:
@@ -360,7 +369,6 @@ def scan_one(model: str | Path | dict[str, bytes], data: ImageDataset, params: d
     import tempfile
 
     from .defenses.model.neural_cleanse import NeuralCleanse
-    from .errors import TrojanscopeError
     from .models import load_model
     from .training import torch_threads
 
@@ -535,13 +543,13 @@ def _finished_rows(models: list[Path], out: Path | None,
         rf = _row_file(out, p) if out is not None else None
         if rf is not None and rf.exists():
             try:
-                row = json.loads(rf.read_text())
+                row = read_json_file(rf, "stored scan row")
                 stamp = row.pop("_stamp", None) if isinstance(row, dict) else None
                 if (isinstance(row, dict) and not str(row.get("error") or "").startswith("worker failed:")
                         and stamp in (None, _file_stamp(p, setting))):
                     rows[i] = row
                     continue
-            except (OSError, ValueError):
+            except (OSError, ValueError, TrojanscopeError):  # unreadable: scanned again
                 pass
         todo.append(i)
     return rows, todo
@@ -615,8 +623,12 @@ def _scan_ray(models: list[Path], todo: list[int], data: ImageDataset, params: d
             while nxt < len(todo) and len(pending) < workers:
                 i = todo[nxt]
                 nxt += 1
-                ref = remote.remote(ray.put(_read_model_bytes(models[i])), data_ref, params, name=str(models[i]),
-                                    threads=threads)
+                try:
+                    blob = _read_model_bytes(models[i])
+                except (TrojanscopeError, OSError) as e:  # refused before any worker sees it
+                    finish(i, _error_row(str(models[i]), str(e)))
+                    continue
+                ref = remote.remote(ray.put(blob), data_ref, params, name=str(models[i]), threads=threads)
                 pending[ref] = i
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:

@@ -300,3 +300,21 @@ def test_split_auto_is_the_discriminant_split_in_auto_mode_and_kmeans_in_paper_m
     res = ActivationClustering(retrain_epochs=20, retrain_lr=0.05).inspect(sd.linear_model(small), small)
     assert all("k-means: fewer than" in res.per_label[k]["split"] for k in res.per_label)
     assert res.attacked_labels == [0]
+
+
+@pytest.mark.parametrize("sanitiser", ["activation-clustering", "spectral"])
+def test_a_dead_feature_layer_is_an_error_not_a_clean_verdict(sanitiser):
+    """A model whose penultimate activations are the same for every sample (a dead ReLU layer, as
+    a gtsrb_cnn stuck at chance has) gives no label a split: the sanitisers say so instead of
+    failing on an empty training set or flagging nothing on no evidence."""
+    from torch import nn
+
+    from trojanscope.data import load_digits
+    from trojanscope.errors import DataError
+
+    dead = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    with torch.no_grad():
+        dead[1].weight.zero_()
+        dead[1].bias.fill_(-1.0)
+    with pytest.raises(DataError, match="no label's samples split in two at layer 'penultimate'"):
+        create(sanitiser).inspect(dead.eval(), load_digits("train"))

@@ -60,6 +60,7 @@ from torch import nn
 from ..._utils.batching import DeviceLike
 from ..._utils.validation import Interval, Options, OrNone, Types
 from ...data.dataset import ImageDataset
+from ...errors import DataError
 from ..base import DataSanitizer, SanitizeResult, register
 from ._common import (AUTO_LAYER, FIT_TARGET, LOOKALIKE_MAX_SHARE, LOOKALIKE_SHARE, STYLE_SHARE,
                       exclusionary_reclassification, features,
@@ -381,10 +382,17 @@ def reclassify_refined(model: nn.Module, data: ImageDataset, side: torch.Tensor,
     ``features.pool2``) it turned clean label 9 into an attacked one (own shares 0.019 / 0.0 after
     the move, 19 samples flagged), which is why ``refine`` is off by default.
 
+    A split that leaves one side empty for every label (the activations at ``layer`` do not vary
+    within any label: a dead layer, a constant classifier) leaves nothing to reclassify and
+    raises DataError, instead of a verdict of "nothing flagged" that would rest on no evidence.
+
     Returns:
         ``(evidence, side)``: the evidence of ``exclusionary_reclassification``, with refined rows
         for the candidates, and the split with the candidates' samples moved.
     """
+    if not (bool((side == 0).any()) and bool((side == 1).any())):
+        raise DataError(f"no label's samples split in two at layer {layer!r} (its activations do not vary "
+                        f"within any label), so there is nothing to reclassify; is the model a working classifier?")
     ev = exclusionary_reclassification(model, data, side, trainer, layer, batch_size=batch_size, device=device)
     ev["refined"] = torch.zeros(data.num_classes, dtype=torch.bool)
     if not refine or bool(ev["collapsed"].any()):

@@ -16,7 +16,7 @@ kept), the best one's CA / ASR after.
              --train-only (fill the model cache and stop) --sanitisers-only --strip-only
              --strip-alpha default,1,1.5,2 (with --strip-only: STRIP's overlay weights)
              --models clean|badnets (one of the two, for two jobs side by side) --no-strip
-             --no-crop (train without random crops)
+             --no-crop (train without random crops) --seed N (first training seed; default 0)
              --layer NAME (the sanitisers' feature layer; default: their own, "auto")
              --side-rule spread|typicality|agreement --refine (the sanitisers' poisoned-side
              rule, and their refinement of a leaky split; default: theirs)
@@ -49,6 +49,8 @@ TARGET = 0
 #: ``--no-crop``: train without the random crops (a 4-pixel shift moves a corner patch, sometimes
 #: off the image)
 NO_CROP = False
+#: ``--seed``: the first training seed of every model (the cache tags of seeds other than 0 say it)
+SEED = 0
 
 
 def log(**row) -> None:
@@ -92,12 +94,21 @@ def train_kwargs(recipe: str, shape, epochs: int) -> dict:
     return kw
 
 
-def get_model(tag: str, arch: str, arch_kw: dict, data: ts.ImageDataset, epochs: int, recipe: str):
+def get_model(tag: str, arch: str, arch_kw: dict, data: ts.ImageDataset, epochs: int, recipe: str,
+              val: ts.ImageDataset):
+    """The cached model ``tag``, or a new one trained on ``data`` from seed :data:`SEED`. A run
+    stuck at chance on ``val`` (``gtsrb_cnn`` with its Glorot start can sit at loss ln K for
+    every epoch: the clean cmnist model did with seed 0) is retried with the next seed, as anyone
+    who looked at its accuracy would; the seeds tried are printed."""
     path = CACHE / tag
     if (path / "model.safetensors").exists():
         return ts.load_model(path).model, None
     t0 = time.perf_counter()
-    model = train_new(arch, data, seed=0, arch_kwargs=arch_kw, **train_kwargs(recipe, data.image_shape, epochs))
+    for seed in range(SEED, SEED + 3):
+        model = train_new(arch, data, seed=seed, arch_kwargs=arch_kw, **train_kwargs(recipe, data.image_shape, epochs))
+        if clean_accuracy(model, val) > 2.0 / data.num_classes:
+            break
+        print(f"# {tag}: training with seed {seed} stayed at chance; trying seed {seed + 1}", flush=True)
     secs = time.perf_counter() - t0
     ts.save_model(model, path, ts.ModelSpec(arch, data.image_shape, data.num_classes, arch_kwargs=arch_kw))
     return model, secs
@@ -214,16 +225,17 @@ def run(dataset: str, arch: str, args) -> None:
     base = f"{dataset}-{arch}{args.width if arch_kw else ''}-n{len(train)}-e{args.epochs}-{args.recipe}"
     base += "-white" if train.image_shape[0] == 1 else ""
     base += "-nocrop" if NO_CROP else ""  # the greyscale trigger (was magenta, see trigger_spec)
+    base += f"-s{SEED}" if SEED else ""
     common = {"dataset": dataset, "arch": arch, **arch_kw, "recipe": args.recipe, "n_train": len(train), "epochs": args.epochs,
               "n_val": len(val), "n_test": len(test)}
     if args.train_only:  # fill the cache (a long job), measure later
-        get_model(base + "-clean", arch, arch_kw, train, args.epochs, args.recipe)
+        get_model(base + "-clean", arch, arch_kw, train, args.epochs, args.recipe, val)
         for rate in args.rates:
             get_model(f"{base}-badnets{rate:g}", arch, arch_kw, ts.BadNets(trig, target=TARGET, rate=rate, seed=0).poison(train),
-                      args.epochs, args.recipe)
+                      args.epochs, args.recipe, val)
         return
     if not args.strip_only and "clean" in args.models:  # the clean model's figures
-        clean, secs = get_model(base + "-clean", arch, arch_kw, train, args.epochs, args.recipe)
+        clean, secs = get_model(base + "-clean", arch, arch_kw, train, args.epochs, args.recipe, val)
         ca_clean = clean_accuracy(clean, test)
         log(**common, model="clean", ca=ca_clean, asr=attack_success_rate(clean, test, trig, TARGET), train_seconds=secs,
             images_per_second=(args.epochs * len(train) / secs) if secs else None)
@@ -235,7 +247,7 @@ def run(dataset: str, arch: str, args) -> None:
     for rate in args.rates if "badnets" in args.models else ():
         atk = ts.BadNets(trig, target=TARGET, rate=rate, seed=0)
         poisoned = atk.poison(train)
-        model, secs = get_model(f"{base}-badnets{rate:g}", arch, arch_kw, poisoned, args.epochs, args.recipe)
+        model, secs = get_model(f"{base}-badnets{rate:g}", arch, arch_kw, poisoned, args.epochs, args.recipe, val)
         ca = clean_accuracy(model, test)
         tag = {"model": f"badnets {rate:g}", "n_poison": int(poisoned.is_poison.sum())}
         log(**common, **tag, ca=ca, asr=attack_success_rate(model, test, trig, TARGET), train_seconds=secs,
@@ -285,6 +297,8 @@ def main() -> None:
     p.add_argument("--rates", default=None)
     p.add_argument("--nc-epochs", type=int, default=None, help="Neural Cleanse epochs (default: its own)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="first training seed of every model (a model stuck at "
+                   "chance is retrained with the next)")
     p.add_argument("--train-only", action="store_true", help="only train (and cache) the models")
     p.add_argument("--sanitisers-only", action="store_true", help="only the data sanitisers' figures")
     p.add_argument("--strip-only", action="store_true", help="only STRIP's figures (default and clipped sum)")
@@ -301,8 +315,8 @@ def main() -> None:
     p.add_argument("--recipe", default="auto", help="training recipe (trojanscope.training.RECIPES), or auto: "
                                                     "adam for gtsrb_cnn, sgd for the others")
     args = p.parse_args()
-    global NO_CROP
-    NO_CROP = args.no_crop
+    global NO_CROP, SEED
+    NO_CROP, SEED = args.no_crop, args.seed
     q = args.quick
     args.datasets = (args.datasets or ("signs43" if q else "signs43,cmnist,digits")).split(",")
     args.width = args.width or (8 if q else 16)

@@ -364,7 +364,8 @@ def scan_one(model: str | Path | dict[str, bytes], data: ImageDataset, params: d
 
     Returns:
         a row: ``file``, ``probability``, ``verdict`` (``"backdoor"``, ``"clean"`` or
-        ``"error"``), ``flagged_labels``, ``seconds``, ``error`` and the scan's ``evidence``.
+        ``"error"``), ``flagged_labels``, ``seconds``, ``error``, the scan's ``evidence`` and the
+        model's ``clean_accuracy`` on the clean data.
     """
     import tempfile
 
@@ -386,6 +387,7 @@ def scan_one(model: str | Path | dict[str, bytes], data: ImageDataset, params: d
                    structure=model_structure(lm.model),
                    evidence={k: v for k, v in res.evidence.items() if k != "calibration"},
                    suspects=res.details["suspects"], l1_norms=[round(float(v), 4) for v in res.l1_norms],
+                   clean_accuracy=round(float(res.details["clean_accuracy"]), 4),
                    image_passes=res.image_passes)
         if res.pair_l1_norms is not None:  # (K, K), NaN (JSON null) on the diagonal
             row["pair_l1_norms"] = [[None if v != v else round(float(v), 4) for v in r] for r in res.pair_l1_norms.tolist()]

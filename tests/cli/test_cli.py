@@ -19,6 +19,8 @@ from torch import nn
 import trojanscope as ts
 from trojanscope.cli import cli
 
+from _models import CornerPatchNet
+
 FAST = ["--epochs", "2", "--lr", "0.01", "--data", "digits"]
 
 
@@ -209,3 +211,31 @@ def test_bad_options(models, tmp_path):
               "out of range")
     bad_input(run("poison", "--data", "digits", "--rate", "2", "--epochs", "1", "--out", tmp_path / "p"), "rate")
     bad_input(run("evaluate", models / "clean", "--data", "digits", "--input-shape", "a,b"), "--input-shape")
+
+
+def test_scan_warns_when_the_model_gets_the_clean_data_wrong(tmp_path, digits):
+    """A constant classifier (a received TorchScript file) needs no trigger to reach its label, so
+    the scan's verdict means nothing: the scan says so, with the accuracy it measured; a working
+    model gets no such warning. The population table says it too, and each row keeps the figure."""
+    const = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with torch.no_grad():
+        const[1].weight.zero_()
+        const[1].bias.copy_(torch.arange(10.0) == 3)  # always label 3
+    torch.jit.save(torch.jit.trace(const.eval(), torch.zeros(1, 1, 8, 8)), str(tmp_path / "const.pt"))
+    args = ["--data", "digits", "--input-shape", "1,8,8", "--epochs", "4", "--n-samples", "100"]
+    r = run("scan", tmp_path / "const.pt", *args, "--json", tmp_path / "c.json")
+    assert r.exit_code in (0, 1) and "Traceback" not in r.output
+    acc = json.loads((tmp_path / "c.json").read_text())["details"]["clean_accuracy"]
+    val = ts.load_data("digits", "val")
+    assert 0.05 < acc < 0.2 and acc == pytest.approx(float((val.y == 3).float().mean()), abs=0.08)
+    assert f"warning: the model classifies {100 * acc:.1f}% of the clean images right (chance 10.0%)" in r.stderr
+    tr = digits["train"]
+    torch.jit.save(torch.jit.trace(CornerPatchNet(tr.x, tr.y, 10, target=None).eval(), torch.zeros(1, 1, 8, 8)),
+                   str(tmp_path / "working.pt"))
+    r = run("scan", tmp_path / "working.pt", *args, "--json", tmp_path / "w.json")
+    assert json.loads((tmp_path / "w.json").read_text())["details"]["clean_accuracy"] > 0.8
+    assert "warning" not in r.stderr
+    shutil.copy(tmp_path / "const.pt", tmp_path / "const2.pt")
+    r = run("scan", tmp_path / "const.pt", tmp_path / "const2.pt", *args, "--json", tmp_path / "rows.json")
+    assert "warning: 2 model(s) classify under 50% of the clean images right" in r.stderr
+    assert [row["clean_accuracy"] == pytest.approx(acc, abs=1e-4) for row in json.loads((tmp_path / "rows.json").read_text())] == [True, True]

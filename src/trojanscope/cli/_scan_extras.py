@@ -50,6 +50,7 @@ def progress(nc: NeuralCleanse, quiet: bool) -> Iterator[Any]:
 def scan_population(models: list[Path], data: Any, params: dict[str, Any], *, out: Path | None, workers: int,
                      address: str | None, backend: str, quiet: bool, json_path: Path | None) -> None:
     """Scan each model, one row per model; exit 2 only when every model failed."""
+    from ..defenses.model.neural_cleanse import LOW_ACCURACY_ADVICE, LOW_CLEAN_ACCURACY
     from ..errors import ConfigError
     from ..population import scan_population
 
@@ -79,6 +80,11 @@ def scan_population(models: list[Path], data: Any, params: dict[str, Any], *, ou
     found = sum(r["verdict"] == "backdoor" for r in rows)
     echo(f"\n{len(rows)} models: {found} backdoored, {len(rows) - found - failed} clean, {failed} failed"
          + (f"; table in {out / 'scan.csv'}" if out is not None else ""))
+    low = [r["file"] for r in rows if isinstance(r.get("clean_accuracy"), float) and r["clean_accuracy"] < LOW_CLEAN_ACCURACY]
+    if low:
+        click.echo(f"warning: {len(low)} model(s) classify under {100 * LOW_CLEAN_ACCURACY:.0f}% of the clean images "
+                   f"right ({', '.join(low[:5])}{', ...' if len(low) > 5 else ''}; clean_accuracy in their rows): "
+                   f"{LOW_ACCURACY_ADVICE}", err=True)
     write_json(json_path, rows)
     if failed == len(rows):
         click.echo("error: every model failed to scan", err=True)

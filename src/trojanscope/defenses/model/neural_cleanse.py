@@ -59,6 +59,28 @@ from ._nc_optimise import (OptimiserSettings, ReversedTriggers, optimise_trigger
 
 log = logging.getLogger(__name__)
 
+#: Below this accuracy on the clean data (``details["clean_accuracy"]``, measured on the held-out
+#: images) the CLI reports a scan's verdict with a warning. Neural
+#: Cleanse asks how small a trigger moves correctly classified inputs to each label; a model that
+#: gets most of the clean data wrong (wrong scaling or label order of the data, a broken or
+#: untrained model, a constant classifier) already sends them to a label without any trigger,
+#: and its smallest "trigger" says nothing about a backdoor. (A gtsrb_cnn stuck at chance on
+#: cmnist, always answering 8, was flagged on label 8 with an anomaly index of 799.)
+LOW_CLEAN_ACCURACY = 0.5
+
+LOW_ACCURACY_ADVICE = ("check that the data's labels and pixel scaling are the model's; the verdict "
+                       "assumes a working classifier")
+
+
+def clean_accuracy_on(model: nn.Module, data: ImageDataset, *, batch_size: int, device: DeviceLike) -> float:
+    """The share of ``data`` (the defender's clean, labelled images) that ``model`` classifies
+    right: one forward pass over them."""
+    from ..._utils.batching import predict
+
+    if len(data) == 0:
+        return math.nan
+    return float((predict(model, data.x, batch_size=batch_size, device=device) == data.y).double().mean())
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class NeuralCleanseResult(ScanResult):
@@ -378,6 +400,9 @@ class NeuralCleanse(ModelDetector):
         # (forward passes only, not counted in image_passes)
         details["holdout_image_passes"] = len(measured) * len(eval_data)
         details["holdout_labels"] = measured.tolist()
+        details["clean_accuracy"] = clean_accuracy_on(model, eval_data, batch_size=self.batch_size, device=self.device)
+        log.info("scan: the model classifies %.1f%% of the clean images right (chance %.1f%%)",
+                 100 * details["clean_accuracy"], 100 / len(rev))
         passes, pair_norms = rev.image_passes, None
         if self.pairs:
             pair_rev, pair_norms = self._scan_pairs(model, opt, len(rev))

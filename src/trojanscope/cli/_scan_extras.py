@@ -78,7 +78,10 @@ def scan_population(models: list[Path], data: Any, params: dict[str, Any], *, ou
                                     "population_label": "population label"}))
     failed = sum(r["verdict"] == "error" for r in rows)
     found = sum(r["verdict"] == "backdoor" for r in rows)
+    pop = [r["population_probability"] for r in rows if isinstance(r.get("population_probability"), (int, float))]
     echo(f"\n{len(rows)} models: {found} backdoored, {len(rows) - found - failed} clean, {failed} failed"
+         + (f" (the per-model verdict); by the population probability, {sum(v > 0.5 for v in pop)} of {len(pop)} "
+            f"over 0.5" if pop else "")
          + (f"; table in {out / 'scan.csv'}" if out is not None else ""))
     low = [r["file"] for r in rows if isinstance(r.get("clean_accuracy"), float) and r["clean_accuracy"] < LOW_CLEAN_ACCURACY]
     if low:

@@ -239,3 +239,26 @@ def test_scan_warns_when_the_model_gets_the_clean_data_wrong(tmp_path, digits):
     r = run("scan", tmp_path / "const.pt", tmp_path / "const2.pt", *args, "--json", tmp_path / "rows.json")
     assert "warning: 2 model(s) classify under 50% of the clean images right" in r.stderr
     assert [row["clean_accuracy"] == pytest.approx(acc, abs=1e-4) for row in json.loads((tmp_path / "rows.json").read_text())] == [True, True]
+
+
+def test_train_and_poison_warn_when_training_never_left_chance(tmp_path, monkeypatch):
+    """A training that stays at chance (gtsrb_cnn can sit at loss ln K) is said so, not only shown
+    as a low accuracy; a model that trained gets no warning."""
+    from trojanscope.cli import core, poison
+
+    def constant(arch, data, **_):
+        net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        with torch.no_grad():
+            net[1].weight.zero_()
+            net[1].bias.copy_(torch.arange(10.0) == 3)
+        return net.eval()
+
+    monkeypatch.setattr(core, "train_new", constant)
+    monkeypatch.setattr(poison, "train_new", constant)
+    r = run("train", *FAST, "--arch", "mnist_cnn", "--out", tmp_path / "m")
+    assert r.exit_code == 0 and "its training never left chance" in r.stderr, r.stderr
+    r = run("poison", *FAST, "--out", tmp_path / "p")
+    assert r.exit_code == 0 and "its training never left chance" in r.stderr, r.stderr
+    monkeypatch.undo()
+    r = run("train", *FAST, "--arch", "mnist_cnn", "--out", tmp_path / "ok")
+    assert r.exit_code == 0 and "warning" not in r.stderr, r.stderr

@@ -89,7 +89,19 @@ def train(data_spec: str, test_spec: str | None, arch: str, epochs: int, lr: flo
     result = {"model": str(out), "accuracy": clean_accuracy(model, test) if test is not None else None,
               "n": len(test) if test is not None else 0, "seconds": time.perf_counter() - t0}
     click.echo(table([result], ["model", "accuracy", "n", "seconds"], percent=["accuracy"]))
+    warn_if_at_chance(result["accuracy"], data.num_classes)
     write_json(json_path, result)
+
+
+def warn_if_at_chance(accuracy: float | None, num_classes: int) -> None:
+    """A warning line when a model just trained is no better than chance on its test data (at most
+    twice 1/K): a plain ReLU stack such as ``gtsrb_cnn`` can sit at loss ln K for every epoch
+    (on cmnist with one thread it did for seeds 0, 1 and 2), and such a model is no subject for a
+    defence."""
+    if accuracy is not None and accuracy <= 2.0 / num_classes:
+        click.echo(f"warning: the trained model classifies {100 * accuracy:.1f}% of the test data right (chance "
+                   f"{100 / num_classes:.1f}%): its training never left chance; try another --seed or --recipe",
+                   err=True)
 
 
 def training_extra(recipe: str, width: int | None, threads: int | None) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from ..training import train_new
 from . import cli
 from ._common import NON_NEGATIVE_INT, POSITIVE_INT, PROBABILITY, common_options, parse_trigger, pick_device, table, write_json
 from ._options import attack_params, settings
-from .core import train_and_test, training_extra, training_options
+from .core import train_and_test, training_extra, training_options, warn_if_at_chance
 
 
 def build_cli_attack(attack: str, triggers: list[Any], targets: list[int], *, rate: float, mode: str,
@@ -135,6 +135,7 @@ def poison(attack: str, trojan_data: str, triggers: tuple[str, ...], targets: tu
     result["seconds"] = time.perf_counter() - t0
     click.echo(table([result], ["model", "n_poison", "accuracy", "attack_success_rate", "seconds"],
                      percent=["accuracy", "attack_success_rate"]))
+    warn_if_at_chance(result["accuracy"], data.num_classes)
     write_json(json_path, result)
 
 

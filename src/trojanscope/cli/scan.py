@@ -130,12 +130,11 @@ def scan(model_paths: tuple[str, ...], data_spec: str, out: Path | None, workers
 def _print_result(result: NeuralCleanseResult, nc: NeuralCleanse, n: int) -> None:
     """The per-label table, the verdict and the evidence behind it (and a warning when the model
     gets most of the clean data wrong)."""
-    from ..defenses.model.neural_cleanse import LOW_ACCURACY_ADVICE, LOW_CLEAN_ACCURACY
+    from ..defenses.model.neural_cleanse import low_accuracy_warning
 
-    acc = result.details.get("clean_accuracy")
-    if isinstance(acc, float) and acc < LOW_CLEAN_ACCURACY:
-        click.echo(f"warning: the model classifies {100 * acc:.1f}% of the clean images right (chance "
-                   f"{100 / result.num_classes:.1f}%): {LOW_ACCURACY_ADVICE}", err=True)
+    warning = low_accuracy_warning(result.details.get("clean_accuracy"), result.num_classes)
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
     click.echo(table(result.labels(), ["label", "l1_norm", "anomaly_index", "attack_success", "flagged"],
                      headers={"l1_norm": "|m|_1", "anomaly_index": "anomaly index", "attack_success": "attack success"},
                      percent=["attack_success"]))

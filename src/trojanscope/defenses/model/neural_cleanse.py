@@ -72,6 +72,15 @@ LOW_ACCURACY_ADVICE = ("check that the data's labels and pixel scaling are the m
                        "assumes a working classifier")
 
 
+def low_accuracy_warning(accuracy: Any, num_classes: int) -> str | None:
+    """The warning for a scan whose model classifies under :data:`LOW_CLEAN_ACCURACY` of the
+    clean images right (``details["clean_accuracy"]``), else None."""
+    if not isinstance(accuracy, float) or not accuracy < LOW_CLEAN_ACCURACY:
+        return None
+    return (f"the model classifies {100 * accuracy:.1f}% of the clean images right (chance "
+            f"{100 / num_classes:.1f}%): {LOW_ACCURACY_ADVICE}")
+
+
 def clean_accuracy_on(model: nn.Module, data: ImageDataset, *, batch_size: int, device: DeviceLike) -> float:
     """The share of ``data`` (the defender's clean, labelled images) that ``model`` classifies
     right: one forward pass over them."""

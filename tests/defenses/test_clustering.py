@@ -10,7 +10,8 @@ import torch
 
 import sanitizer_data as sd
 from trojanscope.defenses import ActivationClustering, create
-from trojanscope.defenses.data._common import LOOKALIKE_MAX_SHARE, LOOKALIKE_SHARE, STYLE_SHARE
+from trojanscope.defenses.data._common import (LOOKALIKE_MAX_SHARE, LOOKALIKE_MAX_SPREAD, LOOKALIKE_SHARE,
+                                                STYLE_SHARE, label_spread)
 from trojanscope.defenses.data import clustering
 from trojanscope.defenses.data.clustering import (MIN_SIDE, auto_verdict, poisoned_side, reclassify_refined,
                                                   reduce_activations, two_clusters)
@@ -154,6 +155,33 @@ def test_auto_verdict_spares_a_lookalike_pair():
     for bad in (1.5, -0.1, float("nan")):
         with pytest.raises(ConfigError):
             ActivationClustering(lookalike_share=bad).inspect(model, data)
+
+
+def test_label_spread_is_the_inverse_simpson_index():
+    counts = torch.tensor([[0.0, 10.0, 0.0, 0.0], [5.0, 5.0, 5.0, 5.0], [0.0, 0.0, 0.0, 0.0], [2.0, 1.0, 1.0, 0.0]],
+                          dtype=torch.float64)
+    got = label_spread(counts)
+    assert got[0] == 1.0 and got[1] == pytest.approx(4.0) and got[2].isnan()
+    assert got[3] == pytest.approx(1 / (0.5 ** 2 + 2 * 0.25 ** 2))  # 2.667 by hand
+
+
+def test_the_lookalike_rule_does_not_spare_a_side_spread_over_many_labels():
+    """The demo's mnist5k target (a white 4x4 square bottom-right, 10%): its split is exact, and
+    both sides are read as label 2, the poisoned side for 29% (the square looks like the foot of
+    a 2) and the clean side for 48%. The poisoned side spreads over 6.1 labels, the clean side over
+    2.3, a clean look-alike pair (digits label 1, both sides to 8) over at most 3.5."""
+    def ev(spread):
+        return {"own": torch.tensor([[0.005, 0.005]], dtype=torch.float64), "n": torch.tensor([[400.0, 400.0]]),
+                "typicality": torch.tensor([[1.3, 1.1]], dtype=torch.float64), "source": torch.tensor([[2, 2]]),
+                "top_other": torch.tensor([[0.29, 0.48]], dtype=torch.float64),
+                "spread": torch.tensor([spread], dtype=torch.float64)}
+    attacked, side = auto_verdict(ev([6.08, 2.32]), 0.15)
+    assert attacked.tolist() == [True] and side.tolist() == [0]  # the lower top_other: the poison
+    assert auto_verdict(ev([3.49, 3.46]), 0.15)[0].tolist() == [False]  # a look-alike pair: spared
+    assert auto_verdict(ev([LOOKALIKE_MAX_SPREAD, 2.0]), 0.15)[0].tolist() == [False]  # at the cap: spared
+    old = ev([6.08, 2.32])
+    del old["spread"]  # evidence without the spread (older results): the rule as it was
+    assert auto_verdict(old, 0.15)[0].tolist() == [False]
 
 
 @pytest.mark.parametrize("share", [0.1, 0.5])

@@ -62,7 +62,8 @@ from ..._utils.validation import Interval, Options, OrNone, Types
 from ...data.dataset import ImageDataset
 from ...errors import DataError
 from ..base import DataSanitizer, SanitizeResult, register
-from ._common import (AUTO_LAYER, FIT_TARGET, LOOKALIKE_MAX_SHARE, LOOKALIKE_SHARE, STYLE_SHARE,
+from ._common import (AUTO_LAYER, FIT_TARGET, LOOKALIKE_MAX_SHARE, LOOKALIKE_MAX_SPREAD, LOOKALIKE_SHARE,
+                      STYLE_SHARE,
                       exclusionary_reclassification, features,
                       gaussian_split, padded_by_label, resolve_feature_layer)
 from ...training import Retrainer
@@ -302,7 +303,11 @@ def auto_verdict(evidence: dict[str, torch.Tensor], max_own_share: float,
     such a pair (label 25 with 22, 21 with 26, 23 with 20). The poisoned side of the BadNets
     target gave at most 9% to any one label. A side read almost wholly as the other label (at
     least :data:`LOOKALIKE_MAX_SHARE`, 0.9) is that label's content, the poison of a
-    source-specific attack, so the rule does not apply; the look-alikes above gave 32-86%. The
+    source-specific attack, so the rule does not apply; the look-alikes above gave 32-86%. Nor
+    does it apply when a side spreads over more than :data:`LOOKALIKE_MAX_SPREAD` labels (the
+    ``spread`` evidence): an all-to-one poison side whose trigger looks like a stroke of one label
+    goes to that label for 29-38% (the demo's mnist5k target, a cmnist one), yet the rest of it
+    still spreads over the other sources, while the sub-styles above go to few labels. The
     rule misses a source-specific attack whose poison the reclassifier reads as its source for
     less than 90% of the samples, and whose clean side it also reads as the source.
 
@@ -331,7 +336,9 @@ def auto_verdict(evidence: dict[str, torch.Tensor], max_own_share: float,
         src, top = evidence["source"], evidence["top_other"].nan_to_num(0.0)
         same = (src[:, 0] == src[:, 1]) & (src[:, 0] >= 0)
         partial = top < LOOKALIKE_MAX_SHARE
-        attacked &= ~(same & ((top >= lookalike_share) & partial).all(1))
+        # both sides read as few labels (a missing spread, from older evidence, counts as few)
+        narrow = (evidence["spread"].nan_to_num(0.0) <= LOOKALIKE_MAX_SPREAD).all(1) if "spread" in evidence else True
+        attacked &= ~(same & ((top >= lookalike_share) & partial).all(1) & narrow)
         attacked &= ~((src >= 0) & (top >= max(lookalike_share, STYLE_SHARE)) & partial).all(1)
     if "collapsed" in evidence and bool(evidence["collapsed"].any()):
         attacked = torch.zeros_like(attacked)  # a collapsed reclassifier is no evidence (see _common)
@@ -408,8 +415,9 @@ def reclassify_refined(model: nn.Module, data: ImageDataset, side: torch.Tensor,
     log.info("reclassification: refining the split of label(s) %s (%d sample(s) moved)",
              cand.nonzero().flatten().tolist(), int(move.sum()))
     ev2 = exclusionary_reclassification(model, data, new, trainer, layer, batch_size=batch_size, device=device)
-    for key in ("own", "top_other", "typicality", "agreement", "n", "source"):
-        ev[key][cand] = ev2[key][cand]
+    for key in ("own", "top_other", "typicality", "agreement", "n", "source", "spread"):
+        if key in ev and key in ev2:
+            ev[key][cand] = ev2[key][cand]
     ev["recognised"] = torch.where(cand[y], ev2["recognised"], ev["recognised"])
     ev["collapsed"] = ev["collapsed"] | ev2["collapsed"]
     ev["refined"] = cand
@@ -442,6 +450,7 @@ def decide_sides(model: nn.Module, data: ImageDataset, side: torch.Tensor, train
             "n": int((data.y == k).sum()), "sizes": ev["n"][k].long().tolist(),
             "own_share": ev["own"][k].tolist(), "top_other_share": ev["top_other"][k].tolist(),
             "source": ev["source"][k].tolist(), "agreement": ev["agreement"][k].tolist(),
+            "spread": ev["spread"][k].tolist() if "spread" in ev else None,
             "typicality": ev["typicality"][k].tolist(), "refined": bool(ev["refined"][k]),
             "attacked": bool(attacked_mask[k]),
             "poisoned_side": int(psides[k]) if bool(attacked_mask[k]) else None,
@@ -678,7 +687,8 @@ class ActivationClustering(DataSanitizer):
             poisoned &= ~ev["collapsed"][None, :]  # a collapsed reclassifier is no evidence
         for j, k in enumerate(labels):
             per_label[k].update(own_share=own[k].tolist(), top_other_share=top[k].tolist(),
-                                source=ev["source"][k].tolist(), typicality=typ[k].tolist(),
+                                source=ev["source"][k].tolist(), spread=ev["spread"][k].tolist() if "spread" in ev else None,
+                                typicality=typ[k].tolist(),
                                 refined=bool(ev["refined"][k]))
             if bool(ev["refined"][k]):
                 per_label[k]["sizes"] = ev["n"][k].long().tolist()

@@ -80,6 +80,7 @@ def test_refinement_moves_the_recognised_leak_and_judges_again(monkeypatch):
         return {"own": torch.tensor(own, dtype=torch.float64), "top_other": torch.tensor(top, dtype=torch.float64),
                 "typicality": torch.ones(K, 2, dtype=torch.float64), "agreement": torch.zeros(K, 2, dtype=torch.float64),
                 "n": torch.full((K, 2), 10.0, dtype=torch.float64), "source": torch.tensor([[3, 4], [0, 0]]),
+                "spread": torch.full((K, 2), 2.0, dtype=torch.float64),
                 "fit_accuracy": torch.ones(2, dtype=torch.float64), "top_share": torch.full((2,), 0.3, dtype=torch.float64),
                 "collapsed": torch.zeros(2, dtype=torch.bool), "epochs": torch.ones(2, dtype=torch.long),
                 "recognised": recognised.clone()}

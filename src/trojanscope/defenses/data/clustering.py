@@ -63,8 +63,7 @@ from ...data.dataset import ImageDataset
 from ...errors import DataError
 from ..base import DataSanitizer, SanitizeResult, register
 from ._common import (AUTO_LAYER, FIT_TARGET, LOOKALIKE_MAX_SHARE, LOOKALIKE_MAX_SPREAD, LOOKALIKE_SHARE,
-                      STYLE_SHARE,
-                      exclusionary_reclassification, features,
+                      STYLE_SHARE, exclusionary_reclassification, features,
                       gaussian_split, padded_by_label, resolve_feature_layer)
 from ...training import Retrainer
 
@@ -416,8 +415,7 @@ def reclassify_refined(model: nn.Module, data: ImageDataset, side: torch.Tensor,
              cand.nonzero().flatten().tolist(), int(move.sum()))
     ev2 = exclusionary_reclassification(model, data, new, trainer, layer, batch_size=batch_size, device=device)
     for key in ("own", "top_other", "typicality", "agreement", "n", "source", "spread"):
-        if key in ev and key in ev2:
-            ev[key][cand] = ev2[key][cand]
+        ev[key][cand] = ev2[key][cand]
     ev["recognised"] = torch.where(cand[y], ev2["recognised"], ev["recognised"])
     ev["collapsed"] = ev["collapsed"] | ev2["collapsed"]
     ev["refined"] = cand
@@ -450,7 +448,7 @@ def decide_sides(model: nn.Module, data: ImageDataset, side: torch.Tensor, train
             "n": int((data.y == k).sum()), "sizes": ev["n"][k].long().tolist(),
             "own_share": ev["own"][k].tolist(), "top_other_share": ev["top_other"][k].tolist(),
             "source": ev["source"][k].tolist(), "agreement": ev["agreement"][k].tolist(),
-            "spread": ev["spread"][k].tolist() if "spread" in ev else None,
+            "spread": ev["spread"][k].tolist(),
             "typicality": ev["typicality"][k].tolist(), "refined": bool(ev["refined"][k]),
             "attacked": bool(attacked_mask[k]),
             "poisoned_side": int(psides[k]) if bool(attacked_mask[k]) else None,
@@ -687,7 +685,7 @@ class ActivationClustering(DataSanitizer):
             poisoned &= ~ev["collapsed"][None, :]  # a collapsed reclassifier is no evidence
         for j, k in enumerate(labels):
             per_label[k].update(own_share=own[k].tolist(), top_other_share=top[k].tolist(),
-                                source=ev["source"][k].tolist(), spread=ev["spread"][k].tolist() if "spread" in ev else None,
+                                source=ev["source"][k].tolist(), spread=ev["spread"][k].tolist(),
                                 typicality=typ[k].tolist(),
                                 refined=bool(ev["refined"][k]))
             if bool(ev["refined"][k]):

@@ -63,6 +63,22 @@ def test_poisoned_side_by_spread_on_hand_made_evidence():
         ActivationClustering(side_rule="size").inspect(sd.linear_model(data, epochs=1), data)
 
 
+def test_poisoned_side_by_spread_reads_the_effective_number_of_labels():
+    """With ``spread`` in the evidence (the inverse Simpson index of the labels a side is read as)
+    the spread rule takes the side read as more labels, not the side with the lower top share.
+    Row 0 is Spectral's split of the 3% cmnist ``gtsrb_cnn`` target of seed 1: the clean side (400)
+    gave 21% to label 8 but spread over 6.63 labels, the poisoned side (120) 24% to label 9 over
+    7.35; the top share took the clean side. Row 1: a side read wholly as one label (a single
+    source) is still the poisoned side, whatever the spreads. Row 2: a tie goes to typicality."""
+    top = torch.tensor([[0.21, 0.24], [0.30, 0.95], [0.40, 0.30]], dtype=torch.float64)
+    spread = torch.tensor([[6.63, 7.35], [3.0, 1.1], [2.5, 2.5]], dtype=torch.float64)
+    typ = torch.tensor([[1.195, 1.557], [1.5, 1.6], [1.2, 1.3]], dtype=torch.float64)
+    ev = {"top_other": top, "spread": spread, "typicality": typ}
+    assert poisoned_side(ev).tolist() == [1, 1, 0]
+    assert poisoned_side({"top_other": top, "typicality": typ}).tolist() == [0, 1, 1]  # the share alone
+    assert poisoned_side(ev, "typicality").tolist() == [0, 0, 0]
+
+
 def test_refinement_moves_the_recognised_leak_and_judges_again(monkeypatch):
     """Label 0 is shaped like the signs43 ResNet's 3% target: AC's split left some poison with the
     clean samples, so a model trained on the poisoned side recognises those (own share 0.16 > 0.15)

@@ -248,9 +248,13 @@ def poisoned_side(evidence: dict[str, torch.Tensor], rule: str = "spread") -> to
 
     Rules, read from the output of ``exclusionary_reclassification``:
 
-    * ``"spread"`` (the default): the side whose reclassified labels are *spread out*, the lower
-      ``top_other``. An all-to-one poison side is read as its many source labels. The target's
-      clean side is read as the target's nearest look-alike, one label. There is one exception: a side read almost
+    * ``"spread"`` (the default): the side whose reclassified labels are *spread out*, the larger
+      ``spread`` (:func:`~._common.label_spread`, the effective number of other labels it is read
+      as; evidence without it: the lower ``top_other``). An all-to-one poison side is read as its
+      many source labels. The target's clean side is read as the target's few look-alikes. The
+      share of the single most frequent label is a poorer measure of that: on the 3% cmnist
+      ``gtsrb_cnn`` of seed 1, Spectral's clean side gave 21% to label 8 and the poisoned side 24%
+      to label 9, yet the poisoned side spread wider. There is one exception: a side read almost
       wholly as one label (at least :data:`LOOKALIKE_MAX_SHARE`) when the other side is not. That side
       is the content of a single source (a source-specific or all-to-all poison), so it is
       the poisoned side. When both sides are read that way (with four labels, the planted
@@ -274,8 +278,14 @@ def poisoned_side(evidence: dict[str, torch.Tensor], rule: str = "spread") -> to
         return by_typ
     top = evidence["top_other"]
     whole = top.nan_to_num(0.0) >= LOOKALIKE_MAX_SHARE
-    side = torch.where(top[:, 0] < top[:, 1], 0, 1)
-    side = torch.where(top.isnan().any(1) | (top[:, 0] == top[:, 1]) | whole.all(1), by_typ, side)
+    if "spread" in evidence:  # the effective number of labels each side is read as
+        spread = evidence["spread"]
+        side = torch.where(spread[:, 0] > spread[:, 1], 0, 1)
+        tie = spread.isnan().any(1) | (spread[:, 0] == spread[:, 1])
+    else:  # hand-made evidence without it: the lower share to one label
+        side = torch.where(top[:, 0] < top[:, 1], 0, 1)
+        tie = top.isnan().any(1) | (top[:, 0] == top[:, 1])
+    side = torch.where(tie | whole.all(1), by_typ, side)
     return torch.where(whole[:, 0] != whole[:, 1], whole[:, 1].long(), side)
 
 

@@ -278,14 +278,10 @@ def poisoned_side(evidence: dict[str, torch.Tensor], rule: str = "spread") -> to
         return by_typ
     top = evidence["top_other"]
     whole = top.nan_to_num(0.0) >= LOOKALIKE_MAX_SHARE
-    if "spread" in evidence:  # the effective number of labels each side is read as
-        spread = evidence["spread"]
-        side = torch.where(spread[:, 0] > spread[:, 1], 0, 1)
-        tie = spread.isnan().any(1) | (spread[:, 0] == spread[:, 1])
-    else:  # hand-made evidence without it: the lower share to one label
-        side = torch.where(top[:, 0] < top[:, 1], 0, 1)
-        tie = top.isnan().any(1) | (top[:, 0] == top[:, 1])
-    side = torch.where(tie | whole.all(1), by_typ, side)
+    # how widely each side is read: its spread, or (hand-made evidence without it) minus its top share
+    wide = evidence["spread"] if "spread" in evidence else -top
+    side = torch.where(wide[:, 0] > wide[:, 1], 0, 1)
+    side = torch.where(wide.isnan().any(1) | (wide[:, 0] == wide[:, 1]) | whole.all(1), by_typ, side)
     return torch.where(whole[:, 0] != whole[:, 1], whole[:, 1].long(), side)
 
 

@@ -12,7 +12,8 @@ import torch
 
 import trojanscope as ts
 from trojanscope.defenses import STRIP, create
-from trojanscope.defenses.input.strip import StripDecisions, overlay_entropy, sequential_decision, strip_entropy, superimpose
+from trojanscope.defenses.input.strip import (StripDecisions, overlay_entropy, own_label_surprisal, sequential_decision,
+                                              strip_entropy, superimpose)
 from trojanscope.errors import ConfigError, DataError, NotFittedError
 from trojanscope.metrics import detection_metrics
 
@@ -39,6 +40,25 @@ def test_entropy_matches_scipy():
         strip_entropy(torch.tensor([0.5, 0.5]))
 
 
+def test_own_label_surprisal_by_hand_and_against_numpy():
+    # logits (0, 0): p = 1/2 -> 1 bit; logits (ln 3, 0) read at label 0: p = 3/4 -> log2(4/3) bits
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0]]])
+    assert own_label_surprisal(logits, torch.tensor([0]))[0].tolist() == pytest.approx([1.0, math.log2(4 / 3)], rel=1e-6)
+    assert own_label_surprisal(logits, torch.tensor([1]))[0, 1].item() == pytest.approx(2.0, rel=1e-6)  # p = 1/4
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 5, 7, generator=g) * 4
+    lab = torch.tensor([6, 0, 3])
+    zz = z.double().numpy()
+    logp = zz - zz.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    ref = -logp[np.arange(3)[:, None], np.arange(5)[None, :], lab.numpy()[:, None]] / np.log(2)
+    np.testing.assert_allclose(own_label_surprisal(z, lab).numpy(), ref, rtol=1e-5)
+    # far from the label the softmax underflows to 0; the surprisal stays finite
+    assert torch.isfinite(own_label_surprisal(torch.tensor([[[0.0, 200.0]]]), torch.tensor([0]))).all()
+    with pytest.raises(DataError):
+        own_label_surprisal(z, lab[:2])
+
+
 @pytest.fixture(scope="module")
 def planted(mnist):
     tr = mnist["train"]
@@ -48,9 +68,10 @@ def planted(mnist):
     return bad, clean, trig
 
 
-def test_strip_flags_planted_trigger(planted, mnist):
+@pytest.mark.parametrize("statistic", ["entropy", "own_label"])
+def test_strip_flags_planted_trigger(planted, mnist, statistic):
     bad, _, trig = planted
-    strip = STRIP(n_overlays=20).fit(bad, mnist["val"])
+    strip = STRIP(n_overlays=20, statistic=statistic).fit(bad, mnist["val"])
     x = mnist["test"].x[:150]
     xt = trig.apply(x)
     scores = torch.cat([strip.score(x), strip.score(xt)])
@@ -64,12 +85,39 @@ def test_strip_flags_planted_trigger(planted, mnist):
     assert strip.clean_scores_.shape == (250,) and strip.overlays_.shape == (250, 1, 28, 28)
 
 
-def test_strip_clean_model_does_not_cry_wolf(planted, mnist):
+@pytest.mark.parametrize("statistic", ["entropy", "own_label"])
+def test_strip_clean_model_does_not_cry_wolf(planted, mnist, statistic):
     _, clean, trig = planted
-    strip = STRIP(n_overlays=20).fit(clean, mnist["val"])
+    strip = STRIP(n_overlays=20, statistic=statistic).fit(clean, mnist["val"])
     x = mnist["test"].x[:200]
     assert float(strip.flag(x).float().mean()) <= 0.05
     assert float(strip.flag(trig.apply(x)).float().mean()) <= 0.10  # no backdoor: the patch is nothing special
+
+
+def test_own_label_statistic_on_a_received_model(planted, mnist):
+    """The own-label statistic on a TorchScript copy of the planted model: the same decisions as on
+    the module, the same at another batch size, and every triggered input flagged. The own
+    label is the model's label for each input alone, so the scores average the per-copy surprisal
+    at that label (checked against a direct computation on one input's copies)."""
+    bad, _, trig = planted
+    val, x = mnist["val"], mnist["test"].x[:200]
+    xt = trig.apply(x)
+    scripted = torch.jit.trace(bad, val.x[:2])
+    kw = dict(n_overlays=16, statistic="own_label", early_stop=False)
+    on_module = STRIP(**kw).fit(bad, val)
+    on_file = STRIP(**kw, batch_size=40).fit(scripted, val)
+    a, b = on_module.decide(torch.cat([x, xt])), on_file.decide(torch.cat([x, xt]))
+    assert torch.equal(a.flagged, b.flagged)
+    torch.testing.assert_close(a.scores, b.scores, atol=1e-4, rtol=1e-5)
+    assert bool(b.flagged[200:].all()) and float(b.flagged[:200].float().mean()) <= 0.05
+    d = on_file._draws(0, 1)[0]
+    copies = superimpose(x[:1].repeat(16, 1, 1, 1), on_file.overlays_[d], on_file.alpha_, clip=on_file.clip_)
+    with torch.no_grad():
+        own = bad(x[:1]).argmax(1)
+        direct = own_label_surprisal(bad(copies)[None], own).double().mean()
+    assert float(-b.scores[0]) == pytest.approx(float(direct), abs=1e-4)
+    with pytest.raises(ConfigError):
+        STRIP(statistic="variance").fit(bad, val)
 
 
 def test_sequential_decision_by_hand():

@@ -15,6 +15,7 @@ kept), the best one's CA / ASR after.
              --per-class N (signs43 training images per class) --rates 0.1,0.03
              --train-only (fill the model cache and stop) --sanitisers-only --strip-only
              --strip-alpha default,1,1.5,2 (with --strip-only: STRIP's overlay weights)
+             --strip-statistic entropy,own_label (with --strip-only: STRIP's per-copy statistics)
              --models clean|badnets (one of the two, for two jobs side by side) --no-strip
              --no-crop (train without random crops)
              --seeds 0,1,2 (train and measure every model for each seed; a table per seed at the end)
@@ -81,7 +82,8 @@ def seed_summary(rows: list[dict], seeds: list[int]) -> str:
                 by_seed[r["seed"]].update(r)
         out += [f"\n{ds} {arch} {model}\n", "| figure | " + " | ".join(f"seed {s}" for s in seeds) + " |",
                 "|---|" + "---|" * len(seeds)]
-        for f in SUMMARY:
+        strip_variants = list(dict.fromkeys(k for s in seeds for k in by_seed[s] if k.startswith("strip ")))
+        for f in SUMMARY + strip_variants:
             if any(f in by_seed[s] for s in seeds):
                 out.append(f"| {f} | " + " | ".join(str(by_seed[s].get(f, "")) for s in seeds) + " |")
     return "\n".join(out)
@@ -287,10 +289,18 @@ def run(dataset: str, arch: str, args) -> None:
         log(**common, **tag, ca=ca, asr=attack_success_rate(model, test, trig, TARGET), train_seconds=secs,
             images_per_second=(args.epochs * len(train) / secs) if secs else None)
         if args.strip_only:
-            for params in ({}, {"clip": True}):  # the default against the clipped sum
-                for alpha in args.strip_alpha.split(","):  # and the overlay weights asked for
-                    kw = {**params, **({} if alpha == "default" else {"alpha": float(alpha)})}
-                    log(**common, **tag, strip_alpha=kw.get("alpha", "default"), **strip_figures(model, val, test, trig, **kw))
+            sums = {"default": {}, "clipped": {"clip": True}}
+            for sum_name in args.strip_sums.split(","):  # the default against the clipped sum
+                for alpha in args.strip_alpha.split(","):  # the overlay weights asked for
+                    for stat in args.strip_statistic.split(","):  # and the per-copy statistics
+                        kw = {**sums[sum_name], **({} if alpha == "default" else {"alpha": float(alpha)}),
+                              "statistic": stat}
+                        fig = strip_figures(model, val, test, trig, **kw)
+                        variant = f"strip {stat}, {sum_name} sum, alpha {alpha}: FAR at FRR (FAR at a test FRR of 1%)"
+                        cell = f"{100 * fig['strip_far']:.1f}% at {100 * fig['strip_frr']:.1f}% " \
+                               f"({100 * fig['strip_far_at_test_frr_1pct']:.1f}%)"
+                        log(**common, **tag, strip_alpha=kw.get("alpha", "default"), strip_statistic=stat, **fig,
+                            **{variant: cell})
             continue
         sanitised: dict = {}
         for name, san in sanitisers(args):
@@ -341,6 +351,10 @@ def main() -> None:
     p.add_argument("--no-crop", action="store_true", help="train without random crops")
     p.add_argument("--strip-alpha", default="default", help="with --strip-only: STRIP's overlay weights, "
                    "comma-separated (default: its own, 1.5 on a clipped sum and 1.0 on an unclipped one)")
+    p.add_argument("--strip-statistic", default="entropy", help="with --strip-only: STRIP's per-copy statistics, "
+                   "comma-separated: entropy (the paper's), own_label")
+    p.add_argument("--strip-sums", default="default,clipped", help="with --strip-only: STRIP's sums, comma-separated: "
+                   "default (clipped on greyscale, not on colour), clipped")
     p.add_argument("--no-strip", action="store_true", help="skip STRIP in the full run (--strip-only measures it)")
     p.add_argument("--repairs", default=",".join(REPAIRS), help="the repairs tried (fine-pruning is slow on signs43)")
     p.add_argument("--layer", default=None, help="the sanitisers' feature layer (default: their own)")

@@ -43,7 +43,8 @@ def test_entropy_matches_scipy():
 def test_own_label_surprisal_by_hand_and_against_numpy():
     # logits (0, 0): p = 1/2 -> 1 bit; logits (ln 3, 0) read at label 0: p = 3/4 -> log2(4/3) bits
     logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0]]])
-    assert own_label_surprisal(logits, torch.tensor([0]))[0].tolist() == pytest.approx([1.0, math.log2(4 / 3)], rel=1e-6)
+    hand = [1.0, math.log2(4 / 3)]
+    assert own_label_surprisal(logits, torch.tensor([0]))[0].tolist() == pytest.approx(hand, rel=1e-6)
     assert own_label_surprisal(logits, torch.tensor([1]))[0, 1].item() == pytest.approx(2.0, rel=1e-6)  # p = 1/4
     g = torch.Generator().manual_seed(0)
     z = torch.randn(3, 5, 7, generator=g) * 4

@@ -33,7 +33,8 @@ The per-copy statistic (``statistic``): the paper's is the entropy of each copy'
 copy's surprisal at the input's own label, ``-log2 p(y_hat(x) | copy)``, where ``y_hat(x)`` is the
 model's label for the input alone (:func:`own_label_surprisal`). It asks whether the label
 survives the overlays rather than whether each copy is confident: a clean input whose copies are
-each read confidently as the overlay's digit has low entropy but a high surprisal. Both are means
+each read confidently as some other label (often the overlay's) has low entropy but a high
+surprisal. Both are means
 of per-copy values, so the threshold and the early decisions work the same on either. On the 8x8
 digits and cmnist BadNets models of benchmarks/README.md ("STRIP's own-label statistic") it lets
 less through on the ResNets and is mixed on ``gtsrb_cnn``.
@@ -131,7 +132,8 @@ def own_label_surprisal(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
         tensor([[1.0000, 0.4150]])
     """
     if logits.ndim < 2 or tuple(labels.shape) != tuple(logits.shape[:-2]):
-        raise DataError(f"logits must be (..., S, K) and labels (...), got {tuple(logits.shape)} and {tuple(labels.shape)}")
+        raise DataError(f"logits must be (..., S, K) and labels (...), got {tuple(logits.shape)} "
+                        f"and {tuple(labels.shape)}")
     logp = logits.double().log_softmax(-1)
     idx = labels.long()[..., None, None].expand(*logits.shape[:-1], 1)
     return (-logp.gather(-1, idx).squeeze(-1) / math.log(2.0)).to(logits.dtype)

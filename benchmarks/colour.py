@@ -152,8 +152,9 @@ def get_model(tag: str, arch: str, arch_kw: dict, data: ts.ImageDataset, epochs:
 
 def strip_figures(model, val, test, trig, **params) -> dict:
     """STRIP (its defaults, or ``params``) fitted on ``val``: FAR on the triggered test images of
-    the other labels at the threshold calibrated for 1% FRR, the FRR met on the clean test images,
-    the FAR at the clean test scores' own 1% FRR point, AUROC, mean overlays per input, seconds."""
+    the other labels at the threshold calibrated for 1% FRR, the same FAR on the triggered images
+    the model sends to the target, the FRR met on the clean test images, the FAR at the clean test
+    scores' own 1% FRR point, AUROC, mean overlays per input, seconds."""
     t0 = time.perf_counter()
     strip = STRIP(**params).fit(model, val)
     clean = strip.decide(test.x)
@@ -162,7 +163,13 @@ def strip_figures(model, val, test, trig, **params) -> dict:
     truth = torch.cat([torch.zeros(len(clean)), torch.ones(len(troj))]).bool()
     m = detection_metrics(torch.cat([clean.scores, troj.scores]), truth, torch.cat([clean.flagged, troj.flagged]))
     at_1 = torch.quantile(clean.scores.double(), 0.99)  # the test's own 1% FRR point, for comparison with papers
-    return {"strip_clip": strip.clip_, "strip_alpha_used": strip.alpha_, "strip_far": 1 - m["recall"], "strip_frr": float(clean.flagged.float().mean()),
+    # the triggered inputs the backdoor does send to the target: the ones a filter must stop (a
+    # triggered input that keeps another label is harmless, and no statistic can tell it from a clean one)
+    with torch.inference_mode():
+        hit = torch.cat([model.eval()(b).argmax(1) for b in trig.apply(test.x[keep]).split(256)]) == TARGET
+    return {"strip_clip": strip.clip_, "strip_alpha_used": strip.alpha_, "strip_far": 1 - m["recall"],
+            "strip_far_on_successful": float((~troj.flagged[hit]).float().mean()) if bool(hit.any()) else None,
+            "strip_frr": float(clean.flagged.float().mean()),
             "strip_far_at_test_frr_1pct": float((troj.scores.double() <= at_1).float().mean()),
             "strip_auroc": m["auroc"], "strip_mean_overlays": float(torch.cat([clean.n_overlays, troj.n_overlays]).double().mean()),
             "strip_seconds": time.perf_counter() - t0}
@@ -296,9 +303,12 @@ def run(dataset: str, arch: str, args) -> None:
                         kw = {**sums[sum_name], **({} if alpha == "default" else {"alpha": float(alpha)}),
                               "statistic": stat}
                         fig = strip_figures(model, val, test, trig, **kw)
-                        variant = f"strip {stat}, {sum_name} sum, alpha {alpha}: FAR at FRR (FAR at a test FRR of 1%)"
+                        variant = (f"strip {stat}, {sum_name} sum, alpha {alpha}: FAR at FRR (FAR at a test FRR of 1%); "
+                                   "FAR on the triggered inputs sent to the target")
                         cell = f"{100 * fig['strip_far']:.1f}% at {100 * fig['strip_frr']:.1f}% " \
                                f"({100 * fig['strip_far_at_test_frr_1pct']:.1f}%)"
+                        if fig["strip_far_on_successful"] is not None:
+                            cell += f"; {100 * fig['strip_far_on_successful']:.1f}% of the successful"
                         log(**common, **tag, strip_alpha=kw.get("alpha", "default"), strip_statistic=stat, **fig,
                             **{variant: cell})
             continue

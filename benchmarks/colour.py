@@ -16,6 +16,7 @@ kept), the best one's CA / ASR after.
              --train-only (fill the model cache and stop) --sanitisers-only --strip-only
              --strip-alpha default,1,1.5,2 (with --strip-only: STRIP's overlay weights)
              --strip-statistic entropy,own_label (with --strip-only: STRIP's per-copy statistics)
+             --strip-sums default,clipped (with --strip-only: STRIP's sums)
              --models clean|badnets (one of the two, for two jobs side by side) --no-strip
              --no-crop (train without random crops)
              --seeds 0,1,2 (train and measure every model for each seed; a table per seed at the end)
@@ -356,7 +357,7 @@ def main() -> None:
                    "of the figures per seed ends the output")
     p.add_argument("--train-only", action="store_true", help="only train (and cache) the models")
     p.add_argument("--sanitisers-only", action="store_true", help="only the data sanitisers' figures")
-    p.add_argument("--strip-only", action="store_true", help="only STRIP's figures (default and clipped sum)")
+    p.add_argument("--strip-only", action="store_true", help="only STRIP's figures (by default: the default and the clipped sum)")
     p.add_argument("--models", default="clean,badnets", help="which models to measure (two jobs can split them)")
     p.add_argument("--no-crop", action="store_true", help="train without random crops")
     p.add_argument("--strip-alpha", default="default", help="with --strip-only: STRIP's overlay weights, "
@@ -381,6 +382,8 @@ def main() -> None:
     args.datasets = (args.datasets or ("signs43" if q else "signs43,cmnist,digits")).split(",")
     args.width = args.width or (8 if q else 16)
     args.epochs = args.epochs or (4 if q else 10)
+    if not set(args.strip_sums.split(",")) <= {"default", "clipped"}:
+        p.error(f"--strip-sums takes default and/or clipped, got {args.strip_sums!r}")
     if not set(args.sanitisers.split(",")) <= {"ac", "spectral"}:
         p.error(f"--sanitisers takes ac and/or spectral, got {args.sanitisers!r}")
     args.per_class = args.per_class or (60 if q else None)

@@ -33,8 +33,7 @@ The per-copy statistic (``statistic``): the paper's is the entropy of each copy'
 copy's surprisal at the input's own label, ``-log2 p(y_hat(x) | copy)``, where ``y_hat(x)`` is the
 model's label for the input alone (:func:`own_label_surprisal`). It asks whether the label
 survives the overlays rather than whether each copy is confident: a clean input whose copies are
-each read confidently as some other label (often the overlay's) has low entropy but a high
-surprisal. Both are means
+each read confidently as some other label has low entropy but a high surprisal. Both are means
 of per-copy values, so the threshold and the early decisions work the same on either. On the 8x8
 digits and cmnist BadNets models of benchmarks/README.md ("STRIP's own-label statistic") it lets
 less through on the ResNets and is mixed on ``gtsrb_cnn``.

@@ -64,7 +64,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..._utils.batching import DeviceLike, eval_mode, generator, model_device
+from ..._utils.batching import DeviceLike, eval_mode, generator, model_device, predict
 from ..._utils.results import Result
 from ..._utils.validation import Interval, Options, OrNone, Types, check_images
 from ...data.dataset import ImageDataset
@@ -511,7 +511,9 @@ class STRIP(InputFilter):
         active = torch.arange(n)
         t_entropy = -float(getattr(self, "threshold_", math.nan))
         with eval_mode(model), torch.inference_mode():
-            labels = self._own_labels(model, x, dev) if self.statistic == "own_label" else None
+            # the label the model gives each input alone (the "own_label" statistic's)
+            labels = predict(model, x, batch_size=int(self.batch_size), device=dev) \
+                if self.statistic == "own_label" else None
             for lo in range(0, S, R):
                 if active.numel() == 0:
                     break
@@ -532,17 +534,6 @@ class STRIP(InputFilter):
         thr = float(getattr(self, "threshold_", math.nan))
         return StripDecisions(scores=scores, flagged=scores > thr, n_overlays=used, threshold=thr, start=start)
 
-    def _own_labels(self, model: nn.Module, x: torch.Tensor, dev: torch.device) -> torch.Tensor:
-        """``(N,)`` the label the model gives each input alone (the ``"own_label"`` statistic's)."""
-        step = max(1, int(self.batch_size))
-        out = []
-        for i in range(0, x.shape[0], step):
-            b = x[i:i + step].to(dev)
-            if model is not self.model_:
-                b = b.contiguous(memory_format=torch.channels_last)
-            out.append(model(b).argmax(1).cpu())
-        return torch.cat(out)
-
     def _round(self, model: nn.Module, x: torch.Tensor, pool: torch.Tensor, idx: torch.Tensor,
                draws: torch.Tensor, dev: torch.device,
                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -560,10 +551,10 @@ class STRIP(InputFilter):
             if model is not self.model_:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             out = model(batch).float().view(rows.numel(), r, -1).cpu()
-            if labels is None:
-                probs = out.softmax(-1)
-                means.append(strip_entropy(probs).double())
-                sqs.append(overlay_entropy(probs).double())
+            if labels is None:  # the per-copy entropies once; their mean is strip_entropy's
+                per_copy = overlay_entropy(out.softmax(-1))
+                means.append(per_copy.mean(-1).double())
+                sqs.append(per_copy.double())
             else:
                 per_copy = own_label_surprisal(out, labels[rows]).double()
                 means.append(per_copy.mean(1))

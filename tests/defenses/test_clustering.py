@@ -11,7 +11,7 @@ import torch
 import sanitizer_data as sd
 from trojanscope.defenses import ActivationClustering, create
 from trojanscope.defenses.data._common import (LOOKALIKE_MAX_SHARE, LOOKALIKE_MAX_SPREAD, LOOKALIKE_SHARE,
-                                                STYLE_SHARE, label_spread)
+                                                STYLE_SHARE, WIDE_CLEAN_SIDE_SHARE, WIDE_SPREAD, label_spread)
 from trojanscope.defenses.data import clustering
 from trojanscope.defenses.data.clustering import (MIN_SIDE, auto_verdict, poisoned_side, reclassify_refined,
                                                   reduce_activations, two_clusters)
@@ -200,6 +200,44 @@ def test_the_lookalike_rule_does_not_spare_a_side_spread_over_many_labels():
     del old["spread"]  # evidence without the spread (older results): the rule as it was
     assert auto_verdict(old, 0.15)[0].tolist() == [False]
 
+
+
+def _one_label_evidence(K, own, spread, top=(0.16, 0.24), n=(126.0, 125.0)):
+    """Evidence of K labels: label 0 as given, every other label recognised on both sides."""
+    ev = {"own": torch.full((K, 2), 0.95, dtype=torch.float64), "n": torch.full((K, 2), 60.0, dtype=torch.float64),
+          "typicality": torch.ones(K, 2, dtype=torch.float64), "source": torch.ones(K, 2, dtype=torch.long),
+          "top_other": torch.full((K, 2), 0.03, dtype=torch.float64), "spread": torch.full((K, 2), 1.5, dtype=torch.float64)}
+    ev["source"][0] = torch.tensor([9, 5])
+    for key, v in (("own", own), ("spread", spread), ("top_other", top), ("n", n)):
+        ev[key][0] = torch.tensor(v, dtype=ev[key].dtype)
+    return ev
+
+
+def test_a_poisoned_side_read_as_every_other_label_is_attacked():
+    """The 8x8 digits ResNet's 10% target (seed 0): AC's split is exact (126 poisoned / 125 clean).
+    A model trained without the poison reads it as 7.6 of the 9 other labels and as label 0 for
+    9.5%; the model trained on the poison alone learns label 0 as a mixture of every digit and
+    gives it to 27% of the clean zeros, above max_own_share, so the rule of both sides missed it."""
+    ev = _one_label_evidence(10, (0.095, 0.272), (7.57, 4.18))
+    attacked, side = auto_verdict(ev, 0.15)
+    assert attacked.tolist() == [True] + [False] * 9 and int(side[0]) == 0
+    assert not bool(auto_verdict(ev, 0.15, wide_spread=None)[0][0])  # the rule off: both sides must be <= 0.15
+    assert bool(auto_verdict(_one_label_evidence(10, (0.095, 0.272), (WIDE_SPREAD * 9, 4.18)), 0.15)[0][0])  # at 0.6 x 9
+    # a side spread over fewer labels (a clean sub-style: at most 0.56 of the others on digits)
+    assert not bool(auto_verdict(_one_label_evidence(10, (0.095, 0.272), (0.55 * 9, 4.18)), 0.15)[0][0])
+    # the clean side recognised above WIDE_CLEAN_SIDE_SHARE: a label the model knows from its other side
+    assert not bool(auto_verdict(_one_label_evidence(10, (0.095, WIDE_CLEAN_SIDE_SHARE + 0.01), (7.57, 4.18)), 0.15)[0][0])
+    # the poisoned side recognised above max_own_share
+    assert not bool(auto_verdict(_one_label_evidence(10, (0.16, 0.272), (7.57, 4.18)), 0.15)[0][0])
+    # the clean signs43 gtsrb_cnn's label 8 (AC): one side read as 7.1 of 42 other labels, not many
+    assert not bool(auto_verdict(_one_label_evidence(43, (0.08, 0.38), (7.1, 3.6)), 0.15)[0][0])
+    # with 4 labels a side cannot spread over more than LOOKALIKE_MAX_SPREAD: the rule never applies
+    assert not bool(auto_verdict(_one_label_evidence(4, (0.0, 0.3), (3.0, 1.0)), 0.15)[0][0])
+    # labels without samples are not counted among the others: 10 labels, of which 7 present
+    few = _one_label_evidence(10, (0.0, 0.3), (4.5, 1.0))
+    few["n"][7:] = 0.0
+    assert bool(auto_verdict(few, 0.15)[0][0])  # 4.5 >= 0.6 x 6 and > 4
+    assert not bool(auto_verdict(_one_label_evidence(10, (0.0, 0.3), (4.5, 1.0)), 0.15)[0][0])  # 4.5 < 0.6 x 9
 
 @pytest.mark.parametrize("share", [0.1, 0.5])
 def test_auto_mode_finds_planted_poison(share):

@@ -274,6 +274,21 @@ LOOKALIKE_MAX_SPREAD = 4.0
 #: wholly as its one source (the figures: benchmarks/README.md, "Spectral's false flags")
 STYLE_SHARE = 0.5
 
+#: :func:`~.clustering.auto_verdict` also judges a label attacked when the side it picks as poison
+#: is read as its label for at most ``max_own_share`` and as many other labels: a spread of at
+#: least this share of the other labels present (``K - 1``). The relabelled images of an all-to-one
+#: attack are the content of every other label, so a model that never saw them reads them as
+#: most of those (0.67-0.94 of ``K - 1`` on the digits and mnist5k targets that only this rule
+#: decides); a clean side not recognised without the other went to at most 0.56 of them on digits
+#: and at most 0.19 of the 42 on signs43 (benchmarks/README.md, "A poisoned side read as most
+#: other labels")
+WIDE_SPREAD = 0.6
+#: ... while the other side, the label's clean samples, is recognised for at most this share. The
+#: model trained without the clean side learns the label from the poison alone, a mixture of every
+#: other label's content, and gave the label to 25-36% of the clean side on the 8x8 digits targets
+#: that the rule of both sides at ``max_own_share`` missed
+WIDE_CLEAN_SIDE_SHARE = 0.4
+
 
 def reclassifier_collapsed(fit_accuracy: float, top_share: float, num_classes: int) -> bool:
     """Whether a reclassification model is useless as evidence: it did not learn its own training

@@ -22,7 +22,11 @@ but, run on both clusters, a half-poisoned label fails it twice: a model trained
 clean cluster has never seen a clean image of the label either. ``"auto"`` turns that into the
 verdict: a label is attacked when *neither* cluster is recognised as the label by a model trained
 without it (at most ``max_own_share`` of it), while clean labels, split by handwriting style, keep
-being recognised. The poisoned cluster is then the one the new model reads as *more* labels
+being recognised. With few samples per label, a model trained on the poisoned cluster alone may
+learn the label as a mixture of every other label and recognise part of the clean cluster, so a
+label is also attacked when its poisoned cluster is read as most of the other labels and the
+clean one is recognised for at most :data:`~._common.WIDE_CLEAN_SIDE_SHARE`
+(:func:`auto_verdict`). The poisoned cluster is the one the new model reads as *more* labels
 (``side_rule="spread"``, :func:`poisoned_side`). Poisoned images are other labels' images with a
 trigger, so an all-to-one poison cluster goes to its many sources. The clean images of the target
 go to its nearest look-alike. A cluster read almost wholly as one label is the content of a
@@ -63,7 +67,7 @@ from ...data.dataset import ImageDataset
 from ...errors import DataError
 from ..base import DataSanitizer, SanitizeResult, register
 from ._common import (AUTO_LAYER, FIT_TARGET, LOOKALIKE_MAX_SHARE, LOOKALIKE_MAX_SPREAD, LOOKALIKE_SHARE,
-                      STYLE_SHARE, exclusionary_reclassification, features,
+                      STYLE_SHARE, WIDE_CLEAN_SIDE_SHARE, WIDE_SPREAD, exclusionary_reclassification, features,
                       gaussian_split, padded_by_label, resolve_feature_layer)
 from ...training import Retrainer
 
@@ -286,8 +290,8 @@ def poisoned_side(evidence: dict[str, torch.Tensor], rule: str = "spread") -> to
 
 
 def auto_verdict(evidence: dict[str, torch.Tensor], max_own_share: float,
-                 lookalike_share: float | None = LOOKALIKE_SHARE, side_rule: str = "spread"
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 lookalike_share: float | None = LOOKALIKE_SHARE, side_rule: str = "spread",
+                 wide_spread: float | None = WIDE_SPREAD) -> tuple[torch.Tensor, torch.Tensor]:
     """The epsilon-free verdict from exclusionary reclassification of both sides of every label.
 
     A label is attacked when, for *both* sides of its split, a model trained without that side
@@ -325,11 +329,23 @@ def auto_verdict(evidence: dict[str, torch.Tensor], max_own_share: float,
     side goes to one of them for 50-90%, with a clean side read as one look-alike for 50% or more.
     ``lookalike_share=None`` turns both rules off.
 
+    A label is also attacked when only the side picked as poison is read as the label for at most
+    ``max_own_share``, that side is read as many other labels (a ``spread`` of at least
+    ``wide_spread`` (:data:`~._common.WIDE_SPREAD`, 0.6) times the number of other labels present,
+    and more than :data:`~._common.LOOKALIKE_MAX_SPREAD`, so never with fewer than 6 labels),
+    and the other side is read as the label for at most :data:`~._common.WIDE_CLEAN_SIDE_SHARE`
+    (0.4). With few samples per label, a model trained on the poisoned side alone learns the
+    label as a mixture of every other label's content and gives it to part of the clean side (25-36%
+    on the 8x8 digits targets, about 125 samples per side), which the rule of both sides missed.
+    The look-alike rules above spare such a label as any other. ``wide_spread=None`` turns this
+    rule off.
+
     Args:
         evidence: the output of ``exclusionary_reclassification`` (``(K, 2)`` tensors).
         max_own_share: the threshold on the own-label share.
         lookalike_share: the look-alike rule's share (None: no look-alike rule).
         side_rule: :func:`poisoned_side`'s rule.
+        wide_spread: the wide-side rule's share of the other labels (None: no such rule).
 
     Returns:
         ``(attacked (K,) bool, poisoned_side (K,) long)``.
@@ -337,6 +353,14 @@ def auto_verdict(evidence: dict[str, torch.Tensor], max_own_share: float,
     own = evidence["own"]
     two_sided = (evidence["n"] >= MIN_SIDE).all(1)
     attacked = two_sided & (own.nan_to_num(1.0) <= max_own_share).all(1)
+    side = poisoned_side(evidence, side_rule)
+    if wide_spread is not None and "spread" in evidence:
+        rows = torch.arange(own.shape[0])
+        others = int((evidence["n"].sum(1) > 0).sum()) - 1  # the other labels a side can be read as
+        picked, clean = own[rows, side].nan_to_num(1.0), own[rows, 1 - side].nan_to_num(1.0)
+        spread = evidence["spread"][rows, side].nan_to_num(0.0)
+        wide = (spread >= wide_spread * others) & (spread > LOOKALIKE_MAX_SPREAD)  # with few labels, never
+        attacked |= two_sided & (picked <= max_own_share) & (clean <= WIDE_CLEAN_SIDE_SHARE) & wide
     if lookalike_share is not None and "source" in evidence and "top_other" in evidence:
         src, top = evidence["source"], evidence["top_other"].nan_to_num(0.0)
         same = (src[:, 0] == src[:, 1]) & (src[:, 0] >= 0)
@@ -347,7 +371,7 @@ def auto_verdict(evidence: dict[str, torch.Tensor], max_own_share: float,
         attacked &= ~((src >= 0) & (top >= max(lookalike_share, STYLE_SHARE)) & partial).all(1)
     if "collapsed" in evidence and bool(evidence["collapsed"].any()):
         attacked = torch.zeros_like(attacked)  # a collapsed reclassifier is no evidence (see _common)
-    return attacked, poisoned_side(evidence, side_rule)
+    return attacked, side
 
 
 def reclassification_health(ev: dict[str, torch.Tensor] | None) -> dict[str, Any]:
@@ -410,7 +434,7 @@ def reclassify_refined(model: nn.Module, data: ImageDataset, side: torch.Tensor,
     if not refine or bool(ev["collapsed"].any()):
         return ev, side
     attacked, picked = auto_verdict(ev, max_own_share, lookalike_share, side_rule)
-    plain, _ = auto_verdict(ev, MAX_LEAK_OWN_SHARE, lookalike_share, side_rule)
+    plain, _ = auto_verdict(ev, MAX_LEAK_OWN_SHARE, lookalike_share, side_rule, wide_spread=None)
     cand = plain & ~attacked
     if not bool(cand.any()):
         return ev, side

@@ -10,7 +10,9 @@ Two modes:
   in the label's top singular subspace (a two-component Gaussian mixture on the signed projection
   ``(R(x) - mean) . v`` and the projections on the next singular vectors), then decide with
   exclusionary reclassification (see :mod:`.clustering`) whether the label is attacked: it is when
-  a model trained without either side does not recognise that side as the label. A label judged
+  a model trained without either side does not recognise that side as the label (or when the
+  side taken as poison is read as most of the other labels and the other side is recognised for
+  at most 40%: :func:`~.clustering.auto_verdict`). A label judged
   clean loses nothing. The poisoned side of an attacked label is the one the reclassification
   model reads as more labels (:func:`~.clustering.poisoned_side`): relabelled images keep the
   content of their many sources, while the label's own images go to its nearest look-alike.
@@ -188,7 +190,8 @@ class SpectralSignatures(DataSanitizer):
         max_own_share: ``mode="auto"``: a label is attacked when, for *both* sides of its split,
             a model trained without that side gives the label to at most this share of it
             (the two sides are mutually exclusive explanations of the label; the rule of
-            :func:`~.clustering.auto_verdict`).
+            :func:`~.clustering.auto_verdict`, which also takes a label whose poisoned side alone
+            is below it but is read as most of the other labels).
         lookalike_share: ``mode="auto"``: a label whose two sides both go to one other label, with
             at least this share of each, is a look-alike of that label, not attacked (0.25; None
             turns the rule off; :func:`~.clustering.auto_verdict`).

@@ -335,8 +335,8 @@ def auto_verdict(evidence: dict[str, torch.Tensor], max_own_share: float,
     and more than :data:`~._common.LOOKALIKE_MAX_SPREAD`, so never with fewer than 6 labels),
     and the other side is read as the label for at most :data:`~._common.WIDE_CLEAN_SIDE_SHARE`
     (0.4). With few samples per label, a model trained on the poisoned side alone learns the
-    label as a mixture of every other label's content and gives it to part of the clean side (25-36%
-    on the 8x8 digits targets, about 125 samples per side), which the rule of both sides missed.
+    label as a mixture of every other label's content and gives it to part of the clean side (up to
+    36% on the 8x8 digits targets, about 125 samples per side), which the rule of both sides missed.
     The look-alike rules above spare such a label as any other. ``wide_spread=None`` turns this
     rule off.
 

@@ -13,7 +13,7 @@ from trojanscope.defenses import ActivationClustering, create
 from trojanscope.defenses.data._common import (LOOKALIKE_MAX_SHARE, LOOKALIKE_MAX_SPREAD, LOOKALIKE_SHARE,
                                                 STYLE_SHARE, WIDE_CLEAN_SIDE_SHARE, WIDE_SPREAD, label_spread)
 from trojanscope.defenses.data import clustering
-from trojanscope.defenses.data.clustering import (MIN_SIDE, auto_verdict, poisoned_side, reclassify_refined,
+from trojanscope.defenses.data.clustering import (MIN_SIDE, attack_rule, auto_verdict, poisoned_side, reclassify_refined,
                                                   reduce_activations, two_clusters)
 from trojanscope.errors import ConfigError
 from trojanscope.metrics import detection_metrics
@@ -221,6 +221,8 @@ def test_a_poisoned_side_read_as_every_other_label_is_attacked():
     ev = _one_label_evidence(10, (0.095, 0.272), (7.57, 4.18))
     attacked, side = auto_verdict(ev, 0.15)
     assert attacked.tolist() == [True] + [False] * 9 and int(side[0]) == 0
+    assert attack_rule(ev["own"][0], 0.15, True) == "wide side" and attack_rule(ev["own"][0], 0.15, False) is None
+    assert attack_rule(torch.tensor([0.0, 0.15], dtype=torch.float64), 0.15, True) == "both sides"
     assert not bool(auto_verdict(ev, 0.15, wide_spread=None)[0][0])  # the rule off: both sides must be <= 0.15
     assert bool(auto_verdict(_one_label_evidence(10, (0.095, 0.272), (WIDE_SPREAD * 9, 4.18)), 0.15)[0][0])  # at 0.6 x 9
     # a side spread over fewer labels (a clean sub-style: at most 0.56 of the others on digits)
@@ -251,6 +253,7 @@ def test_auto_mode_finds_planted_poison(share):
     assert sorted(ev["sizes"]) == sorted([sd.make(poison_share=share).poison_indices.numel(), 150])
     assert {"silhouette", "relative_sizes", "closer_to_other_label", "own_share", "typicality"} <= set(ev)
     assert ev["source"][ev["poisoned_clusters"][0]] == 1  # reclassified to the planted source label
+    assert ev["rule"] == "both sides" and all(res.per_label[k]["rule"] is None for k in res.per_label if k != 0)
 
 
 def test_auto_mode_does_not_collapse_on_clean_data():

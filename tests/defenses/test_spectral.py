@@ -89,6 +89,7 @@ def test_auto_mode_finds_planted_poison(share):
     res = SpectralSignatures(**FIT).inspect(model, data)
     m = detection_metrics(res.scores, data.is_poison, res.flagged)
     assert res.attacked_labels == [0]
+    assert res.per_label[0]["rule"] == "both sides"  # four labels: the wide-side rule never applies
     # the decision is ``flagged``; the scores are the paper's (spectral_scores), whose ranking a
     # half-poisoned label defeats (both sides score high), which is why the verdict does not use it
     assert m["recall"] >= 0.9 and m["fpr"] <= 0.01

@@ -158,6 +158,9 @@ def _print_verdicts(result: Any, data: ImageDataset) -> None:
     else:
         rows = [{"label": k, "n": v["n"], "attacked": v["attacked"],
                  "flagged": int(result.flagged[data.y == k].sum())} for k, v in sorted(result.per_label.items())]
+        if any("rule" in v for v in result.per_label.values()):  # the auto verdicts: which rule decided
+            for row, (_, v) in zip(rows, sorted(result.per_label.items())):
+                row["rule"] = v.get("rule") or "-"
     click.echo(table(rows))
 
 

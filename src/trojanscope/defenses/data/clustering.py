@@ -374,6 +374,15 @@ def auto_verdict(evidence: dict[str, torch.Tensor], max_own_share: float,
     return attacked, side
 
 
+def attack_rule(own: torch.Tensor, max_own_share: float, attacked: bool) -> str | None:
+    """Which rule of :func:`auto_verdict` judged a label attacked, from its ``(2,)`` own shares:
+    ``"both sides"`` (neither side recognised), ``"wide side"`` (only the poisoned side, read as
+    most of the other labels), or None for a label not attacked."""
+    if not attacked:
+        return None
+    return "both sides" if bool((own.nan_to_num(1.0) <= max_own_share).all()) else "wide side"
+
+
 def reclassification_health(ev: dict[str, torch.Tensor] | None) -> dict[str, Any]:
     """The reclassification models' own figures for a result's ``details`` (empty without them):
     ``reclassification_collapsed`` (True when either model collapsed: then no label is judged
@@ -482,6 +491,7 @@ def decide_sides(model: nn.Module, data: ImageDataset, side: torch.Tensor, train
             "typicality": ev["typicality"][k].tolist(), "refined": bool(ev["refined"][k]),
             "attacked": bool(attacked_mask[k]),
             "poisoned_side": int(psides[k]) if bool(attacked_mask[k]) else None,
+            "rule": attack_rule(ev["own"][k], max_own_share, bool(attacked_mask[k])),
         }
     return flagged, per_label, [k for k in per_label if per_label[k]["attacked"]]
 
@@ -721,6 +731,8 @@ class ActivationClustering(DataSanitizer):
             if bool(ev["refined"][k]):
                 per_label[k]["sizes"] = ev["n"][k].long().tolist()
             per_label[k]["poisoned_clusters"] = [c for c in (0, 1) if bool(poisoned[k, c])]
+            if self.mode == "auto":
+                per_label[k]["rule"] = attack_rule(own[k], self.max_own_share, bool(poisoned[k].any()))
             suspect[j] = int(side[k]) if self.mode == "auto" else 1
         return ev, suspect, clusters
 

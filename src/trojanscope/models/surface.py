@@ -33,6 +33,7 @@ own models (trojanscope directories, state dicts) keep their usual BatchNorm beh
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,8 +149,11 @@ def _program_of(lm: LoadedModel) -> Any:
     if lm.format == "torchscript":
         from torch._export.converter import TS2EPConverter
 
+        export_log = logging.getLogger("torch._export")  # its notes on the sample input's sizes
+        level = export_log.level
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            export_log.setLevel(logging.ERROR)
             try:
                 return TS2EPConverter(lm.model.cpu(), (torch.zeros(2, *shape),)).convert()
             except Exception as e:  # the converter covers most but not all TorchScript
@@ -157,6 +161,8 @@ def _program_of(lm: LoadedModel) -> Any:
                     f"{lm.path}: this TorchScript model cannot be turned into a trainable graph "
                     f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); output-only verbs "
                     f"(evaluate, scan, filter) still work on it") from None
+            finally:
+                export_log.setLevel(level)
     raise UnsupportedModelError(f"{lm.path}: no program behind a {lm.format} model")
 
 
@@ -237,7 +243,9 @@ def reinitialised_copy(module: nn.Module, seed: int | None = 0) -> nn.Module:
     if isinstance(module, torch.jit.ScriptModule):
         raise UnsupportedModelError("cannot re-initialise a TorchScript module; rebuild its graph first "
                                     "(trojanscope.models.model_surface)")
-    new = unfreeze_bn_stats(copy.deepcopy(module))  # a model trained from scratch learns its statistics
+    with warnings.catch_warnings():  # torch's own deprecation notice from copying a graph's treespecs
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        new = unfreeze_bn_stats(copy.deepcopy(module))  # a model trained from scratch learns its statistics
     dev = next((p.device for p in new.parameters()), torch.device("cpu"))
     kept: list[str] = []
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):

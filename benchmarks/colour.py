@@ -43,6 +43,7 @@ import trojanscope as ts
 from trojanscope.defenses import STRIP, ActivationClustering, FinePruning, NeuralCleanse, SpectralSignatures, Unlearning
 from trojanscope.metrics import attack_evaluator
 from trojanscope.metrics import attack_success_rate, clean_accuracy, detection_metrics
+from trojanscope._utils.batching import predict
 from trojanscope.training import train_new
 
 CACHE = Path(__file__).resolve().parent.parent / "runs" / "colour"
@@ -166,8 +167,7 @@ def strip_figures(model, val, test, trig, **params) -> dict:
     at_1 = torch.quantile(clean.scores.double(), 0.99)  # the test's own 1% FRR point, for comparison with papers
     # the triggered inputs the backdoor does send to the target: the ones a filter must stop (a
     # triggered input that keeps another label is harmless, and no statistic can tell it from a clean one)
-    with torch.inference_mode():
-        hit = torch.cat([model.eval()(b).argmax(1) for b in trig.apply(test.x[keep]).split(256)]) == TARGET
+    hit = predict(model, trig.apply(test.x[keep])) == TARGET
     return {"strip_clip": strip.clip_, "strip_alpha_used": strip.alpha_, "strip_far": 1 - m["recall"],
             "strip_far_on_successful": float((~troj.flagged[hit]).float().mean()) if bool(hit.any()) else None,
             "strip_frr": float(clean.flagged.float().mean()),

@@ -371,7 +371,7 @@ def main() -> None:
     p.add_argument("--layer", default=None, help="the sanitisers' feature layer (default: their own)")
     p.add_argument("--side-rule", default=None, help="the sanitisers' poisoned-side rule (default: theirs)")
     p.add_argument("--refine", action="store_true", help="the sanitisers with reclassify_refined")
-    p.add_argument("--sanitisers", default="ac,spectral", help="which sanitisers to run")
+    p.add_argument("--sanitisers", default="ac,spectral", help="which sanitisers to run: ac, spectral, both (the default) or none")
     p.add_argument("--recipe", default="auto", help="training recipe (trojanscope.training.RECIPES), or auto: "
                                                     "adam for gtsrb_cnn, sgd for the others")
     args = p.parse_args()
@@ -384,8 +384,8 @@ def main() -> None:
     args.epochs = args.epochs or (4 if q else 10)
     if not set(args.strip_sums.split(",")) <= {"default", "clipped"}:
         p.error(f"--strip-sums takes default and/or clipped, got {args.strip_sums!r}")
-    if not set(args.sanitisers.split(",")) <= {"ac", "spectral"}:
-        p.error(f"--sanitisers takes ac and/or spectral, got {args.sanitisers!r}")
+    if not (set(args.sanitisers.split(",")) <= {"ac", "spectral"} or args.sanitisers == "none"):
+        p.error(f"--sanitisers takes ac and/or spectral, or none, got {args.sanitisers!r}")
     args.per_class = args.per_class or (60 if q else None)
     args.test_per_class = args.test_per_class or (30 if q else None)
     args.rates = [float(r) for r in (args.rates or ("0.1" if q else "0.1,0.03")).split(",")]

@@ -7,7 +7,7 @@ import torch
 
 import trojanscope as ts
 from trojanscope.errors import ConfigError, DataError
-from trojanscope.training import fine_tune, train, train_new
+from trojanscope.training import fine_tune, mean_loss, stable_fine_tune, train, train_new
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +194,41 @@ def test_a_training_that_fails_in_a_worker_fails_as_in_process(small):
         Retrainer(arch="no-such-arch", epochs=1, workers=2).train_many(_net(), [small, small])
     with pytest.raises(ConfigError, match="workers"):
         Retrainer(workers=0)
+
+
+def test_mean_loss_is_the_eval_mode_cross_entropy(small):
+    net = _net()
+    with torch.no_grad():
+        want = float(torch.nn.functional.cross_entropy(net.eval()(small.x), small.y))
+    assert mean_loss(net, small, batch_size=7) == pytest.approx(want, rel=1e-5)
+
+
+def test_stable_fine_tune_is_fine_tune_when_it_does_not_diverge(small):
+    a, b = _net(), _net()
+    train(a, small, epochs=2, seed=0)
+    b.load_state_dict(a.state_dict())
+    fine_tune(a, small, lr=0.1, optimizer="sgd", seed=3)
+    _, attempts = stable_fine_tune(b, small, lr=0.1, optimizer="sgd", seed=3)
+    assert len(attempts) == 1 and not attempts[0]["diverged"]
+    assert attempts[0]["loss_after"] < attempts[0]["loss_before"]
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_stable_fine_tune_backs_off_a_diverging_rate_and_keeps_the_weights_when_all_diverge(small):
+    net = _net()
+    train(net, small, epochs=2, seed=0)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    # SGD at lr 10 blows this model up (its loss rises from about 2.2 to about 7)
+    _, attempts = stable_fine_tune(net, small, lr=10.0, tries=1, optimizer="sgd", seed=0)
+    assert [a["diverged"] for a in attempts] == [True]
+    assert not attempts[0]["loss_after"] or attempts[0]["loss_after"] >= attempts[0]["loss_before"]
+    assert all(torch.equal(v, start[k]) for k, v in net.state_dict().items())
+    # allowed a second try, it runs again from the same weights at a tenth of the rate
+    twin = _net()
+    twin.load_state_dict(start)
+    fine_tune(twin, small, lr=1.0, optimizer="sgd", seed=0)
+    _, attempts = stable_fine_tune(net, small, lr=10.0, tries=2, optimizer="sgd", seed=0)
+    assert [(a["lr"], a["diverged"]) for a in attempts] == [(10.0, True), (pytest.approx(1.0), False)]
+    assert all(torch.equal(p, q) for p, q in zip(twin.state_dict().values(), net.state_dict().values()))
+    with pytest.raises(ConfigError):
+        stable_fine_tune(net, small, lr=1.0, tries=0)

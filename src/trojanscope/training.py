@@ -255,6 +255,53 @@ def fine_tune(model: nn.Module, data: ImageDataset, *, epochs: int = 1, lr: floa
     return train(model, data, epochs=epochs, lr=lr, **kwargs)
 
 
+def mean_loss(model: nn.Module, data: ImageDataset, *, batch_size: int = 256, device: DeviceLike = None) -> float:
+    """The mean cross-entropy of ``model``'s eval-mode outputs on ``data`` (``inf`` when not finite)."""
+    from ._utils.batching import logits
+
+    loss = float(F.cross_entropy(logits(model, data.x, batch_size=batch_size, device=device), data.y))
+    return loss if math.isfinite(loss) else math.inf
+
+
+def stable_fine_tune(model: nn.Module, data: ImageDataset, *, lr: float, tries: int = 3, backoff: float = 0.1,
+                     device: DeviceLike = None, **kwargs: Any) -> tuple[TrainResult, list[dict[str, Any]]]:
+    """:func:`fine_tune`, started again from the same weights at ``backoff`` x the learning rate
+    while it diverges, at most ``tries`` times.
+
+    A fine-tuning run has *diverged* when it leaves its own objective no lower than it found it:
+    the mean cross-entropy on ``data`` (eval mode, :func:`mean_loss`) after the run is not below
+    the one before, or is not finite. A learning rate that suits one model can blow up another
+    (SGD at 0.01 with momentum turns the Adam-trained ``gtsrb_cnn`` into a constant classifier
+    with NaN outputs); a run that does not diverge is exactly :func:`fine_tune`'s.
+
+    Returns:
+        ``(the last run's TrainResult, attempts)``: one ``{"lr", "loss_before", "loss_after",
+        "diverged"}`` row per run (a loss that is not finite is None). When every run diverged, ``model`` is left with the weights
+        it came with.
+    """
+    if tries < 1 or not 0 < backoff < 1:
+        raise ConfigError(f"need tries >= 1 and 0 < backoff < 1; got {tries}, {backoff}")
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    before = mean_loss(model, data, device=device)
+    attempts: list[dict[str, Any]] = []
+    for i in range(tries):
+        if i:
+            model.load_state_dict(start)
+        result = fine_tune(model, data, lr=lr, device=device, **kwargs)
+        after = mean_loss(model, data, device=device)
+        diverged = not after < before
+        attempts.append({"lr": lr, "loss_before": before if math.isfinite(before) else None,
+                         "loss_after": after if math.isfinite(after) else None, "diverged": diverged})
+        if not diverged:
+            break
+        log.warning("fine-tuning at lr %g diverged (loss %.4g before, %.4g after)%s", lr, before, after,
+                    f"; trying lr {lr * backoff:g}" if i + 1 < tries else "; the starting weights are kept")
+        lr *= backoff
+    else:
+        model.load_state_dict(start)
+    return result, attempts
+
+
 def train_new(arch: str, data: ImageDataset, *, seed: int | None = 0, arch_kwargs: dict[str, Any] | None = None,
               device: DeviceLike = None, **train_kwargs: Any) -> nn.Module:
     """Build architecture ``arch`` for ``data``'s shape and classes (weights from ``seed``) and train it.

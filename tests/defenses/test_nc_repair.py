@@ -88,6 +88,28 @@ def test_unlearning_unlearns_the_reversed_trigger(setup, digits):
         planted, digits["test"], trigger, TARGET)
 
 
+def test_unlearning_starts_again_at_a_smaller_rate_when_its_fine_tuning_diverges(setup, digits):
+    planted, scan, trigger = setup
+    tr = digits["train"]
+    # SGD at lr 100 sends this model's unlearning loss from 5.4 up to about 32; lr 10 unlearns
+    r = Unlearning(share=1.0, epochs=3, lr=100.0, optimizer="sgd").repair(planted, tr, scan=scan)
+    direct = Unlearning(share=1.0, epochs=3, lr=10.0, optimizer="sgd").repair(planted, tr, scan=scan)
+    assert [(a["lr"], a["diverged"]) for a in r.details["fine_tune"]] == [(100.0, True), (pytest.approx(10.0), False)]
+    assert r.details["repaired"] is True and r.details["lr_used"] == pytest.approx(10.0)
+    assert "diverged at lr 100" in r.details["note"]
+    assert all(torch.equal(p, q) for p, q in zip(r.model.state_dict().values(), direct.model.state_dict().values()))
+    assert r.history[-1]["attack_success"] < 0.1
+    assert ts.attack_success_rate(r.model, digits["test"], trigger, TARGET) < 0.1
+    # a rate at which every try diverges: the model comes back as it was, and says so
+    snap = _snapshot(planted)
+    bad = Unlearning(share=1.0, epochs=3, lr=1e6, optimizer="sgd").repair(planted, tr, scan=scan)
+    assert bad.details["repaired"] is False and "diverged at every learning rate" in bad.details["reason"]
+    assert [a["diverged"] for a in bad.details["fine_tune"]] == [True, True, True]
+    assert all(torch.equal(v, snap[k]) for k, v in bad.model.state_dict().items())
+    assert len(bad.history) == 1
+    json.dumps(bad.to_dict())
+
+
 def test_unlearning_set(setup, digits):
     _, scan, _ = setup
     tr = digits["train"]

@@ -300,6 +300,16 @@ def test_cli_scan_and_repair(nets, digits, tmp_path):
     assert r.exit_code == 0, r.output
     written = [f for f in (tmp_path / "rep_ts").iterdir() if f.suffix != ".json"]
     assert written and {ts.load_model(f, input_shape=(1, 8, 8)).format for f in written} == {"torchscript"}
+    # unlearning whose fine-tuning diverges says so: from lr 100 it backs off to a rate that works
+    # (lr 1 on this model); at 1e6 every try diverges
+    unlearn = ["repair", str(tmp_path / "planted.pt"), "--input-shape", "1,8,8", "--method", "unlearn", "--data",
+               str(tmp_path / "clean.npz"), "--scan", str(tmp_path / "scan"), "-p", "share=1.0", "-p", "epochs=3",
+               "-p", "optimizer=sgd"]
+    r = runner.invoke(cli, [*unlearn, "-p", "lr=100", "--out", str(tmp_path / "rep_lr")])
+    assert r.exit_code == 0 and "note: the fine-tuning diverged at lr 100, 10; unlearned at lr 1\n" in r.output, r.output
+    assert json.loads((tmp_path / "rep_lr" / "repair.json").read_text())["details"]["lr_used"] == pytest.approx(1.0)
+    r = runner.invoke(cli, [*unlearn, "-p", "lr=1e6", "--out", str(tmp_path / "rep_div")])
+    assert r.exit_code == 0 and "nothing repaired: the fine-tuning diverged at every learning rate" in r.output, r.output
     model = ts.create_model("mnist_cnn", input_shape=(1, 8, 8), num_classes=10, seed=0)
     ts.save_model(model, tmp_path / "net", ts.ModelSpec("mnist_cnn", (1, 8, 8), 10))
     r = runner.invoke(cli, ["repair", str(tmp_path / "net"), "--method", "unlearn", "--data",

@@ -105,6 +105,8 @@ def repair(model_path: Path, method: str, data_spec: str, out: Path, train_bn_st
     if result.history:
         cols = columns(result.history)
         click.echo(table(result.history, cols, percent=[c for c in ("accuracy", "attack_success") if c in cols]))
+    if result.details.get("note"):
+        click.echo(f"note: {result.details['note']}")
     if result.details.get("repaired") is False:
         click.echo(f"nothing repaired: {result.details.get('reason', '')}")
     click.echo(f"{method}: repaired model written to {written} ({surface.format}, reloaded; {result.seconds:.1f} s)")

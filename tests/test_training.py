@@ -209,7 +209,7 @@ def test_stable_fine_tune_is_fine_tune_when_it_does_not_diverge(small):
     b.load_state_dict(a.state_dict())
     fine_tune(a, small, lr=0.1, optimizer="sgd", seed=3)
     _, attempts = stable_fine_tune(b, small, lr=0.1, optimizer="sgd", seed=3)
-    assert len(attempts) == 1 and not attempts[0]["diverged"]
+    assert len(attempts) == 1 and attempts[0]["failed"] is None
     assert attempts[0]["loss_after"] < attempts[0]["loss_before"]
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
@@ -220,7 +220,7 @@ def test_stable_fine_tune_backs_off_a_diverging_rate_and_keeps_the_weights_when_
     start = {k: v.clone() for k, v in net.state_dict().items()}
     # SGD at lr 10 blows this model up (its loss rises from about 2.2 to about 7)
     _, attempts = stable_fine_tune(net, small, lr=10.0, tries=1, optimizer="sgd", seed=0)
-    assert [a["diverged"] for a in attempts] == [True]
+    assert len(attempts) == 1 and attempts[0]["failed"].startswith("diverged (loss ")
     assert not attempts[0]["loss_after"] or attempts[0]["loss_after"] >= attempts[0]["loss_before"]
     assert all(torch.equal(v, start[k]) for k, v in net.state_dict().items())
     # allowed a second try, it runs again from the same weights at a tenth of the rate
@@ -228,7 +228,14 @@ def test_stable_fine_tune_backs_off_a_diverging_rate_and_keeps_the_weights_when_
     twin.load_state_dict(start)
     fine_tune(twin, small, lr=1.0, optimizer="sgd", seed=0)
     _, attempts = stable_fine_tune(net, small, lr=10.0, tries=2, optimizer="sgd", seed=0)
-    assert [(a["lr"], a["diverged"]) for a in attempts] == [(10.0, True), (pytest.approx(1.0), False)]
+    assert [(a["lr"], a["failed"] is None) for a in attempts] == [(10.0, False), (pytest.approx(1.0), True)]
     assert all(torch.equal(p, q) for p, q in zip(twin.state_dict().values(), net.state_dict().values()))
+    # the caller's check fails a run that lowered its loss, too
+    net.load_state_dict(start)
+    attempts_seen: list[int] = []
+    _, attempts = stable_fine_tune(net, small, lr=1.0, tries=2, optimizer="sgd", seed=0,
+                                   check=lambda m: "too big a step" if attempts_seen.append(1) is None and
+                                   len(attempts_seen) == 1 else None)
+    assert [(a["lr"], a["failed"]) for a in attempts] == [(1.0, "too big a step"), (pytest.approx(0.1), None)]
     with pytest.raises(ConfigError):
         stable_fine_tune(net, small, lr=1.0, tries=0)

@@ -264,20 +264,22 @@ def mean_loss(model: nn.Module, data: ImageDataset, *, batch_size: int = 256, de
 
 
 def stable_fine_tune(model: nn.Module, data: ImageDataset, *, lr: float, tries: int = 3, backoff: float = 0.1,
-                     device: DeviceLike = None, **kwargs: Any) -> tuple[TrainResult, list[dict[str, Any]]]:
+                     check: Callable[[nn.Module], str | None] | None = None, device: DeviceLike = None,
+                     **kwargs: Any) -> tuple[TrainResult, list[dict[str, Any]]]:
     """:func:`fine_tune`, started again from the same weights at ``backoff`` x the learning rate
-    while it diverges, at most ``tries`` times.
+    while it fails, at most ``tries`` times.
 
-    A fine-tuning run has *diverged* when it leaves its own objective no lower than it found it:
-    the mean cross-entropy on ``data`` (eval mode, :func:`mean_loss`) after the run is not below
-    the one before, or is not finite. A learning rate that suits one model can blow up another
-    (SGD at 0.01 with momentum turns the Adam-trained ``gtsrb_cnn`` into a constant classifier
-    with NaN outputs); a run that does not diverge is exactly :func:`fine_tune`'s.
+    A run *fails* when it has diverged, leaving its own objective no lower than it found it (the
+    mean cross-entropy on ``data`` in eval mode, :func:`mean_loss`, is not below the one before,
+    or is not finite), or when ``check(model)`` returns a reason (the caller's test on data the
+    run did not see). A learning rate that suits one model can blow up another: SGD at 0.01 with
+    momentum turns the Adam-trained ``gtsrb_cnn`` into a constant classifier with NaN outputs. A
+    run that does not fail is exactly :func:`fine_tune`'s.
 
     Returns:
         ``(the last run's TrainResult, attempts)``: one ``{"lr", "loss_before", "loss_after",
-        "diverged"}`` row per run (a loss that is not finite is None). When every run diverged, ``model`` is left with the weights
-        it came with.
+        "failed"}`` row per run (a loss that is not finite is None; ``failed`` is None or why the
+        run failed). When every run failed, ``model`` is left with the weights it came with.
     """
     if tries < 1 or not 0 < backoff < 1:
         raise ConfigError(f"need tries >= 1 and 0 < backoff < 1; got {tries}, {backoff}")
@@ -289,12 +291,16 @@ def stable_fine_tune(model: nn.Module, data: ImageDataset, *, lr: float, tries: 
             model.load_state_dict(start)
         result = fine_tune(model, data, lr=lr, device=device, **kwargs)
         after = mean_loss(model, data, device=device)
-        diverged = not after < before
+        failed = None
+        if not after < before:
+            failed = f"diverged (loss {before:.4g} before, {after:.4g} after)"
+        elif check is not None:
+            failed = check(model)
         attempts.append({"lr": lr, "loss_before": before if math.isfinite(before) else None,
-                         "loss_after": after if math.isfinite(after) else None, "diverged": diverged})
-        if not diverged:
+                         "loss_after": after if math.isfinite(after) else None, "failed": failed})
+        if failed is None:
             break
-        log.warning("fine-tuning at lr %g diverged (loss %.4g before, %.4g after)%s", lr, before, after,
+        log.warning("fine-tuning at lr %g failed: %s%s", lr, failed,
                     f"; trying lr {lr * backoff:g}" if i + 1 < tries else "; the starting weights are kept")
         lr *= backoff
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -11,7 +12,8 @@ import trojanscope as ts
 from trojanscope.defenses import create, list_defenses
 from trojanscope.defenses.model.neural_cleanse import NeuralCleanse
 from trojanscope.defenses._triggers import label_triggers, resolve_triggers
-from trojanscope.defenses.repair.neural_cleanse import NeuronPruning, Unlearning, activation_gap, unlearning_set
+from trojanscope.defenses.repair.neural_cleanse import (COLLAPSE_SHARE, NeuronPruning, Unlearning, activation_gap,
+                                                        collapse_check, unlearning_set)
 from trojanscope.errors import ConfigError, UnsupportedModelError
 from trojanscope.models import ModelSpec, load_model, save_model
 
@@ -94,20 +96,70 @@ def test_unlearning_starts_again_at_a_smaller_rate_when_its_fine_tuning_diverges
     # SGD at lr 100 sends this model's unlearning loss from 5.4 up to about 32; lr 10 unlearns
     r = Unlearning(share=1.0, epochs=3, lr=100.0, optimizer="sgd").repair(planted, tr, scan=scan)
     direct = Unlearning(share=1.0, epochs=3, lr=10.0, optimizer="sgd").repair(planted, tr, scan=scan)
-    assert [(a["lr"], a["diverged"]) for a in r.details["fine_tune"]] == [(100.0, True), (pytest.approx(10.0), False)]
+    assert [(a["lr"], a["failed"] is None) for a in r.details["fine_tune"]] == [(100.0, False), (pytest.approx(10.0), True)]
     assert r.details["repaired"] is True and r.details["lr_used"] == pytest.approx(10.0)
-    assert "diverged at lr 100" in r.details["note"]
+    assert r.details["note"].startswith("the fine-tuning failed at lr 100: diverged (loss ")
+    assert r.details["note"].endswith("; unlearned at lr 10")
     assert all(torch.equal(p, q) for p, q in zip(r.model.state_dict().values(), direct.model.state_dict().values()))
     assert r.history[-1]["attack_success"] < 0.1
     assert ts.attack_success_rate(r.model, digits["test"], trigger, TARGET) < 0.1
     # a rate at which every try diverges: the model comes back as it was, and says so
     snap = _snapshot(planted)
     bad = Unlearning(share=1.0, epochs=3, lr=1e6, optimizer="sgd").repair(planted, tr, scan=scan)
-    assert bad.details["repaired"] is False and "diverged at every learning rate" in bad.details["reason"]
-    assert [a["diverged"] for a in bad.details["fine_tune"]] == [True, True, True]
+    assert bad.details["repaired"] is False and "failed at every learning rate" in bad.details["reason"]
+    assert [a["failed"][:8] for a in bad.details["fine_tune"]] == ["diverged"] * 3
     assert all(torch.equal(v, snap[k]) for k, v in bad.model.state_dict().items())
     assert len(bad.history) == 1
     json.dumps(bad.to_dict())
+
+
+def test_collapse_check_fails_a_model_that_lost_half_its_accuracy_above_chance(setup, digits):
+    planted, _, _ = setup
+    val = digits["val"]
+    check = collapse_check(planted, val)
+    assert check(planted) is None
+    dead = copy.deepcopy(planted)
+    with torch.no_grad():
+        dead.fc.weight.zero_()
+        dead.fc.bias.copy_(torch.arange(10.0))  # always label 9
+    acc0, acc = ts.clean_accuracy(planted, val), ts.clean_accuracy(dead, val)
+    floor = 0.1 + COLLAPSE_SHARE * (acc0 - 0.1)
+    assert acc < floor
+    assert check(dead) == (f"clean accuracy on {len(val)} held-out samples fell from {acc0:.1%} to {acc:.1%} "
+                           f"(below {floor:.1%})")
+
+
+def test_unlearning_keeps_a_run_that_does_not_collapse(setup, digits):
+    planted, scan, _ = setup
+    for share in (0.5, 1.0):  # checked on the clean samples left out / on the unstamped ones
+        r = Unlearning(share=share, epochs=3, lr=0.05).repair(planted, digits["train"], scan=scan)
+        assert [a["failed"] for a in r.details["fine_tune"]] == [None] and "note" not in r.details
+        assert r.details["repaired"] is True and r.history[-1]["attack_success"] < 0.1
+
+
+def test_unlearning_that_collapses_the_model_is_tried_again(setup, digits, monkeypatch):
+    import trojanscope.training as training
+
+    planted, scan, _ = setup
+    real, seen = training.fine_tune, []
+
+    def first_run_collapses(m, d, **k):  # the first run ends as a constant classifier whose loss is low
+        out = real(m, d, **k)
+        if not seen:
+            seen.append(k["lr"])
+            with torch.no_grad():
+                m.fc.weight.zero_()
+                m.fc.bias.copy_(0.1 * torch.arange(10.0))
+        return out
+
+    monkeypatch.setattr(training, "fine_tune", first_run_collapses)
+    r = Unlearning(share=0.5, epochs=3, lr=0.05).repair(planted, digits["train"], scan=scan)
+    fails = [a["failed"] for a in r.details["fine_tune"]]
+    assert seen == [0.05] and len(fails) == 2 and fails[1] is None
+    assert fails[0].startswith("clean accuracy on ") and "held-out samples fell from" in fails[0]
+    assert r.details["fine_tune"][0]["loss_after"] < r.details["fine_tune"][0]["loss_before"]
+    assert r.details["lr_used"] == pytest.approx(0.005) and r.details["repaired"] is True
+    assert r.history[-1]["accuracy"] > 0.5
 
 
 def test_unlearning_set(setup, digits):

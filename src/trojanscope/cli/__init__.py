@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 import click
 
@@ -34,6 +35,9 @@ def cli(verbose: int, quiet: bool, max_memory: int | None) -> None:
 
     limits.set_max_memory(max_memory)
     set_quiet(quiet)
+    # torch's own deprecation notice, raised inside torch whenever a graph rebuilt from a received
+    # .pt2 / TorchScript / ONNX file is copied (every repair copies the model): not the user's business
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
     logger = logging.getLogger("trojanscope")
     for h in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
         logger.removeHandler(h)

@@ -99,12 +99,46 @@ def test_data_sanitiser_both_orders(digits):
     assert a.history[1]["n_removed"] >= len(poisoned.poison_indices)
     assert a.train_data is not None and a.train_data.is_poison.sum() == 0  # every poisoned sample removed
     assert a.history[1]["attack_success"] < 0.2  # retrained from scratch on clean data
+    assert a.history[1]["retrain_tries"] == 1 and a.results[0]["retrain"][0]["init"] == "default"
     assert "infected" in b.history[3]
     # "continue" keeps the pruned channels at zero while retraining
     pruned = b.results[0]["details"]["pruned_channels"]
     assert float(b.model[3].weight.detach()[pruned].abs().sum()) == 0.0
     for r in a.history + b.history:
         assert "accuracy" in r and "seconds" in r
+
+
+def test_a_retraining_that_stays_at_chance_is_tried_again(digits, monkeypatch):
+    import trojanscope.training as training
+
+    tr, val = digits["train"], digits["val"]
+    trig = ts.Trigger.square(tr.image_shape, 2, "white", "bottom-right", margin=0)
+    poisoned = ts.BadNets(trig, target=0, rate=0.1).poison(tr)
+    bad = _tiny()
+    train(bad, poisoned, epochs=2, lr=3e-3, batch_size=32)
+    real, calls = training.train, []
+
+    def stuck_first(model, data, **kw):  # the first retraining ends at chance
+        out = real(model, data, **kw)
+        calls.append(kw.get("seed"))
+        if len(calls) == 1:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.zero_()
+            out.history[-1]["accuracy"] = 0.1
+        return out
+
+    monkeypatch.setattr(training, "train", stuck_first)
+    res = Pipeline([BrightCorner()], epochs=2, lr=3e-3, batch_size=32, seed=5).run(bad, val, train_data=poisoned)
+    tries = res.results[0]["retrain"]
+    assert calls == [5, 5] and res.history[1]["retrain_tries"] == 2
+    assert [(t["seed"], t["init"]) for t in tries] == [(5, "default"), (5, "he")]
+    assert tries[0]["train_accuracy"] == 0.1 and tries[1]["train_accuracy"] > 0.5
+    assert ts.clean_accuracy(res.model, digits["test"]) > 0.5
+    # the kept model is the He-initialised run's: the same weights as that run done directly
+    twin = reinitialise(bad, 5, "he")
+    real(twin, res.train_data, epochs=2, lr=3e-3, batch_size=32, seed=5)
+    assert all(torch.equal(p, q) for p, q in zip(twin.parameters(), res.model.parameters()))
 
 
 def test_pipeline_errors_and_reinit(digits):

@@ -5,6 +5,8 @@ file untouched)."""
 
 from __future__ import annotations
 
+import math
+
 import hashlib
 import json
 from pathlib import Path
@@ -236,6 +238,28 @@ def test_reinitialised_copy_resets_every_layer_and_keeps_the_graph(received):
     assert torch.equal(a.get_submodule("bn").running_mean, torch.zeros(8))
     assert a.reinit_report["kept"] == []
     assert str(a.graph) == str(s.module.graph)
+
+
+def test_reinitialised_copy_with_he_init_on_a_received_graph(received):
+    _, files = received
+    s = model_surface(load_model(files["cnn", "ts"], default_input_shape=(1, 8, 8)))
+    he, again = reinitialised_copy(s.module, seed=1, init="he"), reinitialised_copy(s.module, seed=1, init="he")
+    layers = [(n, m) for n, m in he.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(layers) >= 2 and isinstance(layers[-1][1], torch.nn.Linear)
+    for i, (n, m) in enumerate(layers):
+        fan_in, fan_out = torch.nn.init._calculate_fan_in_and_fan_out(m.weight)
+        # He-uniform bound sqrt(6 / fan_in) (gain sqrt(2) for ReLU); the output layer Glorot-uniform
+        bound = math.sqrt(6.0 / (fan_in + fan_out)) if i == len(layers) - 1 else math.sqrt(6.0 / fan_in)
+        assert float(m.weight.abs().max()) <= bound + 1e-6, n
+        assert float(m.weight.abs().max()) > 0.8 * bound, n  # drawn from the whole range
+        assert m.bias is None or float(m.bias.abs().max()) == 0.0, n
+    assert all(torch.equal(p, q) for p, q in zip(he.parameters(), again.parameters()))  # seeded
+    assert he.reinit_report["init"] == "he" and reinitialised_copy(s.module, seed=1).reinit_report["init"] == "default"
+    assert str(he.graph) == str(s.module.graph)
+    from trojanscope.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        reinitialised_copy(s.module, seed=1, init="lecun")
 
 
 def test_rebuild_refuses_a_graph_it_cannot_reproduce(received):

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 from ._rebuild import rebuild_graph
 from .io import LoadedModel, ModelSpec
 
@@ -224,11 +224,17 @@ def model_surface(lm: LoadedModel, *, freeze_bn: bool = True) -> ModelSurface:
     return ModelSurface(module.eval(), fmt, lm.spec, lm.path, rebuilt=rebuilt, bn_stats_frozen=freeze_bn, layers=layers)
 
 
-def reinitialised_copy(module: nn.Module, seed: int | None = 0) -> nn.Module:
+def reinitialised_copy(module: nn.Module, seed: int | None = 0, *, init: str | None = None) -> nn.Module:
     """A deep copy of ``module`` with every conv / linear / norm layer re-initialised by torch's
     default initialisers (``reset_parameters``, running statistics reset), seeded by ``seed``;
     then a trojanscope architecture's own ``init_weights`` (a method defined on its class, such as
     ``gtsrb_cnn``'s) runs again.
+
+    ``init="he"`` then gives every convolution and linear layer He-uniform weights (for the ReLU
+    that follows) and zero biases, and the last linear layer (the output layer) Glorot-uniform
+    ones: what a plain deep ReLU stack without normalisation needs to leave chance, where torch's
+    defaults leave a received ``gtsrb_cnn`` graph at chance (see :class:`~trojanscope.models.
+    architectures.GTSRBCNN`).
 
     The graph (what calls what) is the received one: this is the "fresh model of the same
     architecture" that exclusionary reclassification, provenance filtering and retraining need.
@@ -240,6 +246,8 @@ def reinitialised_copy(module: nn.Module, seed: int | None = 0) -> nn.Module:
     Raises:
         UnsupportedModelError: a TorchScript module (not a graph of layers).
     """
+    if init not in (None, "he"):
+        raise ConfigError(f"init must be None or 'he', got {init!r}")
     if isinstance(module, torch.jit.ScriptModule):
         raise UnsupportedModelError("cannot re-initialise a TorchScript module; rebuild its graph first "
                                     "(trojanscope.models.model_surface)")
@@ -265,8 +273,25 @@ def reinitialised_copy(module: nn.Module, seed: int | None = 0) -> nn.Module:
         # a trojanscope architecture with its own initialisation (e.g. gtsrb_cnn's Glorot
         # weights, without which it does not train) applies it again; a received graph has none
         for m in new.modules():
-            init = getattr(type(m), "init_weights", None)
-            if callable(init):
-                init(m)
-    new.reinit_report = {"reinitialised": True, "kept": kept}  # type: ignore[assignment]
+            own_init = getattr(type(m), "init_weights", None)
+            if callable(own_init):
+                own_init(m)
+        if init == "he":
+            he_init(new)
+    new.reinit_report = {"reinitialised": True, "kept": kept, "init": init or "default"}  # type: ignore[assignment]
     return new
+
+
+def he_init(module: nn.Module) -> None:
+    """He-uniform weights and zero biases for every convolution and linear layer of ``module``,
+    Glorot-uniform weights for its last linear layer (the output layer), in place."""
+    layers = [m for m in module.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    last = next((m for m in reversed(layers) if isinstance(m, nn.Linear)), None)
+    with torch.no_grad():
+        for m in layers:
+            if m is last:
+                nn.init.xavier_uniform_(m.weight)
+            else:
+                nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)

@@ -120,6 +120,29 @@ def test_retrainer_trains_on_until_it_fits(small):
         Retrainer(epochs=3, fit_target=0.9, max_epochs=2)
 
 
+def test_retrainer_tries_he_initialisation_when_a_copy_does_not_fit(small):
+    from trojanscope.models.surface import reinitialised_copy
+    from trojanscope.training import Retrainer, torch_threads
+
+    model = _net()
+    r = Retrainer(epochs=1, lr=1e-3, fit_target=1.0, max_epochs=1)  # one epoch never fits every sample
+    new, res = r.train_with_history(model, small)
+    first = res.params["unfitted_run"]
+    assert first["init"] == "default" and first["epochs"] == 1 and first["accuracy"] < 1.0
+    # the kept run is the better of the two; the He one is the same as training a He copy directly
+    he = reinitialised_copy(model, 0, init="he")
+    with torch_threads(1):  # the Retrainer's thread count, so the same sums
+        he_res = train(he, small, epochs=1, lr=1e-3, seed=0)
+    assert res.params["init"] == "he"  # on this net He fits one epoch better than torch's default
+    assert res.history[-1]["accuracy"] == he_res.history[-1]["accuracy"] > first["accuracy"]
+    assert all(torch.equal(p, q) for p, q in zip(he.state_dict().values(), new.state_dict().values()))
+    # a run that fits, or one of a named architecture, is not tried again
+    _, ok = Retrainer(epochs=3, lr=1e-2, fit_target=0.5).train_with_history(model, small)
+    assert "unfitted_run" not in ok.params
+    _, named = Retrainer(arch="mnist_cnn", epochs=1, fit_target=1.0, max_epochs=1).train_with_history(model, small)
+    assert "unfitted_run" not in named.params
+
+
 def test_recalibrate_batchnorm_averages_the_batch_statistics():
     import numpy as np
 

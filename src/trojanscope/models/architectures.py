@@ -45,6 +45,21 @@ def _flat_dim(features: nn.Module, input_shape: tuple[int, int, int]) -> int:
         return int(features(torch.zeros(1, *input_shape)).flatten(1).shape[1])
 
 
+def he_init(module: nn.Module) -> None:
+    """He-uniform weights and zero biases for every convolution and linear layer of ``module``,
+    Glorot-uniform weights for its last linear layer (the output layer), in place."""
+    layers = [m for m in module.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    last = next((m for m in reversed(layers) if isinstance(m, nn.Linear)), None)
+    with torch.no_grad():
+        for m in layers:
+            if m is last:
+                nn.init.xavier_uniform_(m.weight)
+            else:
+                nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 @register_model("mnist_cnn")
 class MNISTCNN(nn.Module):
     """2 convolutions + 2 dense layers (the Neural Cleanse / BadNets MNIST model).
@@ -116,14 +131,14 @@ class GTSRBCNN(nn.Module):
 
     def init_weights(self) -> None:
         """Zero biases and Glorot-uniform kernels (Keras' defaults, the paper's model), or with
-        ``init="he"`` He-uniform kernels before each ReLU; also run by
+        ``init="he"`` He-uniform kernels before each ReLU (:func:`he_init`); also run by
         :func:`~trojanscope.models.surface.reinitialised_copy`."""
+        if self.init == "he":
+            he_init(self)
+            return
         for mod in self.modules():
             if isinstance(mod, (nn.Conv2d, nn.Linear)):
-                if self.init == "he" and mod is not self.fc2:
-                    nn.init.kaiming_uniform_(mod.weight, nonlinearity="relu")
-                else:
-                    nn.init.xavier_uniform_(mod.weight)
+                nn.init.xavier_uniform_(mod.weight)
                 nn.init.zeros_(mod.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

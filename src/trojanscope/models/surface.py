@@ -44,6 +44,7 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
 from ._rebuild import rebuild_graph
+from .architectures import he_init
 from .io import LoadedModel, ModelSpec
 
 #: Formats that come from outside the project (written back by :mod:`~trojanscope.models.writeback`).
@@ -281,17 +282,3 @@ def reinitialised_copy(module: nn.Module, seed: int | None = 0, *, init: str | N
     new.reinit_report = {"reinitialised": True, "kept": kept, "init": init or "default"}  # type: ignore[assignment]
     return new
 
-
-def he_init(module: nn.Module) -> None:
-    """He-uniform weights and zero biases for every convolution and linear layer of ``module``,
-    Glorot-uniform weights for its last linear layer (the output layer), in place."""
-    layers = [m for m in module.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
-    last = next((m for m in reversed(layers) if isinstance(m, nn.Linear)), None)
-    with torch.no_grad():
-        for m in layers:
-            if m is last:
-                nn.init.xavier_uniform_(m.weight)
-            else:
-                nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)

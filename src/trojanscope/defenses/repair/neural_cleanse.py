@@ -259,17 +259,6 @@ SMALL_SET_UNLEARNING: Mapping[str, Any] = MappingProxyType({"epochs": 3, "optimi
 COLLAPSE_SHARE = 0.5
 
 
-def _unlearning_index(data: ImageDataset, share: float, g: torch.Generator) -> torch.Tensor:
-    """The indices of the samples of ``data`` that :func:`unlearning_set` fine-tunes on."""
-    if share < 1.0:
-        idx = stratified_split(data.y, [share, 1 - share], seed=g.initial_seed())[0]
-    else:
-        idx = torch.arange(len(data))
-    if idx.numel() == 0:
-        raise DataError(f"a share of {share} of {len(data)} clean samples is empty; give more clean data")
-    return idx
-
-
 def collapse_check(model: nn.Module, held_out: ImageDataset, *, batch_size: int = 256,
                    device: DeviceLike = None) -> Callable[[nn.Module], str | None]:
     """A ``check`` for :func:`~trojanscope.training.stable_fine_tune`: the fine-tuned model fails
@@ -295,8 +284,20 @@ def unlearning_set(data: ImageDataset, triggers: Sequence[Trigger], *, share: fl
     Returns:
         ``(dataset, stamped)`` with ``stamped`` the ``(M,)`` bool mask of stamped samples.
     """
+    ds, stamped, _ = _unlearning_set(data, triggers, share=share, poison_ratio=poison_ratio, seed=seed)
+    return ds, stamped
+
+
+def _unlearning_set(data: ImageDataset, triggers: Sequence[Trigger], *, share: float, poison_ratio: float,
+                    seed: int | None) -> tuple[ImageDataset, torch.Tensor, torch.Tensor]:
+    """:func:`unlearning_set`, and the indices into ``data`` of the samples it holds."""
     g = generator(seed)
-    idx = _unlearning_index(data, share, g)
+    if share < 1.0:
+        idx = stratified_split(data.y, [share, 1 - share], seed=g.initial_seed())[0]
+    else:
+        idx = torch.arange(len(data))
+    if idx.numel() == 0:
+        raise DataError(f"a share of {share} of {len(data)} clean samples is empty; give more clean data")
     x, y = data.x[idx].clone(), data.y[idx].clone()
     m = idx.numel()
     n_stamp = int(round(poison_ratio * m))
@@ -306,7 +307,7 @@ def unlearning_set(data: ImageDataset, triggers: Sequence[Trigger], *, share: fl
     for i, t in enumerate(triggers):
         part = chosen[i::len(triggers)]
         x[part] = t.apply(x[part])
-    return ImageDataset(x, y, data.num_classes, data.class_names, f"{data.name}+unlearning"), stamped
+    return ImageDataset(x, y, data.num_classes, data.class_names, f"{data.name}+unlearning"), stamped, idx
 
 
 @register("unlearn")
@@ -387,16 +388,15 @@ class Unlearning(_NCRepair):
             return row
 
         history = [point("before")]
-        seed = self.seed if self.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)))  # one draw for both
-        ds, stamped = unlearning_set(data, list(trig.values()), share=self.share, poison_ratio=self.poison_ratio,
-                                     seed=seed)
+        ds, stamped, idx = _unlearning_set(data, list(trig.values()), share=self.share,
+                                           poison_ratio=self.poison_ratio, seed=self.seed)
         rest = torch.ones(len(data), dtype=torch.bool)
-        rest[_unlearning_index(data, self.share, generator(seed))] = False
+        rest[idx] = False
         # the clean samples it is not tuned on; with share=1, the unlearning set's unstamped ones
         held = data.subset(rest) if bool(rest.any()) else ds.subset(~stamped)
         check = collapse_check(net, held, device=self.device) if len(held) else None
         train, attempts = stable_fine_tune(net, ds, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                                           optimizer=self.optimizer, seed=seed, check=check, device=self.device)
+                                           optimizer=self.optimizer, seed=self.seed, check=check, device=self.device)
         details.update(n_finetune=len(ds), n_stamped=int(stamped.sum()), train=train.history, fine_tune=attempts,
                        lr_used=attempts[-1]["lr"])
         lrs = [f"{a['lr']:g}" for a in attempts]

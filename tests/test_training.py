@@ -120,19 +120,83 @@ def test_retrainer_trains_on_until_it_fits(small):
         Retrainer(epochs=3, fit_target=0.9, max_epochs=2)
 
 
+def test_train_from_scratch_runs_again_while_the_model_stays_at_chance():
+    from trojanscope.training import TrainResult, train_from_scratch
+
+    def run(accs):
+        built, fitted = [], []
+
+        def fresh(seed, init):
+            built.append((seed, init))
+            return torch.nn.Linear(1, 1)
+
+        def fit(net, seed):
+            fitted.append(seed)
+            return TrainResult(history=[{"epoch": 1, "loss": 1.0, "accuracy": accs[len(fitted) - 1]}])
+
+        net, res, rows = train_from_scratch(fresh, fit, seed=5, num_classes=10)
+        return built, fitted, res, rows
+
+    # 10 labels: at most 2 x chance (0.2) has learnt nothing; He initialisation, then the next seed
+    built, fitted, res, rows = run([0.1, 0.2, 0.9])
+    assert built == [(5, None), (5, "he"), (6, "he")] and fitted == [5, 5, 6]
+    assert [(r["seed"], r["init"], r["train_accuracy"]) for r in rows] == [(5, "default", 0.1), (5, "he", 0.2),
+                                                                          (6, "he", 0.9)]
+    assert res.history[-1]["accuracy"] == 0.9
+    built, _, _, rows = run([0.21])  # a run above twice chance is the only one
+    assert built == [(5, None)] and len(rows) == 1
+    built, _, res, rows = run([0.05, 0.15, 0.1])  # never leaves chance: three runs, the best one returned
+    assert len(rows) == 3 and res.history[-1]["accuracy"] == 0.15
+
+
+def test_retrainer_trains_again_a_copy_that_stays_at_chance(small, monkeypatch):
+    import trojanscope.training as training
+    from trojanscope.models.surface import reinitialised_copy
+
+    real, calls, stuck = training.train, [], [True]
+
+    def stuck_first(model, data, **kw):  # the next training ends at chance while `stuck` says so
+        out = real(model, data, **kw)
+        calls.append(kw.get("seed"))
+        if stuck[0]:
+            out.history[-1]["accuracy"] = 0.05
+            stuck[0] = False
+        return out
+
+    monkeypatch.setattr(training, "train", stuck_first)
+    model = _net()
+    new, res = training.Retrainer(epochs=2, lr=1e-2, seed=3).train_with_history(model, small)  # no fit target
+    assert calls == [3, 3]
+    assert [(r["seed"], r["init"]) for r in res.params["chance_runs"]] == [(3, "default"), (3, "he")]
+    he = reinitialised_copy(model, 3, init="he")  # the kept model is the He run's
+    with training.torch_threads(1):
+        real(he, small, epochs=2, lr=1e-2, seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(he.state_dict().values(), new.state_dict().values()))
+    # a named architecture keeps its own initialisation: the next seed instead
+    calls.clear()
+    stuck[0] = True
+    _, named = training.Retrainer(arch="mnist_cnn", epochs=1, seed=3).train_with_history(model, small)
+    assert calls == [3, 4] and [r["init"] for r in named.params["chance_runs"]] == ["default", "default"]
+    calls.clear()  # a training that learns is run once, with no record of retries
+    _, ok = training.Retrainer(epochs=2, lr=1e-2, seed=3).train_with_history(model, small)
+    assert calls == [3] and "chance_runs" not in ok.params
+
+
 def test_retrainer_tries_he_initialisation_when_a_copy_does_not_fit(small):
     from trojanscope.models.surface import reinitialised_copy
     from trojanscope.training import Retrainer, torch_threads
 
     model = _net()
-    r = Retrainer(epochs=1, lr=1e-3, fit_target=1.0, max_epochs=1)  # one epoch never fits every sample
+    # two epochs never fit every sample (and leave chance: 0.22 > 2 x 0.1, so no chance retry)
+    r = Retrainer(epochs=2, lr=1e-3, fit_target=1.0, max_epochs=2)
     new, res = r.train_with_history(model, small)
     first = res.params["unfitted_run"]
-    assert first["init"] == "default" and first["epochs"] == 1 and first["accuracy"] < 1.0
+    assert first["init"] == "default" and first["epochs"] == 2 and 0.2 < first["accuracy"] < 1.0
+    assert "chance_runs" not in res.params
     # the kept run is the better of the two; the He one is the same as training a He copy directly
     he = reinitialised_copy(model, 0, init="he")
     with torch_threads(1):  # the Retrainer's thread count, so the same sums
-        he_res = train(he, small, epochs=1, lr=1e-3, seed=0)
+        he_res = train(he, small, epochs=2, lr=1e-3, seed=0)
     assert res.params["init"] == "he"  # on this net He fits one epoch better than torch's default
     assert res.history[-1]["accuracy"] == he_res.history[-1]["accuracy"] > first["accuracy"]
     assert all(torch.equal(p, q) for p, q in zip(he.state_dict().values(), new.state_dict().values()))

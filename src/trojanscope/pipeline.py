@@ -147,14 +147,6 @@ def reinitialise(model: nn.Module, seed: int | None, init: str | None = None) ->
     return reinitialised_copy(model, seed, init=init)
 
 
-#: The retraining from scratch after a sanitiser, tried in this order while the model it trains
-#: stays at chance (its last epoch's training accuracy at most twice chance): the seed offset and
-#: the initialisation. A received plain ReLU stack (``gtsrb_cnn`` as TorchScript) under torch's
-#: default initialisation sat at chance on cmnist after Spectral (CA 10.0%, ASR 100%; see
-#: benchmarks/README.md, "Retraining that stays at chance").
-RETRAIN_TRIES: tuple[tuple[int, str | None], ...] = ((0, None), (0, "he"), (1, "he"))
-
-
 class Pipeline:
     """Run defences in order on a model (and its training set), recording figures after each step.
 
@@ -163,8 +155,8 @@ class Pipeline:
         retrain: after a data sanitiser, ``"scratch"`` trains a freshly initialised copy of the
             architecture on the kept samples; ``"continue"`` trains the current model on, keeping
             channels pruned by earlier steps at zero. A scratch run that stays at chance is tried
-            again as :data:`RETRAIN_TRIES` says (He initialisation, then the next seed); the step's
-            row has ``retrain_tries`` and its result each run.
+            again (:func:`~trojanscope.training.train_from_scratch`: He initialisation, then the
+            next seed); the step's row has ``retrain_tries`` and its result each run.
         epochs, lr, batch_size: the retraining (Adam).
         seed: seeds the re-initialisation and the retraining.
         device: where to retrain (default: the model's device).
@@ -273,7 +265,7 @@ class Pipeline:
     def _sanitize(self, d: DataSanitizer, st: "_State") -> dict[str, Any]:
         """Drop the flagged samples and retrain (from scratch, or on with pruned channels held)."""
         from ._utils.masking import frozen_channels
-        from .training import train
+        from .training import train, train_from_scratch
 
         assert st.data is not None
         res = d.inspect(st.net, st.data)
@@ -283,18 +275,13 @@ class Pipeline:
         info = {"n_removed": int((~keep).sum()), "n_kept": int(keep.sum())}
         st.data = st.data.subset(keep.nonzero().flatten())
         if self.retrain == "scratch":
-            template, tries = st.net, []
-            for offset, init in RETRAIN_TRIES:
-                seed = None if self.seed is None else self.seed + offset
-                st.net, st.frozen, st.frozen_dims = reinitialise(template, seed, init), {}, {}
-                tr = train(st.net, st.data, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, seed=seed,
-                           device=self.device)
-                acc = tr.history[-1]["accuracy"] if tr.history else 0.0
-                tries.append({"seed": seed, "init": init or "default", "train_accuracy": acc})
-                if acc > 2.0 / st.data.num_classes:
-                    break
-                log.warning("retraining from scratch (seed %s, %s initialisation) stayed at chance: training "
-                            "accuracy %.1f%%", seed, init or "default", 100 * acc)
+            template, kept = st.net, st.data
+            st.net, _, tries = train_from_scratch(
+                lambda seed, init: reinitialise(template, seed, init),
+                lambda net, seed: train(net, kept, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                                        seed=seed, device=self.device),
+                seed=self.seed, num_classes=kept.num_classes)
+            st.frozen, st.frozen_dims = {}, {}
             info["retrain_tries"] = len(tries)
         else:
             tries = []

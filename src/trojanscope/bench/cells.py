@@ -235,9 +235,11 @@ def _retrain(c: Cell, kept: ImageDataset) -> nn.Module:
     if c.am.received:  # a fresh copy of the received graph (there is no architecture to build)
         from ..training import Retrainer
 
-        model = Retrainer(epochs=max(cfg.epochs, 1), lr=cfg.lr, batch_size=cfg.batch_size, seed=c.seed,
-                          device=c.device).train(c.am.model, kept)
+        model, res = Retrainer(epochs=max(cfg.epochs, 1), lr=cfg.lr, batch_size=cfg.batch_size, seed=c.seed,
+                               device=c.device).train_with_history(c.am.model, kept)
         c.record["extras"]["fresh_model"] = "re-initialised copy of the received graph"
+        if "chance_runs" in res.params:  # the first copies stayed at chance and were trained again
+            c.record["extras"]["retrain_runs"] = res.params["chance_runs"]
         return model
     return train_new(cfg.arch, kept, seed=c.seed, device=c.device, epochs=cfg.epochs, lr=cfg.lr,
                      batch_size=cfg.batch_size, recipe=cfg.recipe)

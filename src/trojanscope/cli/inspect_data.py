@@ -205,6 +205,10 @@ def _retrain(surface: Any, lm: Any, data: ImageDataset, result: Any, data_spec: 
     rr = retrain(surface.module, data, result, test=test, epochs=epochs, seed=seed, device=pick_device(device))
     asr = attack_success_rate(rr.model, test, trig, int(target)) if (test is not None and trig is not None) else None  # type: ignore[arg-type]
     summary.update(retrained_accuracy=rr.accuracy, retrained_attack_success=asr, n_kept=rr.n_kept)
+    runs = rr.params.get("chance_runs")
+    if runs:
+        tried = ", ".join(f"seed {r['seed']} {r['init']} {100 * r['train_accuracy']:.1f}%" for r in runs)
+        click.echo(f"note: the retraining stayed at chance and was run {len(runs)} times ({tried})")
     report["retrain"] = {**rr.to_dict(), "attack_success": asr, "fresh_model": _fresh_kind(surface)}
     if out is not None:
         written = surface.write(rr.model, out / "retrained", extra={"retrained_after": method})

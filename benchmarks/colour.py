@@ -16,6 +16,7 @@ kept), the best one's CA / ASR after.
              --train-only (fill the model cache and stop) --sanitisers-only --strip-only
              --strip-alpha default,1,1.5,2 (with --strip-only: STRIP's overlay weights)
              --strip-statistic entropy,own_label (with --strip-only: STRIP's per-copy statistics)
+             --strip-calibration global,label (with --strip-only: STRIP's threshold calibrations)
              --strip-sums default,clipped (with --strip-only: STRIP's sums)
              --models clean|badnets (one of the two, for two jobs side by side) --no-strip
              --no-crop (train without random crops)
@@ -300,17 +301,19 @@ def run(dataset: str, arch: str, args) -> None:
             sums = {"default": {}, "clipped": {"clip": True}}
             for sum_name in args.strip_sums.split(","):  # the default against the clipped sum
                 for alpha in args.strip_alpha.split(","):  # the overlay weights asked for
-                    for stat in args.strip_statistic.split(","):  # and the per-copy statistics
+                    for stat, cal in [(st, c) for st in args.strip_statistic.split(",")  # the per-copy statistics
+                                      for c in args.strip_calibration.split(",")]:  # and the calibrations
                         kw = {**sums[sum_name], **({} if alpha == "default" else {"alpha": float(alpha)}),
-                              "statistic": stat}
+                              "statistic": stat, "calibration": cal}
                         fig = strip_figures(model, val, test, trig, **kw)
-                        variant = (f"strip {stat}, {sum_name} sum, alpha {alpha}: FAR at FRR (FAR at a test FRR of 1%); "
-                                   "FAR on the triggered inputs sent to the target")
+                        variant = (f"strip {stat}, {cal} calibration, {sum_name} sum, alpha {alpha}: FAR at FRR "
+                                   "(FAR at a test FRR of 1%); FAR on the triggered inputs sent to the target")
                         cell = f"{100 * fig['strip_far']:.1f}% at {100 * fig['strip_frr']:.1f}% " \
                                f"({100 * fig['strip_far_at_test_frr_1pct']:.1f}%)"
                         if fig["strip_far_on_successful"] is not None:
                             cell += f"; {100 * fig['strip_far_on_successful']:.1f}% of the successful"
-                        log(**common, **tag, strip_alpha=kw.get("alpha", "default"), strip_statistic=stat, **fig,
+                        log(**common, **tag, strip_alpha=kw.get("alpha", "default"), strip_statistic=stat,
+                            strip_calibration=cal, **fig,
                             **{variant: cell})
             continue
         sanitised: dict = {}
@@ -362,6 +365,8 @@ def main() -> None:
     p.add_argument("--no-crop", action="store_true", help="train without random crops")
     p.add_argument("--strip-alpha", default="default", help="with --strip-only: STRIP's overlay weights, "
                    "comma-separated (default: its own, 1.5 on a clipped sum and 1.0 on an unclipped one)")
+    p.add_argument("--strip-calibration", default="global", help="with --strip-only: STRIP's calibrations, "
+                   "comma-separated: global (the paper's), label")
     p.add_argument("--strip-statistic", default="entropy", help="with --strip-only: STRIP's per-copy statistics, "
                    "comma-separated: entropy (the paper's), own_label")
     p.add_argument("--strip-sums", default="default,clipped", help="with --strip-only: STRIP's sums, comma-separated: "

@@ -7,6 +7,7 @@ Run (one thread; the CPU is shared: be nice)::
     nice -n 10 .venv/bin/python benchmarks/strip_speed.py --models badnets --no-art
     nice -n 10 .venv/bin/python benchmarks/strip_speed.py --no-art --no-activation --no-forward --clip on,off
     nice -n 10 .venv/bin/python benchmarks/strip_speed.py --no-art --no-activation --no-forward --statistic entropy,own_label
+    nice -n 10 .venv/bin/python benchmarks/strip_speed.py --no-art --no-activation --no-forward --calibration global,label
 
 Models: mnist_cnn trained 3 epochs on mnist5k with BadNets (4x4 white square), blended (uniform
 noise at 20%) and checkerboard (4x4) triggers, target 0, 10% poisoned, seed 0; cached under
@@ -94,6 +95,8 @@ def main() -> None:
                     "(its own: 1.5 on a clipped sum, 1.0 unclipped) or numbers")
     ap.add_argument("--statistic", default="entropy", help="STRIP's per-copy statistic, comma-separated: entropy "
                     "(the paper's), own_label")
+    ap.add_argument("--calibration", default="global", help="STRIP's threshold calibration, comma-separated: "
+                    "global (the paper's), label")
     ap.add_argument("--no-activation", action="store_true", help="skip the activation filter (it runs a Neural Cleanse scan)")
     ap.add_argument("--no-forward", action="store_true", help="skip the forward-option timings")
     ap.add_argument("--art-python", default=os.environ.get("ART_PYTHON", str(ROOT / "benchmarks" / ".venv-art" / "bin" / "python")))
@@ -148,12 +151,15 @@ def main() -> None:
         ms = {}
         for mode, kw in [(m + {"auto": "", "on": " clipped", "off": " unclipped"}[clip]
                           + ("" if alpha == "default" else f" alpha={alpha}")
-                          + ("" if stat == "entropy" else f" {stat}"),
+                          + ("" if stat == "entropy" else f" {stat}")
+                          + ("" if cal == "global" else f" {cal} calibration"),
                           {**k, "clip": {"auto": None, "on": True, "off": False}[clip],
-                           "alpha": None if alpha == "default" else float(alpha), "statistic": stat})
+                           "alpha": None if alpha == "default" else float(alpha), "statistic": stat,
+                           "calibration": cal})
                          for clip in args.clip.split(",")
                          for alpha in args.alpha.split(",")
                          for stat in args.statistic.split(",")
+                         for cal in args.calibration.split(",")
                          for m, k in (("fixed S=100", {"early_stop": False}), ("early", {}))]:
             t0 = time.perf_counter()
             strip = STRIP(n_overlays=S, **kw).fit(model, val)

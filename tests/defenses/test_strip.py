@@ -334,3 +334,97 @@ def test_strip_clips_greyscale_and_not_colour_by_default(mnist):
     far_clipped = 1 - float(clipped.flag(xt).float().mean())
     assert far_clipped > 0.9 and far_default < far_clipped - 0.3
     assert float(STRIP(n_overlays=16).fit(clean, val).flag(test.x).float().mean()) < 0.1
+
+
+def test_label_means_by_hand_and_against_numpy():
+    from trojanscope.defenses.input.strip import label_means
+
+    # label 0: (1 + 1 + 1 x 2) / 3; label 1: (4 + 2) / 2; label 2 (no input): the mean, 2
+    assert label_means(torch.tensor([1.0, 1.0, 4.0]), torch.tensor([0, 0, 1]), 3, prior=1.0).tolist() == \
+        pytest.approx([4 / 3, 3.0, 2.0])
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(200, generator=g), torch.randint(0, 7, (200,), generator=g)
+    m, prior = float(x.double().mean()), 5.0
+    ref = [(x[y == k].double().sum().item() + prior * m) / (int((y == k).sum()) + prior) for k in range(9)]
+    np.testing.assert_allclose(label_means(x, y, 9, prior=prior).numpy(), ref, rtol=1e-12)
+    assert label_means(x, y, 9, prior=0.0)[:7].tolist() == pytest.approx([x[y == k].double().mean().item()
+                                                                          for k in range(7)])
+    with pytest.raises(DataError):
+        label_means(torch.zeros(0), torch.zeros(0, dtype=torch.long), 3)
+
+
+def test_joint_thresholds_flag_at_most_frr_together():
+    from trojanscope.defenses.base import threshold_for_rate
+    from trojanscope.defenses.input.strip import joint_thresholds
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(1000, generator=g)
+    for b, r_expected in ((a.clone(), 0.05), (torch.randn(1000, generator=g), None)):  # the same, independent
+        ta, tb, r = joint_thresholds(a, b, 0.05)
+        rate = float(((a > ta) | (b > tb)).double().mean())
+        assert rate <= 0.05 and rate >= 0.05 - 0.003  # as many as allowed, to a few inputs
+        # the inputs flagged at the 1 - r quantiles of the two scores
+        assert torch.equal(a > ta, a > threshold_for_rate(a, r)) and torch.equal(b > tb, b > threshold_for_rate(b, r))
+        # each threshold sits in the middle of a gap between scores, not on one (rounding cannot flip it)
+        for x, t in ((a, ta), (b, tb)):
+            gap = (x[x <= t].max(), x[x > t].min())
+            assert float(gap[0]) < t < float(gap[1]) and t == pytest.approx(float(sum(gap)) / 2)
+        if r_expected is not None:
+            assert r == pytest.approx(r_expected)
+        else:  # two independent scores: each flags about half of the budget
+            assert 0.025 <= r < 0.03
+
+
+@pytest.mark.parametrize("early", [False, True])
+def test_label_calibration_flags_the_planted_trigger_and_spares_clean_inputs(planted, mnist, early):
+    """calibration="label": the decisions are the union of the paper's boundary and one on the
+    statistic less the input's label's calibration mean, checked against that rule computed by hand
+    from the calibration run; the planted trigger is caught and the clean model not accused."""
+    from trojanscope.defenses.input.strip import joint_thresholds, label_means
+
+    bad, clean, trig = planted
+    val, x = mnist["val"], mnist["test"].x[:150]
+    xt = trig.apply(x)
+    strip = STRIP(n_overlays=20, calibration="label", early_stop=early).fit(bad, val)
+    d_clean, d_trig = strip.decide(x), strip.decide(xt)
+    assert float(d_trig.flagged.float().mean()) >= 0.95 and float(d_clean.flagged.float().mean()) <= 0.06
+    assert strip.label_shift_.shape == (10,) and bool((strip.label_shift_ >= 0).all())
+    # the rule by hand, from a global-calibration run with the same overlays (the same draws)
+    ref = STRIP(n_overlays=20, early_stop=False).fit(bad, val)
+    g = torch.Generator().manual_seed(ref._base_seed())
+    perm = torch.randperm(len(val), generator=g)
+    calib = val.x[perm[ref.overlays_.shape[0]:]]
+    with torch.no_grad():
+        lab_cal, lab_x = bad(calib).argmax(1), bad(torch.cat([x, xt])).argmax(1)
+    h_cal = -ref.clean_scores_.double()
+    mu = label_means(h_cal, lab_cal, 10)
+    t_g, t_c, _ = joint_thresholds(-h_cal, -h_cal + mu[lab_cal], 0.01)
+    assert strip.threshold_ == pytest.approx(t_g)
+    h = -ref.decide(torch.cat([x, xt])).scores.double()
+    by_hand = (-h > t_g) | (-h > t_c - mu[lab_x])
+    assert float(((-h_cal > t_g) | (-h_cal > t_c - mu[lab_cal])).double().mean()) <= 0.01  # the calibration's FRR
+    if not early:
+        assert torch.equal(torch.cat([d_clean.flagged, d_trig.flagged]), by_hand)
+    else:  # early decisions differ from the fixed rule only where the bound errs
+        assert float((torch.cat([d_clean.flagged, d_trig.flagged]) != by_hand).float().mean()) <= 0.02
+    # the clean model: no more clean inputs flagged, and the patch is nothing special
+    on_clean = STRIP(n_overlays=20, calibration="label", early_stop=early).fit(clean, val)
+    assert float(on_clean.flag(x).float().mean()) <= 0.05 and float(on_clean.flag(xt).float().mean()) <= 0.10
+
+
+def test_label_calibration_on_a_received_model(planted, mnist):
+    """The label calibration on a TorchScript copy: the same thresholds and decisions as on the
+    module, at another batch size too."""
+    bad, _, trig = planted
+    val, x = mnist["val"], mnist["test"].x[:100]
+    xs = torch.cat([x, trig.apply(x)])
+    scripted = torch.jit.trace(bad, val.x[:2])
+    on_module = STRIP(n_overlays=16, calibration="label").fit(bad, val)
+    on_file = STRIP(n_overlays=16, calibration="label", batch_size=48).fit(scripted, val)
+    assert on_file.threshold_ == pytest.approx(on_module.threshold_, abs=1e-5)
+    torch.testing.assert_close(on_file.label_shift_, on_module.label_shift_, atol=1e-5, rtol=1e-5)
+    a, b = on_module.decide(xs), on_file.decide(xs)
+    assert torch.equal(a.flagged, b.flagged) and torch.equal(a.n_overlays, b.n_overlays)
+    assert bool(b.flagged[100:].all())
+    with pytest.raises(ConfigError):
+        STRIP(calibration="per-class").fit(bad, val)

@@ -38,6 +38,20 @@ of per-copy values, so the threshold and the early decisions work the same on ei
 digits and cmnist BadNets models of benchmarks/README.md ("STRIP's own-label statistic") it lets
 less through on the ResNets and is mixed on ``gtsrb_cnn``.
 
+The threshold's calibration (``calibration``): the paper sets one threshold on the statistic of
+every clean calibration input (``"global"``). With many labels, the clean inputs of the few labels
+whose images survive the overlays (low entropy) make up the low tail of that distribution, and the
+threshold falls below triggered inputs that a label-by-label look would catch. ``"label"`` adds a
+second boundary on the statistic less the mean of the calibration inputs that the model gives the
+same label (:func:`label_means`, shrunk towards the overall mean by :data:`LABEL_PRIOR` inputs);
+an input is flagged when it lies below either boundary, and the two are set together so that they
+flag ``frr`` of the calibration inputs between them (:func:`joint_thresholds`). The paper's
+boundary stays because a backdoor's target label is a sink: perturbed copies of any input drift to
+it, so the target's own clean inputs have a low entropy, and a boundary relative to their mean
+alone would be lenient exactly where the triggered inputs are (on a digits ``gtsrb_cnn``, the
+target's clean mean was 0.34 bit against 0.42-0.50 for the other labels). benchmarks/README.md
+("STRIP's threshold by label") has the figures.
+
 Sign: the toolkit's input filters return **higher = more suspicious**, so the score is the
 *negated* mean entropy, ``-H(x)`` (with ``statistic="own_label"``, the negated mean surprisal);
 ``threshold_`` lives on that scale (``-threshold_`` is the entropy boundary of the paper).
@@ -80,6 +94,11 @@ CLIPPED_ALPHA = 1.5
 
 #: Orders of the calibration overlays the early rule is replayed in to pick its floor.
 CALIBRATION_REPLAYS = 8
+
+#: ``calibration="label"``: the pseudo-count of calibration inputs, at the mean of all of them, that
+#: each label's mean statistic is shrunk with (:func:`label_means`); a label that few calibration
+#: inputs get stays near the overall mean.
+LABEL_PRIOR = 5.0
 
 
 def overlay_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -138,6 +157,71 @@ def own_label_surprisal(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return (-logp.gather(-1, idx).squeeze(-1) / math.log(2.0)).to(logits.dtype)
 
 
+def label_means(stats: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
+                prior: float = LABEL_PRIOR) -> torch.Tensor:
+    """Each label's mean statistic over the calibration inputs given that label, shrunk towards the
+    mean of all of them: ``(sum_k + prior * m) / (n_k + prior)`` (``m`` for a label no input got).
+
+    Example:
+        >>> label_means(torch.tensor([1.0, 1.0, 4.0]), torch.tensor([0, 0, 1]), 3, prior=1.0)
+        tensor([1.3333, 3.0000, 2.0000], dtype=torch.float64)
+    """
+    x, y = stats.double(), labels.long()
+    if x.numel() == 0:
+        raise DataError("no calibration inputs to average")
+    m = x.mean()
+    sums = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, y, x)
+    n = torch.bincount(y, minlength=num_classes).double()
+    return (sums + prior * m) / (n + prior)
+
+
+def joint_thresholds(scores: torch.Tensor, centred: torch.Tensor, frr: float, *,
+                     steps: int = 40) -> tuple[float, float, float]:
+    """Thresholds on two scores of the same calibration inputs, flagged when *either* lies above its
+    own: both at the ``1 - r`` quantile of their own scores, with the largest ``r <= frr`` (found by
+    bisection) at which the two together flag at most ``frr`` of the inputs, each then moved to the
+    middle of the gap between scores it lies in (the same inputs flagged). Returns ``(t_scores,
+    t_centred, r)``.
+
+    Example (the same scores twice: the union is either one, so ``r = frr``):
+        >>> s = torch.arange(100.0)
+        >>> joint_thresholds(s, s, 0.1)[2]
+        0.1
+    """
+    a, b = scores.double(), centred.double()
+
+    def at(r: float) -> tuple[float, float, float]:
+        ta, tb = threshold_for_rate(a, r), threshold_for_rate(b, r)
+        return ta, tb, float(((a > ta) | (b > tb)).double().mean())
+
+    ta, tb, rate = at(frr)
+    if rate <= frr:
+        return _gap_middle(a, ta), _gap_middle(b, tb), float(frr)
+    lo, hi = 0.0, float(frr)  # the union flags at most twice r, so r = frr / 2 is always allowed
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        if mid <= 0.0:
+            break
+        if at(mid)[2] <= frr:
+            lo = mid
+        else:
+            hi = mid
+    r = lo if lo > 0 else 0.5 * frr
+    ta, tb, _ = at(r)
+    # the bisection ends where a threshold meets an input's score: move each to the middle of the
+    # gap between scores it lies in (the same inputs flagged), so that rounding cannot flip one
+    return _gap_middle(a, ta), _gap_middle(b, tb), r
+
+
+def _gap_middle(x: torch.Tensor, t: float) -> float:
+    """The middle of the gap between the values of ``x`` in which ``t`` lies (``t`` itself when no
+    value lies on one side): ``x > t`` holds for the same values."""
+    below, above = x[x <= t], x[x > t]
+    if below.numel() == 0 or above.numel() == 0:
+        return float(t)
+    return float(0.5 * (below.max() + above.min()))
+
+
 def superimpose(x: torch.Tensor, overlay: torch.Tensor, alpha: float = 1.0, *, clip: bool) -> torch.Tensor:
     """STRIP's perturbed copies: ``x + alpha * overlay``, clipped to [0, 1] when ``clip``.
 
@@ -152,7 +236,7 @@ def superimpose(x: torch.Tensor, overlay: torch.Tensor, alpha: float = 1.0, *, c
     return out.clamp_(0.0, 1.0) if clip else out
 
 
-def sequential_decision(mean: torch.Tensor, std: torch.Tensor, n: int, threshold: float, *,
+def sequential_decision(mean: torch.Tensor, std: torch.Tensor, n: int, threshold: float | torch.Tensor, *,
                         delta: float = 0.01, min_std: float = 0.05) -> torch.Tensor:
     """Decide inputs early from the running mean of their per-copy entropies.
 
@@ -167,7 +251,7 @@ def sequential_decision(mean: torch.Tensor, std: torch.Tensor, n: int, threshold
         mean: ``(N,)`` running mean entropies (bits).
         std: ``(N,)`` their sample standard deviations (ddof 1).
         n: copies seen so far (the same for every input of a round).
-        threshold: the entropy boundary (``-threshold_`` of :class:`STRIP`).
+        threshold: the entropy boundary (``-threshold_`` of :class:`STRIP`), or ``(N,)`` one per input.
         delta: error rate of each one-sided bound.
         min_std: floor on the standard deviation (bits).
 
@@ -190,7 +274,7 @@ def sequential_decision(mean: torch.Tensor, std: torch.Tensor, n: int, threshold
     return out
 
 
-def replay_early(per_copy: torch.Tensor, threshold: float, *, round_size: int = 8, delta: float = 0.01,
+def replay_early(per_copy: torch.Tensor, threshold: float | torch.Tensor, *, round_size: int = 8, delta: float = 0.01,
                  min_std: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
     """The early rule replayed on known per-copy entropies ``(N, S)`` (bits; column order = the
     order the overlays are laid): ``(flagged, overlays used)``, each ``(N,)``. Flagged means the
@@ -265,6 +349,12 @@ class STRIP(InputFilter):
             each copy's prediction entropy) or ``"own_label"`` (each copy's surprisal at the
             label the model gives the input alone; see the module notes). Low means trojaned
             either way, in bits.
+        calibration: ``"global"`` (default, the paper's): one threshold on the statistic of every
+            clean calibration input. ``"label"``: also a second one on the statistic less the
+            mean of the calibration inputs that get the same label from the model
+            (:func:`label_means`); an input is flagged when below either boundary, the two set
+            together so that both flag ``frr`` of the calibration inputs
+            (:func:`joint_thresholds`). See the module notes.
         overlay_fraction: share of ``clean_data`` held out as the overlay pool; the rest are the
             clean inputs whose entropies calibrate the threshold (so no input is superimposed
             with itself).
@@ -289,7 +379,14 @@ class STRIP(InputFilter):
 
     Attributes:
         threshold_: inputs with ``score > threshold_`` are flagged (score = -entropy, or minus
-            the mean own-label surprisal).
+            the mean own-label surprisal; with ``calibration="label"`` plus the input's label's
+            ``label_shift_``).
+        label_threshold_: ``(K,)`` with ``calibration="label"``: the threshold on the (negated)
+            statistic of an input given each label: the smaller of ``threshold_`` and the second
+            boundary's ``t - label_means_[k]``.
+        label_shift_: ``(K,)`` ``threshold_ - label_threshold_`` (bits, >= 0), added to the
+            score of an input given label ``k``, so that ``score > threshold_`` is its decision.
+        label_means_: ``(K,)`` each label's mean statistic on the calibration inputs (shrunk).
         clean_scores_: ``(M,)`` scores of the calibration inputs (all ``n_overlays`` each).
         clip_: whether the sums are clipped (``clip``, or its default for the input's channels).
         alpha_: the overlay weight used (``alpha``, or its default for ``clip_``).
@@ -323,6 +420,7 @@ class STRIP(InputFilter):
         "alpha": OrNone(Interval(float, 0, None, "neither")),
         "frr": Interval(float, 0, 1, "neither"),
         "statistic": Options(("entropy", "own_label")),
+        "calibration": Options(("global", "label")),
         "clip": Types((bool, type(None))),
         "overlay_fraction": Interval(float, 0, 1, "neither"),
         "early_stop": Types((bool,)),
@@ -335,7 +433,8 @@ class STRIP(InputFilter):
     }
 
     def __init__(self, *, n_overlays: int = 100, alpha: float | None = None, frr: float = 0.01,
-                 statistic: str = "entropy", clip: bool | None = None, overlay_fraction: float = 0.5,
+                 statistic: str = "entropy", calibration: str = "global", clip: bool | None = None,
+                 overlay_fraction: float = 0.5,
                  early_stop: bool = True, round_size: int = 8, delta: float = 0.01, min_std: float | None = None,
                  channels_last: bool | None = None, batch_size: int = 256, seed: int | None = 0,
                  device: DeviceLike = None) -> None:
@@ -344,6 +443,7 @@ class STRIP(InputFilter):
         self.clip = clip
         self.frr = frr
         self.statistic = statistic
+        self.calibration = calibration
         self.overlay_fraction = overlay_fraction
         self.early_stop = early_stop
         self.round_size = round_size
@@ -374,16 +474,45 @@ class STRIP(InputFilter):
         self.alpha_ = float(self.alpha) if self.alpha is not None else (CLIPPED_ALPHA if self.clip_ else 1.0)
         calib = x[perm[n_pool:]]
         per_copy = torch.empty(calib.shape[0], int(self.n_overlays), dtype=torch.float64)
-        self.clean_scores_ = self._run(calib, start=0, early=False, record=per_copy).scores
-        self.threshold_ = threshold_for_rate(self.clean_scores_, self.frr)
-        self._calibrate_floor(per_copy)
+        self.label_shift_, labels = None, None
+        raw = self._run(calib, start=0, early=False, record=per_copy).scores
+        if self.calibration == "label":
+            labels = self._labels(calib)
+            k = self._num_classes()
+            means = label_means(-raw.double(), labels, k)
+            t_raw, t_centred, _ = joint_thresholds(raw, raw.double() + means[labels], float(self.frr))
+            # flagged when -stat > t_raw or -stat + mean_y > t_centred: -stat above the smaller of
+            # t_raw and t_centred - mean_y, the input's label's threshold
+            self.label_means_ = means
+            self.label_threshold_ = torch.minimum(torch.full_like(means, t_raw), t_centred - means)
+            self.label_shift_ = t_raw - self.label_threshold_
+            self.clean_scores_ = (raw.double() + self.label_shift_[labels]).float()
+            self.threshold_ = float(t_raw)
+        else:
+            self.clean_scores_ = raw
+            self.threshold_ = threshold_for_rate(self.clean_scores_, self.frr)
+        self._calibrate_floor(per_copy, raw, labels if self.label_shift_ is not None else None)
 
-    def _calibrate_floor(self, per_copy: torch.Tensor) -> None:
+    def _labels(self, x: torch.Tensor) -> torch.Tensor:
+        """The label the model gives each input alone."""
+        model = getattr(self, "forward_model_", self.model_)
+        with eval_mode(model), torch.inference_mode():
+            return predict(model, x, batch_size=int(self.batch_size), device=model_device(model, self.device)).cpu()
+
+    def _entropy_boundary(self, labels: torch.Tensor | None) -> float | torch.Tensor:
+        """The boundary on the inputs' mean statistic: ``-threshold_``, or with
+        ``calibration="label"`` one per input, ``(n,)``: minus its label's ``label_threshold_``."""
+        if getattr(self, "label_shift_", None) is not None and labels is not None:
+            return -self.label_threshold_[labels.long()]
+        return -float(getattr(self, "threshold_", math.nan))
+
+    def _calibrate_floor(self, per_copy: torch.Tensor, raw: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Set ``min_std_``: replay the early rule on the calibration inputs' per-copy entropies, in
         their drawn order and in :data:`CALIBRATION_REPLAYS` - 1 random orders (any order of an
         input's overlays is as likely a draw), and keep the smallest floor whose early decisions
         differ from the fixed rule's on at most ``frr / 10`` of the replays."""
-        fixed = self.clean_scores_ > self.threshold_
+        boundary = self._entropy_boundary(labels)
+        fixed = self.clean_scores_ > self.threshold_ if labels is None else (-raw).double() < boundary
         m, s_ = per_copy.shape
         g = torch.Generator().manual_seed(self.draw_seed_ + 1)
         orders = [torch.arange(s_)] + [torch.randperm(s_, generator=g) for _ in range(CALIBRATION_REPLAYS - 1)]
@@ -393,7 +522,7 @@ class STRIP(InputFilter):
         for floor in grid:
             wrong, used_all = 0, []
             for order in orders:
-                flagged, used = replay_early(per_copy[:, order], -self.threshold_, round_size=int(self.round_size),
+                flagged, used = replay_early(per_copy[:, order], boundary, round_size=int(self.round_size),
                                              delta=float(self.delta), min_std=floor)
                 wrong += int((flagged != fixed).sum())
                 used_all.append(used)
@@ -509,16 +638,19 @@ class STRIP(InputFilter):
         sumsq = torch.zeros(n, dtype=torch.float64)
         used = torch.zeros(n, dtype=torch.long)
         active = torch.arange(n)
-        t_entropy = -float(getattr(self, "threshold_", math.nan))
+        shift = getattr(self, "label_shift_", None)
         with eval_mode(model), torch.inference_mode():
-            # the label the model gives each input alone (the "own_label" statistic's)
-            labels = predict(model, x, batch_size=int(self.batch_size), device=dev) \
-                if self.statistic == "own_label" else None
+            # the label the model gives each input alone (the "own_label" statistic's, and the
+            # label-calibrated boundary's)
+            labels = predict(model, x, batch_size=int(self.batch_size), device=dev).cpu() \
+                if (self.statistic == "own_label" or shift is not None) else None
+            t_entropy = self._entropy_boundary(labels)
             for lo in range(0, S, R):
                 if active.numel() == 0:
                     break
                 hi = min(lo + R, S)
-                mean_r, ent_r = self._round(model, x, pool, active, draws[active, lo:hi], dev, labels)
+                mean_r, ent_r = self._round(model, x, pool, active, draws[active, lo:hi], dev,
+                                            labels if self.statistic == "own_label" else None)
                 sums[active] += mean_r * (hi - lo)
                 sumsq[active] += ent_r.square().sum(1)
                 if record is not None:
@@ -527,12 +659,19 @@ class STRIP(InputFilter):
                 if early and hi < S:
                     m = sums[active] / hi
                     std = ((sumsq[active] - hi * m * m).clamp_min(0.0) / (hi - 1)).sqrt() if hi > 1 else torch.zeros_like(m)
-                    verdict = sequential_decision(m, std, hi, t_entropy, delta=float(self.delta),
+                    verdict = sequential_decision(m, std, hi, t_entropy[active] if isinstance(t_entropy, torch.Tensor)
+                                                  else t_entropy, delta=float(self.delta),
                                                   min_std=float(self.min_std_))
                     active = active[verdict == 0]
-        scores = (-(sums / used)).float()
+        scores = -(sums / used)
         thr = float(getattr(self, "threshold_", math.nan))
-        return StripDecisions(scores=scores, flagged=scores > thr, n_overlays=used, threshold=thr, start=start)
+        if shift is not None and labels is not None:  # above the input's label's threshold
+            flagged = scores > self.label_threshold_[labels.long()]
+            scores = (scores + shift[labels.long()]).float()
+        else:
+            scores = scores.float()
+            flagged = scores > thr
+        return StripDecisions(scores=scores, flagged=flagged, n_overlays=used, threshold=thr, start=start)
 
     def _round(self, model: nn.Module, x: torch.Tensor, pool: torch.Tensor, idx: torch.Tensor,
                draws: torch.Tensor, dev: torch.device,

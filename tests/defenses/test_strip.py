@@ -107,6 +107,7 @@ def test_own_label_statistic_on_a_received_model(planted, mnist):
     kw = dict(n_overlays=16, statistic="own_label", early_stop=False)
     on_module = STRIP(**kw).fit(bad, val)
     on_file = STRIP(**kw, batch_size=40).fit(scripted, val)
+    assert on_file.calibration_ == "global"  # the own-label statistic keeps the paper's threshold by default
     a, b = on_module.decide(torch.cat([x, xt])), on_file.decide(torch.cat([x, xt]))
     assert torch.equal(a.flagged, b.flagged)
     torch.testing.assert_close(a.scores, b.scores, atol=1e-4, rtol=1e-5)
@@ -158,9 +159,13 @@ def test_early_and_fixed_agree_where_clear(planted, mnist):
     assert pinned.min_std_ == 0.0125 and pinned.decide(x).mean_overlays <= e.mean_overlays
     assert (e.n_overlays % 8 == 0).all() and int(e.n_overlays.min()) >= 8
     # early inputs used a prefix of the fixed filter's overlays: one round equals the first 8 of 64
+    # (the scores less each input's label shift: the shifts are calibrated on 8 and on 64 overlays)
     one = STRIP(n_overlays=8, early_stop=False, alpha=1.0).fit(bad, mnist["val"])
     dec8 = e.n_overlays == 8
-    assert torch.allclose(one.score(x)[dec8], e.scores[dec8], atol=1e-5)
+    with torch.no_grad():
+        lab = bad(x).argmax(1)
+    raw_one, raw_early = one.score(x) - one.label_shift_[lab].float(), e.scores - early.label_shift_[lab].float()
+    assert torch.allclose(raw_one[dec8], raw_early[dec8], atol=1e-5)
 
 
 def test_strip_batch_size_and_seed(planted, mnist):
@@ -385,12 +390,13 @@ def test_label_calibration_flags_the_planted_trigger_and_spares_clean_inputs(pla
     bad, clean, trig = planted
     val, x = mnist["val"], mnist["test"].x[:150]
     xt = trig.apply(x)
-    strip = STRIP(n_overlays=20, calibration="label", early_stop=early).fit(bad, val)
+    strip = STRIP(n_overlays=20, early_stop=early).fit(bad, val)  # the default for the entropy
+    assert strip.calibration_ == "label"
     d_clean, d_trig = strip.decide(x), strip.decide(xt)
     assert float(d_trig.flagged.float().mean()) >= 0.95 and float(d_clean.flagged.float().mean()) <= 0.06
     assert strip.label_shift_.shape == (10,) and bool((strip.label_shift_ >= 0).all())
     # the rule by hand, from a global-calibration run with the same overlays (the same draws)
-    ref = STRIP(n_overlays=20, early_stop=False).fit(bad, val)
+    ref = STRIP(n_overlays=20, early_stop=False, calibration="global").fit(bad, val)
     g = torch.Generator().manual_seed(ref._base_seed())
     perm = torch.randperm(len(val), generator=g)
     calib = val.x[perm[ref.overlays_.shape[0]:]]

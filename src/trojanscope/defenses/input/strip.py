@@ -649,8 +649,7 @@ class STRIP(InputFilter):
         with eval_mode(model), torch.inference_mode():
             # the label the model gives each input alone (the "own_label" statistic's, and the
             # label-calibrated boundary's)
-            labels = predict(model, x, batch_size=int(self.batch_size), device=dev).cpu() \
-                if (self.statistic == "own_label" or shift is not None) else None
+            labels = self._labels(x) if (self.statistic == "own_label" or shift is not None) else None
             t_entropy = self._entropy_boundary(labels)
             for lo in range(0, S, R):
                 if active.numel() == 0:

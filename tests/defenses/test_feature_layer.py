@@ -9,7 +9,7 @@ from torch import nn
 
 from trojanscope._utils.batching import activations
 from trojanscope.defenses import ActivationClustering, SpectralSignatures
-from trojanscope.defenses.data._common import resolve_feature_layer
+from trojanscope.defenses.data._common import last_stage_input, resolve_feature_layer
 from trojanscope.errors import UnsupportedModelError
 
 
@@ -59,6 +59,39 @@ def test_a_1x1_pool_input_moves_auto_to_the_map_before_the_last_stage():
     assert activations(net, x, layer, flatten=False).shape[2:] == (2, 2)
     big = create_model("resnet18", input_shape=(3, 32, 32), num_classes=10, seed=0, width=4).eval()
     assert resolve_feature_layer(big, torch.rand(2, 3, 32, 32), "auto", device=None) == "pool_input"
+
+
+def test_a_dense_head_on_a_1x1_map_moves_auto_to_the_map_before_the_last_stage():
+    """gtsrb_cnn on 8x8 images flattens a 1x1 map (its third max-pool) into its dense head: "auto"
+    reads the input of the last stage's first convolution, the second pool's 2x2 output. On 16x16
+    and 32x32 images it flattens a larger map and keeps the penultimate layer; so does mnist_cnn."""
+    from trojanscope.models import create_model
+
+    net = create_model("gtsrb_cnn", input_shape=(1, 8, 8), num_classes=10, seed=0).eval()
+    x = torch.rand(4, 1, 8, 8)
+    layer = resolve_feature_layer(net, x, "auto", device=None)
+    assert layer == "features.conv5:input"
+    fmap = activations(net, x, layer, flatten=False)
+    assert fmap.shape == (4, 64, 2, 2)
+    torch.testing.assert_close(fmap, activations(net, x, "features.pool2", flatten=False))
+    for arch, shape in [("gtsrb_cnn", (3, 16, 16)), ("gtsrb_cnn", (3, 32, 32)), ("mnist_cnn", (1, 28, 28))]:
+        m = create_model(arch, input_shape=shape, num_classes=10, seed=0).eval()
+        assert resolve_feature_layer(m, torch.rand(2, *shape), "auto", device=None) == "penultimate"
+
+
+def test_last_stage_input_by_hand():
+    """``(name, input H*W, output H*W, channels)`` in run order: the first convolution that
+    returns the last one's size, unless it reads the image or a 1x1 map."""
+    gtsrb_8x8 = [("c1", 64, 64, 32), ("c2", 64, 64, 32), ("c3", 16, 16, 64), ("c4", 16, 16, 64),
+                 ("c5", 4, 4, 128), ("c6", 4, 4, 128)]
+    assert last_stage_input(gtsrb_8x8, final_1x1=True) == "c5"
+    assert last_stage_input(gtsrb_8x8, final_1x1=False) is None
+    resnet_8x8 = [("stem", 64, 64, 8), ("l3.conv1", 16, 4, 32), ("l3.conv2", 4, 4, 32), ("l4.conv1", 4, 1, 64),
+                  ("l4.conv2", 1, 1, 64), ("l4.shortcut", 4, 1, 64)]
+    assert last_stage_input(resnet_8x8, final_1x1=True) == "l4.conv1"
+    assert last_stage_input([("only", 64, 1, 4)], final_1x1=True) is None  # the image's convolution
+    assert last_stage_input([("c1", 16, 4, 8), ("c2", 1, 1, 8)], final_1x1=True) is None  # reads 1x1
+    assert last_stage_input([], final_1x1=True) is None
 
 
 def test_an_explicit_layer_is_kept_and_pool_input_needs_a_pooling():

@@ -228,6 +228,46 @@ def test_a_1x1_pool_input_moves_auto_to_the_last_larger_map_in_every_format(tmp_
     torch.testing.assert_close(activations(s.module, x, layer, flatten=False), h, atol=1e-5, rtol=1e-5)
 
 
+class ShrinkingCNN(nn.Module):
+    """A vendor's plain CNN that max-pools its 8x8 input down to a 1x1 map before a dense head
+    (as ``gtsrb_cnn`` does on 8x8 digits), with the pools as functions, not modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.conv3 = nn.Conv2d(6, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8, 12)
+        self.fc2 = nn.Linear(12, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)  # 4x4
+        h = nn.functional.max_pool2d(torch.relu(self.conv2(h)), 2)  # 2x2
+        h = nn.functional.max_pool2d(torch.relu(self.conv3(h)), 2)  # 1x1
+        return self.fc2(torch.relu(self.fc1(torch.flatten(h, 1))))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_dense_head_on_a_1x1_map_moves_auto_to_the_last_stage_in_every_format(tmp_path, fmt):
+    """Without a global pooling, a dense head that reads a 1x1 map makes ``"auto"`` read the
+    input of the last stage: the same 2x2 map in the module and in each received graph."""
+    from trojanscope._utils.batching import activations
+    from trojanscope.defenses.data._common import resolve_feature_layer
+
+    torch.manual_seed(0)
+    net = ShrinkingCNN().eval()
+    x = torch.rand(5, 1, 8, 8)
+    assert resolve_feature_layer(net, x, "auto", device=None) == "conv3:input"
+    s = model_surface(load_model(_save(net, tmp_path / f"shrinkcnn{SUFFIX[fmt]}", fmt), default_input_shape=(1, 8, 8)))
+    layer = resolve_feature_layer(s.module, x, "auto", device=None)
+    assert layer.endswith(":input")
+    with torch.inference_mode():  # the second stage's 2x2 output, computed by hand
+        h = nn.functional.max_pool2d(torch.relu(net.conv1(x)), 2)
+        h = nn.functional.max_pool2d(torch.relu(net.conv2(h)), 2)
+    assert h.shape[2:] == (2, 2)
+    torch.testing.assert_close(activations(s.module, x, layer, flatten=False), h, atol=1e-5, rtol=1e-5)
+
+
 def test_reinitialised_copy_resets_every_layer_and_keeps_the_graph(received):
     _, files = received
     s = model_surface(load_model(files["resnet", "ts"], default_input_shape=(1, 8, 8)))

@@ -33,9 +33,9 @@ AUTO_LAYER = "auto"
 
 def resolve_feature_layer(model: nn.Module, x: torch.Tensor, layer: str, *, device: DeviceLike) -> str:
     """The layer a sanitiser reads for ``layer="auto"``: the feature map that the model averages
-    into its penultimate representation (``"pool_input"``), when it does, else ``"penultimate"``.
-    Where that map is 1x1 (a ResNet on 8x8 images), the last map larger than 1x1 (below).
-    Any other ``layer`` is returned unchanged.
+    into its penultimate representation (``"pool_input"``), when it does, else ``"penultimate"``;
+    where the map the representation is made from is 1x1 (a ResNet or ``gtsrb_cnn`` on 8x8
+    images), the map before the last stage (below). Any other ``layer`` is returned unchanged.
 
     A global average over a ResNet's last feature map keeps what a patch trigger adds but not where:
     on the cmnist ResNet (width 8, BadNets 10%) the top singular direction of the target label's
@@ -44,23 +44,33 @@ def resolve_feature_layer(model: nn.Module, x: torch.Tensor, layer: str, *, devi
     penultimate vector must equal the map's spatial mean, so a pooling followed by more hidden
     layers keeps ``"penultimate"``.
 
-    A 1x1 map before the pooling is the penultimate vector itself, with nothing spatial left. Then
-    the map read is the input of the first convolution that turns a larger map into a 1x1 one
-    (``"<conv>:input"``: in a ResNet, the last stage's first convolution, whose input is the
-    stage before it), found on ``x`` by the shapes the convolutions receive and return, so the same
-    layer is found in a received graph, where the residual sum is an operator, not a module. The
-    first convolution (which reads the image) is never taken; without such a convolution,
-    ``"penultimate"``. On the digits ResNet (width 8, BadNets 10%) Activation Clustering found
-    none of the poison at the penultimate layer and all of it at that map (benchmarks/README.md,
-    "Digits: where the poison separates").
+    A 1x1 map has nothing spatial left: the pooled map of a ResNet on 8x8 images, or the map a
+    network without global pooling flattens into its dense head when that map is 1x1 (its first
+    dense layer receives as many values as its last convolution returns channels: ``gtsrb_cnn``'s
+    third max-pool on 8x8 images). Then the map read is the input of the last stage
+    (``"<conv>:input"``), the stage being the convolutions that return the last convolution's map
+    size, and its input the first of them receives (:func:`last_stage_input`). In resnet18 that
+    is ``layer4.0.conv1:input`` (``layer3``'s 2x2 output); in ``gtsrb_cnn`` ``conv5:input``
+    (``features.pool2``, 2x2). It is found on ``x`` by the shapes the modules receive and return,
+    so the same layer is found in a received graph, where a residual sum or a max-pool may be an
+    operator, not a module. The first convolution (which reads the image) is never taken; without
+    such a stage, ``"penultimate"``. On the 8x8 digits at 10% BadNets poison Activation
+    Clustering found none of the poison at the penultimate layer of either architecture, and at
+    this map all of it (benchmarks/README.md, "Digits: where the poison separates").
     """
     from ..._utils.hooks import POOL_INPUT, global_pool
 
     if layer != AUTO_LAYER:
         return layer
-    if global_pool(model) is None:
-        return "penultimate"
     probe = x[: min(4, len(x))]
+    if global_pool(model) is None:
+        shapes = _conv_and_dense_shapes(model, probe, device=device)
+        convs, dense_in = shapes["convs"], shapes["first_dense_in"]
+        # the dense head reads a 1x1 map: as many inputs as the last convolution has channels
+        if convs and dense_in is not None and dense_in == convs[-1][3]:
+            stage = last_stage_input(convs, final_1x1=True)
+            return f"{stage}:input" if stage is not None else "penultimate"
+        return "penultimate"
     pen = activations(model, probe, "penultimate", batch_size=len(probe), device=device).double()
     fmap = activations(model, probe, POOL_INPUT, batch_size=len(probe), device=device, flatten=False).double()
     if fmap.ndim != 4 or pen.shape != fmap.shape[:2]:
@@ -69,27 +79,50 @@ def resolve_feature_layer(model: nn.Module, x: torch.Tensor, layer: str, *, devi
         return "penultimate"
     if fmap.shape[2] * fmap.shape[3] > 1:
         return POOL_INPUT
-    shrinking = first_conv_to_1x1(model, probe, device=device)
-    return f"{shrinking}:input" if shrinking is not None else "penultimate"
+    stage = last_stage_input(_conv_and_dense_shapes(model, probe, device=device)["convs"], final_1x1=True)
+    return f"{stage}:input" if stage is not None else "penultimate"
 
 
-def first_conv_to_1x1(model: nn.Module, x: torch.Tensor, *, device: DeviceLike) -> str | None:
-    """The name of the first ``nn.Conv2d``, in the order a forward pass on ``x`` runs them, that
-    receives a map larger than 1x1 and returns a 1x1 one; never the first convolution run (its
-    input is the image). None if there is none. The hooks are removed on return."""
+def last_stage_input(convs: list[tuple[str, int, int, int]], *, final_1x1: bool) -> str | None:
+    """The first convolution of the last stage: of ``convs`` (``(name, input H*W, output H*W,
+    output channels)`` in the order a forward pass runs them), the first that returns the last
+    one's map size. None when that is the first convolution run (its input is the image), or when
+    its input is not larger than 1x1. ``final_1x1`` is the caller's finding that the map the
+    representation is made from is 1x1 (it is what makes this layer worth reading)."""
+    if not convs or not final_1x1:
+        return None
+    last_hw = convs[-1][2]
+    i = next(i for i, c in enumerate(convs) if c[2] == last_hw)
+    if i == 0 or convs[i][1] <= 1:
+        return None
+    return convs[i][0]
+
+
+def _conv_and_dense_shapes(model: nn.Module, x: torch.Tensor, *, device: DeviceLike) -> dict:
+    """One forward pass on ``x`` with hooks on every ``nn.Conv2d`` and ``nn.Linear``: the
+    convolutions run, in order, as ``(name, input H*W, output H*W, output channels)``, and the
+    number of features the first dense layer run receives (None if none). Hooks are removed on
+    return."""
     from ..._utils.batching import eval_mode, model_device
     from ..._utils.hooks import _check_hookable, _is_a
 
     _check_hookable(model)
-    seen: list[tuple[str, int, int]] = []  # (name, input H*W, output H*W), in the order run
+    convs: list[tuple[str, int, int, int]] = []
+    dense_in: list[int] = []
     handles = []
     for name, module in model.named_modules():
         if name and _is_a(module, nn.Conv2d):
-            def hook(_m, args, out, name=name):
+            def conv_hook(_m, args, out, name=name):
                 a = args[0] if args else None
                 if isinstance(a, torch.Tensor) and isinstance(out, torch.Tensor) and a.ndim == 4 and out.ndim == 4:
-                    seen.append((name, a.shape[2] * a.shape[3], out.shape[2] * out.shape[3]))
-            handles.append(module.register_forward_hook(hook))
+                    convs.append((name, a.shape[2] * a.shape[3], out.shape[2] * out.shape[3], out.shape[1]))
+            handles.append(module.register_forward_hook(conv_hook))
+        elif name and _is_a(module, nn.Linear):
+            def dense_hook(_m, args, _out):
+                a = args[0] if args else None
+                if isinstance(a, torch.Tensor) and a.ndim == 2:
+                    dense_in.append(int(a.shape[1]))
+            handles.append(module.register_forward_hook(dense_hook))
     try:
         dev = model_device(model, device)
         with eval_mode(model), torch.inference_mode():
@@ -97,7 +130,7 @@ def first_conv_to_1x1(model: nn.Module, x: torch.Tensor, *, device: DeviceLike) 
     finally:
         for h in handles:
             h.remove()
-    return next((n for n, hw_in, hw_out in seen[1:] if hw_in > 1 and hw_out == 1), None)
+    return {"convs": convs, "first_dense_in": dense_in[0] if dense_in else None}
 
 
 def padded_by_label(x: torch.Tensor, labels: torch.Tensor, fill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

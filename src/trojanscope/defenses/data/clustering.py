@@ -527,8 +527,8 @@ class ActivationClustering(DataSanitizer):
         n_components: dimensions after reduction (the paper: 10).
         reduce: ``"ica"`` (FastICA, the paper's) or ``"pca"``.
         layer: the activations clustered: ``"auto"`` (default: the last hidden layer, or the feature
-            map a global average pooling turns into it, or the last map larger than 1x1 where that
-            one is 1x1; see :func:`~._common.resolve_feature_layer`),
+            map a global average pooling turns into it, or the input of the last stage where the
+            map it is made from is 1x1; see :func:`~._common.resolve_feature_layer`),
             ``"penultimate"`` (the last hidden layer, the paper's), ``"pool_input"`` or a
             layer name.
         size_threshold: ``"relative-size"`` / ``"silhouette"``: a cluster with less than this share

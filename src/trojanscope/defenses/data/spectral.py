@@ -180,8 +180,9 @@ class SpectralSignatures(DataSanitizer):
             (``mode="paper"`` only).
         removal_factor: the paper's 1.5: how many times ``epsilon * n`` samples are removed.
         layer: the learned representation ``R``: ``"auto"`` (default: the last hidden layer, or
-            the feature map a global average pooling turns into it, or the last map larger than
-            1x1 where that one is 1x1; see :func:`~._common.resolve_feature_layer`), a layer name,
+            the feature map a global average pooling turns into it, or the input of the last
+            stage where the map it is made from is 1x1; see
+            :func:`~._common.resolve_feature_layer`), a layer name,
             ``"penultimate"`` (the paper's) or
             ``"last_conv"``.
         n_directions: ``mode="auto"``: the split is a two-component Gaussian mixture on the

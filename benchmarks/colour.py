@@ -169,7 +169,8 @@ def strip_figures(model, val, test, trig, **params) -> dict:
     # the triggered inputs the backdoor does send to the target: the ones a filter must stop (a
     # triggered input that keeps another label is harmless, and no statistic can tell it from a clean one)
     hit = predict(model, trig.apply(test.x[keep])) == TARGET
-    return {"strip_clip": strip.clip_, "strip_alpha_used": strip.alpha_, "strip_far": 1 - m["recall"],
+    return {"strip_clip": strip.clip_, "strip_alpha_used": strip.alpha_, "strip_calibration_used": strip.calibration_,
+            "strip_far": 1 - m["recall"],
             "strip_far_on_successful": float((~troj.flagged[hit]).float().mean()) if bool(hit.any()) else None,
             "strip_frr": float(clean.flagged.float().mean()),
             "strip_far_at_test_frr_1pct": float((troj.scores.double() <= at_1).float().mean()),
@@ -304,7 +305,7 @@ def run(dataset: str, arch: str, args) -> None:
                     for stat, cal in [(st, c) for st in args.strip_statistic.split(",")  # the per-copy statistics
                                       for c in args.strip_calibration.split(",")]:  # and the calibrations
                         kw = {**sums[sum_name], **({} if alpha == "default" else {"alpha": float(alpha)}),
-                              "statistic": stat, "calibration": cal}
+                              "statistic": stat, "calibration": None if cal == "default" else cal}
                         fig = strip_figures(model, val, test, trig, **kw)
                         variant = (f"strip {stat}, {cal} calibration, {sum_name} sum, alpha {alpha}: FAR at FRR "
                                    "(FAR at a test FRR of 1%); FAR on the triggered inputs sent to the target")
@@ -365,8 +366,9 @@ def main() -> None:
     p.add_argument("--no-crop", action="store_true", help="train without random crops")
     p.add_argument("--strip-alpha", default="default", help="with --strip-only: STRIP's overlay weights, "
                    "comma-separated (default: its own, 1.5 on a clipped sum and 1.0 on an unclipped one)")
-    p.add_argument("--strip-calibration", default="global", help="with --strip-only: STRIP's calibrations, "
-                   "comma-separated: global (the paper's), label")
+    p.add_argument("--strip-calibration", default="default", help="with --strip-only: STRIP's calibrations, "
+                   "comma-separated: default (its own: label for the entropy, global for the own label), "
+                   "global (the paper's), label")
     p.add_argument("--strip-statistic", default="entropy", help="with --strip-only: STRIP's per-copy statistics, "
                    "comma-separated: entropy (the paper's), own_label")
     p.add_argument("--strip-sums", default="default,clipped", help="with --strip-only: STRIP's sums, comma-separated: "

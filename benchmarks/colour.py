@@ -251,7 +251,7 @@ def repair_figures(model, val, test, trig, nc_res, ca0: float, retrain_from: dic
     if not rows:
         return {}
     ok = {k: v for k, v in rows.items() if ca0 - v[0] <= 0.03}
-    best = min(ok or rows, key=lambda k: rows[k][1])
+    best = min(ok or rows, key=lambda k: (rows[k][1], -rows[k][0]))  # lowest ASR, then highest CA
     out = {f"{k}_ca": v[0] for k, v in rows.items()} | {f"{k}_asr": v[1] for k, v in rows.items()} | \
           {f"{k}_seconds": v[2] for k, v in rows.items()}
     out.update(best_repair=best, best_repair_ca=rows[best][0], best_repair_asr=rows[best][1])

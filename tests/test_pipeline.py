@@ -174,3 +174,25 @@ def test_pipeline_cli(tmp_path):
     assert ts.load_model(tmp_path / "out").model is not None
     bad = CliRunner().invoke(cli, ["pipeline", str(tmp_path / "m"), "--step", "nope", "--fit", "digits:val"])
     assert bad.exit_code == 2 and "error:" in bad.output
+
+
+def test_pipeline_cli_threads(tmp_path):
+    """--threads runs the chain on that many torch threads and gives the caller's count back; the
+    figures are those of a run on that count (here the same model, pruning only)."""
+    from click.testing import CliRunner
+
+    from trojanscope.cli import cli
+
+    net = ts.create_model("mnist_cnn", input_shape=(1, 8, 8), num_classes=10, seed=0)
+    ts.save_model(net, tmp_path / "m", ts.ModelSpec("mnist_cnn", (1, 8, 8), 10))
+    before = torch.get_num_threads()
+    args = ["pipeline", str(tmp_path / "m"), "--step", "prune", "--fit", "digits:val", "--test", "digits:test",
+            "--device", "cpu"]
+    runs = [CliRunner().invoke(cli, args + ["--threads", "1", "--json", str(tmp_path / f"p{i}.json")]) for i in range(2)]
+    assert all(r.exit_code == 0 for r in runs), runs[0].output
+    assert torch.get_num_threads() == before
+    h = [[{k: v for k, v in row.items() if k != "seconds"} for row in json.loads((tmp_path / f"p{i}.json").read_text())["history"]]
+         for i in range(2)]
+    assert h[0] == h[1] and h[0][-1]["defense"] == "prune" and h[0][-1]["n_pruned"] > 0
+    bad = CliRunner().invoke(cli, args + ["--threads", "0"])
+    assert bad.exit_code == 2 and "error:" in bad.output and "Traceback" not in bad.output

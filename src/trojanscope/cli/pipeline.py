@@ -47,13 +47,37 @@ def parse_step(spec: str) -> tuple[str, dict[str, Any]]:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory for the final model, in the input's format (loads with `trojanscope evaluate`), "
                    "and pipeline.json.")
+@click.option("--threads", type=POSITIVE_INT, default=None,
+              help="CPU threads for torch and for numpy / scikit-learn (default: theirs). Trainings from "
+                   "scratch depend on it: give the same count to repeat a run.")
 @model_options
 @common_options
 def pipeline(model_path: Path, steps: tuple[str, ...], fit_spec: str, train_spec: str | None, test_spec: str,
              trigger: str | None, target: int | None, retrain: str, epochs: int, lr: float, out: Path | None,
-             arch: str | None, input_shape: str | None, num_classes: int | None, json_path: Path | None, seed: int,
-             device: str | None) -> None:
+             threads: int | None, arch: str | None, input_shape: str | None, num_classes: int | None,
+             json_path: Path | None, seed: int, device: str | None) -> None:
     """Run defences on MODEL in the order of the --step options; print CA and ASR after each."""
+    if threads is None:
+        _pipeline(model_path, steps, fit_spec, train_spec, test_spec, trigger, target, retrain, epochs, lr, out,
+                  arch, input_shape, num_classes, json_path, seed, device)
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads):
+            _pipeline(model_path, steps, fit_spec, train_spec, test_spec, trigger, target, retrain, epochs, lr, out,
+                      arch, input_shape, num_classes, json_path, seed, device)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _pipeline(model_path: Path, steps: tuple[str, ...], fit_spec: str, train_spec: str | None, test_spec: str,
+              trigger: str | None, target: int | None, retrain: str, epochs: int, lr: float, out: Path | None,
+              arch: str | None, input_shape: str | None, num_classes: int | None, json_path: Path | None, seed: int,
+              device: str | None) -> None:
     clean = open_data(fit_spec, default_split="val")
     lm, surface = open_surface(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device,
                                data=clean)

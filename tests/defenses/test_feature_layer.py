@@ -84,14 +84,13 @@ def test_last_stage_input_by_hand():
     returns the last one's size, unless it reads the image or a 1x1 map."""
     gtsrb_8x8 = [("c1", 64, 64, 32), ("c2", 64, 64, 32), ("c3", 16, 16, 64), ("c4", 16, 16, 64),
                  ("c5", 4, 4, 128), ("c6", 4, 4, 128)]
-    assert last_stage_input(gtsrb_8x8, final_1x1=True) == "c5"
-    assert last_stage_input(gtsrb_8x8, final_1x1=False) is None
+    assert last_stage_input(gtsrb_8x8) == "c5"
     resnet_8x8 = [("stem", 64, 64, 8), ("l3.conv1", 16, 4, 32), ("l3.conv2", 4, 4, 32), ("l4.conv1", 4, 1, 64),
                   ("l4.conv2", 1, 1, 64), ("l4.shortcut", 4, 1, 64)]
-    assert last_stage_input(resnet_8x8, final_1x1=True) == "l4.conv1"
-    assert last_stage_input([("only", 64, 1, 4)], final_1x1=True) is None  # the image's convolution
-    assert last_stage_input([("c1", 16, 4, 8), ("c2", 1, 1, 8)], final_1x1=True) is None  # reads 1x1
-    assert last_stage_input([], final_1x1=True) is None
+    assert last_stage_input(resnet_8x8) == "l4.conv1"
+    assert last_stage_input([("only", 64, 1, 4)]) is None  # the image's convolution
+    assert last_stage_input([("c1", 16, 4, 8), ("c2", 1, 1, 8)]) is None  # reads 1x1
+    assert last_stage_input([]) is None
 
 
 def test_an_explicit_layer_is_kept_and_pool_input_needs_a_pooling():

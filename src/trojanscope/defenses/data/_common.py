@@ -50,7 +50,7 @@ def resolve_feature_layer(model: nn.Module, x: torch.Tensor, layer: str, *, devi
     third max-pool on 8x8 images). Then the map read is the input of the last stage
     (``"<conv>:input"``), the stage being the convolutions that return the last convolution's map
     size, and its input the first of them receives (:func:`last_stage_input`). In resnet18 that
-    is ``layer4.0.conv1:input`` (``layer3``'s 2x2 output); in ``gtsrb_cnn`` ``conv5:input``
+    is ``layer4.0.conv1:input`` (``layer3``'s 2x2 output); in ``gtsrb_cnn`` ``features.conv5:input``
     (``features.pool2``, 2x2). It is found on ``x`` by the shapes the modules receive and return,
     so the same layer is found in a received graph, where a residual sum or a max-pool may be an
     operator, not a module. The first convolution (which reads the image) is never taken; without
@@ -68,7 +68,7 @@ def resolve_feature_layer(model: nn.Module, x: torch.Tensor, layer: str, *, devi
         convs, dense_in = shapes["convs"], shapes["first_dense_in"]
         # the dense head reads a 1x1 map: as many inputs as the last convolution has channels
         if convs and dense_in is not None and dense_in == convs[-1][3]:
-            stage = last_stage_input(convs, final_1x1=True)
+            stage = last_stage_input(convs)
             return f"{stage}:input" if stage is not None else "penultimate"
         return "penultimate"
     pen = activations(model, probe, "penultimate", batch_size=len(probe), device=device).double()
@@ -79,17 +79,17 @@ def resolve_feature_layer(model: nn.Module, x: torch.Tensor, layer: str, *, devi
         return "penultimate"
     if fmap.shape[2] * fmap.shape[3] > 1:
         return POOL_INPUT
-    stage = last_stage_input(_conv_and_dense_shapes(model, probe, device=device)["convs"], final_1x1=True)
+    stage = last_stage_input(_conv_and_dense_shapes(model, probe, device=device)["convs"])
     return f"{stage}:input" if stage is not None else "penultimate"
 
 
-def last_stage_input(convs: list[tuple[str, int, int, int]], *, final_1x1: bool) -> str | None:
+def last_stage_input(convs: list[tuple[str, int, int, int]]) -> str | None:
     """The first convolution of the last stage: of ``convs`` (``(name, input H*W, output H*W,
     output channels)`` in the order a forward pass runs them), the first that returns the last
     one's map size. None when that is the first convolution run (its input is the image), or when
-    its input is not larger than 1x1. ``final_1x1`` is the caller's finding that the map the
-    representation is made from is 1x1 (it is what makes this layer worth reading)."""
-    if not convs or not final_1x1:
+    its input is not larger than 1x1. The caller asks only where the map the representation is
+    made from is 1x1."""
+    if not convs:
         return None
     last_hw = convs[-1][2]
     i = next(i for i, c in enumerate(convs) if c[2] == last_hw)

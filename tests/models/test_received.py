@@ -208,26 +208,6 @@ class ShrinkingResNet(TinyResNet):
         return self.fc(torch.flatten(self.pool(h), 1))
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_a_1x1_pool_input_moves_auto_to_the_last_larger_map_in_every_format(tmp_path, fmt):
-    """Where the pooled map is 1x1, ``"auto"`` reads the input of the convolution that shrinks the
-    map to 1x1: in a received graph too, where the residual sum before it is an operator."""
-    from trojanscope._utils.batching import activations
-    from trojanscope.defenses.data._common import resolve_feature_layer
-
-    torch.manual_seed(0)
-    net = ShrinkingResNet().eval()
-    x = torch.rand(5, 1, 8, 8)
-    assert resolve_feature_layer(net, x, "auto", device=None) == "down:input"
-    s = model_surface(load_model(_save(net, tmp_path / f"shrink{SUFFIX[fmt]}", fmt), default_input_shape=(1, 8, 8)))
-    layer = resolve_feature_layer(s.module, x, "auto", device=None)
-    assert layer.endswith(":input")
-    with torch.inference_mode():  # the residual block's output, computed by hand
-        h = torch.relu(net.bn(net.stem(x)))
-        h = torch.relu(h + net.bn1(net.conv1(h)))
-    torch.testing.assert_close(activations(s.module, x, layer, flatten=False), h, atol=1e-5, rtol=1e-5)
-
-
 class ShrinkingCNN(nn.Module):
     """A vendor's plain CNN that max-pools its 8x8 input down to a 1x1 map before a dense head
     (as ``gtsrb_cnn`` does on 8x8 digits), with the pools as functions, not modules."""
@@ -247,24 +227,40 @@ class ShrinkingCNN(nn.Module):
         return self.fc2(torch.relu(self.fc1(torch.flatten(h, 1))))
 
 
+def _resnet_block_output(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """ShrinkingResNet's residual block output: the map its 1x1-making convolution reads."""
+    h = torch.relu(net.bn(net.stem(x)))
+    return torch.relu(h + net.bn1(net.conv1(h)))
+
+
+def _cnn_second_stage(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """ShrinkingCNN's second stage output, the 2x2 map its last stage reads."""
+    h = nn.functional.max_pool2d(torch.relu(net.conv1(x)), 2)
+    return nn.functional.max_pool2d(torch.relu(net.conv2(h)), 2)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_a_dense_head_on_a_1x1_map_moves_auto_to_the_last_stage_in_every_format(tmp_path, fmt):
-    """Without a global pooling, a dense head that reads a 1x1 map makes ``"auto"`` read the
-    input of the last stage: the same 2x2 map in the module and in each received graph."""
+@pytest.mark.parametrize("make, name, by_hand", [(lambda: ShrinkingResNet(), "down:input", _resnet_block_output),
+                                                 (lambda: ShrinkingCNN(), "conv3:input", _cnn_second_stage)],
+                         ids=["pooled-1x1", "dense-head-on-1x1"])
+def test_a_1x1_map_moves_auto_to_the_last_stage_input_in_every_format(tmp_path, fmt, make, name, by_hand):
+    """Where the map the penultimate layer is made from is 1x1 (a global pooling of a 1x1 map, or
+    a dense head on a flattened 1x1 map), ``"auto"`` reads the input of the last stage: the same
+    map in the module and in every received graph, where the residual sum or the pools before it
+    are operators."""
     from trojanscope._utils.batching import activations
     from trojanscope.defenses.data._common import resolve_feature_layer
 
     torch.manual_seed(0)
-    net = ShrinkingCNN().eval()
+    net = make().eval()
     x = torch.rand(5, 1, 8, 8)
-    assert resolve_feature_layer(net, x, "auto", device=None) == "conv3:input"
-    s = model_surface(load_model(_save(net, tmp_path / f"shrinkcnn{SUFFIX[fmt]}", fmt), default_input_shape=(1, 8, 8)))
+    assert resolve_feature_layer(net, x, "auto", device=None) == name
+    s = model_surface(load_model(_save(net, tmp_path / f"net{SUFFIX[fmt]}", fmt), default_input_shape=(1, 8, 8)))
     layer = resolve_feature_layer(s.module, x, "auto", device=None)
     assert layer.endswith(":input")
-    with torch.inference_mode():  # the second stage's 2x2 output, computed by hand
-        h = nn.functional.max_pool2d(torch.relu(net.conv1(x)), 2)
-        h = nn.functional.max_pool2d(torch.relu(net.conv2(h)), 2)
-    assert h.shape[2:] == (2, 2)
+    with torch.inference_mode():
+        h = by_hand(net, x)
+    assert h.shape[2] * h.shape[3] > 1
     torch.testing.assert_close(activations(s.module, x, layer, flatten=False), h, atol=1e-5, rtol=1e-5)
 
 

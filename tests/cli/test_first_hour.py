@@ -101,6 +101,7 @@ def test_inspect_data_retrain_on_npz_warns_without_test_and_measures_with_it(bn,
     r = ok(run(*args, "--test", "digits:test", "--json", tmp_path / "b.json"))
     s = json.loads((tmp_path / "b.json").read_text())["summary"]
     assert s["retrained_accuracy"] is not None and s["retrained_attack_success"] is not None
+    assert s["layer"] == "penultimate"  # the layer read, printed and recorded (a small CNN on 8x8 digits)
 
 
 # --- every registered attack from `poison` --------------------------------------------------------

@@ -101,6 +101,8 @@ def inspect_data(model_path: Path, data_spec: str, method: str, params: dict[str
                                "attacked_labels": getattr(result, "attacked_labels", None),
                                "flagged_segments": getattr(result, "flagged_segments", None),
                                "seconds": result.seconds}
+    if result.details.get("layer") is not None:  # the representation a layer-reading sanitiser read
+        summary = {"layer": result.details["layer"], **summary}
     _score_against_truth(result, data_spec, data, report)
     if do_retrain:
         _retrain(surface, lm, data, result, data_spec, test_spec, trigger, target, epochs, seed, device, out,

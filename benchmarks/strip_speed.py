@@ -95,8 +95,8 @@ def main() -> None:
                     "(its own: 1.5 on a clipped sum, 1.0 unclipped) or numbers")
     ap.add_argument("--statistic", default="entropy", help="STRIP's per-copy statistic, comma-separated: entropy "
                     "(the paper's), own_label")
-    ap.add_argument("--calibration", default="global", help="STRIP's threshold calibration, comma-separated: "
-                    "global (the paper's), label")
+    ap.add_argument("--calibration", default="default", help="STRIP's threshold calibration, comma-separated: "
+                    "default (its own: label for the entropy, global for the own label), global (the paper's), label")
     ap.add_argument("--no-activation", action="store_true", help="skip the activation filter (it runs a Neural Cleanse scan)")
     ap.add_argument("--no-forward", action="store_true", help="skip the forward-option timings")
     ap.add_argument("--art-python", default=os.environ.get("ART_PYTHON", str(ROOT / "benchmarks" / ".venv-art" / "bin" / "python")))
@@ -152,10 +152,10 @@ def main() -> None:
         for mode, kw in [(m + {"auto": "", "on": " clipped", "off": " unclipped"}[clip]
                           + ("" if alpha == "default" else f" alpha={alpha}")
                           + ("" if stat == "entropy" else f" {stat}")
-                          + ("" if cal == "global" else f" {cal} calibration"),
+                          + ("" if cal == "default" else f" {cal} calibration"),
                           {**k, "clip": {"auto": None, "on": True, "off": False}[clip],
                            "alpha": None if alpha == "default" else float(alpha), "statistic": stat,
-                           "calibration": cal})
+                           "calibration": None if cal == "default" else cal})
                          for clip in args.clip.split(",")
                          for alpha in args.alpha.split(",")
                          for stat in args.statistic.split(",")

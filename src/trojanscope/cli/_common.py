@@ -132,6 +132,25 @@ def write_json(path: Path | None, obj: Any) -> None:
             raise DataError(f"cannot write {path}: {e.strerror or e}") from None
 
 
+@contextlib.contextmanager
+def cpu_threads(threads: int | None):
+    """Run the block on ``threads`` CPU threads: torch's and the BLAS of numpy / scikit-learn
+    (threadpoolctl); torch's count is given back afterwards. None leaves both as they are."""
+    if threads is None:
+        yield
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def debug() -> bool:
     return os.environ.get("TROJANSCOPE_DEBUG", "") not in ("", "0")
 

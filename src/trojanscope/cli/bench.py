@@ -6,12 +6,11 @@ import os
 from pathlib import Path
 
 import click
-import torch
 
 from ..bench import applicable, load_config, run_bench
 from ..errors import ConfigError
 from . import cli
-from ._common import POSITIVE_INT, common_options, pick_device, table, write_json
+from ._common import POSITIVE_INT, common_options, cpu_threads, pick_device, table, write_json
 
 
 @cli.group(invoke_without_command=True)
@@ -43,15 +42,12 @@ def bench(ctx: click.Context, config_path: Path | None, quick: bool, out: Path |
         threads = 1 if busy else 2
     if threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads)
     cfg = load_config(config_path, quick=quick)
     dev = pick_device(device)
     n = len(cfg.seeds) * sum(applicable(a, d) for a in cfg.attacks for d in cfg.defenses)
     click.echo(f"bench: {len(cfg.attacks)} attacks x {len(cfg.defenses)} defences x {len(cfg.seeds)} seed(s): {n} "
                f"applicable cells on {cfg.dataset} ({cfg.arch}, {cfg.epochs} epochs) -> {out}", err=True)
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=threads):  # numpy / scikit-learn's BLAS too
+    with cpu_threads(threads):  # torch's threads and numpy / scikit-learn's BLAS
         res = run_bench(cfg, out, device=dev, max_cells=max_cells)
     cols = ["attack", "defense", "seed", "ca_before", "asr_before", "ca_after", "asr_after", "verdict", "target_found",
             "poison_removed", "clean_removed", "auroc", "far", "frr", "seconds"]

@@ -12,7 +12,7 @@ from ..errors import ConfigError
 from ..pipeline import Pipeline, evaluator
 from . import cli
 from ._common import columns, POSITIVE_INT, POSITIVE_FLOAT, NON_NEGATIVE_INT, common_options, fit_to_model, model_options, open_data, parse_trigger, table, write_json
-from ._common import parse_params
+from ._common import cpu_threads, parse_params
 from ._options import fill
 from ._surface import open_surface
 
@@ -57,27 +57,6 @@ def pipeline(model_path: Path, steps: tuple[str, ...], fit_spec: str, train_spec
              threads: int | None, arch: str | None, input_shape: str | None, num_classes: int | None,
              json_path: Path | None, seed: int, device: str | None) -> None:
     """Run defences on MODEL in the order of the --step options; print CA and ASR after each."""
-    if threads is None:
-        _pipeline(model_path, steps, fit_spec, train_spec, test_spec, trigger, target, retrain, epochs, lr, out,
-                  arch, input_shape, num_classes, json_path, seed, device)
-        return
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with threadpool_limits(limits=threads):
-            _pipeline(model_path, steps, fit_spec, train_spec, test_spec, trigger, target, retrain, epochs, lr, out,
-                      arch, input_shape, num_classes, json_path, seed, device)
-    finally:
-        torch.set_num_threads(before)
-
-
-def _pipeline(model_path: Path, steps: tuple[str, ...], fit_spec: str, train_spec: str | None, test_spec: str,
-              trigger: str | None, target: int | None, retrain: str, epochs: int, lr: float, out: Path | None,
-              arch: str | None, input_shape: str | None, num_classes: int | None, json_path: Path | None, seed: int,
-              device: str | None) -> None:
     clean = open_data(fit_spec, default_split="val")
     lm, surface = open_surface(model_path, arch=arch, input_shape=input_shape, num_classes=num_classes, device=device,
                                data=clean)
@@ -94,7 +73,8 @@ def _pipeline(model_path: Path, steps: tuple[str, ...], fit_spec: str, train_spe
         name, params = parse_step(s)
         specs.append((name, fill(DEFENSES.get(name), params, seed=seed)))
     pipe = Pipeline(specs, retrain=retrain, epochs=epochs, lr=lr, seed=seed)  # type: ignore[arg-type]
-    res = pipe.run(surface.module, clean, train_data=train, evaluate=evaluator(test, trig, target))
+    with cpu_threads(threads):
+        res = pipe.run(surface.module, clean, train_data=train, evaluate=evaluator(test, trig, target))
     if out is not None:
         written = surface.write(res.model, out, extra={"defended_with": pipe.get_params()})
         click.echo(f"final model written to {written} ({surface.format})")
